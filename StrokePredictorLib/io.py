@@ -1,0 +1,488 @@
+"""Image input/output with exact physical geometry, and ISLES 2022 discovery.
+
+Conventions (the same as Slicer's ``slicer.util.arrayFromVolume`` and SimpleITK):
+
+* a volume is a numpy array indexed ``[k, j, i]`` (slice, row, column);
+* :class:`Geometry` describes the grid in ITK/LPS terms: ``size`` and ``spacing`` in ``(i, j, k)``
+  order, ``origin`` (mm, LPS) of voxel ``(0, 0, 0)`` and ``direction`` (3x3, columns are the unit
+  vectors of the i, j, k axes in LPS);
+* ``Geometry.ijk_to_ras`` is Slicer's ``IJKToRAS`` matrix, which is also the nibabel affine of the
+  same file (voxel ``(i, j, k)`` to RAS+ millimetres).
+
+NIfTI files whose qform and sform disagree are read with the **qform** when its code is set,
+because that is what 3D Slicer does (Slicer's NIfTI reader prefers the qform); a NIfTI viewer that
+prefers the sform would place such an image elsewhere, and we want the Slicer module and the
+command line to agree. When only the sform is coded it is used. The choice made is logged.
+
+All writers are atomic: the file is written under a temporary name in the destination folder and
+renamed, so an interrupted run never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from StrokePredictorLib.errors import InputImageError, OutputExistsError
+
+logger = logging.getLogger(__name__)
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Physical grid of a 3-D volume (ITK conventions, LPS world coordinates).
+
+    Attributes:
+        size: number of voxels along i, j, k.
+        spacing: voxel size along i, j, k in mm.
+        origin: LPS position (mm) of the centre of voxel (0, 0, 0).
+        direction: 3x3 matrix whose columns are the LPS unit vectors of the i, j, k axes.
+            May be left-handed (determinant -1).
+    """
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...] = field(default=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", tuple(int(s) for s in self.size))
+        object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
+        object.__setattr__(self, "origin", tuple(float(s) for s in self.origin))
+        direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        object.__setattr__(self, "direction", tuple(direction.ravel().tolist()))
+        if len(self.size) != 3 or len(self.spacing) != 3 or len(self.origin) != 3:
+            raise ValueError("Geometry needs three sizes, spacings and origin coordinates.")
+        if min(self.spacing) <= 0:
+            raise ValueError(f"Voxel spacing must be positive, got {self.spacing}.")
+
+    # -- derived quantities -------------------------------------------------------------
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        """3x3 direction cosines (columns = i, j, k axes in LPS)."""
+        return np.asarray(self.direction, dtype=float).reshape(3, 3)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Numpy shape of an array on this grid: ``(k, j, i)``."""
+        return (self.size[2], self.size[1], self.size[0])
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in mL (1 mL = 1000 mm^3)."""
+        return float(np.prod(self.spacing)) / 1000.0
+
+    @property
+    def ijk_to_lps(self) -> np.ndarray:
+        """4x4 matrix mapping voxel index (i, j, k, 1) to LPS mm."""
+        matrix = np.eye(4)
+        matrix[:3, :3] = self.direction_matrix * np.asarray(self.spacing)[None, :]
+        matrix[:3, 3] = self.origin
+        return matrix
+
+    @property
+    def ijk_to_ras(self) -> np.ndarray:
+        """4x4 matrix mapping voxel index (i, j, k, 1) to RAS mm: Slicer's IJKToRAS and the
+        nibabel affine."""
+        matrix = self.ijk_to_lps
+        matrix[:3, :] = _LPS_TO_RAS @ matrix[:3, :]
+        return matrix
+
+    # -- constructors ---------------------------------------------------------------------
+    @classmethod
+    def from_ijk_to_ras(cls, matrix: np.ndarray, size: tuple[int, int, int]) -> Geometry:
+        """Build a geometry from a Slicer IJKToRAS matrix or a nibabel affine.
+
+        Args:
+            matrix: 4x4 voxel-to-RAS matrix (rotation and scaling, no shear).
+            size: voxels along i, j, k.
+        """
+        matrix = np.asarray(matrix, dtype=float)
+        lps = _LPS_TO_RAS @ matrix[:3, :]
+        spacing = np.linalg.norm(lps[:3, :3], axis=0)
+        if np.any(spacing <= 0):
+            raise ValueError("The IJK-to-RAS matrix has a zero-length axis.")
+        direction = lps[:3, :3] / spacing[None, :]
+        if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+            raise ValueError("The IJK-to-RAS matrix has shear; only rotations and scaling are supported.")
+        return cls(tuple(size), tuple(spacing), tuple(lps[:3, 3]), tuple(direction.ravel()))
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> Geometry:
+        return cls(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+    # -- operations -----------------------------------------------------------------------
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        """Set this geometry on a SimpleITK image (in place) and return it."""
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def index_to_lps(self, ijk: np.ndarray) -> np.ndarray:
+        """Map continuous voxel indices ``(..., 3)`` in (i, j, k) order to LPS mm."""
+        ijk = np.asarray(ijk, dtype=float)
+        return ijk @ (self.direction_matrix * np.asarray(self.spacing)).T + np.asarray(self.origin)
+
+    def lps_to_index(self, lps: np.ndarray) -> np.ndarray:
+        """Map LPS mm ``(..., 3)`` to continuous voxel indices (i, j, k)."""
+        lps = np.asarray(lps, dtype=float) - np.asarray(self.origin)
+        inverse = np.linalg.inv(self.direction_matrix * np.asarray(self.spacing))
+        return lps @ inverse.T
+
+    def corners_lps(self) -> np.ndarray:
+        """The 8 corner voxel centres in LPS mm, shape (8, 3)."""
+        size = np.asarray(self.size) - 1
+        corners = np.array([[a, b, c] for a in (0, size[0]) for b in (0, size[1]) for c in (0, size[2])])
+        return self.index_to_lps(corners)
+
+    def bounds_lps(self) -> tuple[np.ndarray, np.ndarray]:
+        """Axis-aligned LPS bounding box (min, max) of the voxel volume, including half voxels."""
+        half = np.abs(self.direction_matrix * np.asarray(self.spacing)).sum(axis=1) / 2.0
+        corners = self.corners_lps()
+        return corners.min(axis=0) - half, corners.max(axis=0) + half
+
+    def same_grid(self, other: Geometry, tolerance_mm: float = 1e-3) -> bool:
+        """True when both grids have the same size and every voxel centre coincides (within
+        ``tolerance_mm``), compared in world coordinates."""
+        if self.size != other.size:
+            return False
+        return bool(np.abs(self.corners_lps() - other.corners_lps()).max() <= tolerance_mm)
+
+    def overlap_fraction(self, other: Geometry) -> float:
+        """Fraction of this grid's bounding box (LPS) that ``other``'s bounding box covers."""
+        lo1, hi1 = self.bounds_lps()
+        lo2, hi2 = other.bounds_lps()
+        inter = np.clip(np.minimum(hi1, hi2) - np.maximum(lo1, lo2), 0, None)
+        return float(np.prod(inter) / max(np.prod(hi1 - lo1), 1e-12))
+
+    def to_dict(self) -> dict:
+        return {
+            "size": list(self.size),
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": list(self.direction),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Geometry:
+        return cls(tuple(data["size"]), tuple(data["spacing"]), tuple(data["origin"]), tuple(data["direction"]))
+
+
+@dataclass
+class Volume:
+    """A 3-D array indexed ``[k, j, i]`` with its physical geometry."""
+
+    array: np.ndarray
+    geometry: Geometry
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if tuple(self.array.shape) != self.geometry.shape:
+            raise ValueError(
+                f"Array shape {self.array.shape} does not match geometry shape {self.geometry.shape} (k, j, i)."
+            )
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.path is not None else "<in-memory volume>"
+
+    def to_sitk(self) -> sitk.Image:
+        return self.geometry.apply_to(sitk.GetImageFromArray(self.array))
+
+
+# ----------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_SUPPORTED = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in (".nii.gz", ".seg.nrrd"):
+        if name.endswith(suffix):
+            return suffix
+    return path.suffix.lower()
+
+
+def _nifti_geometry(path: Path, size: tuple[int, int, int]) -> tuple[Geometry, str] | None:
+    """Geometry from a NIfTI header following Slicer's rule (qform first), or None if the
+    header has neither form coded. Returns the geometry and which form was used."""
+    import nibabel as nib
+
+    header = nib.load(str(path)).header
+    qform, qcode = header.get_qform(coded=True)
+    sform, scode = header.get_sform(coded=True)
+    if qform is not None and int(qcode) > 0:
+        if sform is not None and int(scode) > 0 and not np.allclose(qform, sform, atol=1e-4):
+            logger.info("%s: qform and sform differ; using the qform, as 3D Slicer does.", path.name)
+        return Geometry.from_ijk_to_ras(qform, size), "qform"
+    if sform is not None and int(scode) > 0:
+        try:
+            return Geometry.from_ijk_to_ras(sform, size), "sform"
+        except ValueError:
+            return None
+    return None
+
+
+def read_volume(path: str | os.PathLike, *, role: str = "image", dtype: type = np.float32) -> Volume:
+    """Read a 3-D NIfTI/NRRD/MetaImage file into a :class:`Volume`.
+
+    Args:
+        path: file to read.
+        role: what the file is for (``"DWI"``, ``"ADC"``...), used in error messages.
+        dtype: array dtype of the result (float64 input is converted).
+
+    Raises:
+        InputImageError: the file is missing, unreadable, truncated or not a 3-D scalar image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputImageError(f"{role} file {path} does not exist.")
+    if not path.name.lower().endswith(_SUPPORTED):
+        raise InputImageError(
+            f"{role} file {path} has an unsupported extension; expected one of {', '.join(_SUPPORTED)}."
+        )
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        detail = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reason"
+        raise InputImageError(f"{role} file {path} could not be read (truncated or not an image): {detail}") from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputImageError(f"{role} file {path} has vector voxels; a scalar 3-D image is expected.")
+    dim = image.GetDimension()
+    size = image.GetSize()
+    if dim == 4 and size[3] == 1:
+        image = image[:, :, :, 0]
+    elif dim == 4:
+        raise InputImageError(
+            f"{role} file {path} is 4-D ({size[3]} volumes). Pass a single 3-D volume: for DWI the "
+            "b=1000 (or b=800) trace image, for ADC the computed ADC map (extract it, e.g. with "
+            "'fslroi' or Slicer's 'Multivolume' export)."
+        )
+    elif dim != 3:
+        raise InputImageError(f"{role} file {path} is {dim}-D; a 3-D volume is expected.")
+    if min(image.GetSize()) < 2:
+        raise InputImageError(f"{role} file {path} has size {image.GetSize()}; it is a 2-D slice, not a 3-D volume.")
+    try:
+        array = sitk.GetArrayFromImage(image).astype(dtype, copy=False)
+    except RuntimeError as error:  # pragma: no cover - depends on the ITK build
+        raise InputImageError(f"{role} file {path} could not be decoded: {error}") from None
+    geometry = Geometry.from_sitk(image)
+    if _suffix(path) in _NIFTI_SUFFIXES:
+        found = _nifti_geometry(path, geometry.size)
+        if found is not None:
+            geometry = found[0]
+    return Volume(np.ascontiguousarray(array), geometry, path)
+
+
+def check_volume(volume: Volume, role: str) -> None:
+    """Refuse volumes a network cannot use: non-finite voxels, an empty or constant image."""
+    array = volume.array
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = int((~finite).sum())
+        raise InputImageError(
+            f"{role} {volume.name} has {bad} NaN or infinite voxel(s); fix or mask them before prediction."
+        )
+    if array.size == 0 or float(array.max()) == float(array.min()):
+        raise InputImageError(f"{role} {volume.name} is empty or constant (every voxel {float(array.flat[0]):g}).")
+
+
+# ----------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------
+@contextmanager
+def atomic_path(destination: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``destination``; on success rename it into place.
+
+    The temporary name keeps the destination's full suffix (``.nii.gz``, ``.seg.nrrd``), so
+    writers that pick a format by extension work. On error the temporary file is removed and
+    ``destination`` is untouched.
+
+    Raises:
+        OutputExistsError: ``destination`` exists and ``overwrite`` is False.
+    """
+    destination = Path(destination)
+    if destination.exists() and not overwrite:
+        raise OutputExistsError(f"{destination} exists already; pass --overwrite to replace it.")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(destination.suffixes) or ".tmp"
+    fd, name = tempfile.mkstemp(prefix=f".{destination.name.split('.')[0]}-", suffix=suffix, dir=destination.parent)
+    os.close(fd)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.replace(temporary, destination)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def write_volume(
+    array: np.ndarray,
+    geometry: Geometry,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    compress: bool = True,
+) -> Path:
+    """Write a ``[k, j, i]`` array on ``geometry`` to NIfTI/NRRD, atomically.
+
+    NIfTI files get both qform and sform set to the same matrix (code 1, scanner), so every
+    reader places them identically. Returns the written path.
+    """
+    path = Path(path)
+    if tuple(array.shape) != geometry.shape:
+        raise ValueError(f"Array shape {array.shape} does not match geometry shape {geometry.shape}.")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    image = geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(array)))
+    with atomic_path(path, overwrite) as temporary:
+        sitk.WriteImage(image, str(temporary), compress)
+    return path
+
+
+def write_json(data: dict, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write JSON atomically (sorted keys are not forced, indentation 2)."""
+    path = Path(path)
+    with atomic_path(path, overwrite) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"Cannot serialise {type(value).__name__} to JSON.")
+
+
+# ----------------------------------------------------------------------------------------
+# ISLES 2022 discovery
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CaseRecord:
+    """Files of one ISLES 2022 case. ``flair`` and ``mask`` may be absent."""
+
+    case_id: str
+    dwi: Path
+    adc: Path
+    flair: Path | None = None
+    mask: Path | None = None
+    age: float | None = None
+    sex: str | None = None
+    sidecar: dict = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "case_id": self.case_id,
+            "dwi": str(self.dwi),
+            "adc": str(self.adc),
+            "flair": None if self.flair is None else str(self.flair),
+            "mask": None if self.mask is None else str(self.mask),
+            "age": self.age,
+            "sex": self.sex,
+        }
+
+
+_CASE_PATTERN = re.compile(r"^sub-(strokecase\d+|[A-Za-z0-9]+)$")
+
+
+def _first(folder: Path, patterns: tuple[str, ...]) -> Path | None:
+    for pattern in patterns:
+        hits = sorted(folder.glob(pattern))
+        if hits:
+            return hits[0]
+    return None
+
+
+def _sidecar_values(paths: list[Path]) -> tuple[float | None, str | None, dict]:
+    """Age and sex from BIDS JSON sidecars (ISLES 2022 stores e.g. ``"PatientAge": "060Y"``
+    and ``"PatientSex": "F"``)."""
+    merged: dict = {}
+    for path in paths:
+        if path is not None and path.is_file():
+            try:
+                merged.update(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError):
+                logger.warning("Sidecar %s is not valid JSON; ignored.", path)
+    age = None
+    for key in ("PatientAge", "age", "Age"):
+        if key in merged and merged[key] not in (None, ""):
+            match = re.search(r"\d+(\.\d+)?", str(merged[key]))
+            if match:
+                age = float(match.group(0))
+                break
+    sex = None
+    for key in ("PatientSex", "sex", "Sex"):
+        value = str(merged.get(key, "")).strip().upper()
+        if value:
+            sex = {"F": "F", "FEMALE": "F", "M": "M", "MALE": "M"}.get(value)
+            break
+    return age, sex, merged
+
+
+def discover_isles(root: str | os.PathLike) -> list[CaseRecord]:
+    """Find the cases of an ISLES 2022 folder, in either layout.
+
+    Supported layouts:
+
+    * Zenodo: ``ROOT/sub-strokecaseXXXX/ses-0001/{dwi,anat}/...`` and
+      ``ROOT/derivatives/sub-strokecaseXXXX/ses-0001/*_msk.nii.gz``;
+    * challenge repository: ``ROOT/rawdata/sub-.../ses-0001/...`` and ``ROOT/derivatives/...``.
+
+    FLAIR may be named ``_FLAIR`` or ``_flair``; a missing FLAIR or mask is allowed. ``ROOT`` may
+    also be the folder that contains ``ISLES-2022``.
+
+    Raises:
+        InputImageError: no case found, or a case lacks its DWI or ADC.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputImageError(f"ISLES folder {root} does not exist.")
+    if (root / "ISLES-2022").is_dir() and not any(root.glob("sub-*")):
+        root = root / "ISLES-2022"
+    raw = root / "rawdata" if (root / "rawdata").is_dir() else root
+    derivatives = root / "derivatives"
+    records = []
+    for subject in sorted(p for p in raw.iterdir() if p.is_dir() and _CASE_PATTERN.match(p.name)):
+        sessions = sorted(p for p in subject.glob("ses-*") if p.is_dir()) or [subject]
+        session = sessions[0]
+        dwi = _first(session / "dwi", ("*_dwi.nii.gz", "*_dwi.nii"))
+        adc = _first(session / "dwi", ("*_adc.nii.gz", "*_adc.nii"))
+        if dwi is None or adc is None:
+            missing = "DWI" if dwi is None else "ADC"
+            raise InputImageError(f"Case {subject.name} in {root} has no {missing} file in {session / 'dwi'}.")
+        flair = _first(session / "anat", ("*_FLAIR.nii.gz", "*_flair.nii.gz", "*_FLAIR.nii", "*_flair.nii"))
+        mask = _first(derivatives / subject.name / session.name, ("*_msk.nii.gz", "*_msk.nii"))
+        if mask is None:
+            mask = _first(derivatives / subject.name, ("*_msk.nii.gz", "**/*_msk.nii.gz"))
+        sidecars = [dwi.with_name(dwi.name.replace(".nii.gz", ".json").replace(".nii", ".json"))]
+        sidecars.append(adc.with_name(adc.name.replace(".nii.gz", ".json").replace(".nii", ".json")))
+        if flair is not None:
+            sidecars.append(flair.with_name(flair.name.replace(".nii.gz", ".json").replace(".nii", ".json")))
+        age, sex, sidecar = _sidecar_values(sidecars)
+        records.append(CaseRecord(subject.name, dwi, adc, flair, mask, age, sex, sidecar))
+    if not records:
+        raise InputImageError(
+            f"No ISLES 2022 case found in {root}: expected folders named sub-strokecaseXXXX "
+            "(Zenodo layout) or rawdata/sub-strokecaseXXXX (challenge repository layout)."
+        )
+    return records

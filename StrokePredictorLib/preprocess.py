@@ -1,0 +1,475 @@
+"""From DWI/ADC/FLAIR volumes to network-ready tensors, with an exact way back to the DWI grid.
+
+Steps (:func:`preprocess`):
+
+1. check every input (3-D, finite, not constant);
+2. bring the ADC onto the DWI grid when it is on another grid that overlaps physically, and
+   detect its unit (mm^2/s, 10^-3 mm^2/s or 10^-6 mm^2/s all occur in ISLES 2022);
+3. register the FLAIR rigidly onto the DWI (Mattes mutual information, multi-resolution) and
+   resample it onto the DWI grid; FLAIR may be absent;
+4. compute a brain mask that works on skull-stripped and non-skull-stripped DWI;
+5. normalise intensities (:class:`Normalization`, the single definition shared with training);
+6. resample onto the model grid (model spacing, a canonical axis order close to LPS, centred on
+   the brain) and return a :class:`GridMapping` that maps any network output back onto the DWI
+   grid by physical resampling.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from StrokePredictorLib.errors import InputImageError
+from StrokePredictorLib.io import Geometry, Volume, check_volume, read_volume
+
+logger = logging.getLogger(__name__)
+
+CHANNELS = ("dwi", "adc", "flair")
+
+# Factor that converts each known ADC unit to mm^2/s.
+ADC_UNITS: dict[str, float] = {"mm2/s": 1.0, "1e-3 mm2/s": 1e-3, "1e-6 mm2/s": 1e-6}
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelGrid:
+    """The grid the network sees: voxels along (i, j, k) and their spacing in mm."""
+
+    size: tuple[int, int, int] = (96, 96, 64)
+    spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
+
+    def to_dict(self) -> dict:
+        return {"size": list(self.size), "spacing": list(self.spacing)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelGrid:
+        return cls(tuple(int(v) for v in data["size"]), tuple(float(v) for v in data["spacing"]))
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Intensity normalisation, defined once for training and inference.
+
+    * DWI and FLAIR are not quantitative: divided by their median inside the brain mask (robust
+      to lesions and CSF, unlike a mean and standard deviation), then clipped to
+      ``[0, clip_relative]``.
+    * ADC is quantitative: converted to mm^2/s, then multiplied by ``adc_scale`` (1000 gives
+      10^-3 mm^2/s, so that normal tissue is about 0.7-0.9) and clipped to ``[0, adc_clip]``.
+    * Voxels outside the brain mask are set to 0.
+    """
+
+    clip_relative: float = 6.0
+    adc_scale: float = 1000.0
+    adc_clip: float = 4.0
+
+    def to_dict(self) -> dict:
+        return {"method": "brain-median (DWI, FLAIR); physical mm2/s x adc_scale (ADC)", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Normalization:
+        return cls(**{k: data[k] for k in ("clip_relative", "adc_scale", "adc_clip") if k in data})
+
+
+# ----------------------------------------------------------------------------------------
+# Resampling and the grid mapping
+# ----------------------------------------------------------------------------------------
+def _reference(geometry: Geometry) -> sitk.Image:
+    return geometry.apply_to(sitk.Image(list(geometry.size), sitk.sitkUInt8))
+
+
+def resample(
+    array: np.ndarray,
+    source: Geometry,
+    target: Geometry,
+    *,
+    order: int = 1,
+    transform: sitk.Transform | None = None,
+    default: float = 0.0,
+) -> np.ndarray:
+    """Resample a ``[k, j, i]`` array from ``source`` onto ``target`` by physical position.
+
+    Args:
+        order: 0 nearest neighbour, 1 linear, 3 B-spline.
+        transform: optional SimpleITK transform mapping target points to source points.
+        default: value for target voxels outside the source.
+    """
+    interpolator = {0: sitk.sitkNearestNeighbor, 1: sitk.sitkLinear, 3: sitk.sitkBSpline}[order]
+    if transform is None and source.same_grid(target, 1e-4):
+        return array.copy()
+    image = source.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(array)))
+    result = sitk.Resample(
+        image, _reference(target), transform or sitk.Transform(), interpolator, default, image.GetPixelID()
+    )
+    return sitk.GetArrayFromImage(result)
+
+
+def canonical_direction(direction: np.ndarray) -> np.ndarray:
+    """Permute and flip the columns of a direction matrix so that i, j, k point as close as
+    possible to +L, +P, +S (LPS). The result keeps any obliquity of the acquisition but is
+    right-handed, so the network always sees brains in one orientation."""
+    direction = np.asarray(direction, dtype=float).reshape(3, 3)
+    result = np.zeros((3, 3))
+    used: set[int] = set()
+    for axis in np.argsort(-np.abs(direction).max(axis=1)):  # world axes, most decisive first
+        candidates = [c for c in range(3) if c not in used]
+        column = max(candidates, key=lambda c: abs(direction[axis, c]))
+        used.add(column)
+        result[:, axis] = direction[:, column] * np.sign(direction[axis, column] or 1.0)
+    return result
+
+
+@dataclass(frozen=True)
+class GridMapping:
+    """Physical mapping between the DWI grid and the model grid.
+
+    ``to_model`` resamples a DWI-grid array onto the model grid; ``to_source`` resamples a
+    model-grid array (e.g. the network's probability) back onto the DWI grid. Both resample by
+    world position, so a voxel keeps its physical location to within interpolation accuracy.
+    """
+
+    source: Geometry
+    model: Geometry
+
+    def to_model(self, array: np.ndarray, order: int = 1, default: float = 0.0) -> np.ndarray:
+        return resample(array, self.source, self.model, order=order, default=default)
+
+    def to_source(self, array: np.ndarray, order: int = 1, default: float = 0.0) -> np.ndarray:
+        return resample(np.asarray(array, dtype=np.float32) if order else array, self.model, self.source,
+                        order=order, default=default)
+
+    def to_dict(self) -> dict:
+        return {"source": self.source.to_dict(), "model": self.model.to_dict()}
+
+
+def model_geometry(source: Geometry, grid: ModelGrid, center_lps: np.ndarray) -> Geometry:
+    """The model grid: ``grid`` voxels at ``grid.spacing``, axes from :func:`canonical_direction`
+    of the source, centred on ``center_lps``."""
+    direction = canonical_direction(source.direction_matrix)
+    half_extent = direction @ (np.asarray(grid.spacing) * (np.asarray(grid.size) - 1) / 2.0)
+    origin = np.asarray(center_lps, dtype=float) - half_extent
+    # The model axes are parallel to the source axes: snap the origin onto a source voxel centre,
+    # so that a model grid with the source's spacing coincides with it voxel for voxel (no blur).
+    origin = source.index_to_lps(np.round(source.lps_to_index(origin)))
+    return Geometry(grid.size, grid.spacing, tuple(origin), tuple(direction.ravel()))
+
+
+# ----------------------------------------------------------------------------------------
+# ADC units
+# ----------------------------------------------------------------------------------------
+def detect_adc_unit(adc: np.ndarray, mask: np.ndarray | None = None) -> tuple[str, float]:
+    """Detect the unit of an ADC map from its brain median.
+
+    Brain ADC lies between about 0.6 and 3 x 10^-3 mm^2/s (tissue to CSF), so the median of the
+    positive voxels is about 0.0008 in mm^2/s, 0.8 in 10^-3 mm^2/s and 800 in 10^-6 mm^2/s.
+    Decision boundaries sit at the geometric middles (0.03 and 30).
+
+    Returns:
+        (unit name, factor to multiply by to obtain mm^2/s).
+
+    Raises:
+        InputImageError: no positive voxel, so no unit can be inferred.
+    """
+    values = adc[mask] if mask is not None else adc
+    values = values[values > 0]
+    if values.size == 0:
+        raise InputImageError("The ADC map has no positive voxel inside the brain; is it really an ADC map?")
+    median = float(np.median(values))
+    if median < 0.03:
+        unit = "mm2/s"
+    elif median < 30.0:
+        unit = "1e-3 mm2/s"
+    else:
+        unit = "1e-6 mm2/s"
+    if not 0.2e-3 < median * ADC_UNITS[unit] < 4e-3:
+        logger.warning("ADC brain median %.4g %s is unusual for brain tissue.", median, unit)
+    return unit, ADC_UNITS[unit]
+
+
+# ----------------------------------------------------------------------------------------
+# Brain mask
+# ----------------------------------------------------------------------------------------
+def _otsu(values: np.ndarray, bins: int = 128) -> float:
+    histogram, edges = np.histogram(values, bins=bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    weight1 = np.cumsum(histogram)
+    weight2 = weight1[-1] - weight1
+    mean1 = np.cumsum(histogram * centers) / np.maximum(weight1, 1)
+    total = (histogram * centers).sum()
+    mean2 = (total - np.cumsum(histogram * centers)) / np.maximum(weight2, 1)
+    between = weight1 * weight2 * (mean1 - mean2) ** 2
+    return float(centers[int(np.argmax(between))])
+
+
+def _ball(radius_vox: np.ndarray) -> np.ndarray:
+    r = np.maximum(np.round(radius_vox).astype(int), 0)
+    grids = np.ogrid[tuple(slice(-n, n + 1) for n in r)]
+    distance = sum((g / max(float(rr), 0.5)) ** 2 for g, rr in zip(grids, radius_vox))
+    return distance <= 1.0
+
+
+def brain_mask(dwi: np.ndarray, spacing: tuple[float, float, float], erosion_mm: float = 5.0) -> np.ndarray:
+    """Brain mask of a DWI volume ``[k, j, i]`` (bool, same shape).
+
+    Works on skull-stripped images (where it is essentially the non-zero head) and on clinical
+    images with skull and scalp: threshold (Otsu on the smoothed positive intensities), erosion
+    by ``erosion_mm`` to cut the thin bridges between scalp and brain, largest connected
+    component, dilation back, hole filling slice by slice and in 3-D.
+    """
+    spacing_kji = np.asarray(spacing[::-1], dtype=float)
+    smooth = ndimage.gaussian_filter(dwi.astype(np.float32), sigma=1.0 / spacing_kji * 2.0)
+    positive = smooth[smooth > 0]
+    if positive.size < 10:
+        return np.zeros(dwi.shape, dtype=bool)
+    threshold = _otsu(np.clip(positive, 0, np.percentile(positive, 99.5)))
+    foreground = smooth > threshold * 0.6
+    skull_stripped = float((dwi <= 0).mean()) > 0.25 and float((dwi > 0).mean()) > 0.05
+    radius = erosion_mm / spacing_kji
+    core = ndimage.binary_erosion(foreground, _ball(radius)) if not skull_stripped else foreground
+    labels, count = ndimage.label(core)
+    if count == 0:
+        return foreground
+    sizes = ndimage.sum_labels(core, labels, index=np.arange(1, count + 1))
+    largest = labels == (1 + int(np.argmax(sizes)))
+    if not skull_stripped:
+        largest = ndimage.binary_dilation(largest, _ball(radius)) & foreground
+    largest = ndimage.binary_closing(largest, _ball(np.full(3, 1.0)), iterations=2)
+    filled = np.stack([ndimage.binary_fill_holes(s) for s in largest])
+    return ndimage.binary_fill_holes(filled)
+
+
+# ----------------------------------------------------------------------------------------
+# Registration
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RegistrationResult:
+    """Rigid transform mapping DWI (fixed) points to FLAIR (moving) points, in LPS mm."""
+
+    transform: sitk.Euler3DTransform
+    metric: float
+    iterations: int
+
+    @property
+    def rotation_deg(self) -> float:
+        matrix = np.asarray(self.transform.GetMatrix()).reshape(3, 3)
+        return math.degrees(math.acos(np.clip((np.trace(matrix) - 1) / 2, -1, 1)))
+
+    def to_dict(self) -> dict:
+        return {
+            "type": "Euler3D (DWI point -> FLAIR point, LPS mm)",
+            "center": list(self.transform.GetCenter()),
+            "parameters": list(self.transform.GetParameters()),
+            "matrix": list(self.transform.GetMatrix()),
+            "translation": list(self.transform.GetTranslation()),
+            "rotation_deg": self.rotation_deg,
+            "metric": self.metric,
+            "iterations": self.iterations,
+        }
+
+
+def _downsample_for_registration(volume: Volume, target_mm: float) -> sitk.Image:
+    image = volume.to_sitk()
+    spacing = np.asarray(volume.geometry.spacing)
+    factors = np.maximum(np.floor(target_mm / spacing), 1).astype(int)
+    if np.all(factors == 1):
+        return image
+    return sitk.BinShrink(image, [int(f) for f in factors])
+
+
+def register_rigid(
+    fixed: Volume,
+    moving: Volume,
+    *,
+    fixed_mask: np.ndarray | None = None,
+    sampling: float = 0.15,
+    seed: int = 7,
+) -> RegistrationResult:
+    """Rigidly register ``moving`` (FLAIR) onto ``fixed`` (DWI) with Mattes mutual information.
+
+    Multi-resolution (shrink 4, 2, 1 with smoothing), regular-step gradient descent with
+    physical-shift scaling, initialised by aligning the images' intensity centres of mass.
+    The moving image is first binned to about 1.2 mm in-plane, which loses nothing at the DWI's
+    resolution and makes the metric cheap.
+    """
+    fixed_image = sitk.Cast(fixed.to_sitk(), sitk.sitkFloat32)
+    moving_image = sitk.Cast(_downsample_for_registration(moving, 1.2), sitk.sitkFloat32)
+    initial = sitk.CenteredTransformInitializer(
+        fixed_image, moving_image, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
+    )
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(sampling, seed)
+    if fixed_mask is not None:
+        mask_image = fixed.geometry.apply_to(sitk.GetImageFromArray(
+            ndimage.binary_dilation(fixed_mask, iterations=2).astype(np.uint8)))
+        method.SetMetricFixedMask(mask_image)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=2.0, minStep=1e-3, numberOfIterations=120, relaxationFactor=0.6,
+        gradientMagnitudeTolerance=1e-6,
+    )
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel([4, 2, 1])
+    method.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    method.SetInitialTransform(initial, inPlace=False)
+    try:
+        final = method.Execute(fixed_image, moving_image)
+    except RuntimeError as error:
+        raise InputImageError(f"FLAIR {moving.name} could not be registered to the DWI: {error}") from None
+    if isinstance(final, sitk.CompositeTransform):
+        final = final.GetNthTransform(0)
+    euler = sitk.Euler3DTransform(final)
+    return RegistrationResult(euler, float(method.GetMetricValue()), int(method.GetOptimizerIteration()))
+
+
+# ----------------------------------------------------------------------------------------
+# The whole step
+# ----------------------------------------------------------------------------------------
+@dataclass
+class PreprocessedCase:
+    """Network-ready input of one case.
+
+    Attributes:
+        image: float32 ``(3, K, J, I)`` on the model grid; channels :data:`CHANNELS`
+            (FLAIR is all zeros when absent).
+        flair_present: whether channel 2 holds a real FLAIR.
+        brain: bool ``(K, J, I)`` brain mask on the model grid.
+        mapping: model grid <-> DWI grid.
+        adc_unit: detected unit of the input ADC.
+        registration: FLAIR-to-DWI registration, or None.
+        timings: seconds per step.
+    """
+
+    image: np.ndarray
+    flair_present: bool
+    brain: np.ndarray
+    mapping: GridMapping
+    adc_unit: str
+    registration: RegistrationResult | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _on_dwi_grid(volume: Volume, dwi: Volume, role: str) -> np.ndarray:
+    if volume.geometry.same_grid(dwi.geometry, tolerance_mm=0.05):
+        return volume.array
+    overlap = dwi.geometry.overlap_fraction(volume.geometry)
+    if overlap < 0.5:
+        raise InputImageError(
+            f"{role} {volume.name} is on another grid than the DWI {dwi.name} and covers only "
+            f"{overlap:.0%} of it physically; the {role} must show the same head as the DWI."
+        )
+    logger.warning("%s is on another grid than the DWI; resampling it onto the DWI grid.", role)
+    return resample(volume.array, volume.geometry, dwi.geometry, order=1)
+
+
+def normalize_channels(
+    dwi: np.ndarray,
+    adc_mm2s: np.ndarray,
+    flair: np.ndarray | None,
+    brain: np.ndarray,
+    normalization: Normalization = Normalization(),
+) -> np.ndarray:
+    """Normalise DWI, ADC (already in mm^2/s) and FLAIR on one grid; returns ``(3, K, J, I)``.
+
+    This is the single normalisation used by inference and by the training data cache.
+    """
+    channels = np.zeros((3, *dwi.shape), dtype=np.float32)
+    if brain.any():
+        for index, array in ((0, dwi), (2, flair)):
+            if array is None:
+                continue
+            inside = array[brain]
+            median = float(np.median(inside[inside > 0])) if np.any(inside > 0) else 1.0
+            channels[index] = np.clip(array / max(median, 1e-6), 0, normalization.clip_relative)
+        channels[1] = np.clip(adc_mm2s * normalization.adc_scale, 0, normalization.adc_clip)
+    channels *= brain[None]
+    return channels
+
+
+def preprocess(
+    dwi: Volume,
+    adc: Volume,
+    flair: Volume | None = None,
+    *,
+    grid: ModelGrid = ModelGrid(),
+    normalization: Normalization = Normalization(),
+    register_flair: bool = True,
+    progress: Callable[[float, str], None] | None = None,
+) -> PreprocessedCase:
+    """Turn DWI, ADC and optional FLAIR volumes into the network input.
+
+    Raises:
+        InputImageError: an input is unusable; the message names the file and the problem.
+    """
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    report = progress or (lambda fraction, message: None)
+    check_volume(dwi, "DWI")
+    check_volume(adc, "ADC")
+    if flair is not None:
+        check_volume(flair, "FLAIR")
+        if dwi.geometry.overlap_fraction(flair.geometry) < 0.2:
+            raise InputImageError(
+                f"FLAIR {flair.name} does not overlap the DWI {dwi.name} physically "
+                f"(less than 20% of the DWI's extent); check that both show the same patient and session."
+            )
+    dwi_array = np.clip(dwi.array.astype(np.float32, copy=False), 0, None)
+    adc_array = np.clip(_on_dwi_grid(adc, dwi, "ADC").astype(np.float32, copy=False), 0, None)
+    timings["checks_s"] = time.perf_counter() - start
+
+    tick = time.perf_counter()
+    brain = brain_mask(dwi_array, dwi.geometry.spacing)
+    if not brain.any():
+        raise InputImageError(f"No brain could be found in the DWI {dwi.name}; is it a DWI volume?")
+    adc_unit, factor = detect_adc_unit(adc_array, brain)
+    adc_mm2s = adc_array * factor
+    timings["brain_mask_s"] = time.perf_counter() - tick
+    report(0.1, "brain mask")
+
+    registration = None
+    flair_on_dwi = None
+    if flair is not None:
+        tick = time.perf_counter()
+        if register_flair:
+            registration = register_rigid(dwi, flair, fixed_mask=brain)
+            transform: sitk.Transform | None = registration.transform
+        else:
+            transform = None
+        flair_on_dwi = np.clip(
+            resample(flair.array.astype(np.float32), flair.geometry, dwi.geometry, order=1, transform=transform),
+            0, None,
+        )
+        timings["registration_s"] = time.perf_counter() - tick
+        report(0.25, "FLAIR registered")
+
+    tick = time.perf_counter()
+    channels = normalize_channels(dwi_array, adc_mm2s, flair_on_dwi, brain, normalization)
+    kji = np.argwhere(brain)
+    center_ijk = (kji.min(axis=0) + kji.max(axis=0))[::-1] / 2.0
+    mapping = GridMapping(dwi.geometry, model_geometry(dwi.geometry, grid, dwi.geometry.index_to_lps(center_ijk)))
+    image = np.stack([mapping.to_model(channel, order=1) for channel in channels]).astype(np.float32)
+    brain_model = mapping.to_model(brain.astype(np.uint8), order=0).astype(bool)
+    timings["normalize_resample_s"] = time.perf_counter() - tick
+    timings["total_s"] = time.perf_counter() - start
+    report(0.3, "preprocessed")
+    return PreprocessedCase(image, flair is not None, brain_model, mapping, adc_unit, registration, timings)
+
+
+def preprocess_files(
+    dwi: str, adc: str, flair: str | None = None, **kwargs: object
+) -> tuple[PreprocessedCase, Volume]:
+    """Read the files and run :func:`preprocess`. Returns the case and the DWI volume."""
+    dwi_volume = read_volume(dwi, role="DWI")
+    adc_volume = read_volume(adc, role="ADC")
+    flair_volume = read_volume(flair, role="FLAIR") if flair else None
+    return preprocess(dwi_volume, adc_volume, flair_volume, **kwargs), dwi_volume  # type: ignore[arg-type]

@@ -1,0 +1,63 @@
+"""``python -m Training <verb> [options]``: the research command line.
+
+Each verb lives in its own module exposing ``main(argv: list[str]) -> int`` and is imported
+only when used, so that a verb's heavy dependencies do not slow the others down.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+from StrokePredictorLib.errors import StrokePredictorError
+
+VERBS: dict[str, tuple[str, str]] = {
+    "demo": ("Training.demo", "the main job on the bundled defaults: sample case -> prediction -> files and PNG"),
+    "generate": ("Training.generate", "generate a semi-synthetic dataset in the ISLES 2022 layout"),
+    "clinical": ("Training.clinical_data", "write a clinical CSV for an ISLES 2022 folder (observed + simulated)"),
+    "preprocess": ("Training.cache", "preprocess an ISLES-layout folder once into a training cache and split"),
+    "train": ("Training.train", "train the multimodal network (CPU, CUDA, torchrun)"),
+    "evaluate": ("Training.evaluate", "evaluate a checkpoint or bundle with the ISLES 2022 metrics"),
+    "ablate": ("Training.ablate", "imaging-only against fusion on the same split"),
+    "visualize": ("Training.visualize", "figures: training curves, overlays, reliability diagram, attention"),
+    "export": ("Training.export", "export a checkpoint as a model bundle for the Slicer module"),
+}
+
+
+def _usage() -> str:
+    width = max(len(v) for v in VERBS)
+    lines = ["usage: python -m Training <verb> [options]   (python -m Training <verb> --help)", "", "verbs:"]
+    lines += [f"  {verb:<{width}}  {text}" for verb, (_, text) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"error: unknown verb '{verb}'.\n\n{_usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        module = importlib.import_module(VERBS[verb][0])
+    except ModuleNotFoundError as error:
+        if error.name and error.name.startswith("Training."):
+            print(f"error: the '{verb}' verb is not available in this version.", file=sys.stderr)
+            return 2
+        raise
+    try:
+        return int(module.main(rest) or 0)
+    except StrokePredictorError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
