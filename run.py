@@ -37,7 +37,7 @@ def _fingerprint() -> str:
 
 def ensure_environment() -> Path:
     """Create .venv and install the requirements unless it is already up to date."""
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 - run.py must explain itself on old Pythons
         sys.exit(f"Python 3.10 or newer is needed; this is {sys.version.split()[0]}.")
     stamp = VENV / ".installed"
     if stamp.is_file() and stamp.read_text() == _fingerprint() and _python().is_file():

@@ -238,6 +238,29 @@ def _nifti_geometry(path: Path, size: tuple[int, int, int]) -> tuple[Geometry, s
     return None
 
 
+def _check_nifti_complete(path: Path, role: str) -> None:
+    """Refuse a truncated NIfTI file. ITK may silently zero-fill a truncated gzip stream, so
+    the size is checked against the header: the gzip trailer stores the uncompressed size."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+    except Exception as error:  # noqa: BLE001 - any header failure means an unreadable file
+        raise InputImageError(f"{role} file {path} could not be read (not a valid NIfTI header): {error}") from None
+    header = image.header
+    offset = int(image.dataobj.offset)
+    expected = offset + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    if path.name.lower().endswith(".gz"):
+        with path.open("rb") as handle:
+            handle.seek(-4, os.SEEK_END)
+            stored = int.from_bytes(handle.read(4), "little")
+        complete = stored == expected % 2**32
+    else:
+        complete = path.stat().st_size >= expected
+    if not complete:
+        raise InputImageError(f"{role} file {path} could not be read: the file is truncated (incomplete download?).")
+
+
 def read_volume(path: str | os.PathLike, *, role: str = "image", dtype: type = np.float32) -> Volume:
     """Read a 3-D NIfTI/NRRD/MetaImage file into a :class:`Volume`.
 
@@ -256,6 +279,8 @@ def read_volume(path: str | os.PathLike, *, role: str = "image", dtype: type = n
         raise InputImageError(
             f"{role} file {path} has an unsupported extension; expected one of {', '.join(_SUPPORTED)}."
         )
+    if _suffix(path) in _NIFTI_SUFFIXES:
+        _check_nifti_complete(path, role)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:

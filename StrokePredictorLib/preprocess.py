@@ -212,7 +212,7 @@ def _otsu(values: np.ndarray, bins: int = 128) -> float:
 def _ball(radius_vox: np.ndarray) -> np.ndarray:
     r = np.maximum(np.round(radius_vox).astype(int), 0)
     grids = np.ogrid[tuple(slice(-n, n + 1) for n in r)]
-    distance = sum((g / max(float(rr), 0.5)) ** 2 for g, rr in zip(grids, radius_vox))
+    distance = sum((g / max(float(rr), 0.5)) ** 2 for g, rr in zip(grids, radius_vox, strict=True))
     return distance <= 1.0
 
 
@@ -289,7 +289,7 @@ def register_rigid(
     moving: Volume,
     *,
     fixed_mask: np.ndarray | None = None,
-    sampling: float = 0.15,
+    sampling: float = 0.25,
     seed: int = 7,
 ) -> RegistrationResult:
     """Rigidly register ``moving`` (FLAIR) onto ``fixed`` (DWI) with Mattes mutual information.
@@ -314,8 +314,8 @@ def register_rigid(
         method.SetMetricFixedMask(mask_image)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=2.0, minStep=1e-3, numberOfIterations=120, relaxationFactor=0.6,
-        gradientMagnitudeTolerance=1e-6,
+        learningRate=1.0, minStep=1e-4, numberOfIterations=200, relaxationFactor=0.5,
+        gradientMagnitudeTolerance=1e-8,
     )
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel([4, 2, 1])
@@ -459,6 +459,7 @@ def preprocess(
     mapping = GridMapping(dwi.geometry, model_geometry(dwi.geometry, grid, dwi.geometry.index_to_lps(center_ijk)))
     image = np.stack([mapping.to_model(channel, order=1) for channel in channels]).astype(np.float32)
     brain_model = mapping.to_model(brain.astype(np.uint8), order=0).astype(bool)
+    image *= brain_model[None]
     timings["normalize_resample_s"] = time.perf_counter() - tick
     timings["total_s"] = time.perf_counter() - start
     report(0.3, "preprocessed")

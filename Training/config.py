@@ -65,7 +65,8 @@ def _convert(name: str, annotation: Any, value: Any) -> Any:
         if base is Path:
             return Path(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"Config field '{name}': {value!r} is not a valid {getattr(base, '__name__', base)}.") from None
+        kind = getattr(base, "__name__", base)
+        raise ConfigError(f"Config field '{name}': {value!r} is not a valid {kind}.") from None
     return value
 
 

@@ -1,0 +1,128 @@
+"""StrokePredictorLib.clinical: one schema, validation messages, encoding, CSV and JSON readers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from StrokePredictorLib import clinical
+from StrokePredictorLib.errors import ClinicalValueError
+
+
+def test_schema_has_the_ten_features_with_units_and_ranges() -> None:
+    assert clinical.FEATURE_NAMES == (
+        "age", "sex", "nihss", "onset_to_imaging_h", "systolic_bp", "glucose",
+        "atrial_fibrillation", "prior_stroke", "prestroke_mrs", "treatment",
+    )
+    nihss = clinical.feature("NIHSS")
+    assert (nihss.minimum, nihss.maximum, nihss.kind) == (0, 42, "ordinal")
+    assert clinical.feature("onset_to_imaging_h").missing_label.startswith("unknown")
+    schema = clinical.schema_dict()
+    assert schema["version"] == clinical.SCHEMA_VERSION and len(schema["features"]) == 10
+
+
+def test_valid_record_and_encoding() -> None:
+    record = clinical.validate({
+        "age": 71, "sex": "female", "NIHSS": "12", "onset_to_imaging_h": "unknown", "systolic_bp": 160,
+        "glucose": 6.1, "atrial_fibrillation": "yes", "prior_stroke": False, "prestroke_mrs": 0,
+        "treatment": "Thrombectomy",
+    })
+    assert record["sex"] == "F" and record["nihss"] == 12.0 and record["onset_to_imaging_h"] is None
+    assert record["prior_stroke"] == "no" and record["treatment"] == "thrombectomy"
+    values, missing = clinical.encode(record)
+    assert values.dtype == np.float32 and values.shape == (10,) and missing.dtype == bool
+    assert missing.tolist() == [False, False, False, True, False, False, False, False, False, False]
+    assert values[0] == pytest.approx((71 - 70) / 15)
+    assert values[2] == pytest.approx((12 - 8) / 8)
+    assert values[1] == 0.0 and values[6] == 1.0 and values[7] == 0.0 and values[9] == 2.0
+    assert values[3] == 0.0
+
+
+def test_empty_record_is_all_missing() -> None:
+    values, missing = clinical.encode(None)
+    assert missing.all() and not values.any()
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"nihss": 43}, r"'nihss': value 43 is out of range; expected 0 to 42 points \(integer\)"),
+        ({"nihss": 4.5}, r"value 4.5 is not an integer"),
+        ({"age": "old"}, r"'age': value 'old' is not a number; expected 18 to 110 years"),
+        ({"glucose": float("inf")}, r"'glucose': value inf is not finite"),
+        ({"sex": "X"}, r"'sex': value 'X' is not valid; expected one of F, M"),
+        ({"treatment": "aspirin"}, r"expected one of none, thrombolysis, thrombectomy, both"),
+        ({"heart_rate": 80}, r"Unknown clinical field 'heart_rate'. Valid fields: age, sex, nihss"),
+        ({"atrial_fibrillation": 2}, r"value '2' is not valid; expected one of no, yes"),
+        ({"systolic_bp": True}, r"value True is not a number"),
+    ],
+)
+def test_validation_messages_name_field_value_and_range(raw: dict, message: str) -> None:
+    with pytest.raises(ClinicalValueError, match=message):
+        clinical.validate(raw)
+
+
+def test_key_value_parsing() -> None:
+    record = clinical.parse_key_values(["nihss=7", "age = 65", "treatment=both"])
+    assert (record["nihss"], record["age"], record["treatment"]) == (7.0, 65.0, "both")
+    with pytest.raises(ClinicalValueError, match="must be written as name=value"):
+        clinical.parse_key_values(["nihss"])
+
+
+def test_json_reader(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"nihss": 3, "sex": "M", "case_id": "x"}))
+    assert clinical.read_json(path)["nihss"] == 3.0
+    path.write_text("{broken")
+    with pytest.raises(ClinicalValueError, match="c.json is not valid JSON"):
+        clinical.read_json(path)
+    path.write_text(json.dumps({"nihss": 99}))
+    with pytest.raises(ClinicalValueError, match=r"c.json: clinical field 'nihss': value 99 is out of range"):
+        clinical.read_json(path)
+
+
+def test_csv_round_trip(tmp_path: Path) -> None:
+    records = {
+        "sub-strokecase0001": clinical.validate({"age": 80, "nihss": 20, "treatment": "none", "sex": "M"}),
+        "sub-strokecase0002": clinical.validate({"glucose": 5.5, "onset_to_imaging_h": 2.5}),
+    }
+    path = clinical.write_csv(records, tmp_path / "clinical.csv")
+    again = clinical.read_csv(path)
+    assert list(again) == list(records)
+    for case_id, record in records.items():
+        assert again[case_id].values == record.values
+
+
+def test_csv_without_case_id(tmp_path: Path) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text("subject,nihss\nA,3\n")
+    expected = r"bad.csv has no case id column 'case_id' \(columns: subject, nihss\)"
+    with pytest.raises(ClinicalValueError, match=expected):
+        clinical.read_csv(path)
+    assert clinical.read_csv(path, id_column="subject")["A"]["nihss"] == 3.0
+
+
+def test_csv_reports_every_bad_value_with_row_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text("case_id,nihss,age,glucose\nA,3,70,5\nB,50,70,5\nC,2,abc,5\nA,1,1,1\n")
+    with pytest.raises(ClinicalValueError) as error:
+        clinical.read_csv(path)
+    text = str(error.value)
+    assert "has 3 invalid value(s)" in text
+    assert "row 2, column 'nihss': value 50 is out of range" in text
+    assert "row 3, column 'age': value 'abc' is not a number" in text
+    assert "row 4, column 'case_id': case id 'A' repeated" in text
+
+
+def test_csv_column_mapping_and_units(tmp_path: Path) -> None:
+    path = tmp_path / "theirs.csv"
+    path.write_text("case_id,NIH_score,glucose_mgdl,comment\nA,4,126,fine\n")
+    with pytest.raises(ClinicalValueError, match="column 'NIH_score' is not a clinical field"):
+        clinical.read_csv(path)
+    records = clinical.read_csv(path, column_map={"NIH_score": "nihss", "glucose_mgdl": "glucose"},
+                                units={"glucose": "mg/dL"}, ignore_unknown=True)
+    assert records["A"]["nihss"] == 4.0
+    assert records["A"]["glucose"] == pytest.approx(126 / 18.016)
