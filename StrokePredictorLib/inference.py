@@ -1,0 +1,299 @@
+"""Monte-Carlo-dropout inference: from DWI/ADC/FLAIR volumes and clinical values to a Prediction.
+
+How the Monte-Carlo samples are made cheap: :class:`~StrokePredictorLib.network.StrokeNet` has a
+single dropout, channel-wise, on the last decoder features just before its 1x1x1 head. Everything
+up to that dropout (encoder, fusion, decoder) runs **once** per case; the ``N`` samples only
+re-draw the dropout masks and apply the 1x1x1 head, which for all samples together is one matrix
+product ``(N, C) @ (C, voxels)``. Twenty samples therefore cost a few percent of one forward pass
+(measured in ``Testing/benchmarks/bench_inference.py``). The masks are drawn from a CPU random
+generator seeded with ``seed``, so results are reproducible and identical on CPU and CUDA up to
+floating-point precision.
+
+Outputs (all resampled by world position onto the input DWI grid):
+
+* ``probability``: mean over the samples of the voxel probability (0..1);
+* ``entropy``: **predictive entropy** of that mean probability, in bits (0..1): total uncertainty;
+* ``std``: **Monte-Carlo standard deviation** of the probability over the samples (model uncertainty);
+* ``mask``: ``probability >= threshold`` (uint8 0/1);
+* ``samples_volume_ml``: lesion volume of each sample (voxels with ``p >= threshold`` on the model
+  grid, times the model voxel volume), giving the median and the 95% interval;
+* ``feature_attention`` and ``spatial_attention``: see :mod:`StrokePredictorLib.network`.
+
+Predictions outside the brain mask found by preprocessing are set to 0. On CUDA the network runs
+under bf16 autocast; sampling and statistics are float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from StrokePredictorLib.bundle import Bundle, load_bundle, resolve_device
+from StrokePredictorLib.clinical import FEATURE_NAMES, ClinicalRecord, encode
+from StrokePredictorLib.errors import StrokePredictorError
+from StrokePredictorLib.io import Geometry, Volume, read_volume
+from StrokePredictorLib.preprocess import PreprocessedCase, preprocess
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+
+UNCERTAINTY_MEANING = {
+    "entropy": "predictive entropy of the mean Monte-Carlo probability, in bits (0 = certain, 1 = p of 0.5)",
+    "std": "standard deviation of the lesion probability over the Monte-Carlo dropout samples",
+}
+
+
+@dataclass
+class Prediction:
+    """Result of one case, on the input DWI grid (arrays indexed ``[k, j, i]``).
+
+    Attributes:
+        probability: float32 mean lesion probability over the MC samples, 0..1.
+        entropy: float32 predictive entropy of ``probability`` in bits, 0..1.
+        std: float32 MC standard deviation of the probability.
+        mask: uint8 0/1, ``probability >= threshold``.
+        spatial_attention: float32 0..1, where the clinical tokens attended.
+        geometry: the DWI grid.
+        threshold: probability threshold of ``mask``.
+        samples_volume_ml: (N,) lesion volume of each MC sample in mL.
+        volume_ml: ``{"mask": mL of mask, "median": median of the samples, "ci95": [2.5%, 97.5%]}``.
+        feature_attention: clinical feature name -> weight (sums to 1).
+        n_components: connected lesion components in ``mask`` (26-connectivity).
+        timings: seconds per step.
+        mc_samples, seed, device, deterministic: how it was computed.
+        clinical: the clinical record used (missing features are None).
+        flair_present: whether a FLAIR was used.
+        adc_unit: the detected ADC unit.
+        registration: FLAIR-to-DWI registration parameters, or None.
+    """
+
+    probability: np.ndarray
+    entropy: np.ndarray
+    std: np.ndarray
+    mask: np.ndarray
+    spatial_attention: np.ndarray
+    geometry: Geometry
+    threshold: float
+    samples_volume_ml: np.ndarray
+    volume_ml: dict
+    feature_attention: dict[str, float]
+    n_components: int
+    timings: dict[str, float] = field(default_factory=dict)
+    mc_samples: int = 0
+    seed: int = 0
+    device: str = "cpu"
+    deterministic: bool = False
+    clinical: ClinicalRecord = field(default_factory=ClinicalRecord)
+    flair_present: bool = False
+    adc_unit: str = ""
+    registration: dict | None = None
+
+    @property
+    def mean_uncertainty_in_lesion(self) -> float:
+        """Mean predictive entropy (bits) inside the mask; 0 when the mask is empty."""
+        inside = self.mask.astype(bool)
+        return float(self.entropy[inside].mean()) if inside.any() else 0.0
+
+
+def binary_entropy_bits(p: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """Entropy of a Bernoulli probability in bits, 0 at p in {0, 1} and 1 at p = 0.5."""
+    if isinstance(p, torch.Tensor):
+        q = p.clamp(1e-7, 1 - 1e-7)
+        return -(q * torch.log2(q) + (1 - q) * torch.log2(1 - q))
+    q = np.clip(p, 1e-7, 1 - 1e-7)
+    return (-(q * np.log2(q) + (1 - q) * np.log2(1 - q))).astype(np.float32)
+
+
+class Predictor:
+    """Runs a bundle on cases.
+
+    Args:
+        bundle: a loaded :class:`Bundle` or the path of a bundle folder.
+        device: ``auto`` (CUDA when present, else CPU with a warning), ``cpu``, ``cuda``.
+        mc_samples: Monte-Carlo dropout samples N (at least 1).
+        seed: seed of the dropout masks (same seed, same result).
+        threshold: probability threshold of the lesion mask, in (0, 1).
+        deterministic: dropout off: all samples equal the deterministic prediction (zero spread).
+
+    Raises:
+        StrokePredictorError: bad device, sample count or threshold; BundleError for a bad bundle.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike,
+        device: str = "auto",
+        mc_samples: int = 20,
+        seed: int = 0,
+        threshold: float = 0.5,
+        deterministic: bool = False,
+    ) -> None:
+        self.device = resolve_device(device)
+        if int(mc_samples) < 1:
+            raise StrokePredictorError(f"The number of Monte-Carlo samples must be at least 1, got {mc_samples}.")
+        if not 0.0 < float(threshold) < 1.0:
+            raise StrokePredictorError(f"The probability threshold must lie strictly between 0 and 1, got {threshold}.")
+        if isinstance(bundle, Bundle):
+            bundle.model.to(self.device).eval()
+            self.bundle = bundle
+        else:
+            self.bundle = load_bundle(bundle, device=self.device)
+        self.mc_samples = int(mc_samples)
+        self.seed = int(seed)
+        self.threshold = float(threshold)
+        self.deterministic = bool(deterministic)
+
+    # -- public API ----------------------------------------------------------------------
+    def predict(
+        self,
+        dwi: Volume,
+        adc: Volume,
+        flair: Volume | None = None,
+        clinical: ClinicalRecord | None = None,
+        progress: Progress | None = None,
+    ) -> Prediction:
+        """Predict one case.
+
+        Args:
+            dwi: DWI (b=1000 or b=800 trace) volume; every output lies on its grid.
+            adc: ADC map (any of the three ISLES units; may be on another overlapping grid).
+            flair: optional FLAIR on any grid (registered rigidly onto the DWI).
+            clinical: clinical values; None means every feature missing.
+            progress: callback(fraction 0..1, message).
+
+        Raises:
+            InputImageError: an unusable image (see :func:`StrokePredictorLib.preprocess.preprocess`).
+        """
+        report = progress or (lambda fraction, message: None)
+        report(0.0, "preprocessing")
+        case = preprocess(
+            dwi, adc, flair, grid=self.bundle.grid, normalization=self.bundle.normalization,
+            progress=lambda f, m: report(0.4 * f / 0.3 if f <= 0.3 else 0.4, m),
+        )
+        return self.predict_preprocessed(case, clinical, progress=report)
+
+    def predict_files(
+        self,
+        dwi: str | os.PathLike,
+        adc: str | os.PathLike,
+        flair: str | os.PathLike | None = None,
+        clinical: ClinicalRecord | None = None,
+        progress: Progress | None = None,
+    ) -> Prediction:
+        """Read the files and :meth:`predict`."""
+        start = time.perf_counter()
+        dwi_volume = read_volume(dwi, role="DWI")
+        adc_volume = read_volume(adc, role="ADC")
+        flair_volume = read_volume(flair, role="FLAIR") if flair else None
+        read_s = time.perf_counter() - start
+        prediction = self.predict(dwi_volume, adc_volume, flair_volume, clinical, progress)
+        prediction.timings = {"read_s": read_s, **prediction.timings}
+        prediction.timings["total_s"] = prediction.timings.get("total_s", 0.0) + read_s
+        return prediction
+
+    def predict_preprocessed(
+        self, case: PreprocessedCase, clinical: ClinicalRecord | None = None, progress: Progress | None = None
+    ) -> Prediction:
+        """Run the network and the Monte-Carlo sampling on a preprocessed case."""
+        report = progress or (lambda fraction, message: None)
+        timings = {f"preprocess_{k}": v for k, v in case.timings.items()}
+        start = time.perf_counter()
+        record = clinical if clinical is not None else ClinicalRecord()
+        values, missing = encode(record)
+        model = self.bundle.model
+        device = self.device
+        report(0.45, "running the network")
+        tick = time.perf_counter()
+        with torch.inference_mode():
+            image = torch.from_numpy(np.ascontiguousarray(case.image))[None].to(device)
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+            with autocast:
+                out = model.features(
+                    image,
+                    torch.from_numpy(values)[None].to(device),
+                    torch.from_numpy(missing)[None].to(device),
+                    torch.tensor([case.flair_present], device=device),
+                )
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            timings["network_s"] = time.perf_counter() - tick
+            report(0.7, f"sampling {self.mc_samples} Monte-Carlo dropout masks")
+            tick = time.perf_counter()
+            generator = torch.Generator().manual_seed(self.seed)
+            n_computed = 1 if self.deterministic else self.mc_samples
+            # Only brain voxels are sampled (outside the brain the probability is 0): the tail's
+            # cost scales with the brain, not the grid.
+            brain = torch.from_numpy(case.brain).to(device).flatten()
+            index = torch.nonzero(brain).flatten()
+            features = out["features"].flatten(2)[:, :, index][..., None, None]  # (1, C, Vb, 1, 1)
+            logits = model.sample_logits(features, n_computed, generator, self.deterministic).flatten(1)  # (N, Vb)
+            probs = torch.sigmoid(logits)
+            mean = torch.zeros(brain.numel(), device=device)
+            std = torch.zeros(brain.numel(), device=device)
+            mean[index] = probs.mean(dim=0)
+            if n_computed > 1:
+                std[index] = probs.std(dim=0, unbiased=False)
+            mean = mean.reshape(case.brain.shape)
+            std = std.reshape(case.brain.shape)
+            voxel_ml = float(np.prod(case.mapping.model.spacing)) / 1000.0
+            sample_volumes = (probs >= self.threshold).sum(dim=1).double().cpu().numpy() * voxel_ml
+            if n_computed != self.mc_samples:
+                sample_volumes = np.repeat(sample_volumes, self.mc_samples)
+            mean_np = mean.float().cpu().numpy()
+            std_np = std.float().cpu().numpy()
+            spatial_np = out["spatial_attention"][0, 0].float().cpu().numpy()
+            weights = out["feature_attention"][0].double().cpu().numpy()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            timings["sampling_s"] = time.perf_counter() - tick
+        report(0.8, "resampling onto the DWI grid")
+        tick = time.perf_counter()
+        mapping = case.mapping
+        probability = np.clip(mapping.to_source(mean_np, order=1), 0.0, 1.0).astype(np.float32)
+        std_source = np.clip(mapping.to_source(std_np, order=1), 0.0, 0.5).astype(np.float32)
+        spatial = np.clip(mapping.to_source(spatial_np, order=1), 0.0, 1.0).astype(np.float32)
+        entropy = binary_entropy_bits(probability)
+        mask = (probability >= self.threshold).astype(np.uint8)
+        _, n_components = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+        timings["resample_s"] = time.perf_counter() - tick
+        weights = weights / weights.sum()
+        geometry = mapping.source
+        volume = {
+            "mask": float(mask.sum() * geometry.voxel_volume_ml),
+            "median": float(np.median(sample_volumes)),
+            "ci95": [float(np.percentile(sample_volumes, 2.5)), float(np.percentile(sample_volumes, 97.5))],
+        }
+        timings["inference_s"] = time.perf_counter() - start
+        timings["total_s"] = timings["inference_s"] + case.timings.get("total_s", 0.0)
+        report(0.9, "prediction done")
+        return Prediction(
+            probability=probability,
+            entropy=entropy,
+            std=std_source,
+            mask=mask,
+            spatial_attention=spatial,
+            geometry=geometry,
+            threshold=self.threshold,
+            samples_volume_ml=sample_volumes.astype(np.float64),
+            volume_ml=volume,
+            feature_attention={name: float(w) for name, w in zip(FEATURE_NAMES, weights, strict=True)},
+            n_components=int(n_components),
+            timings=timings,
+            mc_samples=self.mc_samples,
+            seed=self.seed,
+            device=str(device),
+            deterministic=self.deterministic,
+            clinical=record,
+            flair_present=bool(case.flair_present),
+            adc_unit=case.adc_unit,
+            registration=case.registration.to_dict() if case.registration is not None else None,
+        )
+

@@ -1,0 +1,513 @@
+"""StrokeNet: a 3-D ResNet-18 imaging encoder fused with per-feature clinical tokens.
+
+Architecture (shapes for a batch of ``B`` cases on a ``D x H x W`` model grid, i.e. ``K x J x I``):
+
+* **FLAIR absence.** When ``flair_present`` is False, the FLAIR channel (all zeros from
+  preprocessing) is replaced by a learned constant (``flair_fill``), and a learned
+  ``flair_absent`` embedding is added to every bottleneck token.
+* **Imaging encoder.** A 3-D ResNet-18: a strided stem (optionally followed by max-pooling as in
+  the original ResNet), then four stages of ``blocks`` basic residual blocks (2-2-2-2 for
+  ResNet-18) with widths ``widths``; stages 2-4 halve the resolution. A small full-resolution
+  convolution gives the decoder a skip at the input resolution.
+* **Clinical encoder.** Each of the ten clinical features (:data:`StrokePredictorLib.clinical.FEATURES`)
+  becomes its own token of ``fusion_dim`` numbers: a feature-identity embedding plus either a
+  value embedding (numeric features: a per-feature affine map of the encoded value, a GELU and a
+  shared linear layer; binary/categorical features: an embedding table) or a learned per-feature
+  ``missing`` embedding. Attention over a single clinical vector would be degenerate (softmax over
+  one key is always 1); ten tokens make the attention weights informative.
+* **Bidirectional cross-attention fusion.** The bottleneck feature map is flattened into ``T``
+  imaging tokens (plus a learned embedding of their normalised position). Imaging tokens attend
+  to clinical tokens and clinical tokens attend to imaging tokens (``heads`` heads each); the
+  imaging tokens, enriched with the pooled clinical context, are fused by a feed-forward layer
+  into a ``fusion_dim``-d representation (256 in both presets) and added back to the bottleneck
+  feature map.
+* **Decoder.** U-Net style: upsample, concatenate the encoder skip of the same resolution,
+  convolve; down to the full-resolution skip.
+* **Head and Monte-Carlo dropout.** The last decoder features go through a 1x1x1 expansion
+  (``head_channels``), **channel-wise dropout** (``nn.Dropout3d``, probability ``mc_dropout``) and
+  a 1x1x1 convolution to one lesion logit per voxel. This is the network's only dropout, so
+  everything before it is deterministic and computed once per case; Monte-Carlo sampling only
+  re-samples the dropout masks of the tail (:meth:`StrokeNet.sample_logits`), which is a single
+  small matrix product for all samples together. Channel-wise (not voxel-wise) dropout makes the
+  samples differ coherently over space, so the per-sample lesion volumes spread meaningfully;
+  the voxel-wise variance is the same as with voxel-wise dropout.
+
+Outputs (:meth:`StrokeNet.forward`):
+
+* ``logits`` ``(B, 1, D, H, W)``;
+* ``feature_attention`` ``(B, 10)``: how much the imaging tokens attend to each clinical token,
+  averaged over heads and imaging tokens (each row sums to 1; missing features are tokens too);
+* ``spatial_attention`` ``(B, 1, D, H, W)``: how much the clinical tokens attend to each imaging
+  location, averaged over heads and clinical tokens, upsampled (trilinear) to the input size and
+  divided by its maximum, so that it lies in ``[0, 1]``.
+
+With ``imaging_only`` the clinical tokens are ignored and fusion is skipped (ablation);
+``feature_attention`` is then uniform (0.1 each) and ``spatial_attention`` is zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from StrokePredictorLib.clinical import FEATURES
+
+N_CLINICAL = len(FEATURES)
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Width, depth and regularisation of :class:`StrokeNet` (saved in every bundle as JSON)."""
+
+    in_channels: int = 3  # DWI, ADC, FLAIR (fixed by preprocessing)
+    stem_channels: int = 16  # channels of the strided stem convolution
+    stem_kernel: int = 3  # 7 in the original ResNet
+    stem_stride: int = 2  # the stem halves the resolution
+    stem_pool: bool = False  # ResNet max-pool (another factor 2) after the stem
+    full_res_channels: int = 8  # full-resolution skip convolution (0: no full-resolution skip)
+    widths: tuple[int, ...] = (16, 32, 64, 128)  # ResNet stage widths; stages 2.. halve resolution
+    blocks: tuple[int, ...] = (2, 2, 2, 2)  # basic blocks per stage: ResNet-18
+    decoder_widths: tuple[int, ...] = (64, 32, 16, 8)  # one per skip level, deepest first
+    decoder_convs: int = 1  # 3x3x3 convolutions per decoder level
+    head_channels: int = 16  # 1x1x1 expansion before the Monte-Carlo dropout
+    mc_dropout: float = 0.2  # channel-wise dropout before the 1x1x1 head (the MC-sampled tail)
+    fusion_dim: int = 256  # width of clinical tokens, attention and the fused representation
+    heads: int = 4  # attention heads (fusion_dim must be divisible by heads)
+    ffn_mult: int = 2  # hidden width of the fusion feed-forward layer = ffn_mult * fusion_dim
+    attention_dropout: float = 0.0  # dropout on attention weights, training only
+    feature_dropout: float = 0.0  # training only: probability of marking a clinical feature missing
+    imaging_only: bool = False  # ablation: clinical tokens ignored, fusion skipped
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
+        object.__setattr__(self, "decoder_widths", tuple(int(w) for w in self.decoder_widths))
+        if len(self.widths) != len(self.blocks) or len(self.widths) < 2:
+            raise ValueError("NetworkConfig: widths and blocks need the same length (at least 2 stages).")
+        if len(self.decoder_widths) != self.n_skips:
+            raise ValueError(
+                f"NetworkConfig: decoder_widths needs {self.n_skips} entries (one per skip level), "
+                f"got {len(self.decoder_widths)}."
+            )
+        if self.fusion_dim % self.heads:
+            raise ValueError(f"NetworkConfig: fusion_dim {self.fusion_dim} is not divisible by heads {self.heads}.")
+        if not 0.0 <= self.mc_dropout < 1.0:
+            raise ValueError(f"NetworkConfig: mc_dropout must lie in [0, 1), got {self.mc_dropout}.")
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def n_skips(self) -> int:
+        """Number of decoder levels (skip connections), full resolution included."""
+        return int(self.full_res_channels > 0) + int(self.stem_pool) + len(self.widths) - 1
+
+    @property
+    def size_divisor(self) -> int:
+        """Every spatial size of the input must be a multiple of this."""
+        return self.stem_stride * (2 if self.stem_pool else 1) * 2 ** (len(self.widths) - 1)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for key in ("widths", "blocks", "decoder_widths"):
+            data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> NetworkConfig:
+        """Build from :meth:`to_dict` output; unknown keys are an error (they mean another version)."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"NetworkConfig: unknown field(s) {', '.join(sorted(unknown))}.")
+        return cls(**data)
+
+    # -- presets ---------------------------------------------------------------------------
+    @classmethod
+    def lite(cls, **overrides: object) -> NetworkConfig:
+        """The bundled, CPU-friendly model (about 3.6M parameters; size divisor 16).
+
+        Meant for the 96 x 112 x 80 voxel grid (i, j, k) at 2 mm.
+        """
+        values: dict = dict(
+            stem_channels=16, stem_kernel=3, stem_stride=2, stem_pool=False, full_res_channels=8,
+            widths=(16, 32, 64, 128), blocks=(2, 2, 2, 2), decoder_widths=(64, 32, 16, 8), decoder_convs=1,
+            head_channels=16, mc_dropout=0.2, fusion_dim=256, heads=4, ffn_mult=2, feature_dropout=0.1,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def base(cls, **overrides: object) -> NetworkConfig:
+        """The research configuration (about 18.5M parameters; 3 x 128 x 128 x 128 input; divisor 32).
+
+        A ResNet-18 with a 7x7x7 stem and max-pooling, as in the original, stage widths 40-320.
+        """
+        values: dict = dict(
+            stem_channels=40, stem_kernel=7, stem_stride=2, stem_pool=True, full_res_channels=16,
+            widths=(40, 80, 160, 320), blocks=(2, 2, 2, 2), decoder_widths=(176, 88, 40, 32, 16), decoder_convs=2,
+            head_channels=32, mc_dropout=0.2, fusion_dim=256, heads=4, ffn_mult=2, feature_dropout=0.1,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------
+def _conv_norm_act(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, act: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv3d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False),
+        nn.InstanceNorm3d(out_ch, affine=True),
+    ]
+    if act:
+        layers.append(nn.LeakyReLU(0.01, inplace=True))
+    return nn.Sequential(*layers)
+
+
+class _BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3x3 convolutions with a residual connection."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = _conv_norm_act(in_ch, out_ch, 3, stride)
+        self.conv2 = _conv_norm_act(out_ch, out_ch, 3, 1, act=False)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = _conv_norm_act(in_ch, out_ch, 1, stride, act=False)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+
+class _ResNetEncoder(nn.Module):
+    """3-D ResNet encoder. Returns the skip features (full resolution first) and the bottleneck."""
+
+    def __init__(self, config: NetworkConfig) -> None:
+        super().__init__()
+        c = config
+        self.full = _conv_norm_act(c.in_channels, c.full_res_channels) if c.full_res_channels > 0 else None
+        self.stem = _conv_norm_act(c.in_channels, c.stem_channels, c.stem_kernel, c.stem_stride)
+        self.pool = nn.MaxPool3d(3, stride=2, padding=1) if c.stem_pool else None
+        stages = []
+        in_ch = c.stem_channels
+        for index, (width, count) in enumerate(zip(c.widths, c.blocks, strict=True)):
+            stride = 1 if index == 0 else 2
+            blocks = [_BasicBlock(in_ch, width, stride)] + [_BasicBlock(width, width) for _ in range(count - 1)]
+            stages.append(nn.Sequential(*blocks))
+            in_ch = width
+        self.stages = nn.ModuleList(stages)
+
+    def skip_channels(self, config: NetworkConfig) -> list[int]:
+        """Channels of the skips returned by :meth:`forward`, full resolution first."""
+        channels = [config.full_res_channels] if config.full_res_channels > 0 else []
+        if config.stem_pool:
+            channels.append(config.stem_channels)
+        channels.extend(config.widths[:-1])
+        return channels
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        skips = [self.full(x)] if self.full is not None else []
+        h = self.stem(x)
+        if self.pool is not None:
+            skips.append(h)
+            h = self.pool(h)
+        for stage in self.stages[:-1]:
+            h = stage(h)
+            skips.append(h)
+        return skips, self.stages[-1](h)
+
+
+class _ClinicalEncoder(nn.Module):
+    """One token per clinical feature: identity + (value embedding or learned missing embedding).
+
+    Input: values (B, 10) float32 as produced by :func:`StrokePredictorLib.clinical.encode`
+    (numeric features normalised, binary/categorical features as category index), missing (B, 10) bool.
+    Output: tokens (B, 10, dim).
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.numeric = [i for i, f in enumerate(FEATURES) if f.kind in ("continuous", "ordinal")]
+        self.categorical = [i for i, f in enumerate(FEATURES) if f.kind in ("binary", "categorical")]
+        cardinalities = [len(FEATURES[i].categories) for i in self.categorical]
+        offsets = [0]
+        for count in cardinalities[:-1]:
+            offsets.append(offsets[-1] + count)
+        self.register_buffer("cat_offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
+        self.register_buffer("cat_max", torch.tensor(cardinalities, dtype=torch.long) - 1, persistent=False)
+        self.identity = nn.Parameter(torch.randn(N_CLINICAL, dim) * 0.02)
+        self.missing = nn.Parameter(torch.randn(N_CLINICAL, dim) * 0.02)
+        self.value_weight = nn.Parameter(torch.randn(len(self.numeric), dim))
+        self.value_bias = nn.Parameter(torch.randn(len(self.numeric), dim) * 0.1)
+        self.value_proj = nn.Linear(dim, dim)
+        self.category = nn.Embedding(sum(cardinalities), dim)
+        nn.init.normal_(self.category.weight, std=0.5)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, values: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+        batch = values.shape[0]
+        dim = self.identity.shape[1]
+        present = torch.zeros(batch, N_CLINICAL, dim, dtype=self.identity.dtype, device=values.device)
+        numeric = values[:, self.numeric].to(self.value_weight.dtype)
+        embedded = F.gelu(numeric[..., None] * self.value_weight + self.value_bias)
+        present[:, self.numeric] = self.value_proj(embedded).to(present.dtype)
+        index = torch.round(values[:, self.categorical]).long()
+        index = torch.minimum(index.clamp(min=0), self.cat_max) + self.cat_offsets
+        present[:, self.categorical] = self.category(index).to(present.dtype)
+        tokens = torch.where(missing[..., None], self.missing.expand(batch, -1, -1), present)
+        return self.norm(tokens + self.identity)
+
+
+class _CrossAttention(nn.Module):
+    """Multi-head attention of ``query`` tokens over ``context`` tokens that returns its weights.
+
+    Shapes: query (B, Tq, dim), context (B, Tk, dim) -> (output (B, Tq, dim), weights (B, heads, Tq, Tk)).
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, n_q, dim = query.shape
+        n_k = context.shape[1]
+        head_dim = dim // self.heads
+        q = self.q(self.norm_q(query)).view(batch, n_q, self.heads, head_dim).transpose(1, 2)
+        k, v = self.kv(self.norm_kv(context)).view(batch, n_k, 2, self.heads, head_dim).permute(2, 0, 3, 1, 4)
+        weights = torch.softmax((q @ k.transpose(-2, -1)).float() / math.sqrt(head_dim), dim=-1)
+        attended = self.dropout(weights).to(v.dtype) @ v
+        return self.out(attended.transpose(1, 2).reshape(batch, n_q, dim)), weights
+
+
+class _Fusion(nn.Module):
+    """Bidirectional cross-attention between bottleneck imaging tokens and clinical tokens.
+
+    Input: bottleneck (B, C, d, h, w), clinical tokens (B, 10, dim), flair_present (B,).
+    Output: fused bottleneck (B, C, d, h, w), imaging->clinical weights (B, heads, T, 10) and
+    clinical->imaging weights (B, heads, 10, T), with T = d*h*w.
+    """
+
+    def __init__(self, channels: int, config: NetworkConfig) -> None:
+        super().__init__()
+        dim = config.fusion_dim
+        self.to_tokens = nn.Linear(channels, dim)
+        self.position = nn.Sequential(nn.Linear(3, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.flair_absent = nn.Parameter(torch.randn(dim) * 0.02)
+        self.image_to_clinical = _CrossAttention(dim, config.heads, config.attention_dropout)
+        self.clinical_to_image = _CrossAttention(dim, config.heads, config.attention_dropout)
+        self.fuse_norm = nn.LayerNorm(2 * dim)
+        self.fuse = nn.Sequential(
+            nn.Linear(2 * dim, config.ffn_mult * dim), nn.GELU(), nn.Linear(config.ffn_mult * dim, dim)
+        )
+        self.from_tokens = nn.Linear(dim, channels)
+
+    @staticmethod
+    def _coordinates(shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        axes = [torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype) if n > 1 else
+                torch.zeros(1, device=device, dtype=dtype) for n in shape]
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+
+    def forward(
+        self, bottleneck: torch.Tensor, clinical: torch.Tensor, flair_present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, channels, d, h, w = bottleneck.shape
+        flat = bottleneck.flatten(2).transpose(1, 2)  # (B, T, C)
+        tokens = self.to_tokens(flat)
+        tokens = tokens + self.position(self._coordinates((d, h, w), tokens.device, tokens.dtype))[None]
+        absent = (~flair_present).to(tokens.dtype)[:, None, None]
+        tokens = tokens + absent * self.flair_absent
+        clinical = clinical.to(tokens.dtype)
+        image_out, weights_ic = self.image_to_clinical(tokens, clinical)
+        clinical_out, weights_ci = self.clinical_to_image(clinical, tokens)
+        tokens = tokens + image_out
+        context = (clinical + clinical_out).mean(dim=1, keepdim=True).expand(-1, tokens.shape[1], -1)
+        fused = tokens + self.fuse(self.fuse_norm(torch.cat([tokens, context], dim=-1)))  # (B, T, dim)
+        update = self.from_tokens(fused).transpose(1, 2).reshape(batch, channels, d, h, w)
+        return bottleneck + update.to(bottleneck.dtype), weights_ic, weights_ci
+
+
+class _DecoderLevel(nn.Module):
+    """Upsample x2, concatenate the skip, convolve."""
+
+    def __init__(self, in_ch: int, skip_ch: int, out_ch: int, convs: int) -> None:
+        super().__init__()
+        layers = [_conv_norm_act(in_ch + skip_ch, out_ch)]
+        layers += [_conv_norm_act(out_ch, out_ch) for _ in range(convs - 1)]
+        self.convs = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
+        return self.convs(torch.cat([x, skip.to(x.dtype)], dim=1))
+
+
+# ----------------------------------------------------------------------------------------
+# The network
+# ----------------------------------------------------------------------------------------
+class StrokeNet(nn.Module):
+    """Clinical-imaging fusion network for acute stroke lesion segmentation.
+
+    Args:
+        config: widths, depth and dropout; :meth:`NetworkConfig.lite` or :meth:`NetworkConfig.base`.
+
+    Attributes:
+        size_divisor: every spatial input size must be a multiple of it.
+    """
+
+    def __init__(self, config: NetworkConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or NetworkConfig.lite()
+        c = self.config
+        self.size_divisor: int = c.size_divisor
+        self.flair_fill = nn.Parameter(torch.tensor(-1.0))
+        self.encoder = _ResNetEncoder(c)
+        skips = self.encoder.skip_channels(c)
+        if len(skips) != len(c.decoder_widths):  # pragma: no cover - guarded by NetworkConfig
+            raise ValueError("decoder_widths does not match the encoder's skip levels.")
+        self.clinical = None if c.imaging_only else _ClinicalEncoder(c.fusion_dim)
+        self.fusion = None if c.imaging_only else _Fusion(c.widths[-1], c)
+        levels = []
+        in_ch = c.widths[-1]
+        for skip_ch, out_ch in zip(reversed(skips), c.decoder_widths, strict=True):
+            levels.append(_DecoderLevel(in_ch, skip_ch, out_ch, c.decoder_convs))
+            in_ch = out_ch
+        self.decoder = nn.ModuleList(levels)
+        self.expand = nn.Sequential(nn.Conv3d(in_ch, c.head_channels, 1), nn.LeakyReLU(0.01, inplace=True))
+        self.mc_dropout = nn.Dropout3d(c.mc_dropout)
+        self.head = nn.Conv3d(c.head_channels, 1, 1)
+
+    # -- pieces ------------------------------------------------------------------------------
+    def check_input(self, image: torch.Tensor) -> None:
+        """Raise ValueError unless ``image`` is (B, 3, D, H, W) with sizes divisible by :attr:`size_divisor`."""
+        if image.ndim != 5 or image.shape[1] != self.config.in_channels:
+            raise ValueError(f"StrokeNet expects (B, {self.config.in_channels}, D, H, W), got {tuple(image.shape)}.")
+        bad = [s for s in image.shape[2:] if s % self.size_divisor]
+        if bad:
+            raise ValueError(
+                f"StrokeNet: spatial size {tuple(image.shape[2:])} must be divisible by {self.size_divisor}."
+            )
+
+    def features(
+        self,
+        image: torch.Tensor,
+        clinical_values: torch.Tensor,
+        clinical_missing: torch.Tensor,
+        flair_present: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Everything before the Monte-Carlo dropout (deterministic in eval mode).
+
+        Returns:
+            ``features`` (B, head_channels, D, H, W) (the input of the dropout and 1x1x1 head),
+            ``feature_attention`` (B, 10) and ``spatial_attention`` (B, 1, D, H, W), as in :meth:`forward`.
+        """
+        self.check_input(image)
+        batch = image.shape[0]
+        flair_present = flair_present.to(device=image.device, dtype=torch.bool).reshape(batch)
+        fill = self.flair_fill.to(image.dtype).expand_as(image[:, 2])
+        flair = torch.where(flair_present[:, None, None, None], image[:, 2], fill)
+        x = torch.cat([image[:, :2], flair[:, None]], dim=1)
+        skips, bottleneck = self.encoder(x)
+        if self.fusion is not None and self.clinical is not None:
+            missing = clinical_missing.to(device=image.device, dtype=torch.bool)
+            if self.training and self.config.feature_dropout > 0:
+                drop = torch.rand(missing.shape, device=missing.device) < self.config.feature_dropout
+                missing = missing | drop
+            tokens = self.clinical(clinical_values.to(device=image.device, dtype=torch.float32), missing)
+            bottleneck, weights_ic, weights_ci = self.fusion(bottleneck, tokens, flair_present)
+            feature_attention = weights_ic.float().mean(dim=(1, 2))  # (B, 10)
+            spatial = weights_ci.float().mean(dim=(1, 2)).reshape(batch, 1, *bottleneck.shape[2:])
+            spatial = F.interpolate(spatial, size=image.shape[2:], mode="trilinear", align_corners=False)
+            spatial = spatial / spatial.amax(dim=(2, 3, 4), keepdim=True).clamp_min(1e-12)
+        else:
+            feature_attention = torch.full((batch, N_CLINICAL), 1.0 / N_CLINICAL, device=image.device)
+            spatial = torch.zeros(batch, 1, *image.shape[2:], device=image.device)
+        h = bottleneck
+        for level, skip in zip(self.decoder, reversed(skips), strict=True):
+            h = level(h, skip)
+        return {
+            "features": self.expand(h),
+            "feature_attention": feature_attention,
+            "spatial_attention": spatial.clamp(0.0, 1.0),
+        }
+
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The re-sampled tail: dropout (active in training mode) and the 1x1x1 head.
+        (B, head_channels, D, H, W) -> (B, 1, D, H, W)."""
+        return self.head(self.mc_dropout(features))
+
+    def sample_logits(
+        self, features: torch.Tensor, n_samples: int, generator: torch.Generator | None = None,
+        deterministic: bool = False,
+    ) -> torch.Tensor:
+        """Monte-Carlo samples of the logits from precomputed ``features``, batched.
+
+        Each sample draws its own channel-wise dropout mask (probability ``mc_dropout``, scaled
+        by ``1 / (1 - p)`` as in training); because the head is 1x1x1, all samples are one
+        matrix product ``(N, C) @ (C, D*H*W)``.
+
+        Args:
+            features: (B, C, D, H, W) from :meth:`features`.
+            n_samples: N.
+            generator: CPU random generator for the masks (seedable; device-independent).
+            deterministic: dropout off; every sample equals the deterministic logits.
+
+        Returns:
+            float32 logits (N, B, D, H, W).
+        """
+        batch, channels = features.shape[:2]
+        p = self.config.mc_dropout
+        weight = self.head.weight.reshape(1, 1, channels).float()
+        flat = features.float().flatten(2)  # (B, C, V)
+        if deterministic or p == 0.0:  # one evaluation, repeated: exactly zero spread
+            logits = torch.einsum("nbc,bcv->nbv", weight.expand(1, batch, -1), flat) + self.head.bias.float()
+            return logits.expand(n_samples, -1, -1).reshape(n_samples, batch, *features.shape[2:])
+        keep = torch.full((n_samples, batch, channels), 1.0 - p)
+        masks = torch.bernoulli(keep, generator=generator) / (1.0 - p)
+        effective = masks.to(features.device) * weight  # (N, B, C)
+        logits = torch.einsum("nbc,bcv->nbv", effective, flat) + self.head.bias.float()
+        return logits.reshape(n_samples, batch, *features.shape[2:])
+
+    # -- the contract ------------------------------------------------------------------------
+    def forward(
+        self,
+        image: torch.Tensor,
+        clinical_values: torch.Tensor,
+        clinical_missing: torch.Tensor,
+        flair_present: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Predict lesion logits and attention maps.
+
+        Args:
+            image: (B, 3, D, H, W) float32, channels DWI, ADC, FLAIR; D, H, W = K, J, I of the
+                model grid, each divisible by :attr:`size_divisor`.
+            clinical_values: (B, 10) float32 from :func:`StrokePredictorLib.clinical.encode`.
+            clinical_missing: (B, 10) bool, True where a feature is missing.
+            flair_present: (B,) bool.
+
+        Returns:
+            ``logits`` (B, 1, D, H, W); ``feature_attention`` (B, 10), rows sum to 1;
+            ``spatial_attention`` (B, 1, D, H, W) in [0, 1]. Dropout is active in training mode only.
+        """
+        out = self.features(image, clinical_values, clinical_missing, flair_present)
+        return {
+            "logits": self.head_logits(out["features"]),
+            "feature_attention": out["feature_attention"],
+            "spatial_attention": out["spatial_attention"],
+        }
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

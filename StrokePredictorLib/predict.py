@@ -1,0 +1,208 @@
+"""Command line: predict the stroke lesion of one case, or of every case of an ISLES 2022 folder.
+
+Single case::
+
+    python -m StrokePredictorLib.predict --dwi DWI --adc ADC [--flair FLAIR]
+        [--clinical clinical.json | --clinical nihss=12 age=71 ...] [--bundle DIR] --out DIR
+        [--mc-samples 20] [--seed 0] [--device auto|cpu|cuda] [--threshold 0.5] [--overwrite]
+
+Batch (one sub-folder per case id, plus ``batch_summary.json``)::
+
+    python -m StrokePredictorLib.predict --isles DIR [--clinical-csv clinical.csv] --out DIR
+
+Standard output carries ``PROGRESS <fraction> <message>`` lines while working and, last,
+``RESULT <path of summary.json>`` (``batch_summary.json`` in batch mode). An error prints one line
+``error: <message>`` on standard error and exits with status 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from StrokePredictorLib.errors import ClinicalValueError, OutputExistsError, StrokePredictorError
+
+logger = logging.getLogger(__name__)
+
+
+class _ArgumentError(StrokePredictorError):
+    """A command-line usage error."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _ArgumentError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m StrokePredictorLib.predict",
+        description="Predict the acute stroke lesion (probability, Monte-Carlo uncertainty, lesion volume with "
+                    "interval, clinical attention) from DWI, ADC, optional FLAIR and clinical values.",
+    )
+    inputs = parser.add_argument_group("single case")
+    inputs.add_argument("--dwi", help="DWI volume (b=1000 or b=800 trace); all outputs lie on its grid")
+    inputs.add_argument("--adc", help="ADC map (mm^2/s, 10^-3 or 10^-6 mm^2/s: detected)")
+    inputs.add_argument("--flair", help="optional FLAIR volume, on any grid (registered rigidly to the DWI)")
+    inputs.add_argument(
+        "--clinical", nargs="+", metavar="JSON_OR_KEY=VALUE",
+        help="clinical values: a JSON file, or name=value pairs (e.g. nihss=12 age=71 onset_to_imaging_h=unknown)",
+    )
+    batch = parser.add_argument_group("batch")
+    batch.add_argument("--isles", help="ISLES 2022 folder (Zenodo or challenge layout): predict every case")
+    batch.add_argument("--clinical-csv", help="clinical CSV with a case_id column and the schema's fields")
+    parser.add_argument("--bundle", help="model bundle folder (default: $STROKEPREDICTOR_BUNDLE or the bundled model)")
+    parser.add_argument("--out", required=True, help="output folder (batch: one sub-folder per case)")
+    parser.add_argument("--mc-samples", type=int, default=20, help="Monte-Carlo dropout samples (default 20)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the dropout masks (default 0)")
+    parser.add_argument("--deterministic", action="store_true", help="dropout off (zero Monte-Carlo spread)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda (default auto)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="lesion probability threshold (default 0.5)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--verbose", action="store_true", help="log details on standard error")
+    return parser
+
+
+def _progress(fraction: float, message: str) -> None:
+    print(f"PROGRESS {min(max(fraction, 0.0), 1.0):.3f} {message}", flush=True)
+
+
+def _clinical_from_args(items: Sequence[str] | None):  # -> ClinicalRecord | None
+    from StrokePredictorLib import clinical
+
+    if not items:
+        return None
+    if len(items) == 1 and "=" not in items[0]:
+        return clinical.read_json(items[0])
+    if any("=" not in item for item in items):
+        raise ClinicalValueError(
+            "--clinical takes either one JSON file or name=value pairs (e.g. nihss=12), not a mixture."
+        )
+    return clinical.parse_key_values(items)
+
+
+def _run_single(args: argparse.Namespace, predictor) -> Path:  # noqa: ANN001
+    from StrokePredictorLib.io import read_volume
+    from StrokePredictorLib.outputs import check_outputs_free, write_outputs
+
+    if not args.dwi or not args.adc:
+        raise _ArgumentError("--dwi and --adc are required for a single case (or use --isles for a batch).")
+    out = Path(args.out)
+    check_outputs_free(out, args.overwrite)
+    record = _clinical_from_args(args.clinical)
+    start = time.perf_counter()
+    _progress(0.0, "reading images")
+    dwi = read_volume(args.dwi, role="DWI")
+    adc = read_volume(args.adc, role="ADC")
+    flair = read_volume(args.flair, role="FLAIR") if args.flair else None
+    read_s = time.perf_counter() - start
+    prediction = predictor.predict(dwi, adc, flair, record, progress=lambda f, m: _progress(0.02 + 0.88 * f, m))
+    _progress(0.92, "writing outputs")
+    tick = time.perf_counter()
+    inputs = {"dwi": str(Path(args.dwi).resolve()), "adc": str(Path(args.adc).resolve()),
+              "flair": str(Path(args.flair).resolve()) if args.flair else None}
+    prediction.timings = {"read_s": read_s, **prediction.timings}
+    prediction.timings["total_s"] = time.perf_counter() - start
+    summary = write_outputs(prediction, out, dwi=dwi, bundle=predictor.bundle.describe(), inputs=inputs,
+                            overwrite=args.overwrite, title=Path(args.dwi).name)
+    logger.info("Outputs written in %.2f s.", time.perf_counter() - tick)
+    _progress(1.0, "done")
+    return summary
+
+
+def _run_batch(args: argparse.Namespace, predictor) -> tuple[Path, int]:  # noqa: ANN001
+    from tqdm import tqdm
+
+    from StrokePredictorLib import clinical
+    from StrokePredictorLib.io import discover_isles, read_volume, write_json
+    from StrokePredictorLib.outputs import check_outputs_free, write_outputs
+
+    if args.dwi or args.adc or args.flair or args.clinical:
+        raise _ArgumentError("--isles cannot be combined with --dwi, --adc, --flair or --clinical.")
+    cases = discover_isles(args.isles)
+    records = clinical.read_csv(args.clinical_csv) if args.clinical_csv else {}
+    out = Path(args.out)
+    batch_path = out / "batch_summary.json"
+    if batch_path.exists() and not args.overwrite:
+        raise OutputExistsError(f"{batch_path} exists already; pass --overwrite to replace it.")
+    for case in cases:
+        check_outputs_free(out / case.case_id, args.overwrite)
+    results: list[dict] = []
+    failures = 0
+    bar = tqdm(cases, desc="cases", unit="case", disable=not sys.stderr.isatty(), file=sys.stderr)
+    for number, case in enumerate(bar):
+        base = number / len(cases)
+
+        def report(f: float, m: str, base: float = base, case_id: str = case.case_id) -> None:
+            _progress(base + f / len(cases), f"{case_id}: {m}")
+
+        try:
+            record = records.get(case.case_id) or records.get(case.case_id.removeprefix("sub-"))
+            if record is None:
+                sidecar = {"age": case.age, "sex": case.sex}
+                record = clinical.validate({k: v for k, v in sidecar.items() if v is not None},
+                                           where=f"{case.case_id} sidecar: ")
+            dwi = read_volume(case.dwi, role="DWI")
+            adc = read_volume(case.adc, role="ADC")
+            flair = read_volume(case.flair, role="FLAIR") if case.flair else None
+            prediction = predictor.predict(dwi, adc, flair, record, progress=report)
+            inputs = {"case_id": case.case_id, "dwi": str(case.dwi), "adc": str(case.adc),
+                      "flair": str(case.flair) if case.flair else None}
+            summary = write_outputs(prediction, out / case.case_id, dwi=dwi, bundle=predictor.bundle.describe(),
+                                    inputs=inputs, overwrite=args.overwrite, title=case.case_id)
+            results.append({"case_id": case.case_id, "summary": str(summary), "error": None,
+                            "lesion_volume_ml": prediction.volume_ml})
+        except StrokePredictorError as error:
+            failures += 1
+            message = " ".join(str(error).split())
+            print(f"error: {case.case_id}: {message}", file=sys.stderr, flush=True)
+            results.append({"case_id": case.case_id, "summary": None, "error": message})
+    data = {"cases": results, "n_cases": len(cases), "n_failed": failures,
+            "bundle": predictor.bundle.describe(), "clinical_csv": args.clinical_csv}
+    write_json(data, batch_path, overwrite=args.overwrite)
+    _progress(1.0, "done")
+    return batch_path, failures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 success, 2 error)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help
+        return int(exit_.code or 0)
+    except StrokePredictorError as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+        return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from StrokePredictorLib.bundle import default_bundle_dir
+        from StrokePredictorLib.inference import Predictor
+
+        if not args.isles and args.clinical_csv:
+            raise _ArgumentError("--clinical-csv is for batch mode (--isles); use --clinical for a single case.")
+        predictor = Predictor(
+            args.bundle or default_bundle_dir("acute"), device=args.device, mc_samples=args.mc_samples,
+            seed=args.seed, threshold=args.threshold, deterministic=args.deterministic,
+        )
+        if args.isles:
+            result, failures = _run_batch(args, predictor)
+            print(f"RESULT {result}", flush=True)
+            return 2 if failures else 0
+        result = _run_single(args, predictor)
+        print(f"RESULT {result}", flush=True)
+        return 0
+    except StrokePredictorError as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+        return getattr(error, "exit_code", 2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

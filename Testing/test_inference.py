@@ -1,0 +1,96 @@
+"""Predictor: outputs on the DWI grid, Monte-Carlo sampling, seeds, deterministic mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from inference_phantom import write_case, write_tiny_bundle
+from scipy import ndimage
+
+from StrokePredictorLib.bundle import load_bundle
+from StrokePredictorLib.clinical import FEATURE_NAMES, validate
+from StrokePredictorLib.errors import StrokePredictorError
+from StrokePredictorLib.inference import Predictor, binary_entropy_bits
+from StrokePredictorLib.io import read_volume
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("inference")
+    paths = write_case(root / "case", flair=False)
+    bundle = load_bundle(write_tiny_bundle(root / "bundle", seed=1))
+    return {
+        "bundle": bundle,
+        "dwi": read_volume(paths["dwi"], role="DWI"),
+        "adc": read_volume(paths["adc"], role="ADC"),
+    }
+
+
+CLINICAL = validate({"age": 64, "sex": "M", "nihss": 9, "onset_to_imaging_h": 3.5, "treatment": "none"})
+
+
+def _predict(case: dict, **kwargs: object):
+    predictor = Predictor(case["bundle"], device="cpu", **kwargs)
+    return predictor.predict(case["dwi"], case["adc"], None, CLINICAL)
+
+
+def test_prediction_on_dwi_grid(case: dict) -> None:
+    result = _predict(case, mc_samples=12, seed=0)
+    shape = case["dwi"].array.shape
+    assert result.geometry.same_grid(case["dwi"].geometry)
+    for array in (result.probability, result.entropy, result.std, result.mask, result.spatial_attention):
+        assert array.shape == shape
+    for array in (result.probability, result.entropy, result.std, result.spatial_attention):
+        assert array.dtype == np.float32 and float(array.min()) >= 0.0
+    assert float(result.probability.max()) <= 1.0 and float(result.spatial_attention.max()) <= 1.0
+    assert result.mask.dtype == np.uint8
+    np.testing.assert_array_equal(result.mask, (result.probability >= 0.5).astype(np.uint8))
+    np.testing.assert_allclose(result.entropy, binary_entropy_bits(result.probability), atol=1e-6)
+    assert result.mask.any() and result.n_components >= 1
+    assert result.volume_ml["mask"] == pytest.approx(result.mask.sum() * case["dwi"].geometry.voxel_volume_ml)
+    assert result.samples_volume_ml.shape == (12,)
+    lo, hi = result.volume_ml["ci95"]
+    assert lo <= result.volume_ml["median"] <= hi
+    assert list(result.feature_attention) == list(FEATURE_NAMES)
+    assert sum(result.feature_attention.values()) == pytest.approx(1.0, abs=1e-9)
+    near_head = ndimage.binary_dilation(case["dwi"].array > 0, iterations=3)
+    assert result.probability[~near_head].max() == 0.0  # nothing outside the brain mask
+    assert {"network_s", "sampling_s", "resample_s", "total_s"} <= set(result.timings)
+
+
+def test_mc_samples_differ_and_are_reproducible(case: dict) -> None:
+    first = _predict(case, mc_samples=10, seed=5)
+    again = _predict(case, mc_samples=10, seed=5)
+    other = _predict(case, mc_samples=10, seed=6)
+    np.testing.assert_array_equal(first.probability, again.probability)
+    np.testing.assert_array_equal(first.samples_volume_ml, again.samples_volume_ml)
+    assert float(first.std.max()) > 0.01
+    assert len(np.unique(first.samples_volume_ml)) > 1
+    assert not np.array_equal(first.probability, other.probability)
+
+
+def test_deterministic_mode_has_zero_spread(case: dict) -> None:
+    result = _predict(case, mc_samples=8, deterministic=True)
+    assert float(np.abs(result.std).max()) == 0.0
+    assert np.all(result.samples_volume_ml == result.samples_volume_ml[0])
+    assert result.volume_ml["ci95"][0] == result.volume_ml["ci95"][1] == result.volume_ml["median"]
+
+
+def test_attention_follows_clinical_values(case: dict) -> None:
+    predictor = Predictor(case["bundle"], device="cpu", mc_samples=2)
+    first = predictor.predict(case["dwi"], case["adc"], None, CLINICAL)
+    changed = validate({**CLINICAL.to_dict(), "nihss": 30})
+    second = predictor.predict(case["dwi"], case["adc"], None, changed)
+    assert first.feature_attention["nihss"] != second.feature_attention["nihss"]
+    assert second.clinical["nihss"] == 30.0
+
+
+def test_bad_settings(case: dict, tmp_path: Path) -> None:
+    with pytest.raises(StrokePredictorError, match="at least 1"):
+        Predictor(case["bundle"], device="cpu", mc_samples=0)
+    with pytest.raises(StrokePredictorError, match="threshold"):
+        Predictor(case["bundle"], device="cpu", threshold=1.5)
+    with pytest.raises(StrokePredictorError, match="Unknown device"):
+        Predictor(case["bundle"], device="gpu0")

@@ -1,0 +1,150 @@
+"""StrokeNet: parameter counts, shapes, attention, FLAIR absence, Monte-Carlo tail."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from inference_phantom import tiny_config
+
+from StrokePredictorLib.clinical import encode, validate
+from StrokePredictorLib.network import NetworkConfig, StrokeNet, count_parameters
+
+
+def _inputs(shape: tuple[int, int, int], batch: int = 1, seed: int = 0, **clinical: object):
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.rand(batch, 3, *shape, generator=generator)
+    values, missing = encode(validate(clinical or {"age": 71, "nihss": 12, "sex": "F", "treatment": "thrombolysis"}))
+    values_t = torch.from_numpy(values)[None].repeat(batch, 1)
+    missing_t = torch.from_numpy(missing)[None].repeat(batch, 1)
+    return image, values_t, missing_t, torch.ones(batch, dtype=torch.bool)
+
+
+def test_parameter_counts_and_divisors() -> None:
+    base = StrokeNet(NetworkConfig.base())
+    lite = StrokeNet(NetworkConfig.lite())
+    assert 18.0e6 <= count_parameters(base) <= 19.0e6
+    assert 1.0e6 <= count_parameters(lite) <= 5.0e6
+    assert base.size_divisor == 32 and lite.size_divisor == 16
+    assert base.config.heads == 4 and base.config.fusion_dim == 256 and base.config.blocks == (2, 2, 2, 2)
+
+
+@pytest.mark.parametrize("preset, shape", [("base", (32, 64, 32)), ("lite", (32, 48, 16))])
+def test_output_shapes_and_attention(preset: str, shape: tuple[int, int, int]) -> None:
+    torch.manual_seed(0)
+    model = StrokeNet(getattr(NetworkConfig, preset)()).eval()
+    with torch.no_grad():
+        out = model(*_inputs(shape, batch=2))
+    assert set(out) == {"logits", "feature_attention", "spatial_attention"}
+    assert out["logits"].shape == (2, 1, *shape)
+    assert out["feature_attention"].shape == (2, 10)
+    assert out["spatial_attention"].shape == (2, 1, *shape)
+    torch.testing.assert_close(out["feature_attention"].sum(dim=1), torch.ones(2))
+    assert (out["feature_attention"] > 0).all()
+    spatial = out["spatial_attention"]
+    assert float(spatial.min()) >= 0.0 and float(spatial.amax(dim=(1, 2, 3, 4)).min()) == pytest.approx(1.0)
+
+
+def test_input_size_must_be_divisible() -> None:
+    model = StrokeNet(tiny_config())
+    image, values, missing, flair = _inputs((16, 20, 16))
+    with pytest.raises(ValueError, match="divisible by 8"):
+        model(image, values, missing, flair)
+
+
+def test_attention_changes_with_clinical_values_and_missingness() -> None:
+    torch.manual_seed(1)
+    model = StrokeNet(tiny_config()).eval()
+    image, values, missing, flair = _inputs((16, 24, 16))
+    with torch.no_grad():
+        reference = model(image, values, missing, flair)
+        changed = values.clone()
+        changed[0, 2] += 2.0  # NIHSS
+        other = model(image, changed, missing, flair)
+        now_missing = missing.clone()
+        now_missing[0, 0] = True  # age missing
+        dropped = model(image, values, now_missing, flair)
+    for result in (other, dropped):
+        assert not torch.allclose(result["feature_attention"], reference["feature_attention"])
+        torch.testing.assert_close(result["feature_attention"].sum(), torch.tensor(1.0))
+        assert not torch.allclose(result["logits"], reference["logits"])
+    # Categorical features use an embedding table: another category changes the attention too.
+    treatment = values.clone()
+    treatment[0, 9] = 2.0
+    with torch.no_grad():
+        other_category = model(image, treatment, missing, flair)
+    assert not torch.allclose(other_category["feature_attention"], reference["feature_attention"])
+
+
+def test_flair_absence_is_signalled() -> None:
+    torch.manual_seed(2)
+    model = StrokeNet(tiny_config()).eval()
+    image, values, missing, _ = _inputs((16, 16, 16))
+    image[:, 2] = 0.0
+    with torch.no_grad():
+        present = model(image, values, missing, torch.tensor([True]))["logits"]
+        absent = model(image, values, missing, torch.tensor([False]))["logits"]
+    assert not torch.allclose(present, absent)
+
+
+def test_imaging_only_ignores_clinical_values() -> None:
+    torch.manual_seed(3)
+    model = StrokeNet(tiny_config(imaging_only=True)).eval()
+    image, values, missing, flair = _inputs((16, 16, 16))
+    with torch.no_grad():
+        first = model(image, values, missing, flair)
+        second = model(image, values + 3.0, ~missing, flair)
+    torch.testing.assert_close(first["logits"], second["logits"])
+    torch.testing.assert_close(first["feature_attention"], torch.full((1, 10), 0.1))
+    assert float(first["spatial_attention"].abs().max()) == 0.0
+    assert model.clinical is None and model.fusion is None
+
+
+def test_config_round_trip_and_validation() -> None:
+    config = NetworkConfig.base(mc_dropout=0.3)
+    data = json.loads(json.dumps(config.to_dict()))
+    assert NetworkConfig.from_dict(data) == config
+    with pytest.raises(ValueError, match="unknown field"):
+        NetworkConfig.from_dict({**data, "width_multiplier": 2})
+    with pytest.raises(ValueError, match="decoder_widths"):
+        NetworkConfig.lite(decoder_widths=(8, 8))
+    with pytest.raises(ValueError, match="divisible by heads"):
+        NetworkConfig.lite(fusion_dim=30)
+
+
+def test_mc_tail_matches_head_and_is_seeded() -> None:
+    torch.manual_seed(4)
+    model = StrokeNet(tiny_config()).eval()
+    with torch.no_grad():
+        features = model.features(*_inputs((16, 16, 16)))["features"]
+        deterministic = model.head_logits(features)  # eval mode: dropout off
+        samples = model.sample_logits(features, 6, torch.Generator().manual_seed(0), deterministic=True)
+        torch.testing.assert_close(samples[0], deterministic[:, 0], rtol=1e-5, atol=1e-5)
+        assert float((samples - samples[0]).abs().max()) == 0.0
+        first = model.sample_logits(features, 6, torch.Generator().manual_seed(7))
+        again = model.sample_logits(features, 6, torch.Generator().manual_seed(7))
+        other = model.sample_logits(features, 6, torch.Generator().manual_seed(8))
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert not torch.allclose(first, other)
+    spread = first.flatten(1)
+    assert all(not torch.allclose(spread[0], spread[n]) for n in range(1, 6))
+    # The mean of many dropout samples approaches the deterministic logits (inverted dropout).
+    with torch.no_grad():
+        many = model.sample_logits(features, 4000, torch.Generator().manual_seed(1)).mean(dim=0)
+    error = (many - deterministic[:, 0]).abs().mean() / deterministic.abs().mean()
+    assert float(error) < 0.05
+
+
+def test_training_mode_uses_dropout_and_backpropagates() -> None:
+    torch.manual_seed(5)
+    model = StrokeNet(tiny_config(feature_dropout=0.5)).train()
+    inputs = _inputs((16, 16, 16), batch=2)
+    first = model(*inputs)["logits"]
+    second = model(*inputs)["logits"]
+    assert not torch.allclose(first, second)
+    first.mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert sum(int(g is not None and bool(torch.any(g != 0))) for g in grads) > 0.8 * len(grads)
+    assert np.isfinite(float(model.head.weight.grad.abs().sum()))
