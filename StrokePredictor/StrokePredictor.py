@@ -1,0 +1,662 @@
+"""StrokePredictor: acute ischemic stroke lesion prediction from DWI, ADC, optional FLAIR and
+clinical data, with Monte-Carlo-dropout uncertainty and attention weights.
+
+Module layout (Slicer's scripted-module template): Module, ParameterNode, Widget, Logic, Test.
+The Widget only binds the panel to the parameter node and calls the Logic. The Logic holds no
+Qt: it turns nodes into files, runs ``python -m StrokePredictorLib.predict`` in a background
+process through an injectable runner (``StrokePredictorSlicer.runner``) and turns the result
+files back into nodes (``StrokePredictorSlicer.scene``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+
+MODULE_DIR = Path(__file__).resolve().parent
+RESOURCES = MODULE_DIR / "Resources"
+MODELS_DIR = RESOURCES / "Models"
+SAMPLE_DATA_DIR = RESOURCES / "SampleData"
+
+# In a source checkout StrokePredictorLib lies beside the module folder; in an installed
+# extension it is packaged next to the module (see CMakeLists.txt).
+for _candidate in (MODULE_DIR, MODULE_DIR.parent):
+    if (_candidate / "StrokePredictorLib" / "__init__.py").is_file() and str(_candidate) not in sys.path:
+        sys.path.append(str(_candidate))
+        break
+
+from StrokePredictorSlicer import cli, scene  # noqa: E402
+from StrokePredictorSlicer.runner import ProcessHandle, ProcessRunner, SlicerProcessRunner  # noqa: E402
+
+from StrokePredictorLib import clinical  # noqa: E402 (light: numpy only)
+from StrokePredictorLib.errors import BundleError, StrokePredictorError  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+MODEL_CHOICES = ("acute", "outcome", "bundle folder")
+
+
+#
+# Module
+#
+class StrokePredictor(ScriptedLoadableModule):
+    """Module description shown in Slicer."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "Stroke Predictor"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["StrokePredictor contributors"]
+        self.parent.helpText = (
+            "Predicts the acute ischemic stroke lesion (or the final infarct) from DWI, ADC, optional FLAIR and "
+            "clinical data, with a Monte-Carlo-dropout uncertainty map, the lesion volume with a 95% interval, "
+            "and the attention weights of the clinical-imaging fusion network. Research use only."
+        )
+        self.parent.acknowledgementText = (
+            "Uses the ISLES 2022 data layout. Built on 3D Slicer, PyTorch and SimpleITK."
+        )
+        app = getattr(slicer, "app", None)
+        if app is not None and hasattr(app, "connect"):
+            app.connect("startupCompleted()", registerSampleData)
+
+
+def sampleDataFiles() -> dict[str, Path] | None:
+    """The bundled sample case: ``{"dwi", "adc", "flair"?, "clinical"?}`` or None when absent."""
+    if not SAMPLE_DATA_DIR.is_dir():
+        return None
+    found: dict[str, Path] = {}
+    for role, patterns in (("dwi", ("*dwi*.nii*", "*DWI*.nii*")), ("adc", ("*adc*.nii*", "*ADC*.nii*")),
+                           ("flair", ("*flair*.nii*", "*FLAIR*.nii*")), ("clinical", ("*clinical*.json",))):
+        for pattern in patterns:
+            hits = sorted(SAMPLE_DATA_DIR.glob(pattern))
+            if hits:
+                found[role] = hits[0]
+                break
+    return found if "dwi" in found and "adc" in found else None
+
+
+def registerSampleData():
+    """Add the bundled sample case to the Sample Data module (when it is installed)."""
+    files = sampleDataFiles()
+    if files is None:
+        return
+    import SampleData
+
+    volumes = [role for role in ("dwi", "adc", "flair") if role in files]
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="StrokePredictor",
+        sampleName="StrokePredictorSampleCase",
+        uris=[files[role].as_uri() for role in volumes],
+        fileNames=[files[role].name for role in volumes],
+        nodeNames=[f"StrokeSample_{role.upper()}" for role in volumes],
+        thumbnailFileName=str(RESOURCES / "Icons" / "StrokePredictor.png"),
+        loadFileType=["VolumeFile"] * len(volumes),
+    )
+
+
+#
+# Parameter node
+#
+@parameterNodeWrapper
+class StrokePredictorParameterNode:
+    """Settings and results of the module, saved with the scene.
+
+    dwi, adc, flair: input volumes (FLAIR optional).
+    clinicalJson: the clinical form as JSON ``{field: raw text}`` (empty or missing = unknown).
+    model: bundled model ("acute" lesion, "outcome" final infarct) or "bundle folder".
+    bundleFolder: a model bundle folder (used when model is "bundle folder").
+    device: "auto", "cpu" or "cuda". mcSamples: Monte-Carlo dropout samples. threshold: lesion threshold.
+    opacity, displayLayer: how the results are shown. The other fields are the last result's nodes.
+    """
+
+    dwi: vtkMRMLScalarVolumeNode
+    adc: vtkMRMLScalarVolumeNode
+    flair: vtkMRMLScalarVolumeNode
+    clinicalJson: str = "{}"
+    model: Annotated[str, Choice(list(MODEL_CHOICES))] = "acute"
+    bundleFolder: str = ""
+    device: Annotated[str, Choice(list(cli.DEVICES))] = "auto"
+    mcSamples: Annotated[int, WithinRange(1, 200)] = 20
+    threshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
+    opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
+    displayLayer: Annotated[str, Choice(["probability", "uncertainty", "attention"])] = "probability"
+    probability: vtkMRMLScalarVolumeNode
+    uncertainty: vtkMRMLScalarVolumeNode
+    attention: vtkMRMLScalarVolumeNode
+    segmentation: vtkMRMLSegmentationNode
+    statistics: vtkMRMLTableNode
+    featureTable: vtkMRMLTableNode
+
+
+#
+# Widget
+#
+class StrokePredictorWidget(ScriptedLoadableModuleWidget):
+    """The panel. Binds the .ui to the parameter node and calls the Logic; nothing else."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._fieldWidgets = {}
+        self._clinicalProblem = None
+
+    def setup(self) -> None:
+        import qt
+
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/StrokePredictor.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = StrokePredictorLogic()
+        self._buildClinicalForm()
+        self.ui.modelSelector.clear()
+        self.ui.modelSelector.addItems(list(MODEL_CHOICES))
+        self.ui.deviceSelector.clear()
+        self.ui.deviceSelector.addItems(list(cli.DEVICES))
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.bundlePathEdit.connect("currentPathChanged(QString)", self.onBundleFolderChanged)
+        for button, layer in ((self.ui.probabilityRadioButton, "probability"),
+                              (self.ui.uncertaintyRadioButton, "uncertainty"),
+                              (self.ui.attentionRadioButton, "attention")):
+            button.connect("toggled(bool)", lambda checked, layer=layer: checked and self.onDisplayLayer(layer))
+        self.ui.opacitySlider.connect("valueChanged(double)", lambda value: self.onDisplayLayer(None))
+        self.ui.progressBar.setVisible(False)
+        self.ui.cancelButton.setEnabled(False)
+        self.ui.resultsCollapsibleButton.collapsed = True
+        self._clinicalTimer = qt.QTimer()
+        self._clinicalTimer.setSingleShot(True)
+        self._clinicalTimer.setInterval(200)
+        self._clinicalTimer.connect("timeout()", self._onClinicalEdited)
+        self.initializeParameterNode()
+
+    def _buildClinicalForm(self) -> None:
+        """One row per schema feature, built from ``StrokePredictorLib.clinical.FEATURES`` so the
+        form can never drift from the schema: numbers in a line edit (empty = unknown), choices
+        in a combo box whose first item is the feature's "unknown" label."""
+        import qt
+
+        layout = qt.QFormLayout(self.ui.clinicalFormContainer)
+        layout.setContentsMargins(0, 0, 0, 0)
+        for feature in clinical.FEATURES:
+            tip = f"{feature.help} Valid: {feature.describe_range()}. Leave '{feature.missing_label}' if not known."
+            if feature.kind in ("binary", "categorical"):
+                widget = qt.QComboBox()
+                widget.addItem(feature.missing_label, "")
+                for category in feature.categories:
+                    widget.addItem(category, category)
+                widget.connect("currentIndexChanged(int)", lambda index: self._clinicalTimer.start())
+            else:
+                widget = qt.QLineEdit()
+                widget.setPlaceholderText(feature.missing_label)
+                widget.connect("textChanged(QString)", lambda text: self._clinicalTimer.start())
+            widget.setObjectName(f"clinical_{feature.name}")
+            widget.setToolTip(tip)
+            unit = f" ({feature.unit}, {feature.describe_range()})" if feature.unit else ""
+            layout.addRow(f"{feature.label}{unit}:", widget)
+            self._fieldWidgets[feature.name] = widget
+
+    def _clinicalRaw(self) -> dict[str, str]:
+        raw = {}
+        for name, widget in self._fieldWidgets.items():
+            if hasattr(widget, "currentIndex") and not hasattr(widget, "placeholderText"):
+                raw[name] = widget.itemData(widget.currentIndex) or ""
+            else:
+                raw[name] = widget.text.strip()
+        return raw
+
+    def _onClinicalEdited(self) -> None:
+        raw = self._clinicalRaw()
+        if self._parameterNode:
+            self._parameterNode.clinicalJson = json.dumps(raw)
+        self._updateValidation()
+
+    def _updateValidation(self) -> None:
+        """Highlight invalid clinical values (validated by the Lib's schema) and enable Apply
+        only when the inputs and values are usable, showing the reason otherwise."""
+        problems = []
+        raw = self._clinicalRaw()
+        for name, widget in self._fieldWidgets.items():
+            try:
+                clinical.validate({name: raw[name]})
+                widget.setStyleSheet("")
+            except StrokePredictorError as error:
+                widget.setStyleSheet("background-color: #ffd6d6")
+                problems.append(str(error))
+        p = self._parameterNode
+        if p is None or p.dwi is None or p.adc is None:
+            problems.insert(0, "Select the DWI and ADC volumes.")
+        elif p.model == "bundle folder" and not p.bundleFolder:
+            problems.insert(0, "Choose a model bundle folder.")
+        running = self._job is not None and self._job.running
+        self.ui.validationLabel.text = "\n".join(problems)
+        self.ui.validationLabel.setVisible(bool(problems))
+        self.ui.applyButton.enabled = not problems and not running
+        self.ui.applyButton.toolTip = "\n".join(problems) if problems else "Run the prediction."
+
+    def cleanup(self) -> None:
+        if self._job is not None and self._job.running:
+            self._job.cancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._job is not None and self._job.running:
+            self._job.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.dwi:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.dwi = first
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._restoreClinicalForm()
+            self.ui.bundlePathEdit.currentPath = self._parameterNode.bundleFolder
+            self._onParameterNodeModified()
+
+    def _restoreClinicalForm(self) -> None:
+        try:
+            raw = json.loads(self._parameterNode.clinicalJson or "{}")
+        except json.JSONDecodeError:
+            raw = {}
+        for name, widget in self._fieldWidgets.items():
+            value = str(raw.get(name, "") or "")
+            if hasattr(widget, "placeholderText"):
+                widget.text = value
+            else:
+                index = widget.findData(value)
+                widget.setCurrentIndex(max(index, 0))
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        self.ui.bundlePathEdit.setEnabled(p.model == "bundle folder")
+        self._updateValidation()
+
+    def onBundleFolderChanged(self, path: str) -> None:
+        if self._parameterNode:
+            self._parameterNode.bundleFolder = path
+
+    def onApplyButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Stroke prediction could not start.", waitCursor=True):
+            if not self._ensureDependencies():
+                return
+            p = self._parameterNode
+            bundle = self.logic.resolveBundle(p.model, p.bundleFolder)
+            self.ui.progressBar.setVisible(True)
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = "Starting..."
+            self._job = self.logic.startPrediction(
+                p.dwi, p.adc, p.flair, json.loads(p.clinicalJson or "{}"), bundle=bundle, device=p.device,
+                mcSamples=p.mcSamples, threshold=p.threshold, onProgress=self._onProgress,
+                onFinished=self._onFinished,
+            )
+            self.ui.cancelButton.setEnabled(True)
+            self._updateValidation()
+
+    def _ensureDependencies(self) -> bool:
+        from StrokePredictorSlicer import dependencies
+
+        absent = dependencies.missing()
+        if not absent:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(
+            "Stroke Predictor needs these Python packages, which are not installed yet:\n\n  "
+            + "\n  ".join(absent) + "\n\nInstall them now? (This can take several minutes.)",
+            "Install dependencies",
+        ):
+            self.ui.statusLabel.text = "Dependencies not installed; prediction not started."
+            return False
+        with slicer.util.WaitCursor():
+            dependencies.install(absent)
+        return True
+
+    def _onProgress(self, fraction: float, message: str) -> None:
+        self.ui.progressBar.value = int(round(100 * fraction))
+        self.ui.statusLabel.text = message
+
+    def _onFinished(self, job: PredictionJob) -> None:
+        self.ui.cancelButton.setEnabled(False)
+        self.ui.progressBar.setVisible(False)
+        self._updateValidation()
+        if job.state == "cancelled":
+            self.ui.statusLabel.text = "Cancelled; the scene was left as it was."
+            return
+        if job.state != "succeeded":
+            self.ui.statusLabel.text = "Prediction failed."
+            slicer.util.errorDisplay(f"Stroke prediction failed:\n\n{job.error}")
+            return
+        result = job.result
+        p = self._parameterNode
+        p.probability, p.uncertainty, p.attention = result.probability, result.uncertainty, result.attention
+        p.segmentation, p.statistics = result.segmentation, result.statistics_table
+        p.featureTable = result.feature_table
+        self.ui.statusLabel.text = "Done."
+        self._showResultText(result)
+        self.onDisplayLayer(p.displayLayer)
+        self.logic.showChart(result.feature_chart)
+
+    def _showResultText(self, result) -> None:
+        volume = result.summary.get("lesion_volume_ml", {})
+        ci = volume.get("ci95", [float("nan")] * 2)
+        self.ui.volumeValueLabel.text = (
+            f"{volume.get('mask', float('nan')):.1f} mL (MC median {volume.get('median', float('nan')):.1f}, "
+            f"95% interval {ci[0]:.1f}-{ci[1]:.1f} mL), {result.summary.get('n_components', 0)} component(s)"
+        )
+        uncertainty = result.summary.get("mean_uncertainty_in_lesion", float("nan"))
+        self.ui.uncertaintyValueLabel.text = f"{uncertainty:.3f} bits"
+        top = sorted(result.features, key=lambda f: -float(f["weight"]))[:3]
+        self.ui.featuresValueLabel.text = ", ".join(
+            f"{f.get('label', f['name'])} {float(f['weight']):.2f}" for f in top)
+        self.ui.resultsCollapsibleButton.collapsed = False
+
+    def onDisplayLayer(self, layer: str | None) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        if layer is not None:
+            p.displayLayer = layer
+        overlay = {"probability": p.probability, "uncertainty": p.uncertainty, "attention": p.attention}[p.displayLayer]
+        if overlay is not None:
+            scene.show_layer(p.dwi, overlay, p.opacity, p.segmentation)
+
+    def onCancelButton(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+
+
+#
+# Logic
+#
+def pythonExecutable() -> str:
+    """Slicer's Python (``PythonSlicer``) when running in Slicer, else this interpreter."""
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+class PredictionJob:
+    """One running prediction: progress, cancel, and the result nodes once finished.
+
+    ``state`` is ``running``, ``succeeded``, ``failed`` or ``cancelled``. Result nodes are added
+    to the scene only when the process has succeeded, all at once; a failed or cancelled job
+    leaves the scene unchanged. The temporary folder is removed when the job ends.
+    """
+
+    def __init__(self, dwi, workdir: Path, onProgress=None, onFinished=None) -> None:
+        self.dwi = dwi
+        self.workdir = workdir
+        self.state = "running"
+        self.fraction = 0.0
+        self.message = ""
+        self.error: str | None = None
+        self.result: scene.ResultNodes | None = None
+        self.log: list[str] = []
+        self._summary: Path | None = None
+        self._errorLine: str | None = None
+        self._cancelled = False
+        self._onProgress = onProgress
+        self._onFinished = onFinished
+        self.handle: ProcessHandle | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    def cancel(self) -> None:
+        """Kill the process; the scene stays as it was."""
+        if self.running and self.handle is not None:
+            self._cancelled = True
+            self.handle.cancel()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Process the job's events until it ends (or ``timeout`` s); True when it ended."""
+        return self.handle.wait(timeout) if self.handle is not None else True
+
+    def onLine(self, line: str) -> None:
+        parsed = cli.parse_line(line)
+        if parsed.kind == "progress":
+            self.fraction, self.message = float(parsed.fraction), parsed.text
+            if self._onProgress is not None:
+                self._onProgress(self.fraction, self.message)
+        elif parsed.kind == "result":
+            self._summary = Path(parsed.text)
+        elif parsed.kind == "error":
+            self._errorLine = parsed.text
+        else:
+            self.log = (self.log + [line])[-50:]
+            logger.debug("predict: %s", line)
+
+    def onProcessFinished(self, code: int) -> None:
+        try:
+            if self._cancelled:
+                self.state = "cancelled"
+            elif code != 0 or self._summary is None:
+                self.state = "failed"
+                self.error = self._errorLine or (
+                    f"The prediction process stopped with exit code {code}. Last output:\n" + "\n".join(self.log[-10:])
+                )
+            else:
+                self.result = scene.create_result_nodes(self._summary, self.dwi)
+                self.state = "succeeded"
+        except StrokePredictorError as error:
+            self.state, self.error = "failed", str(error)
+        except Exception as error:  # noqa: BLE001 - reported to the user, scene already rolled back
+            logger.exception("Loading the prediction failed")
+            self.state, self.error = "failed", f"Loading the prediction into the scene failed: {error}"
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            if self._onFinished is not None:
+                self._onFinished(self)
+
+
+class StrokePredictorLogic(ScriptedLoadableModuleLogic):
+    """Everything that should be possible in batch mode: no Qt here.
+
+    Args:
+        runner: starts the prediction process (default: Slicer's ``launchConsoleProcess``;
+            tests pass ``StrokePredictorSlicer.runner.SubprocessRunner()``).
+        python: the interpreter that runs ``StrokePredictorLib.predict`` (default: PythonSlicer).
+    """
+
+    def __init__(self, runner: ProcessRunner | None = None, python: str | None = None) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.runner = runner if runner is not None else SlicerProcessRunner()
+        self.python = python or pythonExecutable()
+
+    def getParameterNode(self):
+        return StrokePredictorParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def resolveBundle(model: str = "acute", folder: str | os.PathLike | None = None) -> Path:
+        """The bundle folder for a model choice ("acute", "outcome" or "bundle folder").
+
+        Raises:
+            BundleError: the folder has no model.json.
+        """
+        if model == "bundle folder":
+            if not folder:
+                raise BundleError("Choose a model bundle folder (it contains model.json and weights.safetensors).")
+            path = Path(folder)
+        elif model in ("acute", "outcome"):
+            path = MODELS_DIR / model
+        else:
+            raise BundleError(f"Unknown model choice '{model}'; expected one of {', '.join(MODEL_CHOICES)}.")
+        if not (path / "model.json").is_file():
+            which = f"The bundled '{model}' model" if model != "bundle folder" else f"The folder {path}"
+            raise BundleError(f"{which} is not a model bundle: {path / 'model.json'} is missing.")
+        return path
+
+    def startPrediction(
+        self,
+        dwi,
+        adc,
+        flair=None,
+        clinicalValues: Mapping[str, Any] | clinical.ClinicalRecord | None = None,
+        *,
+        bundle: str | os.PathLike,
+        device: str = "auto",
+        mcSamples: int = 20,
+        threshold: float = 0.5,
+        seed: int = 0,
+        onProgress: Callable[[float, str], None] | None = None,
+        onFinished: Callable[[PredictionJob], None] | None = None,
+    ) -> PredictionJob:
+        """Check the inputs, write them to a temporary folder and start the prediction process.
+
+        Returns at once; the job reports progress through ``onProgress(fraction, message)`` and
+        calls ``onFinished(job)`` when it has ended (see :class:`PredictionJob`).
+
+        Raises:
+            StrokePredictorError: missing or unusable inputs, invalid clinical values or a bad
+                bundle; nothing is written to the scene.
+        """
+        scene.check_input_nodes(dwi, adc, flair)
+        if isinstance(clinicalValues, clinical.ClinicalRecord):
+            record = clinicalValues
+        else:
+            record = clinical.validate(dict(clinicalValues or {}))
+        bundle = Path(bundle)
+        if not (bundle / "model.json").is_file():
+            raise BundleError(f"{bundle} is not a model bundle: model.json is missing.")
+        if device not in cli.DEVICES:
+            raise ValueError(f"device must be one of {cli.DEVICES}")
+        workdir = Path(tempfile.mkdtemp(prefix="StrokePredictor-"))
+        try:
+            paths = {"dwi": scene.write_node(dwi, workdir / "dwi.nii", "DWI"),
+                     "adc": scene.write_node(adc, workdir / "adc.nii", "ADC")}
+            if flair is not None:
+                paths["flair"] = scene.write_node(flair, workdir / "flair.nii", "FLAIR")
+            clinical_path = workdir / "clinical.json"
+            clinical_path.write_text(json.dumps(record.to_dict()))
+            args = cli.build_arguments(
+                self.python, dwi=paths["dwi"], adc=paths["adc"], flair=paths.get("flair"), clinical=clinical_path,
+                bundle=bundle, out=workdir / "out", mc_samples=mcSamples, seed=seed, device=device,
+                threshold=threshold,
+            )
+            job = PredictionJob(dwi, workdir, onProgress, onFinished)
+            job.handle = self.runner.start(args, env=self._environment(), cwd=str(workdir), on_line=job.onLine,
+                                           on_finished=job.onProcessFinished)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return job
+
+    def predict(self, dwi, adc, flair=None, clinicalValues=None, *, timeout: float | None = None, **kwargs):
+        """Run a prediction and wait for it (batch use and tests).
+
+        Returns:
+            StrokePredictorSlicer.scene.ResultNodes
+        Raises:
+            StrokePredictorError: bad inputs or a failed prediction (the scene is unchanged).
+        """
+        job = self.startPrediction(dwi, adc, flair, clinicalValues, **kwargs)
+        if not job.wait(timeout):
+            job.cancel()
+            job.wait()
+            raise StrokePredictorError(f"The prediction did not finish within {timeout:g} s and was cancelled.")
+        if job.state != "succeeded":
+            raise StrokePredictorError(job.error or f"The prediction ended as {job.state}.")
+        return job.result
+
+    @staticmethod
+    def _environment() -> dict[str, str]:
+        import StrokePredictorLib
+
+        lib_parent = str(Path(StrokePredictorLib.__file__).resolve().parents[1])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([lib_parent, *filter(None, [env.get("PYTHONPATH")])])
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    @staticmethod
+    def showChart(chart) -> None:
+        """Show a plot chart in the layout's plot view (when there is a layout)."""
+        plots = getattr(getattr(slicer, "modules", None), "plots", None)
+        if plots is not None and chart is not None:
+            plots.logic().ShowChartInLayout(chart)
+
+
+#
+# Test
+#
+class StrokePredictorTest(ScriptedLoadableModuleTest):
+    """Self-test: runs the Logic end to end on the bundled sample case (never skipped)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_EndToEnd()
+
+    def test_EndToEnd(self):
+        import numpy as np
+
+        files = sampleDataFiles()
+        if files is None:
+            raise AssertionError(f"The sample case is missing from {SAMPLE_DATA_DIR} (need *dwi*.nii* and *adc*.nii*).")
+        self.delayDisplay("Loading the sample case")
+        dwi = slicer.util.loadVolume(str(files["dwi"]))
+        adc = slicer.util.loadVolume(str(files["adc"]))
+        flair = slicer.util.loadVolume(str(files["flair"])) if "flair" in files else None
+        values = json.loads(files["clinical"].read_text()) if "clinical" in files else {}
+        logic = StrokePredictorLogic()
+        self.delayDisplay("Predicting (5 Monte-Carlo samples)")
+        result = logic.predict(dwi, adc, flair, values, bundle=logic.resolveBundle("acute"), mcSamples=5,
+                               timeout=600)
+        for node in (result.probability, result.uncertainty, result.attention):
+            self.assertEqual(node.GetImageData().GetDimensions(), dwi.GetImageData().GetDimensions())
+        probability = slicer.util.arrayFromVolume(result.probability)
+        self.assertTrue(0.0 <= float(probability.min()) and float(probability.max()) <= 1.0)
+        weights = slicer.util.arrayFromTableColumn(result.feature_table, "Weight")
+        self.assertAlmostEqual(float(np.sum(weights)), 1.0, places=4)
+        segment = result.segmentation.GetSegmentation().GetNthSegment(0)
+        self.assertEqual(segment.GetName(), scene.SEGMENTATION_NODE_NAME)
+        self.assertGreaterEqual(result.summary["lesion_volume_ml"]["mask"], 0.0)
+        self.delayDisplay("Test passed")

@@ -1,0 +1,76 @@
+"""The module's Qt Designer file matches what the module looks up, and the clinical form is
+built from the schema."""
+
+from __future__ import annotations
+
+import ast
+import re
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+UI = REPO / "StrokePredictor" / "Resources" / "UI" / "StrokePredictor.ui"
+MODULE = REPO / "StrokePredictor" / "StrokePredictor.py"
+
+
+def _widgets() -> dict[str, ElementTree.Element]:
+    root = ElementTree.parse(UI).getroot()
+    return {w.get("name"): w for w in root.iter("widget") if w.get("name")}
+
+
+def _parameter_fields() -> set[str]:
+    tree = ast.parse(MODULE.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "StrokePredictorParameterNode":
+            assert any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list)
+            return {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
+    raise AssertionError("StrokePredictorParameterNode not found")
+
+
+def test_every_widget_the_module_uses_exists():
+    used = set(re.findall(r"self\.ui\.([A-Za-z_]\w*)", MODULE.read_text()))
+    assert len(used) >= 15
+    missing = used - set(_widgets())
+    assert missing == set(), f"widgets used by the module but absent from the .ui: {sorted(missing)}"
+
+
+def test_parameter_bindings_name_real_parameters():
+    fields = _parameter_fields()
+    bound = {}
+    for name, widget in _widgets().items():
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[name] = prop.find("string").text
+    assert set(bound.values()) <= fields, set(bound.values()) - fields
+    assert {"dwi", "adc", "flair", "device", "mcSamples", "threshold", "model", "opacity"} <= set(bound.values())
+    assert {"clinicalJson", "bundleFolder", "probability", "segmentation"} <= fields
+
+
+def test_panel_sections_and_widget_types():
+    widgets = _widgets()
+    kinds = {name: w.get("class") for name, w in widgets.items()}
+    for name in ("dwiSelector", "adcSelector", "flairSelector"):
+        assert kinds[name] == "qMRMLNodeComboBox"
+        types_ = [s.text for s in widgets[name].iter("string")]
+        assert "vtkMRMLScalarVolumeNode" in types_
+    none_enabled = {n: [p.find("bool").text for p in widgets[n].findall("property") if p.get("name") == "noneEnabled"]
+                    for n in ("adcSelector", "flairSelector")}
+    assert none_enabled == {"adcSelector": ["false"], "flairSelector": ["true"]}  # only FLAIR is optional
+    assert kinds["clinicalFormContainer"] == "QWidget"
+    assert kinds["applyButton"] == kinds["cancelButton"] == "QPushButton"
+    assert kinds["progressBar"] == "QProgressBar" and kinds["bundlePathEdit"] == "ctkPathLineEdit"
+    for name in ("inputsCollapsibleButton", "clinicalCollapsibleButton", "modelCollapsibleButton",
+                 "resultsCollapsibleButton"):
+        assert kinds[name] == "ctkCollapsibleButton"
+
+
+def test_clinical_form_is_built_from_the_schema():
+    """The form iterates clinical.FEATURES and validates with clinical.validate (no copy of the
+    schema in the module: no feature name appears as a literal)."""
+    from StrokePredictorLib import clinical
+
+    source = MODULE.read_text()
+    assert "for feature in clinical.FEATURES" in source and "clinical.validate(" in source
+    for feature in clinical.FEATURES:
+        assert f'"{feature.name}"' not in source, feature.name
+    assert all(feature.missing_label for feature in clinical.FEATURES)
