@@ -124,10 +124,14 @@ def make_parser(cls: type, description: str, prog: str | None = None) -> argpars
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
-        else:
+        elif typing.get_origin(base) in (tuple, list):
             shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else default
             parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                help=f"{help_text} (default: {shown})")
+                                action="append",
+                                help=f"{help_text}; comma-separated or repeated (default: {shown})")
+        else:
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                help=f"{help_text} (default: {default})")
     return parser
 
 
@@ -139,6 +143,10 @@ def parse(cls: type[T], argv: list[str], description: str, prog: str | None = No
     config_file = namespace.pop("config", None)
     if config_file:
         values.update(load_file(config_file))
+    for name, value in namespace.items():
+        if isinstance(value, list):  # repeated flag of a tuple/list field: each may hold commas
+            items = [item for entry in value for item in str(entry).split(",") if item != ""]
+            namespace[name] = items[0] if len(items) == 1 and items[0].lower() in ("none", "null") else items
     values.update(namespace)
     return build(cls, values, source=f"config file {config_file}" if config_file else "command line")
 

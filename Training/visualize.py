@@ -1,0 +1,218 @@
+"""``python -m Training visualize --run RUN | --eval EVAL_DIR --out DIR``: PNG figures (matplotlib Agg).
+
+* ``--run RUN``: ``training_curves.png`` from ``RUN/log.csv`` (losses, validation Dice, learning rate).
+* ``--eval EVAL_DIR`` (from ``python -m Training evaluate`` with predictions saved):
+  ``reliability_<label>.png`` (reliability diagram with the bin counts, pooled over the cases),
+  ``overlay_<label>_<case>.png`` (DWI with ground-truth contour, prediction and baseline, and the
+  uncertainty, on the slice with the most lesion), ``attention_<label>.png`` (mean feature
+  attention over the cases, with the sd).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from StrokePredictorLib.errors import OutputExistsError, StrokePredictorError
+from StrokePredictorLib.io import atomic_path, read_volume
+from Training import config as config_mod
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VisualizeConfig:
+    """Options of ``python -m Training visualize``."""
+
+    run: Path | None = field(default=None, metadata={"help": "training run folder (log.csv)"})
+    eval: Path | None = field(default=None, metadata={"help": "evaluation folder (python -m Training evaluate)"})
+    out: Path | None = field(default=None, metadata={"help": "folder for the PNG figures (required)"})
+    max_cases: int = field(default=6, metadata={"help": "overlays for at most this many cases per data set"})
+    dpi: int = field(default=110, metadata={"help": "resolution of the PNG files"})
+    overwrite: bool = field(default=False, metadata={"help": "replace existing figures"})
+
+
+def _pyplot():  # noqa: ANN202 - matplotlib module
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure: object, path: Path, dpi: int, overwrite: bool) -> Path:
+    plt = _pyplot()
+    with atomic_path(path, overwrite) as temporary:
+        figure.savefig(temporary, dpi=dpi, format="png", bbox_inches="tight")  # type: ignore[attr-defined]
+    plt.close(figure)
+    return path
+
+
+def training_curves(run: Path, out: Path, *, dpi: int = 110, overwrite: bool = False) -> Path:
+    """Plot ``RUN/log.csv``: train/val loss, validation Dice and the learning rate against the step."""
+    log = Path(run) / "log.csv"
+    if not log.is_file():
+        raise StrokePredictorError(f"Run {run} has no log.csv (is it a python -m Training train run folder?).")
+    with log.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise StrokePredictorError(f"{log} has no logged epoch yet.")
+
+    def column(name: str) -> np.ndarray:
+        return np.array([float(r[name]) if r.get(name) not in (None, "") else np.nan for r in rows])
+
+    plt = _pyplot()
+    step = column("step")
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(step, column("train_loss"), label="train loss")
+    axes[0].plot(step, column("val_loss"), label="validation loss")
+    axes[0].set_xlabel("step")
+    axes[0].legend()
+    axes[1].plot(step, column("val_dice"), marker="o", label="validation Dice")
+    axes[1].plot(step, column("best_val_dice"), linestyle="--", label="best")
+    axes[1].set_ylim(0, 1)
+    axes[1].set_xlabel("step")
+    axes[1].legend()
+    axes[2].plot(step, column("lr"))
+    axes[2].set_xlabel("step")
+    axes[2].set_ylabel("learning rate")
+    figure.suptitle(f"Training run {Path(run).name}")
+    return _save(figure, Path(out) / "training_curves.png", dpi, overwrite)
+
+
+def reliability_diagram(reliability: dict, path: Path, *, title: str, dpi: int = 110, overwrite: bool = False) -> Path:
+    """Plot a reliability diagram from :meth:`Training.metrics.ReliabilityBins.to_dict` data."""
+    plt = _pyplot()
+    edges = np.asarray(reliability["edges"])
+    centers = (edges[:-1] + edges[1:]) / 2
+    width = np.diff(edges)
+    fraction = np.array([np.nan if v is None else v for v in reliability["fraction_positive"]], dtype=float)
+    mean_p = np.array([np.nan if v is None else v for v in reliability["mean_probability"]], dtype=float)
+    counts = np.asarray(reliability["counts"], dtype=float)
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.bar(centers, np.nan_to_num(fraction), width=width, edgecolor="k", alpha=0.7, label="observed lesion fraction")
+    top.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    top.plot(mean_p, fraction, "ro", markersize=3, label="mean probability in bin")
+    top.set_ylabel("fraction of lesion voxels")
+    top.set_title(title)
+    top.legend(loc="upper left", fontsize=8)
+    bottom.bar(centers, np.maximum(counts, 1), width=width, log=True, color="grey")
+    bottom.set_xlabel("predicted probability")
+    bottom.set_ylabel("voxels")
+    return _save(figure, path, dpi, overwrite)
+
+
+def _contour(ax: object, mask: np.ndarray, colour: str) -> None:
+    if mask.any() and not mask.all():
+        ax.contour(mask.astype(float), levels=[0.5], colors=colour, linewidths=1.0)  # type: ignore[attr-defined]
+
+
+def case_overlay(folder: Path, path: Path, *, title: str, dpi: int = 110, overwrite: bool = False) -> Path:
+    """Overlay figure of one evaluated case (a ``predictions/<label>/<case>`` folder)."""
+    info = json.loads((folder / "case.json").read_text())
+    dwi = read_volume(info["dwi"], role="DWI").array
+    truth = read_volume(info["truth"], role="ground truth").array > 0.5
+    probability = read_volume(folder / "probability.nii.gz").array
+    entropy = read_volume(folder / "entropy.nii.gz").array
+    lesion = read_volume(folder / "lesion.nii.gz").array > 0.5
+    baseline = read_volume(folder / "baseline.nii.gz").array > 0.5 if (folder / "baseline.nii.gz").is_file() else None
+    per_slice = truth.sum(axis=(1, 2)) + lesion.sum(axis=(1, 2))
+    k = int(np.argmax(per_slice)) if per_slice.any() else dwi.shape[0] // 2
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+    background = np.flipud(dwi[k])  # [j, i]: show with anterior/superior up
+    for ax in axes:
+        ax.imshow(background, cmap="gray")
+        ax.axis("off")
+    axes[0].set_title("DWI, ground truth (green)")
+    _contour(axes[0], np.flipud(truth[k]), "lime")
+    axes[1].imshow(np.ma.masked_less(np.flipud(probability[k]), 0.05), cmap="hot", vmin=0, vmax=1, alpha=0.6)
+    _contour(axes[1], np.flipud(truth[k]), "lime")
+    _contour(axes[1], np.flipud(lesion[k]), "cyan")
+    if baseline is not None:
+        _contour(axes[1], np.flipud(baseline[k]), "magenta")
+    axes[1].set_title("probability; prediction (cyan), rule (magenta)")
+    shown = axes[2].imshow(np.ma.masked_less(np.flipud(entropy[k]), 0.02), cmap="viridis", vmin=0, vmax=1, alpha=0.7)
+    _contour(axes[2], np.flipud(truth[k]), "lime")
+    axes[2].set_title("uncertainty (entropy, bits)")
+    figure.colorbar(shown, ax=axes[2], fraction=0.046)
+    figure.suptitle(f"{title} (slice k={k})")
+    return _save(figure, path, dpi, overwrite)
+
+
+def attention_chart(weights: dict[str, list[float]], path: Path, *, title: str, dpi: int = 110,
+                    overwrite: bool = False) -> Path:
+    """Bar chart of the mean (and sd) feature attention over cases: ``{feature: [weight per case]}``."""
+    plt = _pyplot()
+    names = list(weights)
+    means = [float(np.mean(weights[n])) for n in names]
+    sds = [float(np.std(weights[n])) for n in names]
+    figure, ax = plt.subplots(figsize=(7, 3.8))
+    ax.bar(range(len(names)), means, yerr=sds, capsize=3, color="steelblue")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=40, ha="right")
+    ax.set_ylabel("attention weight")
+    ax.axhline(1 / max(len(names), 1), color="grey", linestyle="--", linewidth=0.8, label="uniform")
+    ax.legend()
+    ax.set_title(title)
+    return _save(figure, path, dpi, overwrite)
+
+
+def evaluation_figures(evaluation: Path, out: Path, *, max_cases: int = 6, dpi: int = 110,
+                       overwrite: bool = False) -> list[Path]:
+    """All figures of an evaluation folder; returns the written paths."""
+    summary_path = Path(evaluation) / "summary.json"
+    if not summary_path.is_file():
+        raise StrokePredictorError(f"{evaluation} has no summary.json (run python -m Training evaluate first).")
+    summary = json.loads(summary_path.read_text())
+    written: list[Path] = []
+    for label, per_method in summary["datasets"].items():
+        model = per_method.get("model", {})
+        if "reliability" in model:
+            ece = model.get("pooled_ece", math.nan)
+            written.append(reliability_diagram(model["reliability"], Path(out) / f"reliability_{label}.png",
+                                               title=f"{label}: ECE {ece:.4f}", dpi=dpi, overwrite=overwrite))
+        folders = sorted(p for p in (Path(evaluation) / "predictions" / label).glob("*") if (p / "case.json").is_file())
+        weights: dict[str, list[float]] = {}
+        for index, folder in enumerate(folders):
+            info = json.loads((folder / "case.json").read_text())
+            for name, weight in info.get("feature_attention", {}).items():
+                weights.setdefault(name, []).append(float(weight))
+            if index < max_cases:
+                written.append(case_overlay(folder, Path(out) / f"overlay_{label}_{folder.name}.png",
+                                            title=f"{label} / {folder.name}", dpi=dpi, overwrite=overwrite))
+        if weights:
+            written.append(attention_chart(weights, Path(out) / f"attention_{label}.png",
+                                           title=f"{label}: clinical feature attention ({len(folders)} cases)",
+                                           dpi=dpi, overwrite=overwrite))
+    return written
+
+
+def run(config: VisualizeConfig) -> list[Path]:
+    if config.out is None or (config.run is None and config.eval is None):
+        raise StrokePredictorError("Give --out and at least one of --run RUN or --eval EVAL_DIR.")
+    out = Path(config.out)
+    if out.is_dir() and any(out.glob("*.png")) and not config.overwrite:
+        raise OutputExistsError(f"{out} holds figures already; pass --overwrite to replace them.")
+    written: list[Path] = []
+    if config.run is not None:
+        written.append(training_curves(config.run, out, dpi=config.dpi, overwrite=config.overwrite))
+    if config.eval is not None:
+        written += evaluation_figures(config.eval, out, max_cases=config.max_cases, dpi=config.dpi,
+                                      overwrite=config.overwrite)
+    config_mod.save(config, out / "visualize_config.json")
+    logger.info("Wrote %d figure(s) to %s", len(written), out)
+    return written
+
+
+def main(argv: list[str]) -> int:
+    config = config_mod.parse(VisualizeConfig, argv, __doc__.split("\n")[0], prog="python -m Training visualize")
+    run(config)
+    return 0
