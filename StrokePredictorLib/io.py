@@ -218,51 +218,81 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def _nifti_geometry(path: Path, size: tuple[int, int, int]) -> tuple[Geometry, str] | None:
+def _nifti_geometry(header: object, size: tuple[int, int, int], name: str) -> Geometry | None:
     """Geometry from a NIfTI header following Slicer's rule (qform first), or None if the
-    header has neither form coded. Returns the geometry and which form was used."""
-    import nibabel as nib
-
-    header = nib.load(str(path)).header
-    qform, qcode = header.get_qform(coded=True)
-    sform, scode = header.get_sform(coded=True)
+    header has neither form coded (or only a sheared sform)."""
+    qform, qcode = header.get_qform(coded=True)  # type: ignore[attr-defined]
+    sform, scode = header.get_sform(coded=True)  # type: ignore[attr-defined]
     if qform is not None and int(qcode) > 0:
         if sform is not None and int(scode) > 0 and not np.allclose(qform, sform, atol=1e-4):
-            logger.info("%s: qform and sform differ; using the qform, as 3D Slicer does.", path.name)
-        return Geometry.from_ijk_to_ras(qform, size), "qform"
+            logger.info("%s: qform and sform differ; using the qform, as 3D Slicer does.", name)
+        return Geometry.from_ijk_to_ras(qform, size)
     if sform is not None and int(scode) > 0:
         try:
-            return Geometry.from_ijk_to_ras(sform, size), "sform"
+            return Geometry.from_ijk_to_ras(sform, size)
         except ValueError:
             return None
     return None
 
 
-def _check_nifti_complete(path: Path, role: str) -> None:
-    """Refuse a truncated NIfTI file. ITK may silently zero-fill a truncated gzip stream, so
-    the size is checked against the header: the gzip trailer stores the uncompressed size."""
+def _check_dimensions(shape: tuple[int, ...], path: Path, role: str) -> None:
+    if len(shape) == 4 and shape[3] > 1:
+        raise InputImageError(
+            f"{role} file {path} is 4-D ({shape[3]} volumes). Pass a single 3-D volume: for DWI the "
+            "b=1000 (or b=800) trace image, for ADC the computed ADC map (extract it, e.g. with "
+            "'fslroi' or Slicer's 'Multivolume' export)."
+        )
+    if len(shape) not in (3, 4):
+        raise InputImageError(f"{role} file {path} is {len(shape)}-D; a 3-D volume is expected.")
+    if min(shape[:3]) < 2:
+        raise InputImageError(f"{role} file {path} has size {tuple(shape[:3])}; it is a 2-D slice, not a 3-D volume.")
+
+
+def _read_nifti(path: Path, role: str, dtype: type) -> Volume:
+    """NIfTI through nibabel: it keeps NaN voxels (so they can be refused), applies the scaling
+    slope, and gives both header forms. A truncated file is refused: the gzip trailer stores the
+    uncompressed size, which must match the header's."""
     import nibabel as nib
 
     try:
         image = nib.load(str(path))
     except Exception as error:  # noqa: BLE001 - any header failure means an unreadable file
-        raise InputImageError(f"{role} file {path} could not be read (not a valid NIfTI header): {error}") from None
+        raise InputImageError(f"{role} file {path} could not be read (not a valid NIfTI file): {error}") from None
     header = image.header
-    offset = int(image.dataobj.offset)
-    expected = offset + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    if header.get_data_dtype().names is not None:
+        raise InputImageError(f"{role} file {path} has vector voxels; a scalar 3-D image is expected.")
+    expected = int(image.dataobj.offset) + int(np.prod(image.shape)) * header.get_data_dtype().itemsize
     if path.name.lower().endswith(".gz"):
         with path.open("rb") as handle:
             handle.seek(-4, os.SEEK_END)
-            stored = int.from_bytes(handle.read(4), "little")
-        complete = stored == expected % 2**32
+            complete = int.from_bytes(handle.read(4), "little") == expected % 2**32
     else:
         complete = path.stat().st_size >= expected
     if not complete:
         raise InputImageError(f"{role} file {path} could not be read: the file is truncated (incomplete download?).")
+    _check_dimensions(tuple(image.shape), path, role)
+    try:
+        data = np.asarray(image.dataobj, dtype=dtype)
+    except Exception as error:  # noqa: BLE001 - zlib/EOF errors of a damaged file
+        raise InputImageError(f"{role} file {path} could not be decoded (damaged file?): {error}") from None
+    if data.ndim == 4:
+        data = data[..., 0]
+    size = tuple(int(n) for n in data.shape)
+    geometry = _nifti_geometry(header, size, path.name)  # type: ignore[arg-type]
+    if geometry is None:  # no coded form: ITK's interpretation of the header
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        geometry = Geometry(size, reader.GetSpacing()[:3], reader.GetOrigin()[:3],
+                            np.asarray(reader.GetDirection()).reshape(reader.GetDimension(), -1)[:3, :3].ravel())
+    return Volume(np.ascontiguousarray(data.transpose(2, 1, 0)), geometry, path)
 
 
 def read_volume(path: str | os.PathLike, *, role: str = "image", dtype: type = np.float32) -> Volume:
     """Read a 3-D NIfTI/NRRD/MetaImage file into a :class:`Volume`.
+
+    NIfTI files are read with nibabel (see the module docstring for qform/sform); NRRD and
+    MetaImage with SimpleITK. Both give the same ``[k, j, i]`` array and LPS geometry.
 
     Args:
         path: file to read.
@@ -280,7 +310,7 @@ def read_volume(path: str | os.PathLike, *, role: str = "image", dtype: type = n
             f"{role} file {path} has an unsupported extension; expected one of {', '.join(_SUPPORTED)}."
         )
     if _suffix(path) in _NIFTI_SUFFIXES:
-        _check_nifti_complete(path, role)
+        return _read_nifti(path, role, dtype)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -288,30 +318,11 @@ def read_volume(path: str | os.PathLike, *, role: str = "image", dtype: type = n
         raise InputImageError(f"{role} file {path} could not be read (truncated or not an image): {detail}") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputImageError(f"{role} file {path} has vector voxels; a scalar 3-D image is expected.")
-    dim = image.GetDimension()
-    size = image.GetSize()
-    if dim == 4 and size[3] == 1:
+    _check_dimensions(tuple(image.GetSize()), path, role)
+    if image.GetDimension() == 4:
         image = image[:, :, :, 0]
-    elif dim == 4:
-        raise InputImageError(
-            f"{role} file {path} is 4-D ({size[3]} volumes). Pass a single 3-D volume: for DWI the "
-            "b=1000 (or b=800) trace image, for ADC the computed ADC map (extract it, e.g. with "
-            "'fslroi' or Slicer's 'Multivolume' export)."
-        )
-    elif dim != 3:
-        raise InputImageError(f"{role} file {path} is {dim}-D; a 3-D volume is expected.")
-    if min(image.GetSize()) < 2:
-        raise InputImageError(f"{role} file {path} has size {image.GetSize()}; it is a 2-D slice, not a 3-D volume.")
-    try:
-        array = sitk.GetArrayFromImage(image).astype(dtype, copy=False)
-    except RuntimeError as error:  # pragma: no cover - depends on the ITK build
-        raise InputImageError(f"{role} file {path} could not be decoded: {error}") from None
-    geometry = Geometry.from_sitk(image)
-    if _suffix(path) in _NIFTI_SUFFIXES:
-        found = _nifti_geometry(path, geometry.size)
-        if found is not None:
-            geometry = found[0]
-    return Volume(np.ascontiguousarray(array), geometry, path)
+    array = sitk.GetArrayFromImage(image).astype(dtype, copy=False)
+    return Volume(np.ascontiguousarray(array), Geometry.from_sitk(image), path)
 
 
 def check_volume(volume: Volume, role: str) -> None:

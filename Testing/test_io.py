@@ -235,3 +235,21 @@ def test_real_isles_case_is_discovered_and_read(isles_case_dir: Path) -> None:
     assert int(mask.array.sum()) == 523
     with gzip.open(case.dwi) as handle:  # the file really is float64 on disk
         assert np.frombuffer(handle.read(348), dtype=np.int16)[35] == 64  # datatype code 64 = float64
+
+
+def test_nan_voxels_in_nifti_are_seen_and_refused(tmp_path: Path) -> None:
+    data = np.ones((6, 5, 4), np.float32)
+    data[1, 2, 3] = np.nan
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "nan.nii.gz"))
+    volume = read_volume(tmp_path / "nan.nii.gz", role="DWI")
+    assert np.isnan(volume.array[3, 2, 1])
+    with pytest.raises(InputImageError, match=r"DWI .*nan.nii.gz has 1 NaN or infinite voxel"):
+        check_volume(volume, "DWI")
+
+
+def test_scaled_integer_nifti_applies_the_slope(tmp_path: Path) -> None:
+    image = nib.Nifti1Image(np.arange(60, dtype=np.int16).reshape(5, 4, 3), np.eye(4))
+    image.header.set_slope_inter(0.5, 10.0)
+    nib.save(image, str(tmp_path / "scaled.nii.gz"))
+    volume = read_volume(tmp_path / "scaled.nii.gz")
+    assert volume.array[0, 0, 1] == pytest.approx(10.0 + 0.5 * 12)  # [k, j, i] = i=1 -> value 12 in C order
