@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
+from StrokePredictorLib._lazy import sitk
 from StrokePredictorLib.errors import InputImageError, OutputExistsError
 
 logger = logging.getLogger(__name__)

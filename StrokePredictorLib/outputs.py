@@ -32,9 +32,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from StrokePredictorLib import __version__
+from StrokePredictorLib._lazy import sitk
 from StrokePredictorLib.clinical import FEATURES
 from StrokePredictorLib.errors import OutputExistsError
 from StrokePredictorLib.inference import UNCERTAINTY_MEANING, Prediction

@@ -23,9 +23,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
+from StrokePredictorLib._lazy import sitk
 from StrokePredictorLib.errors import InputImageError
 from StrokePredictorLib.io import Geometry, Volume, check_volume, read_volume
 

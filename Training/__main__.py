@@ -16,6 +16,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "demo": ("Training.demo", "the main job on the bundled defaults: sample case -> prediction -> files and PNG"),
     "generate": ("Training.generate", "generate a semi-synthetic dataset in the ISLES 2022 layout"),
     "clinical": ("Training.clinical_data", "write a clinical CSV for an ISLES 2022 folder (observed + simulated)"),
+    "synthpack": ("Training.synthpack", "build the GPU synthesis pack (MNI anatomy + SOOP lesions) for training"),
     "preprocess": ("Training.cache", "preprocess an ISLES-layout folder once into a training cache and split"),
     "train": ("Training.train", "train the multimodal network (CPU, CUDA, torchrun)"),
     "evaluate": ("Training.evaluate", "evaluate a checkpoint or bundle with the ISLES 2022 metrics"),

@@ -1,0 +1,85 @@
+"""Training.gpu_synth: the synthesis pack, label samples and domain-randomised images (on CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from Training.gpu_synth import GpuSynthesizer, LabelSampler, Pack, build_pack, participant_split
+
+SOOP_AFFINE = np.array([[-1.0, 0, 0, 78], [0, 1, 0, -112], [0, 0, 1, -50], [0, 0, 0, 1]])
+
+
+def _fake_soop(root: Path) -> Path:
+    """Four spherical 'lesions' on the real SOOP grid (MNI, 1 mm) and a participants table."""
+    (root / "lesions").mkdir(parents=True)
+    rows = ["participant_id\tsex\tage\tnihss\tpriorstroke"]
+    centres_ras = [(-35, -10, 15), (30, 5, 20), (-20, -60, 10), (10, 30, 30)]
+    radii = [12, 8, 4, 10]
+    i, j, k = np.meshgrid(np.arange(157), np.arange(189), np.arange(136), indexing="ij")
+    ras = np.stack([78 - i, j - 112, k - 50], -1)
+    for number, (centre, radius) in enumerate(zip(centres_ras, radii, strict=True)):
+        mask = (np.linalg.norm(ras - np.array(centre), axis=-1) <= radius).astype(np.uint8)
+        nib.save(nib.Nifti1Image(mask, SOOP_AFFINE), str(root / "lesions" / f"bwsrsub-{number + 1}_lesion.nii.gz"))
+        rows.append(f"sub-{number + 1}\t{'F' if number % 2 else 'M'}\t{60 + number}\t{4 * number + 2}\t0")
+    (root / "participants.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory: pytest.TempPathFactory) -> Pack:
+    root = tmp_path_factory.mktemp("soop")
+    path = build_pack(_fake_soop(root / "soop"), root / "pack.npz", workers=1)
+    return Pack.load(path)
+
+
+@pytest.mark.slow
+def test_pack_keeps_lesion_volumes_and_clinical_values(pack: Pack) -> None:
+    assert len(pack.lesion_boxes) == 4
+    splits = [participant_split(p) for p in pack.participants]
+    assert sorted(np.concatenate([pack.indices(s) for s in ("train", "val", "test")]).tolist()) == [0, 1, 2, 3]
+    assert [splits[i] for i in pack.indices("train")] == ["train"] * len(pack.indices("train"))
+    for index, radius in enumerate([12, 8, 4, 10]):
+        volume_ml = float((pack.lesion(index) >= 0.5).sum()) * 0.008
+        assert volume_ml == pytest.approx(4 / 3 * np.pi * radius**3 / 1000, rel=0.25)
+    assert pack.lesion_meta[1].tolist()[:4] == [61.0, 0.0, 6.0, 0.0]  # age, sex F=0, NIHSS, prior stroke
+
+
+@pytest.mark.slow
+def test_label_samples_are_reproducible_and_outcome_contains_core(pack: Pack) -> None:
+    sampler = LabelSampler(pack, subset="all", seed=3, empty_probability=0.0)
+    first, again, other = sampler[5], sampler[5], sampler[6]
+    np.testing.assert_array_equal(first["lesion"], again["lesion"])
+    np.testing.assert_array_equal(first["clinical_values"], again["clinical_values"])
+    assert not np.array_equal(first["clinical_values"], other["clinical_values"]) or not np.array_equal(
+        first["lesion"], other["lesion"])
+    core = first["lesion"] >= 0.5
+    assert core.any() and np.all(first["outcome"][core] >= 0.5)
+
+
+@pytest.mark.slow
+def test_synthesised_batches_are_normalised_and_physical(pack: Pack) -> None:
+    sampler = LabelSampler(pack, subset="all", seed=0, empty_probability=0.0)
+    labels = torch.utils.data.default_collate([sampler[i] for i in range(3)])
+    synth = GpuSynthesizer(pack, (64, 80, 64), "cpu")
+    batch = synth(labels, torch.Generator().manual_seed(1))
+    image, target, brain = batch["image"], batch["target"], batch["brain"]
+    assert image.shape == (3, 3, 64, 80, 64) and target.shape == (3, 1, 64, 80, 64)
+    assert torch.all(image * ~brain == 0)
+    for case in range(3):
+        inside = brain[case, 0]
+        dwi, adc = image[case, 0], image[case, 1]
+        assert float(dwi[inside].median()) == pytest.approx(1.0, abs=0.05)  # DWI / brain median
+        assert 0.0 <= float(adc.min()) and float(adc.max()) <= 4.0  # 10^-3 mm^2/s, clipped
+        assert 0.55 < float(adc[inside].median()) < 1.3
+        lesion = target[case, 0] > 0.5
+        if lesion.sum() > 20:
+            assert float(adc[lesion].mean()) < float(adc[inside & ~lesion].median())  # restricted diffusion
+    again = synth(labels, torch.Generator().manual_seed(1))
+    assert torch.equal(again["image"], image)
+    different = synth(labels, torch.Generator().manual_seed(2))
+    assert not torch.allclose(different["image"], image)
