@@ -19,6 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "synthpack": ("Training.synthpack", "build the GPU synthesis pack (MNI anatomy + SOOP lesions) for training"),
     "preprocess": ("Training.cache", "preprocess an ISLES-layout folder once into a training cache and split"),
     "train": ("Training.train", "train the multimodal network (CPU, CUDA, torchrun)"),
+    "train-synth": ("Training.train_synth", "train on GPU-synthesised data, fusion and ablation variants in lockstep"),
     "evaluate": ("Training.evaluate", "evaluate a checkpoint or bundle with the ISLES 2022 metrics"),
     "ablate": ("Training.ablate", "imaging-only against fusion on the same split"),
     "visualize": ("Training.visualize", "figures: training curves, overlays, reliability diagram, attention"),

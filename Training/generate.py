@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from StrokePredictorLib import clinical
+from StrokePredictorLib._lazy import sitk
 from StrokePredictorLib.errors import OutputExistsError, StrokePredictorError
 from StrokePredictorLib.io import Geometry, atomic_path, write_json
 from Training import config as config_lib

@@ -410,7 +410,8 @@ class GpuSynthesizer:
             task: ``acute`` or ``outcome`` (which target to return).
 
         Returns:
-            image (n, 3, K, J, I), target (n, 1, K, J, I) float 0/1, brain (n, 1, K, J, I) bool,
+            image (n, 3, K, J, I), target (n, 1, K, J, I) float 0/1 of ``task`` (``acute`` and
+            ``outcome`` hold both targets), brain (n, 1, K, J, I) bool,
             clinical_values (n, 10), clinical_missing (n, 10), flair_present (n,).
         """
         c, dev = self.config, self.device
@@ -485,9 +486,10 @@ class GpuSynthesizer:
             adc_measured.clamp(0, c.adc_clip),
             (flair / _median_in(flair, brain)).clamp(0, c.clip_relative) * flair_present.view(n, 1, 1, 1, 1),
         ], dim=1) * brain
-        target = (outcome if task == "outcome" else lesion) >= 0.5
+        acute, grown = (lesion >= 0.5).float(), (outcome >= 0.5).float()
         return {
-            "image": image.float(), "target": target.float(), "brain": brain,
+            "image": image.float(), "target": grown if task == "outcome" else acute,
+            "acute": acute, "outcome": grown, "brain": brain,
             "clinical_values": labels["clinical_values"].to(dev).float(),
             "clinical_missing": labels["clinical_missing"].to(dev).bool(),
             "flair_present": flair_present,

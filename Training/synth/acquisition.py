@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
+from StrokePredictorLib._lazy import sitk
 from StrokePredictorLib.io import Geometry
 
 

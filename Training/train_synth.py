@@ -1,0 +1,240 @@
+"""``python -m Training train-synth``: train on GPU-synthesised data, several variants in lockstep.
+
+Every step draws label samples (CPU workers, :class:`Training.gpu_synth.LabelSampler`) and
+synthesises a domain-randomised image batch on the device (:class:`Training.gpu_synth.GpuSynthesizer`);
+the same batch trains every variant, so a fusion model and its imaging-only ablation see exactly
+the same data and steps (a paired ablation at the cost of one data stream). A variant is
+``<task>`` or ``<task>-imaging`` (``acute``, ``outcome``, ``acute-imaging``, ...).
+
+Each variant gets a run folder ``OUT/<variant>/`` with ``checkpoints/best.pt`` (best validation
+Dice on synthesised cases from held-out validation lesions) and ``last.pt`` in the format of
+:mod:`Training.train`, so ``python -m Training export --run OUT/acute --out BUNDLE`` works, plus
+``log.csv`` and the effective config. The learning-rate schedule (linear warm-up, cosine decay)
+follows the elapsed fraction of ``--time-limit`` when one is given, so a run fits a fixed budget.
+
+    python -m Training train-synth --pack pack.npz --out runs/synth --device cuda --time-limit 300
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from Training import config as cfg
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SynthTrainConfig:
+    pack: Path = field(default=Path("pack.npz"), metadata={"help": "synthesis pack (python -m Training synthpack)"})
+    out: Path = field(default=Path("runs/synth"), metadata={"help": "folder of the variants' run folders"})
+    variants: tuple[str, ...] = field(default=("acute", "acute-imaging", "outcome", "outcome-imaging"),
+                                      metadata={"help": "comma-separated: acute, outcome, acute-imaging, ..."})
+    preset: str = field(default="lite", metadata={"help": "network preset: lite|base"})
+    grid_size: tuple[int, ...] = field(default=(), metadata={"help": "model grid i,j,k (default: the preset's)"})
+    batch_size: int = field(default=8, metadata={"help": "images per step"})
+    reuse: int = field(default=2, metadata={"help": "images synthesised from each label sample"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
+    warmup: float = field(default=0.05, metadata={"help": "warm-up as a fraction of the budget"})
+    min_lr_ratio: float = field(default=0.03, metadata={"help": "final / peak learning rate"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: use --time-limit)"})
+    time_limit: float = field(default=300.0, metadata={"help": "seconds of training (the schedule follows it)"})
+    val_every: int = field(default=150, metadata={"help": "validate every N steps"})
+    val_samples: int = field(default=48, metadata={"help": "synthesised validation cases (val lesions)"})
+    clinical_drop_p: float = field(default=0.25, metadata={"help": "per-feature clinical drop-out"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
+    workers: int = field(default=4, metadata={"help": "label-sampling worker processes"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    device: str = field(default="auto", metadata={"help": "auto|cpu|cuda"})
+    precision: str = field(default="bf16", metadata={"help": "bf16 (autocast on CUDA) or fp32"})
+    channels_last: bool = field(default=True, metadata={"help": "channels-last 3-D memory layout on CUDA"})
+    overwrite: bool = field(default=False, metadata={"help": "replace existing run folders"})
+
+
+def _variant(name: str) -> tuple[str, bool]:
+    task, _, suffix = name.partition("-")
+    if task not in ("acute", "outcome") or suffix not in ("", "imaging"):
+        raise cfg.ConfigError(f"Unknown variant '{name}': use acute, outcome, acute-imaging or outcome-imaging.")
+    return task, suffix == "imaging"
+
+
+def _lr_factor(progress: float, warmup: float, min_ratio: float) -> float:
+    if progress < warmup:
+        return max(progress / max(warmup, 1e-9), 0.01)
+    rest = min((progress - warmup) / max(1 - warmup, 1e-9), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * rest))
+
+
+def _dice_per_case(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    prediction = logits > 0
+    truth = target > 0.5
+    inter = (prediction & truth).flatten(1).sum(1).float()
+    total = prediction.flatten(1).sum(1).float() + truth.flatten(1).sum(1).float()
+    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+
+
+def run(config: SynthTrainConfig) -> dict[str, dict]:
+    """Train every variant; returns {variant: {"run_dir", "best_val_dice", "steps"}}."""
+    from monai.losses import DiceCELoss
+
+    from StrokePredictorLib.bundle import recommended_grid, resolve_device
+    from StrokePredictorLib.io import write_json
+    from StrokePredictorLib.network import NetworkConfig, StrokeNet
+    from StrokePredictorLib.preprocess import ModelGrid, Normalization
+    from Training.gpu_synth import GpuSynthesizer, LabelSampler, Pack
+    from Training.train import save_checkpoint
+
+    variants = {name: _variant(name) for name in config.variants}
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    pack = Pack.load(config.pack)
+    preset = NetworkConfig.lite() if config.preset == "lite" else NetworkConfig.base()
+    grid = ModelGrid(tuple(config.grid_size), (2.0, 2.0, 2.0)) if config.grid_size else recommended_grid(preset)
+    if grid.spacing != (2.0, 2.0, 2.0):
+        raise cfg.ConfigError(f"The synthesis pack is at 2 mm; preset '{config.preset}' needs {grid.spacing} mm.")
+    synth = GpuSynthesizer(pack, grid.size, device)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    loss_fn = DiceCELoss(sigmoid=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5)
+    cuda = device.type == "cuda"
+    if config.precision not in ("bf16", "fp32"):
+        raise cfg.ConfigError(f"--precision must be bf16 or fp32, not '{config.precision}'.")
+    bf16 = cuda and config.precision == "bf16"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast(device.type, enabled=False)
+    channels_last = cuda and config.channels_last
+
+    runs: dict[str, dict] = {}
+    for name, (_task, imaging_only) in variants.items():
+        net_config = NetworkConfig.from_dict({**preset.to_dict(), "imaging_only": imaging_only})
+        model = StrokeNet(net_config).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last_3d)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        run_dir = Path(config.out) / name
+        if (run_dir / "checkpoints" / "best.pt").exists() and not config.overwrite:
+            raise cfg.ConfigError(f"Run folder {run_dir} holds a trained run; pass --overwrite to replace it.")
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        cfg.save(config, run_dir / "train_synth_config.json")
+        log = (run_dir / "log.csv").open("w", newline="")
+        writer = csv.writer(log)
+        writer.writerow(["step", "seconds", "lr", "train_loss", "val_dice"])
+        runs[name] = {"model": model, "optimizer": optimizer, "config": net_config, "run_dir": run_dir,
+                      "log": log, "writer": writer, "best": -1.0, "losses": []}
+
+    # fixed validation cases from held-out validation lesions (never trained on)
+    val_labels = LabelSampler(pack, subset="val", seed=config.seed + 10_000, length=config.val_samples)
+    val_batches = []
+    val_generator = torch.Generator(device=device).manual_seed(config.seed + 20_000)
+    for start in range(0, config.val_samples, config.batch_size):
+        items = [val_labels[i] for i in range(start, min(start + config.batch_size, config.val_samples))]
+        val_batches.append(synth(torch.utils.data.default_collate(items), val_generator))
+
+    sampler = LabelSampler(pack, subset="train", seed=config.seed, length=10_000_000)
+    per_step = max(1, config.batch_size // max(config.reuse, 1))
+    loader = torch.utils.data.DataLoader(
+        sampler, batch_size=per_step, shuffle=False, num_workers=config.workers,
+        pin_memory=cuda, persistent_workers=config.workers > 0, prefetch_factor=4 if config.workers > 0 else None,
+    )
+
+    def validate() -> dict[str, float]:
+        scores: dict[str, list[torch.Tensor]] = {name: [] for name in runs}
+        for state in runs.values():
+            state["model"].eval()
+        with torch.no_grad(), autocast:
+            for batch in val_batches:
+                for name, (task, _) in variants.items():
+                    out = runs[name]["model"](batch["image"], batch["clinical_values"], batch["clinical_missing"],
+                                              batch["flair_present"])
+                    scores[name].append(_dice_per_case(out["logits"].float(), batch[task]))
+        for state in runs.values():
+            state["model"].train()
+        return {name: float(torch.cat(values).mean()) for name, values in scores.items()}
+
+    def checkpoint(name: str, step: int, val_dice: float, file: str) -> None:
+        state = runs[name]
+        task, imaging_only = variants[name]
+        save_checkpoint({
+            "model": {k: v.detach().cpu() for k, v in state["model"].state_dict().items()},
+            "network": state["config"].to_dict(), "task": task, "grid": grid.to_dict(),
+            "normalization": Normalization().to_dict(),
+            "data": {
+                "source": "GPU domain-randomised synthesis (Training.gpu_synth) from MNI152 2009 anatomy and "
+                          "real SOOP acute lesion masks with their participants' clinical values",
+                "pack": Path(config.pack).name, "n_cases": {"train": int(len(pack.indices("train"))),
+                                                           "val": config.val_samples},
+                "lesions": {s: int(len(pack.indices(s))) for s in ("train", "val", "test")},
+            },
+            "config": {**cfg.to_dict(config), "imaging_only": imaging_only, "val_threshold": 0.5,
+                       "augment": "gpu_synth"},
+            "val_dice": val_dice, "val_loss": float("nan"), "best_val_dice": state["best"],
+            "epoch": 0, "step": step, "world_size": 1, "torch_version": torch.__version__,
+        }, state["run_dir"] / "checkpoints" / file)
+
+    start = time.perf_counter()
+    step = 0
+    done = False
+    iterator = iter(loader)
+    while not done:
+        labels = next(iterator)
+        labels = {k: v.repeat_interleave(config.reuse, dim=0) if torch.is_tensor(v) else v for k, v in labels.items()}
+        batch = synth(labels, generator)
+        missing = batch["clinical_missing"] | (
+            torch.rand(batch["clinical_missing"].shape, generator=generator, device=device) < config.clinical_drop_p)
+        values = batch["clinical_values"] * ~missing
+        image = batch["image"].contiguous(memory_format=torch.channels_last_3d) if channels_last else batch["image"]
+        elapsed = time.perf_counter() - start
+        progress = step / config.max_steps if config.max_steps else elapsed / max(config.time_limit, 1e-9)
+        factor = _lr_factor(progress, config.warmup, config.min_lr_ratio)
+        for name, (task, _) in variants.items():
+            state = runs[name]
+            for group in state["optimizer"].param_groups:
+                group["lr"] = config.lr * factor
+            with autocast:
+                out = state["model"](image, values, missing, batch["flair_present"])
+                loss = loss_fn(out["logits"].float(), batch[task])
+            state["optimizer"].zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(state["model"].parameters(), config.grad_clip)
+            state["optimizer"].step()
+            state["losses"].append(float(loss.detach()))
+        step += 1
+        elapsed = time.perf_counter() - start
+        limit_reached = step >= config.max_steps if config.max_steps else elapsed >= config.time_limit
+        done = bool(limit_reached)
+        if step % config.val_every == 0 or done:
+            dice = validate()
+            for name, state in runs.items():
+                mean_loss = float(np.mean(state["losses"][-config.val_every:]))
+                state["writer"].writerow([step, round(elapsed, 1), config.lr * factor, mean_loss, dice[name]])
+                state["log"].flush()
+                if dice[name] > state["best"]:
+                    state["best"] = dice[name]
+                    checkpoint(name, step, dice[name], "best.pt")
+            logger.info("step %d (%.0f s): %s", step, elapsed,
+                        ", ".join(f"{n} val Dice {d:.3f}" for n, d in dice.items()))
+    results = {}
+    for name, state in runs.items():
+        checkpoint(name, step, float("nan"), "last.pt")
+        state["log"].close()
+        results[name] = {"run_dir": str(state["run_dir"]), "best_val_dice": state["best"], "steps": step,
+                         "seconds": round(time.perf_counter() - start, 1)}
+    write_json(results, Path(config.out) / "summary.json", overwrite=True)
+    return results
+
+
+def main(argv: list[str]) -> int:
+    config = cfg.parse(SynthTrainConfig, argv, "Train on GPU-synthesised data (several variants in lockstep).",
+                       prog="python -m Training train-synth")
+    print(json.dumps(run(config), indent=2))
+    return 0
