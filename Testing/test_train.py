@@ -1,0 +1,227 @@
+"""Training/train.py and Training/data.py: loss goes down, exact resume, DDP equals one process."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from training_fixtures import TINY_NETWORK, TINY_NETWORK_NO_DROPOUT, build_test_cache, write_isles_phantom
+
+from StrokePredictorLib.errors import OutputExistsError
+from Training import config as configlib
+from Training import train as trainlib
+from Training.data import (
+    AugmentConfig,
+    CacheDataset,
+    StreamSampler,
+    apply_augmentation,
+    identity_augmentation,
+    sample_augmentation,
+)
+from Training.train import TrainConfig, run
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    data = write_isles_phantom(root / "data", n_cases=6, seed=2)
+    return build_test_cache(data, root / "cache")
+
+
+def _config(cache: Path, out: Path, **kw: object) -> TrainConfig:
+    base = dict(cache=cache, out=out, network=TINY_NETWORK, device="cpu", workers=0, progress=False,
+                tensorboard=False, lr=3e-3, warmup_steps=2, batch_size=2)
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def _log(run_dir: Path) -> list[dict]:
+    with (run_dir / "log.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return trainlib.load_checkpoint(path)["model"]
+
+
+# ---- data pieces ------------------------------------------------------------------------------
+def test_stream_sampler_global_batch_is_independent_of_processes() -> None:
+    one = StreamSampler(5, 4, seed=3)
+    one.set_range(0, 6)
+    ranks = [StreamSampler(5, 4, rank=r, world_size=2, seed=3) for r in range(2)]
+    for sampler in ranks:
+        sampler.set_range(0, 6)
+    single = list(one)
+    shards = [list(s) for s in ranks]
+    for step in range(6):
+        merged = shards[0][2 * step:2 * step + 2] + shards[1][2 * step:2 * step + 2]
+        assert merged == single[4 * step:4 * step + 4]
+    # every pass over the 5 cases is a permutation; resuming at step 3 gives the same tail
+    cases = [c for c, _ in single]
+    assert sorted(cases[:5]) == [0, 1, 2, 3, 4] and sorted(cases[5:10]) == [0, 1, 2, 3, 4]
+    one.set_range(3, 6)
+    assert list(one) == single[12:]
+
+
+def test_identity_augmentation_is_exact_and_flip_mirrors() -> None:
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.random((1, 3, 8, 10, 12), dtype=np.float32))
+    brain = torch.ones(1, 1, 8, 10, 12, dtype=torch.bool)
+    target = torch.zeros(1, 1, 8, 10, 12)
+    target[..., 2:5, 3:6, 1:4] = 1
+    batch = {k: torch.as_tensor(np.asarray(v))[None] for k, v in identity_augmentation((8, 10, 12)).items()}
+    out_image, out_target = apply_augmentation(image, target, brain, batch)
+    assert torch.equal(out_image, image) and torch.equal(out_target, target)
+    flip_only = AugmentConfig(spatial_p=0, flip_p=1, intensity_p=0)
+    params = sample_augmentation(np.random.default_rng(1), flip_only, (8, 10, 12), (2.0, 2.0, 2.0))
+    batch = {k: torch.as_tensor(np.asarray(v))[None] for k, v in params.items()}
+    out_image, out_target = apply_augmentation(image, target, brain, batch)
+    assert torch.allclose(out_image, image.flip(-1), atol=1e-5)
+    assert torch.equal(out_target, target.flip(-1))
+
+
+def test_augmentation_is_replayable_and_keeps_targets_binary(cache: Path) -> None:
+    dataset = CacheDataset(cache, json.loads((cache / "split.json").read_text())["train"], "acute",
+                           augment=AugmentConfig(elastic_p=1.0, clinical_drop_p=0.5, flair_drop_p=1.0), seed=4)
+    a, b = dataset[(0, 17)], dataset[(0, 17)]
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(dataset[(0, 18)]["aug_theta"], a["aug_theta"])
+    assert not a["flair_present"] and float(np.abs(a["image"][2]).max()) == 0.0
+    assert np.all(a["clinical_values"][a["clinical_missing"]] == 0.0)
+    batch = {k: torch.as_tensor(np.asarray(v))[None] for k, v in a.items()}
+    image, target = apply_augmentation(batch["image"], batch["target"], batch["brain"], batch)
+    assert set(torch.unique(target).tolist()) <= {0.0, 1.0}
+    assert 0.5 * batch["target"].sum() < target.sum() < 2.0 * batch["target"].sum()
+    assert float(image.min()) >= 0.0 and not torch.equal(image, batch["image"])
+
+
+def test_clinical_dropout_rate(cache: Path) -> None:
+    ids = json.loads((cache / "split.json").read_text())["train"]
+    dataset = CacheDataset(cache, ids, "acute", augment=AugmentConfig(clinical_drop_p=0.25), seed=0)
+    base = dataset.load(0)["clinical_missing"]
+    present = ~base
+    dropped = np.mean([dataset[(0, p)]["clinical_missing"][present].mean() for p in range(400)])
+    assert dropped == pytest.approx(0.25, abs=0.04)
+
+
+def test_lr_schedule_warmup_and_cosine() -> None:
+    assert trainlib.lr_factor(0, 10, 110, 0.0) == pytest.approx(0.1)
+    assert trainlib.lr_factor(9, 10, 110, 0.0) == pytest.approx(1.0)
+    assert trainlib.lr_factor(60, 10, 110, 0.0) == pytest.approx(0.5)
+    assert trainlib.lr_factor(500, 10, 110, 0.1) == pytest.approx(0.1)
+
+
+def test_dice_score() -> None:
+    a = np.zeros(10, bool)
+    assert trainlib.dice_score(a, a) == 1.0
+    b = a.copy()
+    b[:4] = True
+    c = a.copy()
+    c[2:6] = True
+    assert trainlib.dice_score(b, c) == pytest.approx(0.5)
+
+
+# ---- training ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_tiny_run_lowers_the_loss_and_writes_its_files(cache: Path, tmp_path: Path) -> None:
+    config = _config(cache, tmp_path / "run", epochs=6, steps_per_epoch=4, augment=False, tensorboard=True)
+    result = run(config)
+    rows = _log(result.run_dir)
+    assert len(rows) == 6 and int(rows[-1]["step"]) == 24
+    first, last = float(rows[0]["train_loss"]), float(rows[-1]["train_loss"])
+    assert last < first - 0.05, (first, last)
+    assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"])
+    assert result.best_checkpoint.is_file() and result.stopped == "epochs"
+    best = trainlib.load_checkpoint(result.best_checkpoint)
+    assert best["val_dice"] == pytest.approx(result.best_val_dice)
+    assert best["val_dice"] == max(float(r["val_dice"]) for r in rows)
+    saved = json.loads((result.run_dir / "train_config.json").read_text())
+    assert saved["steps_per_epoch"] == 4 and saved["network"] == TINY_NETWORK
+    assert any((result.run_dir / "tensorboard").iterdir())
+    with pytest.raises(OutputExistsError, match="--resume"):
+        run(config)
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_equals_uninterrupted(cache: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _config(cache, tmp_path / "full", epochs=4, steps_per_epoch=2, deterministic=True)
+    full = run(config)
+
+    calls = {"n": 0}
+    real_save = trainlib.save_checkpoint
+
+    def save_then_die(state: dict, path: Path) -> Path:  # the process is killed after epoch 2's checkpoint
+        real_save(state, path)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return path
+
+    interrupted = replace(config, out=tmp_path / "resumed", workers=1)
+    monkeypatch.setattr(trainlib, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(interrupted)
+    monkeypatch.setattr(trainlib, "save_checkpoint", real_save)
+    assert trainlib.load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["step"] == 4
+    resumed = run(replace(interrupted, resume=True))
+    assert resumed.steps == full.steps == 8
+    a = _weights(full.run_dir / "checkpoints" / "last.pt")
+    b = _weights(resumed.run_dir / "checkpoints" / "last.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
+    # and a resumed run refuses a changed task
+    with pytest.raises(configlib.ConfigError, match="task"):
+        run(replace(interrupted, resume=True, task="outcome"))
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_equals_one_process(cache: Path, tmp_path: Path) -> None:
+    from Training.distributed import spawn_local
+
+    # Adam's first steps are sign-like (g / |g|) for tiny gradients, which turns float rounding of
+    # the gradient all-reduce into visible differences; a large epsilon makes the update linear
+    # in the gradient, so the comparison tests the gradients themselves.
+    config = _config(cache, tmp_path / "ddp", network=TINY_NETWORK_NO_DROPOUT, epochs=1, steps_per_epoch=3,
+                     batch_size=2, deterministic=True, adam_eps=1.0, lr=0.5)
+    dice = spawn_local(config, world_size=2)
+    assert dice[0] == dice[1]
+    single = run(replace(config, out=tmp_path / "single"))
+    assert single.best_val_dice == pytest.approx(dice[0], abs=1e-6)
+    ddp = trainlib.load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
+    assert ddp["world_size"] == 2 and ddp["step"] == 3 and len(ddp["rng"]) == 2
+    one = _weights(tmp_path / "single" / "checkpoints" / "last.pt")
+    initial = _initial_weights(config)
+    changed = False
+    for key, value in one.items():
+        assert torch.allclose(ddp["model"][key], value, atol=1e-6, rtol=0), key
+        changed |= not torch.equal(value, initial[key])
+    assert changed, "training did not change the weights"
+
+
+def _initial_weights(config: TrainConfig) -> dict[str, torch.Tensor]:
+    from StrokePredictorLib.network import StrokeNet
+
+    torch.manual_seed(config.seed)
+    return StrokeNet(trainlib.network_config(config)).state_dict()
+
+
+def test_time_limit_and_max_steps(cache: Path, tmp_path: Path) -> None:
+    result = run(_config(cache, tmp_path / "steps", epochs=10, steps_per_epoch=3, max_steps=4))
+    assert result.steps == 4 and result.stopped == "max_steps"
+    assert [int(r["step"]) for r in _log(result.run_dir)] == [3, 4]
+
+
+def test_cli_flags_override_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "train.yaml"
+    path.write_text("epochs: 7\ntask: outcome\nlr: 0.01\n")
+    config = configlib.parse(TrainConfig, ["--config", str(path), "--lr", "0.002", "--imaging-only"], "t")
+    assert (config.epochs, config.task, config.lr, config.imaging_only) == (7, "outcome", 0.002, True)
+    with pytest.raises(configlib.ConfigError, match="task"):
+        configlib.parse(TrainConfig, ["--task", "chronic"], "t")
