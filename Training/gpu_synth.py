@@ -17,7 +17,8 @@ the network never sees the same image twice and cannot rely on one simulator's l
   labels onto the model grid; MR physics with randomised parameters: per-class S0 (T2) and ADC
   with scanner-to-scanner variability, ``S_b = S0 exp(-b ADC)`` with b = 800-1000, Rician noise on
   b0 and b-images, ADC recomputed from the noisy pair (so its noise is as in real ADC maps), bias
-  fields, random slice thickness and in-plane blur, random per-class gains and gamma on DWI,
+  fields and regional hyperintensities on b0 and b-image alike (bright DWI, normal ADC),
+  random slice thickness and in-plane blur, random per-class gains and gamma on DWI,
   lesion contrast from barely visible to strong with a core-to-rim gradient, T2 shine-through
   mimics (bright on DWI, normal ADC), FLAIR with random contrast whose lesion signal appears with
   time since onset, FLAIR missing in 30% of cases. The result is normalised exactly like
@@ -286,10 +287,11 @@ class SynthConfig:
     noise: tuple[float, float] = (0.01, 0.07)  # Rician sigma relative to white-matter b-image signal
     slice_mm: tuple[float, float] = (2.0, 6.5)
     inplane_sigma_vox: tuple[float, float] = (0.3, 1.0)
-    bias: float = 0.35
+    bias: float = 0.5
+    regional_gain: float = 0.8  # regional DWI hyperintensity with normal ADC (artefact mimics)
     class_gain: float = 0.2
     gamma_sd: float = 0.15
-    mimic_rate: float = 1.5  # mean number of T2 shine-through mimics per case
+    mimic_rate: float = 2.0  # mean number of T2 shine-through mimics per case
     clip_relative: float = 6.0
     adc_clip: float = 4.0
 
@@ -447,6 +449,9 @@ class GpuSynthesizer:
         mimic = self._mimics(n, generator, (gm + wm) * (1 - lesion), shape)
         s0 = s0 * (1 + mimic * u(0.5, 1.8))
         bias = torch.exp(c.bias * u(0, 1) * _smooth_field(generator, n, shape, (3, 4, 3), dev))
+        # regional hyperintensity on b0 and b-image alike (susceptibility, coil, T2 effects: bright
+        # DWI with normal ADC, e.g. the posterior fossa and temporal poles of many real scans)
+        bias = bias * (1 + self._regional(n, generator, shape))
         wm_signal = torch.exp(-b * c.adc_wm)
         sigma = u(*c.noise) * wm_signal
         s_b = _rician(s0 * torch.exp(-b * adc) * bias, sigma, generator)
@@ -495,6 +500,19 @@ class GpuSynthesizer:
             "flair_present": flair_present,
         }
 
+    def _regional(self, n: int, generator: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+        """Smooth regional gain >= 0: inferior brightening (half of the cases) plus large soft blobs."""
+        dev, c = self.device, self.config
+        k = torch.arange(shape[0], device=dev, dtype=torch.float32).view(1, 1, -1, 1, 1)
+        level = _uniform(generator, n, 0.15, 0.45, dev).view(n, 1, 1, 1, 1) * shape[0]
+        width = _uniform(generator, n, 2.0, 6.0, dev).view(n, 1, 1, 1, 1)
+        gain = _uniform(generator, n, 0.0, c.regional_gain, dev).view(n, 1, 1, 1, 1)
+        gain = gain * (torch.rand((n, 1, 1, 1, 1), generator=generator, device=dev) < 0.5)
+        inferior = gain * torch.sigmoid((level - k) / width)
+        blobs = torch.relu(_smooth_field(generator, n, shape, (5, 6, 5), dev) - 1.2)
+        blobs = blobs * _uniform(generator, n, 0.0, c.regional_gain, dev).view(n, 1, 1, 1, 1)
+        return inferior.expand(n, 1, *shape) + blobs
+
     def _mimics(self, n: int, generator: torch.Generator, allowed: torch.Tensor,
                 shape: tuple[int, ...]) -> torch.Tensor:
         """Soft blobs (radius 2-7 mm) in tissue away from the lesion, Poisson-many per case."""
@@ -508,7 +526,7 @@ class GpuSynthesizer:
                 if candidates.numel() == 0:
                     break
                 pick = candidates[torch.randint(len(candidates), (1,), generator=generator, device=dev)][0]
-                radius = float(_uniform(generator, 1, 1.0, 3.5, dev))
+                radius = float(_uniform(generator, 1, 1.0, 5.0, dev))
                 blob = torch.exp(-sum(((coords[a] - pick[a]) ** 2).view([-1 if b == a else 1 for b in range(3)])
                                       for a in range(3)) / (2 * radius**2))
                 out[case, 0] = torch.maximum(out[case, 0], blob)

@@ -59,6 +59,8 @@ class SynthTrainConfig:
     precision: str = field(default="bf16", metadata={"help": "bf16 (autocast on CUDA) or fp32"})
     channels_last: bool = field(default=True, metadata={"help": "channels-last 3-D memory layout on CUDA"})
     overwrite: bool = field(default=False, metadata={"help": "replace existing run folders"})
+    init: Path | None = field(default=None, metadata={
+        "help": "fine-tune: start each variant from INIT/<variant> (a model bundle folder)"})
 
 
 def _variant(name: str) -> tuple[str, bool]:
@@ -116,7 +118,16 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
     runs: dict[str, dict] = {}
     for name, (_task, imaging_only) in variants.items():
         net_config = NetworkConfig.from_dict({**preset.to_dict(), "imaging_only": imaging_only})
-        model = StrokeNet(net_config).to(device)
+        model = StrokeNet(net_config)
+        if config.init is not None:
+            from StrokePredictorLib.bundle import load_bundle
+
+            start_from = load_bundle(Path(config.init) / name)
+            if start_from.config.to_dict() != net_config.to_dict():
+                raise cfg.ConfigError(f"Bundle {start_from.directory} has another architecture than preset "
+                                      f"'{config.preset}' (imaging_only={imaging_only}).")
+            model.load_state_dict(start_from.model.state_dict())
+        model = model.to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
