@@ -2,7 +2,7 @@
 # One-GPU recipe: generate data -> preprocess -> train the acute and outcome lite models within a
 # time budget -> export both bundles.
 #
-#   bash Training/gpu_recipe.sh OUT_DIR [CASES=160] [SECONDS_PER_TASK=180] [MODE=randomized]
+#   bash Training/recipes/train_generated_gpu.sh OUT_DIR [CASES=160] [SECONDS_PER_TASK=180] [MODE=randomized]
 #
 # Writes OUT_DIR/bundles/{acute,outcome} (model bundles) and OUT_DIR/work/{data,cache,runs}.
 # `python` must have the requirements. The two tasks train at the same time on the one GPU
@@ -10,7 +10,7 @@
 # SECONDS_PER_TASK (twice with PARALLEL=0) + ~1 min of start-up and export.
 # Environment overrides: PARALLEL (1), BATCH (4), DEVICE (cuda), STEPS_PER_EPOCH (200), WORKERS (nproc).
 set -euo pipefail
-OUT=${1:?usage: gpu_recipe.sh OUT_DIR [CASES] [SECONDS_PER_TASK] [MODE]}
+OUT=${1:?usage: train_generated_gpu.sh OUT_DIR [CASES] [SECONDS_PER_TASK] [MODE]}
 CASES=${2:-160}
 SECONDS_PER_TASK=${3:-180}
 MODE=${4:-randomized}
@@ -25,7 +25,7 @@ WORK=$OUT/work
 cd "$REPO"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 start=$SECONDS
-stamp() { echo "[gpu_recipe $((SECONDS - start)) s] $*"; }
+stamp() { echo "[train_generated_gpu $((SECONDS - start)) s] $*"; }
 
 stamp "generate $CASES cases ($MODE) with $WORKERS workers"
 python -m Training generate --out "$WORK/data" --cases "$CASES" --seed 0 --mode "$MODE" --workers "$WORKERS" --overwrite
