@@ -224,7 +224,7 @@ def _nifti_geometry(header: object, size: tuple[int, int, int], name: str) -> Ge
     qform, qcode = header.get_qform(coded=True)  # type: ignore[attr-defined]
     sform, scode = header.get_sform(coded=True)  # type: ignore[attr-defined]
     if qform is not None and int(qcode) > 0:
-        if sform is not None and int(scode) > 0 and not np.allclose(qform, sform, atol=1e-4):
+        if sform is not None and int(scode) > 0 and not np.allclose(qform, sform, atol=1e-3):
             logger.info("%s: qform and sform differ; using the qform, as 3D Slicer does.", name)
         return Geometry.from_ijk_to_ras(qform, size)
     if sform is not None and int(scode) > 0:
