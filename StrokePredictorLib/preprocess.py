@@ -216,13 +216,14 @@ def _ball(radius_vox: np.ndarray) -> np.ndarray:
     return distance <= 1.0
 
 
-def brain_mask(dwi: np.ndarray, spacing: tuple[float, float, float], erosion_mm: float = 5.0) -> np.ndarray:
+def brain_mask(dwi: np.ndarray, spacing: tuple[float, float, float], erosion_mm: float = 7.0) -> np.ndarray:
     """Brain mask of a DWI volume ``[k, j, i]`` (bool, same shape).
 
     Works on skull-stripped images (where it is essentially the non-zero head) and on clinical
-    images with skull and scalp: threshold (Otsu on the smoothed positive intensities), erosion
-    by ``erosion_mm`` to cut the thin bridges between scalp and brain, largest connected
-    component, dilation back, hole filling slice by slice and in 3-D.
+    images with skull and scalp: threshold (Otsu on the smoothed positive intensities); the part
+    above the threshold is eroded by ``erosion_mm`` to cut the thin bridges between scalp and
+    brain, its largest connected component is dilated back within the foreground (above 0.6 x
+    the threshold), and holes are filled slice by slice and in 3-D.
     """
     spacing_kji = np.asarray(spacing[::-1], dtype=float)
     smooth = ndimage.gaussian_filter(dwi.astype(np.float32), sigma=1.0 / spacing_kji * 2.0)
@@ -233,7 +234,8 @@ def brain_mask(dwi: np.ndarray, spacing: tuple[float, float, float], erosion_mm:
     foreground = smooth > threshold * 0.6
     skull_stripped = float((dwi <= 0).mean()) > 0.25 and float((dwi > 0).mean()) > 0.05
     radius = erosion_mm / spacing_kji
-    core = ndimage.binary_erosion(foreground, _ball(radius)) if not skull_stripped else foreground
+    # the seed is eroded from the brighter part only: noise and scalp sit near the threshold
+    core = ndimage.binary_erosion(smooth > threshold, _ball(radius)) if not skull_stripped else foreground
     labels, count = ndimage.label(core)
     if count == 0:
         return foreground
