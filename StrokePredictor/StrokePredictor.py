@@ -102,6 +102,7 @@ def registerSampleData():
     import SampleData
 
     volumes = [role for role in ("dwi", "adc", "flair") if role in files]
+    sums = sampleDataChecksums()
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
         category="StrokePredictor",
         sampleName="StrokePredictorSampleCase",
@@ -110,7 +111,17 @@ def registerSampleData():
         nodeNames=[f"StrokeSample_{role.upper()}" for role in volumes],
         thumbnailFileName=str(RESOURCES / "Icons" / "StrokePredictor.png"),
         loadFileType=["VolumeFile"] * len(volumes),
+        checksums=[f"SHA256:{sums[files[role].name]}" if files[role].name in sums else None for role in volumes],
     )
+
+
+def sampleDataChecksums() -> dict[str, str]:
+    """``{file name: sha256}`` from ``Resources/SampleData/SHA256SUMS`` (empty when absent)."""
+    path = SAMPLE_DATA_DIR / "SHA256SUMS"
+    if not path.is_file():
+        return {}
+    pairs = (line.split() for line in path.read_text().splitlines() if line.strip())
+    return {name: digest for digest, name in pairs}
 
 
 #

@@ -362,6 +362,9 @@ def atomic_path(destination: str | os.PathLike, overwrite: bool = False) -> Iter
     temporary = Path(name)
     try:
         yield temporary
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes the file private; give it normal rights
         os.replace(temporary, destination)
     finally:
         if temporary.exists():

@@ -178,15 +178,19 @@ def render_overview(prediction: Prediction, dwi: Volume, *, title: str = "") -> 
     n_slices = dwi_d.shape[0]
     area = mask_d.reshape(n_slices, -1).sum(axis=1)
     if area.any():
+        # the largest cross-section, and the slices below and above which 15% of the lesion lies
+        cumulative = np.cumsum(area) / area.sum()
+        low, high = int(np.searchsorted(cumulative, 0.15)), int(np.searchsorted(cumulative, 0.85))
         centre = int(np.argmax(area))
-        rows = np.nonzero(area)[0]
-        step = max(1, (rows.max() - rows.min()) // 2)
+        slices = sorted({low, centre, high} | ({max(0, centre - 1)} if low == centre == high else set()))
+        while len(slices) < 3:  # a thin lesion: show its neighbours
+            slices = sorted(set(slices) | {min(n_slices - 1, max(slices) + 1), max(0, min(slices) - 1)})[:3]
     else:
         signal = dwi_d.reshape(n_slices, -1).sum(axis=1)
         rows = np.nonzero(signal > 0.1 * signal.max())[0] if signal.max() > 0 else np.arange(n_slices)
         centre = int((rows.min() + rows.max()) // 2)
         step = max(1, (rows.max() - rows.min()) // 4)
-    slices = [max(0, centre - step), centre, min(n_slices - 1, centre + step)]
+        slices = [max(0, centre - step), centre, min(n_slices - 1, centre + step)]
     aspect = spacing[1] / spacing[2]
     vmax = float(np.percentile(dwi_d[dwi_d > 0], 99.5)) if np.any(dwi_d > 0) else 1.0
 

@@ -187,7 +187,7 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
             },
             "config": {**cfg.to_dict(config), "imaging_only": imaging_only, "val_threshold": 0.5,
                        "augment": "gpu_synth"},
-            "val_dice": val_dice, "val_loss": float("nan"), "best_val_dice": state["best"],
+            "val_dice": val_dice, "val_loss": None, "best_val_dice": state["best"],
             "epoch": 0, "step": step, "world_size": 1, "torch_version": torch.__version__,
         }, state["run_dir"] / "checkpoints" / file)
 
