@@ -73,6 +73,7 @@ class Prediction:
         flair_present: whether a FLAIR was used.
         adc_unit: the detected ADC unit.
         registration: FLAIR-to-DWI registration parameters, or None.
+        warnings: what the user should know about this prediction (e.g. FLAIR left out).
     """
 
     probability: np.ndarray
@@ -95,6 +96,7 @@ class Prediction:
     flair_present: bool = False
     adc_unit: str = ""
     registration: dict | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def mean_uncertainty_in_lesion(self) -> float:
@@ -295,5 +297,6 @@ class Predictor:
             flair_present=bool(case.flair_present),
             adc_unit=case.adc_unit,
             registration=case.registration.to_dict() if case.registration is not None else None,
+            warnings=list(case.warnings),
         )
 

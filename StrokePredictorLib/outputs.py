@@ -266,6 +266,7 @@ def summary_dict(prediction: Prediction, *, bundle: dict, inputs: dict) -> dict:
             "flair_present": prediction.flair_present,
             "adc_unit": prediction.adc_unit,
             "registration": prediction.registration,
+            "warnings": prediction.warnings,
             "clinical": prediction.clinical.to_dict(),
             "dwi_geometry": prediction.geometry.to_dict(),
         },

@@ -307,28 +307,36 @@ def register_rigid(
     initial = sitk.CenteredTransformInitializer(
         fixed_image, moving_image, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
     )
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentagePerLevel(list(sampling), seed)
-    if fixed_mask is not None:
-        mask_image = fixed.geometry.apply_to(sitk.GetImageFromArray(
-            ndimage.binary_dilation(fixed_mask, iterations=2).astype(np.uint8)))
-        method.SetMetricFixedMask(mask_image)
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=1.0, minStep=1e-4, numberOfIterations=100, relaxationFactor=0.5,
-        gradientMagnitudeTolerance=1e-8,
-    )
-    method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel([4, 2, 1])
-    method.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
-    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-    method.SetInitialTransform(initial, inPlace=False)
-    try:
-        final = method.Execute(fixed_image, moving_image)
-    except RuntimeError as error:
-        raise InputImageError(f"FLAIR {moving.name} could not be registered to the DWI: {error}") from None
+    # Coarse-to-fine; a schedule that an image is too small or too thin for is replaced by a
+    # shorter one rather than failing the whole prediction.
+    schedules = (([4, 2, 1], [2.0, 1.0, 0.0]), ([2, 1], [1.0, 0.0]), ([1], [0.0]))
+    errors = []
+    for shrink, sigmas in schedules:
+        method = sitk.ImageRegistrationMethod()
+        method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+        method.SetMetricSamplingStrategy(method.RANDOM)
+        method.SetMetricSamplingPercentagePerLevel(list(sampling[-len(shrink):]), seed)
+        if fixed_mask is not None:
+            mask_image = fixed.geometry.apply_to(sitk.GetImageFromArray(
+                ndimage.binary_dilation(fixed_mask, iterations=2).astype(np.uint8)))
+            method.SetMetricFixedMask(mask_image)
+        method.SetInterpolator(sitk.sitkLinear)
+        method.SetOptimizerAsRegularStepGradientDescent(
+            learningRate=1.0, minStep=1e-4, numberOfIterations=100, relaxationFactor=0.5,
+            gradientMagnitudeTolerance=1e-8,
+        )
+        method.SetOptimizerScalesFromPhysicalShift()
+        method.SetShrinkFactorsPerLevel(shrink)
+        method.SetSmoothingSigmasPerLevel(sigmas)
+        method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+        method.SetInitialTransform(initial, inPlace=False)
+        try:
+            final = method.Execute(fixed_image, moving_image)
+            break
+        except RuntimeError as error:
+            errors.append(str(error).strip().splitlines()[-1])
+    else:
+        raise InputImageError(f"FLAIR {moving.name} could not be registered to the DWI: {errors[-1]}")
     if isinstance(final, sitk.CompositeTransform):
         final = final.GetNthTransform(0)
     euler = sitk.Euler3DTransform(final)
@@ -351,6 +359,7 @@ class PreprocessedCase:
         adc_unit: detected unit of the input ADC.
         registration: FLAIR-to-DWI registration, or None.
         timings: seconds per step.
+        warnings: what the user should know (e.g. a FLAIR that could not be registered).
     """
 
     image: np.ndarray
@@ -360,6 +369,7 @@ class PreprocessedCase:
     adc_unit: str
     registration: RegistrationResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _on_dwi_grid(volume: Volume, dwi: Volume, role: str) -> np.ndarray:
@@ -415,6 +425,7 @@ def preprocess(
         InputImageError: an input is unusable; the message names the file and the problem.
     """
     timings: dict[str, float] = {}
+    warnings: list[str] = []
     start = time.perf_counter()
     report = progress or (lambda fraction, message: None)
     check_volume(dwi, "DWI")
@@ -443,15 +454,22 @@ def preprocess(
     flair_on_dwi = None
     if flair is not None:
         tick = time.perf_counter()
-        if register_flair:
-            registration = register_rigid(dwi, flair, fixed_mask=brain)
-            transform: sitk.Transform | None = registration.transform
-        else:
-            transform = None
-        flair_on_dwi = np.clip(
-            resample(flair.array.astype(np.float32), flair.geometry, dwi.geometry, order=1, transform=transform),
-            0, None,
-        )
+        transform: sitk.Transform | None = None
+        try:
+            if register_flair:
+                registration = register_rigid(dwi, flair, fixed_mask=brain)
+                transform = registration.transform
+        except InputImageError as error:
+            # A FLAIR that overlaps the DWI but cannot be registered is left out, not fatal: the
+            # network was trained with FLAIR missing in 30% of cases.
+            logger.warning("%s Predicting without FLAIR.", error)
+            warnings.append(f"{error} The prediction was made without FLAIR.")
+            flair = None
+        if flair is not None:
+            flair_on_dwi = np.clip(
+                resample(flair.array.astype(np.float32), flair.geometry, dwi.geometry, order=1, transform=transform),
+                0, None,
+            )
         timings["registration_s"] = time.perf_counter() - tick
         report(0.25, "FLAIR registered")
 
@@ -466,7 +484,7 @@ def preprocess(
     timings["normalize_resample_s"] = time.perf_counter() - tick
     timings["total_s"] = time.perf_counter() - start
     report(0.3, "preprocessed")
-    return PreprocessedCase(image, flair is not None, brain_model, mapping, adc_unit, registration, timings)
+    return PreprocessedCase(image, flair is not None, brain_model, mapping, adc_unit, registration, timings, warnings)
 
 
 def preprocess_files(

@@ -234,3 +234,19 @@ def test_real_isles_case(isles_case_dir: Path) -> None:
     back = case.mapping.to_source(case.mapping.to_model(mask, order=1), order=1) > 0.5
     assert int(back.sum()) == int(mask.sum()) == 523
     assert np.array_equal(back, mask > 0.5)
+
+
+def test_unregistrable_flair_is_left_out_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    import StrokePredictorLib.preprocess as module
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise InputImageError("FLAIR flair.nii.gz could not be registered to the DWI: too few voxels.")
+
+    monkeypatch.setattr(module, "register_rigid", fail)
+    dwi, adc = _dwi_adc()
+    flair_geometry = centered_geometry((150, 170, 26), (1.0, 1.0, 5.0))
+    flair = Volume(sample(flair_geometry, FLAIR_INTENSITY, smooth_mm=1.0), flair_geometry, Path("flair.nii.gz"))
+    case = preprocess(dwi, adc, flair, grid=ModelGrid((64, 64, 48), (3.0, 3.0, 3.0)))
+    assert not case.flair_present and np.all(case.image[2] == 0)
+    assert case.warnings == ["FLAIR flair.nii.gz could not be registered to the DWI: too few voxels. "
+                             "The prediction was made without FLAIR."]

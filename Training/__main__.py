@@ -23,6 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "evaluate": ("Training.evaluate", "evaluate a checkpoint or bundle with the ISLES 2022 metrics"),
     "ablate": ("Training.ablate", "imaging-only against fusion on the same split"),
     "visualize": ("Training.visualize", "figures: training curves, overlays, reliability diagram, attention"),
+    "card": ("Training.model_card", "write a bundle's model card from measured evaluation results"),
     "export": ("Training.export", "export a checkpoint as a model bundle for the Slicer module"),
 }
 
