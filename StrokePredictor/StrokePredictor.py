@@ -656,7 +656,7 @@ class StrokePredictorTest(ScriptedLoadableModuleTest):
         dwi = slicer.util.loadVolume(str(files["dwi"]))
         adc = slicer.util.loadVolume(str(files["adc"]))
         flair = slicer.util.loadVolume(str(files["flair"])) if "flair" in files else None
-        values = json.loads(files["clinical"].read_text()) if "clinical" in files else {}
+        values = clinical.read_json(files["clinical"]).to_dict() if "clinical" in files else {}
         logic = StrokePredictorLogic()
         self.delayDisplay("Predicting (5 Monte-Carlo samples)")
         result = logic.predict(dwi, adc, flair, values, bundle=logic.resolveBundle("acute"), mcSamples=5,

@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             files, case = _phantom_case(work / "case"), "ISLES-sized phantom (112x112x73 at 2 mm + FLAIR)"
             bundle = bundle or _random_lite_bundle(work / "bundle")
-        clinical = json.loads(files["clinical"].read_text()) if "clinical" in files else {"nihss": 12, "age": 70}
+        from StrokePredictorLib.clinical import read_json
+
+        clinical = read_json(files["clinical"]).to_dict() if "clinical" in files else {"nihss": 12, "age": 70}
         times, cli_timings = [], []
         for _ in range(args.repeats):
             env = slicer_env.make_scene()
