@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from StrokePredictorLib.clinical import encode
+from StrokePredictorLib.preprocess import Normalization
 
 logger = logging.getLogger(__name__)
 
@@ -292,8 +293,6 @@ class SynthConfig:
     class_gain: float = 0.2
     gamma_sd: float = 0.15
     mimic_rate: float = 2.0  # mean number of T2 shine-through mimics per case
-    clip_relative: float = 6.0
-    adc_clip: float = 4.0
 
 
 def _uniform(generator: torch.Generator, n: int, low: float, high: float, device: torch.device) -> torch.Tensor:
@@ -362,12 +361,15 @@ class GpuSynthesizer:
         grid_size: model grid (i, j, k) voxels; spacing is the pack's (2 mm).
         device: where to synthesise (a CUDA device in training; CPU works for tests).
         config: randomisation ranges.
+        normalization: the intensity normalisation of :mod:`StrokePredictorLib.preprocess` (the same
+            definition as at inference; its clip values and ADC scale are applied here on the GPU).
     """
 
     def __init__(self, pack: Pack, grid_size: tuple[int, int, int], device: torch.device | str,
-                 config: SynthConfig = SynthConfig()) -> None:
+                 config: SynthConfig = SynthConfig(), normalization: Normalization | None = None) -> None:
         self.device = torch.device(device)
         self.config = config
+        self.normalization = normalization or Normalization()
         self.grid_size = tuple(int(v) for v in grid_size)
         self.spacing = float(np.linalg.norm(pack.affine_lps[:3, 0]))
         anatomy = np.stack([pack.maps[name] for name in ("gm", "wm", "csf", "brain")])
@@ -486,10 +488,11 @@ class GpuSynthesizer:
         eroded = -F.max_pool3d(-brain.float(), 3, 1, 1) > 0.5
         brain = torch.where((grow < 0.25).view(n, 1, 1, 1, 1), dilated,
                             torch.where((grow > 0.75).view(n, 1, 1, 1, 1), eroded, brain))
+        norm = self.normalization
         image = torch.cat([
-            (dwi / _median_in(dwi, brain)).clamp(0, c.clip_relative),
-            adc_measured.clamp(0, c.adc_clip),
-            (flair / _median_in(flair, brain)).clamp(0, c.clip_relative) * flair_present.view(n, 1, 1, 1, 1),
+            (dwi / _median_in(dwi, brain)).clamp(0, norm.clip_relative),
+            (adc_measured * norm.adc_scale / 1000.0).clamp(0, norm.adc_clip),  # ADC here is in 10^-3 mm^2/s
+            (flair / _median_in(flair, brain)).clamp(0, norm.clip_relative) * flair_present.view(n, 1, 1, 1, 1),
         ], dim=1) * brain
         acute, grown = (lesion >= 0.5).float(), (outcome >= 0.5).float()
         return {
