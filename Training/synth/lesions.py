@@ -72,13 +72,24 @@ def severity_map(binary: np.ndarray, spacing_mm: float, rng: np.random.Generator
     ``core_depth_mm`` inside, modulated by a smooth texture (+-20%)."""
     if not binary.any():
         return np.zeros(binary.shape, np.float32)
-    depth = ndimage.distance_transform_edt(binary, sampling=spacing_mm).astype(np.float32)
-    ramp = np.clip((depth - spacing_mm * 0.5) / core_depth_mm, 0, 1) ** 0.8
     texture = 1.0 + 0.2 * smooth_noise(rng, binary.shape, 1.0)
-    sev = (rim_floor + (1.0 - rim_floor) * ramp) * texture
+    # Distances are computed in the lesion's bounding box plus a margin: exact inside the lesion
+    # (its border lies in the box) and outside up to the margin, beyond which the fade
+    # rim_floor * exp(-distance / spacing) is below 5e-5 and is set to 0. Much faster than the
+    # whole volume for the usual small lesions.
+    margin = 10
+    where = np.argwhere(binary)
+    lo = np.maximum(where.min(axis=0) - margin, 0)
+    hi = np.minimum(where.max(axis=0) + margin + 1, binary.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    crop = binary[box]
+    depth = ndimage.distance_transform_edt(crop, sampling=spacing_mm).astype(np.float32)
+    ramp = np.clip((depth - spacing_mm * 0.5) / core_depth_mm, 0, 1) ** 0.8
+    inside = (rim_floor + (1.0 - rim_floor) * ramp) * texture[box]
     # let the strength fade smoothly just outside the mask, for partial volume
-    outside = ndimage.distance_transform_edt(~binary, sampling=spacing_mm).astype(np.float32)
-    sev = np.where(binary, sev, rim_floor * np.exp(-outside / spacing_mm))
+    outside = ndimage.distance_transform_edt(~crop, sampling=spacing_mm).astype(np.float32)
+    sev = np.zeros(binary.shape, np.float32)
+    sev[box] = np.where(crop, inside, rim_floor * np.exp(-outside / spacing_mm))
     return np.clip(sev, 0, 1.2).astype(np.float32)
 
 

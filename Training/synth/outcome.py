@@ -84,7 +84,15 @@ def outcome_fraction(template: Template, core: np.ndarray, *, nihss: float, onse
     territories = territories[territories > 0]
     allowed = np.isin(template.territory, territories) & ((template.gm + template.wm) > 0.4)
     allowed = ndimage.binary_dilation(allowed, iterations=1) & (template.brain > 0.5)
-    distance = ndimage.distance_transform_edt(~binary, sampling=template.spacing_mm)
+    # only voxels within MAX_DISTANCE_MM of the core can join: compute distances in the core's
+    # bounding box plus that margin (exact there), +inf elsewhere
+    margin = int(np.ceil(MAX_DISTANCE_MM / template.spacing_mm)) + 1
+    where = np.argwhere(binary)
+    lo = np.maximum(where.min(axis=0) - margin, 0)
+    hi = np.minimum(where.max(axis=0) + margin + 1, binary.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    distance = np.full(binary.shape, np.inf)
+    distance[box] = ndimage.distance_transform_edt(~binary[box], sampling=template.spacing_mm)
     candidates = allowed & ~binary & (distance <= MAX_DISTANCE_MM)
     flat = np.flatnonzero(candidates)
     score = distance.ravel()[flat] / MAX_DISTANCE_MM + 0.25 * noise.ravel()[flat]
