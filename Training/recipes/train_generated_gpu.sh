@@ -4,7 +4,7 @@
 #
 #   bash Training/recipes/train_generated_gpu.sh OUT_DIR [CASES=160] [SECONDS_PER_TASK=180] [MODE=randomized]
 #
-# Writes OUT_DIR/bundles/{acute,outcome} (model bundles) and OUT_DIR/work/{data,cache,runs}.
+# Writes OUT_DIR/bundles/{acute,outcome} (model bundles) and OUT_DIR/scratch/{data,cache,runs}.
 # `python` must have the requirements. The two tasks train at the same time on the one GPU
 # (PARALLEL=0: one after the other). Wall time is about generation + preprocessing +
 # SECONDS_PER_TASK (twice with PARALLEL=0) + ~1 min of start-up and export.
@@ -21,7 +21,7 @@ STEPS_PER_EPOCH=${STEPS_PER_EPOCH:-200}
 WORKERS=${WORKERS:-$(nproc)}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-WORK=$OUT/work
+WORK=$OUT/scratch
 cd "$REPO"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 start=$SECONDS
