@@ -48,6 +48,7 @@ from StrokePredictorSlicer.runner import ProcessHandle, ProcessRunner, SlicerPro
 
 from StrokePredictorLib import clinical  # noqa: E402 (light: numpy only)
 from StrokePredictorLib.errors import BundleError, StrokePredictorError  # noqa: E402
+from StrokePredictorLib.io import find_case_files  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -81,16 +82,7 @@ class StrokePredictor(ScriptedLoadableModule):
 
 def sampleDataFiles() -> dict[str, Path] | None:
     """The bundled sample case: ``{"dwi", "adc", "flair"?, "clinical"?}`` or None when absent."""
-    if not SAMPLE_DATA_DIR.is_dir():
-        return None
-    found: dict[str, Path] = {}
-    for role, patterns in (("dwi", ("*dwi*.nii*", "*DWI*.nii*")), ("adc", ("*adc*.nii*", "*ADC*.nii*")),
-                           ("flair", ("*flair*.nii*", "*FLAIR*.nii*")), ("clinical", ("*clinical*.json",))):
-        for pattern in patterns:
-            hits = sorted(SAMPLE_DATA_DIR.glob(pattern))
-            if hits:
-                found[role] = hits[0]
-                break
+    found = find_case_files(SAMPLE_DATA_DIR)
     return found if "dwi" in found and "adc" in found else None
 
 

@@ -413,6 +413,30 @@ def _json_default(value: object) -> object:
     raise TypeError(f"Cannot serialise {type(value).__name__} to JSON.")
 
 
+_CASE_FILE_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("dwi", ("*dwi*.nii*", "*DWI*.nii*")),
+    ("adc", ("*adc*.nii*", "*ADC*.nii*")),
+    ("flair", ("*flair*.nii*", "*FLAIR*.nii*")),
+    ("clinical", ("*clinical*.json",)),
+)
+
+
+def find_case_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """The files of one case in a flat folder, by name: ``{"dwi", "adc", "flair", "clinical"}``
+    (each key only when a file matches; the first match in sorted order wins)."""
+    folder = Path(folder)
+    found: dict[str, Path] = {}
+    if not folder.is_dir():
+        return found
+    for role, patterns in _CASE_FILE_PATTERNS:
+        for pattern in patterns:
+            hits = sorted(folder.glob(pattern))
+            if hits:
+                found[role] = hits[0]
+                break
+    return found
+
+
 # ----------------------------------------------------------------------------------------
 # ISLES 2022 discovery
 # ----------------------------------------------------------------------------------------

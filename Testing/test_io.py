@@ -14,7 +14,15 @@ import SimpleITK as sitk
 from phantoms import rotation_direction
 
 from StrokePredictorLib.errors import InputImageError, OutputExistsError
-from StrokePredictorLib.io import Geometry, Volume, check_volume, discover_isles, read_volume, write_volume
+from StrokePredictorLib.io import (
+    Geometry,
+    Volume,
+    check_volume,
+    discover_isles,
+    find_case_files,
+    read_volume,
+    write_volume,
+)
 
 GEOMETRIES = {
     "axis-aligned LPS": Geometry((12, 10, 8), (1.0, 1.0, 1.0), (5.0, -3.0, 2.0)),
@@ -253,3 +261,16 @@ def test_scaled_integer_nifti_applies_the_slope(tmp_path: Path) -> None:
     nib.save(image, str(tmp_path / "scaled.nii.gz"))
     volume = read_volume(tmp_path / "scaled.nii.gz")
     assert volume.array[0, 0, 1] == pytest.approx(10.0 + 0.5 * 12)  # [k, j, i] = i=1 -> value 12 in C order
+
+
+def test_find_case_files_by_name(tmp_path: Path) -> None:
+    geometry = GEOMETRIES["axis-aligned LPS"]
+    for name in ("case_DWI.nii.gz", "case_adc.nii.gz", "case_clinical.json"):
+        if name.endswith(".json"):
+            (tmp_path / name).write_text("{}")
+        else:
+            write_volume(_array(geometry), geometry, tmp_path / name)
+    found = find_case_files(tmp_path)
+    assert {role: path.name for role, path in found.items()} == {
+        "dwi": "case_DWI.nii.gz", "adc": "case_adc.nii.gz", "clinical": "case_clinical.json"}
+    assert find_case_files(tmp_path / "missing") == {}

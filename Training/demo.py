@@ -17,6 +17,7 @@ from pathlib import Path
 
 from StrokePredictorLib.bundle import default_bundle_dir
 from StrokePredictorLib.errors import StrokePredictorError
+from StrokePredictorLib.io import find_case_files
 from Training import config as cfg
 
 logger = logging.getLogger(__name__)
@@ -34,15 +35,10 @@ class DemoConfig:
     device: str = field(default="auto", metadata={"help": "auto|cpu|cuda"})
 
 
-def sample_case(folder: Path) -> dict[str, Path | None]:
-    """The sample case's files: ``dwi``, ``adc``, ``flair`` (optional) and ``clinical`` JSON."""
-    def find(pattern: str) -> Path | None:
-        hits = sorted(folder.glob(pattern))
-        return hits[0] if hits else None
-
-    files = {"dwi": find("*dwi*.nii*"), "adc": find("*adc*.nii*"), "flair": find("*flair*.nii*")
-             or find("*FLAIR*.nii*"), "clinical": find("*clinical*.json")}
-    missing = [name for name in ("dwi", "adc") if files[name] is None]
+def sample_case(folder: Path) -> dict[str, Path]:
+    """The sample case's files: ``dwi``, ``adc``, ``flair`` (optional) and ``clinical`` JSON (optional)."""
+    files = find_case_files(folder)
+    missing = [name for name in ("dwi", "adc") if name not in files]
     if missing:
         raise StrokePredictorError(f"The sample case in {folder} has no {' or '.join(missing)} file.")
     return files
@@ -60,9 +56,9 @@ def main(argv: list[str]) -> int:
     arguments = ["--dwi", str(files["dwi"]), "--adc", str(files["adc"]), "--bundle", str(bundle),
                  "--out", str(config.out), "--mc-samples", str(config.mc_samples), "--device", config.device,
                  "--overwrite"]
-    if files["flair"] is not None:
+    if "flair" in files:
         arguments += ["--flair", str(files["flair"])]
-    if files["clinical"] is not None:
+    if "clinical" in files:
         arguments += ["--clinical", str(files["clinical"])]
     print(f"Sample case: {Path(config.sample)} (simulated MR on a real SOOP lesion shape)")
     print(f"Model bundle: {bundle}")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,13 +69,6 @@ def _variant(name: str) -> tuple[str, bool]:
     return task, suffix == "imaging"
 
 
-def _lr_factor(progress: float, warmup: float, min_ratio: float) -> float:
-    if progress < warmup:
-        return max(progress / max(warmup, 1e-9), 0.01)
-    rest = min((progress - warmup) / max(1 - warmup, 1e-9), 1.0)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * rest))
-
-
 def _dice_per_case(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     prediction = logits > 0
     truth = target > 0.5
@@ -94,7 +86,7 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
     from StrokePredictorLib.network import NetworkConfig, StrokeNet
     from StrokePredictorLib.preprocess import ModelGrid, Normalization
     from Training.gpu_synth import GpuSynthesizer, LabelSampler, Pack
-    from Training.train import save_checkpoint
+    from Training.train import lr_factor, save_checkpoint
 
     variants = {name: _variant(name) for name in config.variants}
     device = resolve_device(config.device)
@@ -205,7 +197,8 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
         image = batch["image"].contiguous(memory_format=torch.channels_last_3d) if channels_last else batch["image"]
         elapsed = time.perf_counter() - start
         progress = step / config.max_steps if config.max_steps else elapsed / max(config.time_limit, 1e-9)
-        factor = _lr_factor(progress, config.warmup, config.min_lr_ratio)
+        # the shared schedule on a 10,000-tick clock, so that it can follow elapsed time
+        factor = lr_factor(int(progress * 10_000), max(int(config.warmup * 10_000), 1), 10_000, config.min_lr_ratio)
         for name, (task, _) in variants.items():
             state = runs[name]
             for group in state["optimizer"].param_groups:

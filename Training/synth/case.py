@@ -225,20 +225,22 @@ def _named(name: str, grids: tuple[acq.GridSpec, ...]) -> acq.GridSpec:
     raise ValueError(f"Unknown grid '{name}'; known: {', '.join(g.name for g in grids)}.")
 
 
-def _flair_grid(params: SynthesisParams, rng: np.random.Generator) -> acq.GridSpec:
-    if params.flair_grid:
-        return _named(params.flair_grid, acq.FLAIR_GRIDS + acq.OOD_FLAIR_GRIDS + acq.TINY_FLAIR_GRIDS)
+def _grid(name: str | None, params: SynthesisParams, rng: np.random.Generator, normal: tuple[acq.GridSpec, ...],
+          ood: tuple[acq.GridSpec, ...], tiny: tuple[acq.GridSpec, ...]) -> acq.GridSpec:
+    """A named grid, the tiny one, or one drawn from the normal or out-of-distribution variety."""
+    if name:
+        return _named(name, normal + ood + tiny)
     if params.tiny:
-        return acq.TINY_FLAIR_GRIDS[0]
-    return acq.choose(rng, acq.OOD_FLAIR_GRIDS if params.ood else acq.FLAIR_GRIDS)
+        return tiny[0]
+    return acq.choose(rng, ood if params.ood else normal)
+
+
+def _flair_grid(params: SynthesisParams, rng: np.random.Generator) -> acq.GridSpec:
+    return _grid(params.flair_grid, params, rng, acq.FLAIR_GRIDS, acq.OOD_FLAIR_GRIDS, acq.TINY_FLAIR_GRIDS)
 
 
 def _dwi_grid(params: SynthesisParams, rng: np.random.Generator) -> acq.GridSpec:
-    if params.dwi_grid:
-        return _named(params.dwi_grid, acq.DWI_GRIDS + acq.OOD_DWI_GRIDS + acq.TINY_DWI_GRIDS)
-    if params.tiny:
-        return acq.TINY_DWI_GRIDS[0]
-    return acq.choose(rng, acq.OOD_DWI_GRIDS if params.ood else acq.DWI_GRIDS)
+    return _grid(params.dwi_grid, params, rng, acq.DWI_GRIDS, acq.OOD_DWI_GRIDS, acq.TINY_DWI_GRIDS)
 
 
 def _lesion(params: SynthesisParams, template: Template, rng: np.random.Generator) -> Lesion:
