@@ -221,12 +221,15 @@ def brain_mask(dwi: np.ndarray, spacing: tuple[float, float, float], erosion_mm:
 
     Works on skull-stripped images (where it is essentially the non-zero head) and on clinical
     images with skull and scalp: threshold (Otsu on the smoothed positive intensities); the part
-    above the threshold is eroded by ``erosion_mm`` to cut the thin bridges between scalp and
-    brain, its largest connected component is dilated back within the foreground (above 0.6 x
-    the threshold), and holes are filled slice by slice and in 3-D.
+    above the threshold, smoothed more strongly (4 mm), is eroded by ``erosion_mm`` to cut the thin
+    bridges between scalp and brain, its largest connected component is dilated back within the
+    foreground (above 0.6 x the threshold), and holes are filled slice by slice and in 3-D. The
+    strong smoothing of the seed matters for noisy and thick-slice (5-6 mm) clinical DWI, whose
+    bright part is otherwise too ragged to survive the erosion.
     """
     spacing_kji = np.asarray(spacing[::-1], dtype=float)
-    smooth = ndimage.gaussian_filter(dwi.astype(np.float32), sigma=1.0 / spacing_kji * 2.0)
+    data = dwi.astype(np.float32)
+    smooth = ndimage.gaussian_filter(data, sigma=2.0 / spacing_kji)
     positive = smooth[smooth > 0]
     if positive.size < 10:
         return np.zeros(dwi.shape, dtype=bool)
@@ -234,8 +237,12 @@ def brain_mask(dwi: np.ndarray, spacing: tuple[float, float, float], erosion_mm:
     foreground = smooth > threshold * 0.6
     skull_stripped = float((dwi <= 0).mean()) > 0.25 and float((dwi > 0).mean()) > 0.05
     radius = erosion_mm / spacing_kji
-    # the seed is eroded from the brighter part only: noise and scalp sit near the threshold
-    core = ndimage.binary_erosion(smooth > threshold, _ball(radius)) if not skull_stripped else foreground
+    if skull_stripped:
+        core = foreground
+    else:
+        # the seed is eroded from the brighter part only: noise and scalp sit near the threshold
+        seed = ndimage.gaussian_filter(data, sigma=np.maximum(4.0 / spacing_kji, 0.5)) > threshold
+        core = ndimage.binary_erosion(seed, _ball(radius))
     labels, count = ndimage.label(core)
     if count == 0:
         return foreground

@@ -5,9 +5,10 @@
 The pack (:mod:`Training.gpu_synth`) holds the 2 mm MNI tissue maps and every SOOP lesion with
 its participant's clinical values; 15% of the participants (by a hash of their id) are held out
 (5% validation, 10% test).
-``--heldout-dir`` writes a SOOP-shaped folder (links to the held-out lesion files plus
-``participants.tsv``) that ``python -m Training generate --lesions DIR`` can use to build test
-cases whose lesions the network never saw.
+``--heldout-dir`` writes a SOOP-shaped folder (links to the held-out lesion files of
+``--heldout-split``, ``test`` or ``val``, plus ``participants.tsv``) that
+``python -m Training generate --lesions DIR`` can use to build test or validation cases whose
+lesions the network never saw.
 """
 
 from __future__ import annotations
@@ -31,17 +32,21 @@ class SynthPackConfig:
     workers: int = field(default=2, metadata={"help": "processes reading lesion masks"})
     heldout_dir: Path | None = field(default=None,
                                       metadata={"help": "also write a SOOP-shaped folder of held-out lesions"})
+    heldout_split: str = field(default="test", metadata={"help": "which held-out participants: test or val"})
     skip_pack: bool = field(default=False, metadata={"help": "only write --heldout-dir"})
 
 
-def write_heldout_dir(soop: Path, out: Path) -> int:
-    """Link the test participants' lesion files into ``out`` (copy where links fail)."""
+def write_heldout_dir(soop: Path, out: Path, split: str = "test") -> int:
+    """Link the lesion files of the ``split`` participants (test or val) into ``out`` (copy where
+    links fail)."""
+    if split not in ("test", "val"):
+        raise ValueError(f"heldout_split must be 'test' or 'val', got '{split}'")
     (out / "lesions").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(soop / "participants.tsv", out / "participants.tsv")
     count = 0
     for path in sorted((soop / "lesions").glob("bwsrsub-*_lesion.nii.gz")):
         participant = "sub-" + path.name[len("bwsrsub-"):-len("_lesion.nii.gz")]
-        if participant_split(participant) != "test":
+        if participant_split(participant) != split:
             continue
         target = out / "lesions" / path.name
         if not target.exists():
@@ -59,6 +64,6 @@ def main(argv: list[str]) -> int:
         build_pack(config.soop, config.out, workers=config.workers)
         print(f"wrote {config.out}")
     if config.heldout_dir is not None:
-        count = write_heldout_dir(config.soop, config.heldout_dir)
-        print(f"wrote {count} held-out lesions to {config.heldout_dir}")
+        count = write_heldout_dir(config.soop, config.heldout_dir, config.heldout_split)
+        print(f"wrote {count} held-out {config.heldout_split} lesions to {config.heldout_dir}")
     return 0
