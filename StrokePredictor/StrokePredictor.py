@@ -127,7 +127,8 @@ class StrokePredictorParameterNode:
     clinicalJson: the clinical form as JSON ``{field: raw text}`` (empty or missing = unknown).
     model: bundled model ("acute" lesion, "outcome" final infarct) or "bundle folder".
     bundleFolder: a model bundle folder (used when model is "bundle folder").
-    device: "auto", "cpu" or "cuda". mcSamples: Monte-Carlo dropout samples. threshold: lesion threshold.
+    device: "auto", "cpu" or "cuda". mcSamples: Monte-Carlo dropout samples. threshold: lesion threshold, used when
+    modelThreshold is off (on: the bundle's threshold, chosen on validation data).
     opacity, displayLayer: how the results are shown. The other fields are the last result's nodes.
     """
 
@@ -140,6 +141,7 @@ class StrokePredictorParameterNode:
     device: Annotated[str, Choice(list(cli.DEVICES))] = "auto"
     mcSamples: Annotated[int, WithinRange(1, 200)] = 20
     threshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
+    modelThreshold: bool = True
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
     displayLayer: Annotated[str, Choice(["probability", "uncertainty", "attention"])] = "probability"
     probability: vtkMRMLScalarVolumeNode
@@ -321,6 +323,7 @@ class StrokePredictorWidget(ScriptedLoadableModuleWidget):
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         p = self._parameterNode
         self.ui.bundlePathEdit.setEnabled(p.model == "bundle folder")
+        self.ui.thresholdSlider.setEnabled(not p.modelThreshold)
         self._updateValidation()
 
     def onBundleFolderChanged(self, path: str) -> None:
@@ -338,7 +341,8 @@ class StrokePredictorWidget(ScriptedLoadableModuleWidget):
             self.ui.statusLabel.text = "Starting..."
             self._job = self.logic.startPrediction(
                 p.dwi, p.adc, p.flair, json.loads(p.clinicalJson or "{}"), bundle=bundle, device=p.device,
-                mcSamples=p.mcSamples, threshold=p.threshold, onProgress=self._onProgress,
+                mcSamples=p.mcSamples, threshold=None if p.modelThreshold else p.threshold,
+                onProgress=self._onProgress,
                 onFinished=self._onFinished,
             )
             self.ui.cancelButton.setEnabled(True)
@@ -545,7 +549,7 @@ class StrokePredictorLogic(ScriptedLoadableModuleLogic):
         bundle: str | os.PathLike,
         device: str = "auto",
         mcSamples: int = 20,
-        threshold: float = 0.5,
+        threshold: float | None = None,
         seed: int = 0,
         onProgress: Callable[[float, str], None] | None = None,
         onFinished: Callable[[PredictionJob], None] | None = None,

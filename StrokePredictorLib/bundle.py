@@ -31,6 +31,8 @@ from StrokePredictorLib import __version__
 from StrokePredictorLib.clinical import FEATURE_NAMES, SCHEMA_VERSION
 from StrokePredictorLib.errors import BundleError, OutputExistsError, StrokePredictorError
 from StrokePredictorLib.network import NetworkConfig, StrokeNet, count_parameters
+from StrokePredictorLib.postprocess import DEFAULT as DEFAULT_POSTPROCESSING
+from StrokePredictorLib.postprocess import PostProcessing
 from StrokePredictorLib.preprocess import CHANNELS, ModelGrid, Normalization
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,8 @@ class Bundle:
         normalization: intensity normalisation the network was trained with.
         task: ``acute`` or ``outcome``.
         directory: the bundle folder.
+        postprocessing: threshold, flip averaging and smallest component, chosen on validation
+            data (:mod:`StrokePredictorLib.postprocess`); the defaults when ``model.json`` has none.
     """
 
     model: StrokeNet
@@ -103,6 +107,7 @@ class Bundle:
     normalization: Normalization
     task: str
     directory: Path
+    postprocessing: PostProcessing = DEFAULT_POSTPROCESSING
 
     @property
     def name(self) -> str:
@@ -156,6 +161,7 @@ def save_bundle(
     overwrite: bool = False,
     name: str | None = None,
     version: str | None = None,
+    postprocessing: PostProcessing | None = None,
 ) -> Path:
     """Write ``weights.safetensors`` and ``model.json`` into ``directory`` atomically.
 
@@ -173,6 +179,8 @@ def save_bundle(
         overwrite: replace an existing bundle.
         name: bundle name (default: the folder name).
         version: bundle version (default: the library version).
+        postprocessing: stored under ``postprocessing`` when given (``python -m Training
+            postprocess`` chooses it on validation data).
 
     Returns:
         The bundle folder.
@@ -216,6 +224,7 @@ def save_bundle(
         "clinical_schema_version": SCHEMA_VERSION,
         "data": data,
         "metrics": metrics,
+        **({"postprocessing": postprocessing.to_dict()} if postprocessing is not None else {}),
         "library_version": __version__,
         "torch_version": torch.__version__,
         "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(payload), "bytes": len(payload), "dtype": "float32"},
@@ -295,6 +304,7 @@ def load_bundle(directory: str | os.PathLike | None = None, device: str | torch.
         grid = ModelGrid.from_dict(metadata["grid"])
         normalization = Normalization.from_dict(metadata.get("normalization", {}))
         task = str(metadata["task"])
+        postprocessing = PostProcessing.from_dict(metadata.get("postprocessing"))
     except (KeyError, TypeError, ValueError) as error:
         raise BundleError(f"{metadata_path} is incomplete or invalid: {error!r}.") from None
     if task not in TASKS:
@@ -338,7 +348,7 @@ def load_bundle(directory: str | os.PathLike | None = None, device: str | torch.
         )
     model.to(resolve_device(device)).eval()
     logger.info("Loaded %s bundle %s (sha256 %s).", task, directory, actual_sha[:12])
-    return Bundle(model, config, metadata, grid, normalization, task, directory)
+    return Bundle(model, config, metadata, grid, normalization, task, directory, postprocessing)
 
 
 # Model grids the presets are meant for (i, j, k voxels and mm). LITE covers an adult brain at

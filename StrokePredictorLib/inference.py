@@ -14,12 +14,17 @@ Outputs (all resampled by world position onto the input DWI grid):
 * ``probability``: mean over the samples of the voxel probability (0..1);
 * ``entropy``: **predictive entropy** of that mean probability, in bits (0..1): total uncertainty;
 * ``std``: **Monte-Carlo standard deviation** of the probability over the samples (model uncertainty);
-* ``mask``: ``probability >= threshold`` (uint8 0/1);
+* ``mask``: ``probability >= threshold`` (uint8 0/1), without components smaller than the
+  bundle's ``min_component_ml``;
 * ``samples_volume_ml``: lesion volume of each sample (voxels with ``p >= threshold`` on the model
-  grid, times the model voxel volume), giving the median and the 95% interval;
+  grid, small components removed the same way, times the model voxel volume), giving the median
+  and the 95% interval;
 * ``feature_attention`` and ``spatial_attention``: see :mod:`StrokePredictorLib.network`.
 
-Predictions outside the brain mask found by preprocessing are set to 0. On CUDA the network runs
+Predictions outside the brain mask found by preprocessing are set to 0. The threshold, the
+left-right flip averaging (the network also sees the mirrored input; each Monte-Carlo sample uses
+the same dropout mask for both views) and the smallest component kept come from the bundle
+(:mod:`StrokePredictorLib.postprocess`) unless the caller overrides them. On CUDA the network runs
 under bf16 autocast; sampling and statistics are float32.
 """
 
@@ -33,12 +38,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from StrokePredictorLib.bundle import Bundle, load_bundle, resolve_device
 from StrokePredictorLib.clinical import FEATURE_NAMES, ClinicalRecord, encode
 from StrokePredictorLib.errors import StrokePredictorError
 from StrokePredictorLib.io import Geometry, Volume, read_volume
+from StrokePredictorLib.postprocess import count_components, remove_small_components
 from StrokePredictorLib.preprocess import PreprocessedCase, preprocess
 
 logger = logging.getLogger(__name__)
@@ -59,7 +64,7 @@ class Prediction:
         probability: float32 mean lesion probability over the MC samples, 0..1.
         entropy: float32 predictive entropy of ``probability`` in bits, 0..1.
         std: float32 MC standard deviation of the probability.
-        mask: uint8 0/1, ``probability >= threshold``.
+        mask: uint8 0/1, ``probability >= threshold`` without components under ``min_component_ml``.
         spatial_attention: float32 0..1, where the clinical tokens attended.
         geometry: the DWI grid.
         threshold: probability threshold of ``mask``.
@@ -74,6 +79,7 @@ class Prediction:
         adc_unit: the detected ADC unit.
         registration: FLAIR-to-DWI registration parameters, or None.
         warnings: what the user should know about this prediction (e.g. FLAIR left out).
+        postprocessing: threshold, flip averaging and smallest component used (a dict).
     """
 
     probability: np.ndarray
@@ -97,6 +103,7 @@ class Prediction:
     adc_unit: str = ""
     registration: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    postprocessing: dict = field(default_factory=dict)
 
     @property
     def mean_uncertainty_in_lesion(self) -> float:
@@ -122,11 +129,14 @@ class Predictor:
         device: ``auto`` (CUDA when present, else CPU with a warning), ``cpu``, ``cuda``.
         mc_samples: Monte-Carlo dropout samples N (at least 1).
         seed: seed of the dropout masks (same seed, same result).
-        threshold: probability threshold of the lesion mask, in (0, 1).
+        threshold: probability threshold of the lesion mask, in (0, 1); None: the bundle's.
         deterministic: dropout off: all samples equal the deterministic prediction (zero spread).
+        min_component_ml: remove lesion components smaller than this (mL); None: the bundle's.
+        flip_tta: average with the left-right mirrored input; None: the bundle's.
 
     Raises:
-        StrokePredictorError: bad device, sample count or threshold; BundleError for a bad bundle.
+        StrokePredictorError: bad device, sample count, threshold or component size; BundleError
+            for a bad bundle.
     """
 
     def __init__(
@@ -135,14 +145,18 @@ class Predictor:
         device: str = "auto",
         mc_samples: int = 20,
         seed: int = 0,
-        threshold: float = 0.5,
+        threshold: float | None = None,
         deterministic: bool = False,
+        min_component_ml: float | None = None,
+        flip_tta: bool | None = None,
     ) -> None:
         self.device = resolve_device(device)
         if int(mc_samples) < 1:
             raise StrokePredictorError(f"The number of Monte-Carlo samples must be at least 1, got {mc_samples}.")
-        if not 0.0 < float(threshold) < 1.0:
+        if threshold is not None and not 0.0 < float(threshold) < 1.0:
             raise StrokePredictorError(f"The probability threshold must lie strictly between 0 and 1, got {threshold}.")
+        if min_component_ml is not None and not float(min_component_ml) >= 0.0:
+            raise StrokePredictorError(f"The smallest lesion component must be at least 0 mL, got {min_component_ml}.")
         if isinstance(bundle, Bundle):
             bundle.model.to(self.device).eval()
             self.bundle = bundle
@@ -150,8 +164,17 @@ class Predictor:
             self.bundle = load_bundle(bundle, device=self.device)
         self.mc_samples = int(mc_samples)
         self.seed = int(seed)
-        self.threshold = float(threshold)
+        self.postprocessing = self.bundle.postprocessing.replace(
+            threshold=None if threshold is None else float(threshold),
+            min_component_ml=None if min_component_ml is None else float(min_component_ml),
+            flip_tta=None if flip_tta is None else bool(flip_tta),
+        )
         self.deterministic = bool(deterministic)
+
+    @property
+    def threshold(self) -> float:
+        """Probability threshold of the lesion mask."""
+        return self.postprocessing.threshold
 
     # -- public API ----------------------------------------------------------------------
     def predict(
@@ -214,16 +237,16 @@ class Predictor:
         device = self.device
         report(0.45, "running the network")
         tick = time.perf_counter()
+        post = self.postprocessing
         with torch.inference_mode():
             image = torch.from_numpy(np.ascontiguousarray(case.image))[None].to(device)
+            clinical_inputs = (torch.from_numpy(values)[None].to(device), torch.from_numpy(missing)[None].to(device),
+                               torch.tensor([case.flair_present], device=device))
             autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
             with autocast:
-                out = model.features(
-                    image,
-                    torch.from_numpy(values)[None].to(device),
-                    torch.from_numpy(missing)[None].to(device),
-                    torch.tensor([case.flair_present], device=device),
-                )
+                out = model.features(image, *clinical_inputs)
+                # left-right mirror: the i axis of the model grid (last array axis) points left
+                mirrored = model.features(image.flip(-1), *clinical_inputs) if post.flip_tta else None
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             timings["network_s"] = time.perf_counter() - tick
@@ -235,9 +258,14 @@ class Predictor:
             # cost scales with the brain, not the grid.
             brain = torch.from_numpy(case.brain).to(device).flatten()
             index = torch.nonzero(brain).flatten()
-            features = out["features"].flatten(2)[:, :, index][..., None, None]  # (1, C, Vb, 1, 1)
-            logits = model.sample_logits(features, n_computed, generator, self.deterministic).flatten(1)  # (N, Vb)
+            features = out["features"].flatten(2)[:, :, index]  # (1, C, Vb)
+            if mirrored is not None:  # both views in one batch of voxels: each sample, one dropout mask
+                features = torch.cat([features, mirrored["features"].flip(-1).flatten(2)[:, :, index]], dim=2)
+            logits = model.sample_logits(features[..., None, None], n_computed, generator,
+                                         self.deterministic).flatten(1)  # (N, Vb or 2 Vb)
             probs = torch.sigmoid(logits)
+            if mirrored is not None:
+                probs = 0.5 * (probs[:, : index.numel()] + probs[:, index.numel():])
             mean = torch.zeros(brain.numel(), device=device)
             std = torch.zeros(brain.numel(), device=device)
             mean[index] = probs.mean(dim=0)
@@ -246,13 +274,18 @@ class Predictor:
             mean = mean.reshape(case.brain.shape)
             std = std.reshape(case.brain.shape)
             voxel_ml = float(np.prod(case.mapping.model.spacing)) / 1000.0
-            sample_volumes = (probs >= self.threshold).sum(dim=1).double().cpu().numpy() * voxel_ml
+            sample_volumes = self._sample_volumes(probs, index, case.brain.shape, voxel_ml)
             if n_computed != self.mc_samples:
                 sample_volumes = np.repeat(sample_volumes, self.mc_samples)
             mean_np = mean.float().cpu().numpy()
             std_np = std.float().cpu().numpy()
-            spatial_np = out["spatial_attention"][0, 0].float().cpu().numpy()
-            weights = out["feature_attention"][0].double().cpu().numpy()
+            spatial = out["spatial_attention"][0, 0].float()
+            weights = out["feature_attention"][0].double()
+            if mirrored is not None:
+                spatial = 0.5 * (spatial + mirrored["spatial_attention"][0, 0].float().flip(-1))
+                weights = 0.5 * (weights + mirrored["feature_attention"][0].double())
+            spatial_np = spatial.cpu().numpy()
+            weights = weights.cpu().numpy()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             timings["sampling_s"] = time.perf_counter() - tick
@@ -263,8 +296,9 @@ class Predictor:
         std_source = np.clip(mapping.to_source(std_np, order=1), 0.0, 0.5).astype(np.float32)
         spatial = np.clip(mapping.to_source(spatial_np, order=1), 0.0, 1.0).astype(np.float32)
         entropy = binary_entropy_bits(probability)
-        mask = (probability >= self.threshold).astype(np.uint8)
-        _, n_components = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+        mask = remove_small_components(probability >= post.threshold, post.min_component_ml,
+                                       mapping.source.voxel_volume_ml).astype(np.uint8)
+        n_components = count_components(mask)
         timings["resample_s"] = time.perf_counter() - tick
         weights = weights / weights.sum()
         geometry = mapping.source
@@ -283,7 +317,7 @@ class Predictor:
             mask=mask,
             spatial_attention=spatial,
             geometry=geometry,
-            threshold=self.threshold,
+            threshold=post.threshold,
             samples_volume_ml=sample_volumes.astype(np.float64),
             volume_ml=volume,
             feature_attention={name: float(w) for name, w in zip(FEATURE_NAMES, weights, strict=True)},
@@ -298,5 +332,22 @@ class Predictor:
             adc_unit=case.adc_unit,
             registration=case.registration.to_dict() if case.registration is not None else None,
             warnings=list(case.warnings),
+            postprocessing=post.to_dict(),
         )
+
+    def _sample_volumes(self, probs: torch.Tensor, index: torch.Tensor, shape: tuple[int, ...],
+                        voxel_ml: float) -> np.ndarray:
+        """Lesion volume (mL) of every Monte-Carlo sample on the model grid, post-processed as
+        the mask is: ``p >= threshold`` and components under ``min_component_ml`` removed."""
+        post = self.postprocessing
+        above = probs >= post.threshold  # (N, Vb)
+        if post.min_component_ml <= 0:
+            return above.sum(dim=1).double().cpu().numpy() * voxel_ml
+        flat_index = index.cpu().numpy()
+        volumes = np.empty(above.shape[0])
+        for n, row in enumerate(above.cpu().numpy()):
+            grid = np.zeros(int(np.prod(shape)), dtype=bool)
+            grid[flat_index[row]] = True
+            volumes[n] = remove_small_components(grid.reshape(shape), post.min_component_ml, voxel_ml).sum() * voxel_ml
+        return volumes
 

@@ -256,6 +256,7 @@ def summary_dict(prediction: Prediction, *, bundle: dict, inputs: dict) -> dict:
         "n_components": prediction.n_components,
         "mean_uncertainty_in_lesion": prediction.mean_uncertainty_in_lesion,
         "threshold": prediction.threshold,
+        "postprocessing": dict(prediction.postprocessing),
         "mc_samples": prediction.mc_samples,
         "seed": prediction.seed,
         "deterministic": prediction.deterministic,

@@ -4,7 +4,11 @@ Single case::
 
     python -m StrokePredictorLib.predict --dwi DWI --adc ADC [--flair FLAIR]
         [--clinical clinical.json | --clinical nihss=12 age=71 ...] [--bundle DIR] --out DIR
-        [--mc-samples 20] [--seed 0] [--device auto|cpu|cuda] [--threshold 0.5] [--overwrite]
+        [--mc-samples 20] [--seed 0] [--device auto|cpu|cuda] [--threshold T] [--min-component-ml V]
+        [--tta | --no-tta] [--overwrite]
+
+``--threshold``, ``--min-component-ml`` and ``--tta`` override the post-processing that the
+bundle carries (chosen on validation data; see :mod:`StrokePredictorLib.postprocess`).
 
 Batch (one sub-folder per case id, plus ``batch_summary.json``)::
 
@@ -61,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the dropout masks (default 0)")
     parser.add_argument("--deterministic", action="store_true", help="dropout off (zero Monte-Carlo spread)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda (default auto)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="lesion probability threshold (default 0.5)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="lesion probability threshold (default: the bundle's, else 0.5)")
+    parser.add_argument("--min-component-ml", type=float, default=None,
+                        help="remove lesion components smaller than this, in mL (default: the bundle's, else 0)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="average with the left-right mirrored input (default: the bundle's, else off)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--verbose", action="store_true", help="log details on standard error")
     return parser
@@ -188,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         predictor = Predictor(
             args.bundle or default_bundle_dir("acute"), device=args.device, mc_samples=args.mc_samples,
             seed=args.seed, threshold=args.threshold, deterministic=args.deterministic,
+            min_component_ml=args.min_component_ml, flip_tta=args.tta,
         )
         if args.isles:
             result, failures = _run_batch(args, predictor)

@@ -340,11 +340,14 @@ def test_output_line_parsing(module):
     assert args == ["py", "-m", "StrokePredictorLib.predict", "--dwi", "d", "--adc", "a", "--clinical", "c.json",
                     "--bundle", "b", "--out", "o", "--mc-samples", "7", "--seed", "1", "--device", "cpu",
                     "--threshold", "0.4"]
+    default = cli.build_arguments("py", dwi=Path("d"), adc=Path("a"), flair=None, clinical=None, bundle=Path("b"),
+                                  out=Path("o"), mc_samples=7, seed=1, device="cpu")
+    assert "--threshold" not in default  # the bundle's post-processing decides
 
 
 def test_parameter_node_persists_settings(env, module):
     p = module.StrokePredictorLogic(runner=object(), python="python").getParameterNode()
-    assert (p.model, p.device, p.mcSamples, p.threshold) == ("acute", "auto", 20, 0.5)
+    assert (p.model, p.device, p.mcSamples, p.threshold, p.modelThreshold) == ("acute", "auto", 20, 0.5, True)
     p.mcSamples = 7
     p.device = "cpu"
     again = module.StrokePredictorLogic(runner=object(), python="python").getParameterNode()

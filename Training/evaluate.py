@@ -59,7 +59,8 @@ class EvaluateConfig:
     task: str = field(default="", metadata={"help": "acute|outcome (default: the bundle's task)"})
     mc_samples: int = field(default=20, metadata={"help": "Monte-Carlo dropout samples"})
     seed: int = field(default=0, metadata={"help": "seed of the dropout masks"})
-    threshold: float = field(default=0.5, metadata={"help": "probability threshold of the lesion mask"})
+    threshold: float | None = field(default=None, metadata={
+        "help": "probability threshold of the lesion mask (default: the bundle's post-processing)"})
     device: str = field(default="auto", metadata={"help": "auto|cpu|cuda"})
     n_bins: int = field(default=15, metadata={"help": "equal-width bins of the calibration error"})
     max_cases: int = field(default=0, metadata={"help": "evaluate at most this many cases per folder (0: all)"})
@@ -187,11 +188,19 @@ def _fmt(summary: dict, digits: int = 3) -> str:
     return f"{summary['mean']:.{digits}f} ± {summary['sd']:.{digits}f} ({summary['median']:.{digits}f}){undefined}"
 
 
+def postprocessing_text(summary: dict) -> str:
+    from StrokePredictorLib.postprocess import PostProcessing
+
+    if "postprocessing" in summary:
+        return PostProcessing.from_dict(summary["postprocessing"]).describe()
+    return f"threshold {summary['threshold']}"
+
+
 def results_markdown(summary: dict, *, title: str = "Evaluation") -> str:
     """The side-by-side markdown table of ``summary`` (as written to summary.json)."""
     lines = [f"# {title}", "", f"Bundle: `{summary['bundle']['name']}` (task {summary['task']}, "
              f"sha256 {summary['bundle']['sha256'][:12]}), {summary['mc_samples']} MC samples, "
-             f"threshold {summary['threshold']}.", "",
+             f"{postprocessing_text(summary)}.", "",
              "Values: mean ± sd (median) over cases. Dice and lesion F1: both empty = 1 (ISLES 2022); "
              "HD95 undefined when exactly one mask is empty.", ""]
     header = "| Data set | Method | N | " + " | ".join(name for _, name in TABLE_METRICS) + " |"
@@ -249,7 +258,8 @@ def run(config: EvaluateConfig) -> dict:
                           threshold=config.threshold)
     rows: list[dict] = []
     summary: dict = {"task": task, "bundle": {**bundle.describe(), "directory": str(bundle.directory)},
-                     "mc_samples": config.mc_samples, "threshold": config.threshold, "seed": config.seed,
+                     "mc_samples": config.mc_samples, "threshold": predictor.threshold,
+                     "postprocessing": predictor.postprocessing.to_dict(), "seed": config.seed,
                      "device": str(predictor.device), "datasets": {}}
     for dataset in datasets:
         accumulators = {"model": M.MetricAccumulator(n_bins=config.n_bins), "baseline": M.MetricAccumulator()}

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from Training import config as cfg
+from Training.evaluate import postprocessing_text
 
 METRICS = (("dice", "Dice"), ("iou", "IoU"), ("sensitivity", "Sensitivity"), ("specificity", "Specificity"),
            ("precision", "Precision"), ("lesion_f1", "Lesion F1"), ("abs_volume_diff_ml", "Abs. vol. diff. (mL)"),
@@ -118,11 +119,11 @@ def build(config: CardConfig) -> str:
     lines += [
         "## Test-split metrics",
         "",
-        f"Measured with `python -m Training evaluate` ({summary['mc_samples']} MC samples, threshold "
-        f"{summary['threshold']}, device {summary['device']}): mean ± sd (median) over cases, end to end from the "
-        "files (outputs on the DWI grid). Dice and lesion F1 are 1 when both masks are empty (ISLES 2022); HD95 is "
-        "left out where exactly one mask is empty. The classical rule is ADC < 0.62 x 10^-3 mm^2/s and DWI robust "
-        "z > 2 inside the brain.",
+        f"Measured with `python -m Training evaluate` ({summary['mc_samples']} MC samples, "
+        f"{postprocessing_text(summary)}, device {summary['device']}): mean ± sd (median) over cases, end to end "
+        "from the files (outputs on the DWI grid). Dice and lesion F1 are 1 when both masks are empty (ISLES 2022); "
+        "HD95 is left out where exactly one mask is empty. The classical rule is ADC < 0.62 x 10^-3 mm^2/s and DWI "
+        "robust z > 2 inside the brain.",
         "",
         metrics_table(summary),
         "",

@@ -55,9 +55,9 @@ def build_arguments(
     mc_samples: int,
     seed: int,
     device: str,
-    threshold: float,
+    threshold: float | None = None,
 ) -> list[str]:
-    """The command line that runs one prediction (contract 4)."""
+    """The command line that runs one prediction (contract 4); ``threshold`` None: the bundle's."""
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     args = [python, "-m", "StrokePredictorLib.predict", "--dwi", os.fspath(dwi), "--adc", os.fspath(adc)]
@@ -67,6 +67,8 @@ def build_arguments(
         args += ["--clinical", os.fspath(clinical)]
     args += [
         "--bundle", os.fspath(bundle), "--out", os.fspath(out), "--mc-samples", str(int(mc_samples)),
-        "--seed", str(int(seed)), "--device", device, "--threshold", f"{float(threshold):g}",
+        "--seed", str(int(seed)), "--device", device,
     ]
+    if threshold is not None:
+        args += ["--threshold", f"{float(threshold):g}"]
     return args

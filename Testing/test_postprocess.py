@@ -1,0 +1,147 @@
+"""Post-processing: the bundle's block, component removal, flip averaging in the Predictor, and the
+``python -m Training postprocess`` search that writes the block."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from inference_phantom import TINY_GRID, write_case, write_tiny_bundle
+
+from StrokePredictorLib.bundle import load_bundle
+from StrokePredictorLib.errors import BundleError
+from StrokePredictorLib.inference import Predictor
+from StrokePredictorLib.io import Geometry, read_volume
+from StrokePredictorLib.postprocess import DEFAULT, PostProcessing, count_components, remove_small_components
+from StrokePredictorLib.preprocess import GridMapping, PreprocessedCase
+from Training.postprocess import choose, score_case, write_into_bundle
+
+
+def test_postprocessing_block_validates() -> None:
+    assert PostProcessing.from_dict(None) == DEFAULT == PostProcessing.from_dict({})
+    post = PostProcessing.from_dict({"threshold": 0.4, "flip_tta": True, "min_component_ml": 0.3})
+    assert post.replace(threshold=None, min_component_ml=0.0) == PostProcessing(0.4, True, 0.0)
+    assert "0.4" in post.describe() and "flip" in post.describe() and "0.3 mL" in post.describe()
+    for bad, field in (({"threshold": 1.0}, "threshold"), ({"threshold": "0.5"}, "threshold"),
+                       ({"min_component_ml": -1}, "min_component_ml"), ({"flip_tta": "yes"}, "flip_tta"),
+                       ({"gate": 1}, "unknown")):
+        with pytest.raises(ValueError, match=field):
+            PostProcessing.from_dict(bad)
+
+
+def test_small_components_are_removed_with_26_connectivity() -> None:
+    mask = np.zeros((10, 10, 10), bool)
+    mask[1:3, 1:3, 1:3] = True  # 8 voxels = 0.8 mL at 0.1 mL per voxel
+    mask[6, 6, 6] = mask[7, 7, 7] = True  # diagonal neighbours: one component of 2 voxels = 0.2 mL
+    mask[9, 0, 9] = True  # 0.1 mL
+    assert count_components(mask) == 3
+    kept = remove_small_components(mask, 0.2, 0.1)
+    assert count_components(kept) == 2 and kept.sum() == 10
+    kept = remove_small_components(mask, 0.3, 0.1)
+    assert count_components(kept) == 1 and kept.sum() == 8
+    assert remove_small_components(mask, 0.0, 0.1).sum() == mask.sum()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("post")
+    paths = write_case(root / "case", flair=False)
+    return {"root": root, "bundle_dir": write_tiny_bundle(root / "bundle", seed=1),
+            "dwi": read_volume(paths["dwi"], role="DWI"), "adc": read_volume(paths["adc"], role="ADC")}
+
+
+def test_bundle_carries_postprocessing_and_refuses_a_bad_block(tiny: dict, tmp_path: Path) -> None:
+    assert load_bundle(tiny["bundle_dir"]).postprocessing == DEFAULT
+    copy = tmp_path / "bundle"
+    copy.mkdir()
+    for name in ("model.json", "weights.safetensors"):
+        (copy / name).write_bytes((tiny["bundle_dir"] / name).read_bytes())
+    post = PostProcessing(0.35, True, 0.25, "test")
+    write_into_bundle(copy, post)
+    assert load_bundle(copy).postprocessing == post
+    assert [p.name for p in copy.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
+    metadata = json.loads((copy / "model.json").read_text())
+    metadata["postprocessing"]["threshold"] = 2
+    (copy / "model.json").write_text(json.dumps(metadata))
+    with pytest.raises(BundleError, match="model.json.*threshold"):
+        load_bundle(copy)
+
+
+def test_predictor_uses_the_bundles_postprocessing(tiny: dict, tmp_path: Path) -> None:
+    copy = tmp_path / "bundle"
+    copy.mkdir()
+    for name in ("model.json", "weights.safetensors"):
+        (copy / name).write_bytes((tiny["bundle_dir"] / name).read_bytes())
+    plain = Predictor(tiny["bundle_dir"], device="cpu", mc_samples=6).predict(tiny["dwi"], tiny["adc"])
+    assert plain.mask.any() and plain.postprocessing == DEFAULT.to_dict()
+    huge = max(plain.volume_ml["mask"], float(plain.samples_volume_ml.max())) + 1.0  # above any lesion: all goes
+    write_into_bundle(copy, PostProcessing(0.5, False, huge))
+    cleared = Predictor(copy, device="cpu", mc_samples=6).predict(tiny["dwi"], tiny["adc"])
+    np.testing.assert_array_equal(cleared.probability, plain.probability)  # only the mask changes
+    assert not cleared.mask.any() and cleared.n_components == 0
+    assert cleared.volume_ml["mask"] == 0 and np.all(cleared.samples_volume_ml == 0)
+    override = Predictor(copy, device="cpu", mc_samples=6, min_component_ml=0.0).predict(tiny["dwi"], tiny["adc"])
+    np.testing.assert_array_equal(override.mask, plain.mask)
+    lower = Predictor(copy, device="cpu", mc_samples=6, threshold=0.3, min_component_ml=0.0)
+    assert lower.threshold == 0.3
+    assert lower.predict(tiny["dwi"], tiny["adc"]).mask.sum() >= plain.mask.sum()
+
+
+def test_flip_averaging_is_mirror_symmetric(tiny: dict) -> None:
+    """On a case whose DWI grid is the model grid, flip averaging makes the prediction of the
+    mirrored input the mirror of the prediction (and differs from the plain prediction)."""
+    size = TINY_GRID.size
+    geometry = Geometry(size, TINY_GRID.spacing, (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    rng = np.random.default_rng(0)
+    image = rng.normal(1.0, 0.3, (3, *size[::-1])).astype(np.float32)
+    brain = np.ones(size[::-1], bool)
+    brain[:, :, 0] = False  # asymmetric brain mask: mirrored with the image
+    mapping = GridMapping(geometry, geometry)
+    case = PreprocessedCase(image, True, brain, mapping, "mm2/s")
+    mirrored = dataclasses.replace(case, image=np.ascontiguousarray(image[..., ::-1]),
+                                   brain=np.ascontiguousarray(brain[..., ::-1]))
+    bundle = load_bundle(tiny["bundle_dir"])
+    tta = Predictor(bundle, device="cpu", mc_samples=4, flip_tta=True)
+    a, b = tta.predict_preprocessed(case), tta.predict_preprocessed(mirrored)
+    np.testing.assert_allclose(b.probability, a.probability[..., ::-1], atol=1e-5)
+    np.testing.assert_allclose(b.spatial_attention, a.spatial_attention[..., ::-1], atol=1e-5)
+    plain = Predictor(bundle, device="cpu", mc_samples=4, flip_tta=False).predict_preprocessed(case)
+    assert np.abs(plain.probability - a.probability).max() > 1e-4
+
+
+def test_search_scores_and_chooses() -> None:
+    truth = np.zeros((12, 12, 12), bool)
+    truth[2:6, 2:6, 2:6] = True
+    probability = truth * 0.45
+    probability[10, 10, 10] = 0.9  # a one-voxel false positive
+    scores = score_case(probability.astype(np.float32), truth, 0.1, (0.4, 0.5), (0.0, 0.5))
+    assert scores[(0.4, 0.5)] == (1.0, 1.0)  # right threshold, speck removed
+    assert scores[(0.4, 0.0)][1] < 1.0 and scores[(0.5, 0.0)][0] == 0.0
+    table = [{"flip_tta": flip, "threshold": t, "min_component_ml": m, "score": s}
+             for flip, t, m, s in ((True, 0.4, 0.5, 0.8), (False, 0.4, 0.5, 0.8), (False, 0.5, 0.0, 0.6))]
+    assert choose(table) == table[1]  # a tie goes to the simpler setting (no flip)
+
+
+def test_postprocess_verb_end_to_end(tmp_path: Path) -> None:
+    from Training.generate import write_tiny_dataset
+    from Training.postprocess import main
+
+    data = write_tiny_dataset(tmp_path / "data", n_cases=2, seed=0)
+    bundle = write_tiny_bundle(tmp_path / "bundle", seed=1)
+    out = tmp_path / "search"
+    argv = ["--bundle", str(bundle), "--data", str(data), "--out", str(out), "--thresholds", "0.4,0.6",
+            "--min-components-ml", "0,5", "--mc-samples", "2", "--device", "cpu", "--write"]
+    assert main(argv) == 0
+    result = json.loads((out / "postprocess.json").read_text())
+    assert len(result["table"]) == 2 * 2 * 2
+    best = result["best"]
+    assert best["score"] == max(row["score"] for row in result["table"])
+    stored = load_bundle(bundle).postprocessing
+    assert (stored.threshold, stored.flip_tta, stored.min_component_ml) == (
+        best["threshold"], best["flip_tta"], best["min_component_ml"])
+    assert "Validation sets" in (out / "postprocess.md").read_text()
+    with pytest.raises(Exception, match="exists"):
+        main(argv)  # an earlier table is not overwritten unless asked

@@ -1,0 +1,201 @@
+"""``python -m Training postprocess``: choose a bundle's post-processing on validation data.
+
+    python -m Training postprocess --bundle DIR --data VAL1 [--data VAL2 ...] --out OUT [--write]
+
+Every case of every ``--data`` folder (ISLES 2022 layout, with ground truth) runs once through
+:class:`StrokePredictorLib.inference.Predictor` with and without left-right flip averaging; the
+probability on the DWI grid is then thresholded at every ``--thresholds`` value and cleared of
+components under every ``--min-components-ml`` value. Each combination is scored by the mean of
+Dice and lesion-wise F1 (the two overlap metrics of ISLES 2022), averaged over the cases of each
+folder and then over the folders, so that every validation set counts equally. The best
+combination is written to ``OUT/postprocess.json`` with the whole table (and ``OUT/postprocess.md``)
+and, with ``--write``, into the bundle's ``model.json`` (``postprocessing``), which every prediction
+then uses (:mod:`StrokePredictorLib.postprocess`). The weights and their checksum are not touched.
+
+Use validation cases only: never the test split, the out-of-distribution set or a real validation
+case, which must stay unseen for the reported results.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from StrokePredictorLib.errors import InputImageError, OutputExistsError, StrokePredictorError
+from StrokePredictorLib.io import read_volume, write_json
+from StrokePredictorLib.postprocess import PostProcessing, remove_small_components
+from Training import config as config_mod
+from Training import metrics as M
+from Training.evaluate import EvaluateConfig, _clinical_of, collect, ground_truth_path
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """Options of ``python -m Training postprocess``."""
+
+    bundle: Path | None = field(default=None, metadata={"help": "model bundle folder (required)"})
+    data: tuple[Path, ...] = field(default=(), metadata={"help": "validation folder(s), ISLES 2022 layout"})
+    label: tuple[str, ...] = field(default=(), metadata={"help": "one name per --data (default: folder names)"})
+    out: Path | None = field(default=None, metadata={"help": "output folder for the table (required)"})
+    thresholds: tuple[float, ...] = field(default=(0.3, 0.4, 0.5, 0.6, 0.7),
+                                          metadata={"help": "probability thresholds to try"})
+    min_components_ml: tuple[float, ...] = field(default=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0),
+                                                 metadata={"help": "smallest kept component sizes to try (mL)"})
+    flip_tta: tuple[bool, ...] = field(default=(False, True), metadata={"help": "flip averaging off / on"})
+    mc_samples: int = field(default=20, metadata={"help": "Monte-Carlo dropout samples"})
+    device: str = field(default="auto", metadata={"help": "auto|cpu|cuda"})
+    max_cases: int = field(default=0, metadata={"help": "at most this many cases per folder (0: all)"})
+    write: bool = field(default=False, metadata={"help": "store the best post-processing in the bundle"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an earlier table in --out"})
+
+    def __post_init__(self) -> None:
+        for t in self.thresholds:
+            if not 0.0 < t < 1.0:
+                raise ValueError(f"thresholds must lie strictly between 0 and 1, got {t}")
+        for v in self.min_components_ml:
+            if v < 0:
+                raise ValueError(f"min_components_ml must be >= 0, got {v}")
+        if not self.thresholds or not self.min_components_ml or not self.flip_tta:
+            raise ValueError("give at least one value of thresholds, min_components_ml and flip_tta")
+
+
+def score_case(probability: np.ndarray, truth: np.ndarray, voxel_ml: float, thresholds: tuple[float, ...],
+               min_components_ml: tuple[float, ...]) -> dict[tuple[float, float], tuple[float, float]]:
+    """(threshold, smallest component) -> (Dice, lesion F1) of one case's probability."""
+    scores = {}
+    for threshold in thresholds:
+        above = probability >= threshold
+        for min_ml in min_components_ml:
+            mask = remove_small_components(above, min_ml, voxel_ml)
+            scores[(threshold, min_ml)] = (M.dice(mask, truth), M.lesion_f1(mask, truth))
+    return scores
+
+
+def choose(table: list[dict]) -> dict:
+    """The row with the highest score; ties go to the simpler setting (no flip, larger threshold
+    distance from 0.5 last, smaller component size)."""
+    return max(table, key=lambda r: (round(r["score"], 6), not r["flip_tta"], -abs(r["threshold"] - 0.5),
+                                     -r["min_component_ml"]))
+
+
+def write_into_bundle(bundle_dir: Path, post: PostProcessing) -> None:
+    """Store ``post`` as ``postprocessing`` in the bundle's ``model.json`` (atomic replace)."""
+    path = Path(bundle_dir) / "model.json"
+    metadata = json.loads(path.read_text())
+    metadata["postprocessing"] = post.to_dict()
+    handle, temporary = tempfile.mkstemp(prefix=".model.json-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(json.dumps(metadata, indent=2, default=str) + "\n")
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def run(config: PostprocessConfig) -> dict:
+    """Score every combination; returns ``{"best": ..., "table": [...]}`` (also written to OUT)."""
+    from StrokePredictorLib.bundle import load_bundle
+    from StrokePredictorLib.inference import Predictor
+
+    if config.bundle is None or config.out is None:
+        raise StrokePredictorError("--bundle and --out are required.")
+    out = Path(config.out)
+    if (out / "postprocess.json").exists() and not config.overwrite:
+        raise OutputExistsError(f"{out / 'postprocess.json'} exists; pass --overwrite to replace it.")
+    bundle = load_bundle(config.bundle)
+    datasets = collect(EvaluateConfig(bundle=config.bundle, data=config.data, label=config.label,
+                                      max_cases=config.max_cases, out=out), bundle.task)
+    predictors = {flip: Predictor(bundle, device=config.device, mc_samples=config.mc_samples, threshold=0.5,
+                                  min_component_ml=0.0, flip_tta=flip) for flip in config.flip_tta}
+    per_set: dict[str, dict[tuple[bool, float, float], list[tuple[float, float]]]] = {}
+    for dataset in datasets:
+        scores: dict[tuple[bool, float, float], list[tuple[float, float]]] = {}
+        for record in dataset.cases:
+            truth_path = ground_truth_path(record, dataset.root, bundle.task)
+            assert truth_path is not None
+            dwi = read_volume(record.dwi, role="DWI")
+            adc = read_volume(record.adc, role="ADC")
+            flair = read_volume(record.flair, role="FLAIR") if record.flair is not None else None
+            truth_volume = read_volume(truth_path, role="ground-truth mask")
+            if not truth_volume.geometry.same_grid(dwi.geometry, 0.05):
+                raise InputImageError(f"Ground-truth mask {truth_path} is not on the DWI grid of {record.case_id}.")
+            truth = truth_volume.array > 0.5
+            from StrokePredictorLib.preprocess import preprocess
+
+            case = preprocess(dwi, adc, flair, grid=bundle.grid, normalization=bundle.normalization)
+            clinical_record = _clinical_of(record, dataset.clinical)
+            for flip, predictor in predictors.items():
+                probability = predictor.predict_preprocessed(case, clinical_record).probability
+                for (threshold, min_ml), value in score_case(probability, truth, dwi.geometry.voxel_volume_ml,
+                                                             config.thresholds, config.min_components_ml).items():
+                    scores.setdefault((flip, threshold, min_ml), []).append(value)
+            logger.info("%s %s scored", dataset.label, record.case_id)
+        per_set[dataset.label] = scores
+    table = []
+    for flip, threshold, min_ml in itertools.product(config.flip_tta, config.thresholds, config.min_components_ml):
+        row: dict = {"flip_tta": flip, "threshold": threshold, "min_component_ml": min_ml}
+        set_scores = []
+        for label, scores in per_set.items():
+            values = np.asarray(scores[(flip, threshold, min_ml)])
+            row[f"{label}_dice"] = float(values[:, 0].mean())
+            row[f"{label}_lesion_f1"] = float(values[:, 1].mean())
+            set_scores.append(0.5 * (row[f"{label}_dice"] + row[f"{label}_lesion_f1"]))
+        row["score"] = float(np.mean(set_scores))
+        table.append(row)
+    best = choose(table)
+    default = next((r for r in table if r["threshold"] == 0.5 and r["min_component_ml"] == 0 and not r["flip_tta"]),
+                   None)
+    sets = ", ".join(f"{d.label} ({len(d.cases)})" for d in datasets)
+    post = PostProcessing(threshold=best["threshold"], flip_tta=best["flip_tta"],
+                          min_component_ml=best["min_component_ml"],
+                          selected_on=f"python -m Training postprocess: mean of Dice and lesion F1 on {sets}")
+    result = {"bundle": bundle.describe(), "criterion": "mean over sets of (Dice + lesion F1) / 2",
+              "datasets": {d.label: {"root": str(d.root), "n_cases": len(d.cases)} for d in datasets},
+              "best": best, "default": default, "postprocessing": post.to_dict(), "table": table}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(result, out / "postprocess.json", overwrite=True)
+    (out / "postprocess.md").write_text(table_markdown(result))
+    config_mod.save(config, out / "postprocess_config.json")
+    if config.write:
+        write_into_bundle(bundle.directory, post)
+        logger.info("Stored %s in %s", post.describe(), bundle.directory / "model.json")
+    return result
+
+
+def table_markdown(result: dict, top: int = 10) -> str:
+    """The best rows and the plain default (threshold 0.5, nothing else) as a markdown table."""
+    labels = list(result["datasets"])
+    header = ("| Flip | Threshold | Min. component (mL) | "
+              + " | ".join(f"{name} Dice | {name} lesion F1" for name in labels) + " | Score |")
+    lines = [f"# Post-processing of `{result['bundle']['name']}`", "",
+             f"Criterion: {result['criterion']}. Validation sets: "
+             + ", ".join(f"{k} ({v['n_cases']} cases)" for k, v in result["datasets"].items()) + ".", "",
+             header, "|" + "---|" * (4 + 2 * len(labels))]
+    rows = sorted(result["table"], key=lambda r: -r["score"])[:top]
+    if result.get("default") is not None and result["default"] not in rows:
+        rows.append(result["default"])
+    for r in rows:
+        cells = " | ".join(f"{r[f'{name}_dice']:.3f} | {r[f'{name}_lesion_f1']:.3f}" for name in labels)
+        lines.append(f"| {'yes' if r['flip_tta'] else 'no'} | {r['threshold']:g} | {r['min_component_ml']:g} | "
+                     f"{cells} | {r['score']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    config = config_mod.parse(PostprocessConfig, argv, __doc__.split("\n")[0], prog="python -m Training postprocess")
+    result = run(config)
+    best, default = result["best"], result["default"]
+    print(f"best: flip {best['flip_tta']}, threshold {best['threshold']:g}, smallest component "
+          f"{best['min_component_ml']:g} mL: score {best['score']:.3f}"
+          + (f" (threshold 0.5 alone: {default['score']:.3f})" if default else ""))
+    return 0
