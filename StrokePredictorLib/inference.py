@@ -43,7 +43,7 @@ from StrokePredictorLib.bundle import Bundle, load_bundle, resolve_device
 from StrokePredictorLib.clinical import FEATURE_NAMES, ClinicalRecord, encode
 from StrokePredictorLib.errors import StrokePredictorError
 from StrokePredictorLib.io import Geometry, Volume, read_volume
-from StrokePredictorLib.postprocess import count_components, remove_small_components
+from StrokePredictorLib.postprocess import count_components, remove_small_components, volume_interval
 from StrokePredictorLib.preprocess import PreprocessedCase, preprocess
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,9 @@ class Prediction:
         geometry: the DWI grid.
         threshold: probability threshold of ``mask``.
         samples_volume_ml: (N,) lesion volume of each MC sample in mL.
-        volume_ml: ``{"mask": mL of mask, "median": median of the samples, "ci95": [2.5%, 97.5%]}``.
+        volume_ml: ``{"mask": mL of mask, "median": median of the samples, "ci95": the 95% interval,
+            "mc_ci95": [2.5%, 97.5%] of the samples}``; ``ci95`` is ``mc_ci95`` widened by the
+            bundle's conformal margin (:func:`StrokePredictorLib.postprocess.volume_interval`).
         feature_attention: clinical feature name -> weight (sums to 1).
         n_components: connected lesion components in ``mask`` (26-connectivity).
         timings: seconds per step.
@@ -302,10 +304,13 @@ class Predictor:
         timings["resample_s"] = time.perf_counter() - tick
         weights = weights / weights.sum()
         geometry = mapping.source
+        mc_interval = [float(np.percentile(sample_volumes, 2.5)), float(np.percentile(sample_volumes, 97.5))]
+        mask_ml = float(mask.sum() * geometry.voxel_volume_ml)
         volume = {
-            "mask": float(mask.sum() * geometry.voxel_volume_ml),
+            "mask": mask_ml,
             "median": float(np.median(sample_volumes)),
-            "ci95": [float(np.percentile(sample_volumes, 2.5)), float(np.percentile(sample_volumes, 97.5))],
+            "ci95": volume_interval(mask_ml, mc_interval, post.volume_log_margin),
+            "mc_ci95": mc_interval,
         }
         timings["inference_s"] = time.perf_counter() - start
         timings["total_s"] = timings["inference_s"] + case.timings.get("total_s", 0.0)

@@ -251,6 +251,7 @@ def summary_dict(prediction: Prediction, *, bundle: dict, inputs: dict) -> dict:
             "mask": prediction.volume_ml["mask"],
             "median": prediction.volume_ml["median"],
             "ci95": list(prediction.volume_ml["ci95"]),
+            "mc_ci95": list(prediction.volume_ml.get("mc_ci95", prediction.volume_ml["ci95"])),
         },
         "samples_volume_ml": [float(v) for v in prediction.samples_volume_ml],
         "n_components": prediction.n_components,

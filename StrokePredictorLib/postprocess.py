@@ -12,6 +12,12 @@ which is how every bundle behaved before the block existed.
   grid points left), and the two probabilities are averaged (one more forward pass).
 * ``min_component_ml``: connected lesion components (26-connectivity) smaller than this are
   removed from the mask and from every Monte-Carlo sample's volume.
+* ``volume_log_margin``: the 95% lesion-volume interval. Monte-Carlo dropout alone (one dropout
+  layer before the head) gives far too narrow an interval (13% coverage measured on simulated test
+  cases), so the interval is widened to at least ``[(V + 1) e^-m - 1, (V + 1) e^m - 1]`` mL around
+  the mask volume ``V``, with ``m`` the split-conformal 95% quantile of
+  ``|log((V_true + 1) / (V + 1))|`` over the validation cases (the +1 mL keeps empty and tiny
+  lesions finite). 0 keeps the Monte-Carlo interval.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+VOLUME_OFFSET_ML = 1.0
 
 
 @dataclass(frozen=True)
@@ -33,12 +40,14 @@ class PostProcessing:
         threshold: probability threshold, strictly between 0 and 1.
         flip_tta: average with the prediction of the left-right mirrored input.
         min_component_ml: smallest lesion component kept, in mL (0 keeps all).
+        volume_log_margin: conformal margin of the 95% volume interval (natural log; 0: Monte-Carlo only).
         selected_on: where the values were chosen (free text, for the model card).
     """
 
     threshold: float = 0.5
     flip_tta: bool = False
     min_component_ml: float = 0.0
+    volume_log_margin: float = 0.0
     selected_on: str = ""
 
     def __post_init__(self) -> None:
@@ -48,6 +57,9 @@ class PostProcessing:
                 and self.min_component_ml >= 0):
             raise ValueError(f"postprocessing.min_component_ml must be a number >= 0 (mL), "
                              f"got {self.min_component_ml!r}")
+        if not (isinstance(self.volume_log_margin, (int, float)) and math.isfinite(self.volume_log_margin)
+                and self.volume_log_margin >= 0):
+            raise ValueError(f"postprocessing.volume_log_margin must be a number >= 0, got {self.volume_log_margin!r}")
         if not isinstance(self.flip_tta, bool):
             raise ValueError(f"postprocessing.flip_tta must be true or false, got {self.flip_tta!r}")
 
@@ -79,6 +91,8 @@ class PostProcessing:
             parts.append("left-right flip averaging")
         if self.min_component_ml > 0:
             parts.append(f"components under {self.min_component_ml:g} mL removed")
+        if self.volume_log_margin > 0:
+            parts.append(f"volume interval at least x/÷ {math.exp(self.volume_log_margin):.2f} (conformal)")
         return ", ".join(parts)
 
 
@@ -97,6 +111,29 @@ def remove_small_components(mask: np.ndarray, min_ml: float, voxel_ml: float) ->
     sizes_ml = np.bincount(labels.ravel(), minlength=count + 1)[1:] * float(voxel_ml)
     keep = np.concatenate([[False], sizes_ml >= min_ml])
     return keep[labels]
+
+
+def volume_interval(volume_ml: float, mc_interval_ml: tuple[float, float], log_margin: float) -> list[float]:
+    """The 95% lesion-volume interval: the Monte-Carlo interval widened to at least the conformal
+    band ``[(V + 1) e^-m - 1, (V + 1) e^m - 1]`` around the mask volume ``V`` (mL, never below 0)."""
+    low, high = float(mc_interval_ml[0]), float(mc_interval_ml[1])
+    if log_margin <= 0:
+        return [low, high]
+    base = float(volume_ml) + VOLUME_OFFSET_ML
+    return [max(0.0, min(low, base * math.exp(-log_margin) - VOLUME_OFFSET_ML)),
+            max(high, base * math.exp(log_margin) - VOLUME_OFFSET_ML)]
+
+
+def conformal_log_margin(true_ml: np.ndarray, predicted_ml: np.ndarray, coverage: float = 0.95) -> float:
+    """Split-conformal margin: the ``ceil((n + 1) coverage) / n`` quantile of
+    ``|log((V_true + 1) / (V_pred + 1))|`` over ``n`` calibration cases (their largest value when
+    ``n`` is too small for the requested coverage)."""
+    residual = np.sort(np.abs(np.log((np.asarray(true_ml, float) + VOLUME_OFFSET_ML)
+                                     / (np.asarray(predicted_ml, float) + VOLUME_OFFSET_ML))))
+    if residual.size == 0:
+        raise ValueError("conformal_log_margin needs at least one calibration case")
+    rank = min(int(math.ceil((residual.size + 1) * coverage)), residual.size)
+    return float(residual[rank - 1])
 
 
 def count_components(mask: np.ndarray) -> int:

@@ -15,7 +15,14 @@ from StrokePredictorLib.bundle import load_bundle
 from StrokePredictorLib.errors import BundleError
 from StrokePredictorLib.inference import Predictor
 from StrokePredictorLib.io import Geometry, read_volume
-from StrokePredictorLib.postprocess import DEFAULT, PostProcessing, count_components, remove_small_components
+from StrokePredictorLib.postprocess import (
+    DEFAULT,
+    PostProcessing,
+    conformal_log_margin,
+    count_components,
+    remove_small_components,
+    volume_interval,
+)
 from StrokePredictorLib.preprocess import GridMapping, PreprocessedCase
 from Training.postprocess import choose, score_case, write_into_bundle
 
@@ -24,12 +31,29 @@ def test_postprocessing_block_validates() -> None:
     assert PostProcessing.from_dict(None) == DEFAULT == PostProcessing.from_dict({})
     post = PostProcessing.from_dict({"threshold": 0.4, "flip_tta": True, "min_component_ml": 0.3})
     assert post.replace(threshold=None, min_component_ml=0.0) == PostProcessing(0.4, True, 0.0)
+    assert "x/÷" in PostProcessing(volume_log_margin=0.7).describe()
     assert "0.4" in post.describe() and "flip" in post.describe() and "0.3 mL" in post.describe()
     for bad, field in (({"threshold": 1.0}, "threshold"), ({"threshold": "0.5"}, "threshold"),
                        ({"min_component_ml": -1}, "min_component_ml"), ({"flip_tta": "yes"}, "flip_tta"),
-                       ({"gate": 1}, "unknown")):
+                       ({"volume_log_margin": -0.1}, "volume_log_margin"), ({"gate": 1}, "unknown")):
         with pytest.raises(ValueError, match=field):
             PostProcessing.from_dict(bad)
+
+
+def test_conformal_volume_interval() -> None:
+    rng = np.random.default_rng(0)
+    predicted = rng.uniform(0, 80, 400)
+    true = (predicted + 1) * np.exp(rng.normal(0, 0.5, 400)) - 1  # log-normal error, sd 0.5
+    margin = conformal_log_margin(true[:200], predicted[:200])
+    assert 0.5 * 1.96 * 0.8 < margin < 0.5 * 1.96 * 1.25  # about the normal 95% quantile of |error|
+    intervals = [volume_interval(v, (v, v), margin) for v in predicted[200:]]
+    covered = np.mean([lo <= t <= hi for t, (lo, hi) in zip(true[200:], intervals, strict=True)])
+    assert 0.9 <= covered <= 0.99  # held-out coverage near 95%
+    assert volume_interval(10.0, (8.0, 12.0), 0.0) == [8.0, 12.0]  # no margin: the Monte-Carlo interval
+    low, high = volume_interval(0.0, (0.0, 0.0), np.log(3.0))
+    assert low == 0.0 and high == pytest.approx(2.0)  # an empty prediction still admits a small lesion
+    assert volume_interval(10.0, (1.0, 50.0), 0.1) == [1.0, 50.0]  # never narrower than Monte Carlo
+    assert conformal_log_margin(np.array([0.0, 3.0]), np.array([0.0, 0.0])) == pytest.approx(np.log(4.0))
 
 
 def test_small_components_are_removed_with_26_connectivity() -> None:
@@ -59,7 +83,7 @@ def test_bundle_carries_postprocessing_and_refuses_a_bad_block(tiny: dict, tmp_p
     copy.mkdir()
     for name in ("model.json", "weights.safetensors"):
         (copy / name).write_bytes((tiny["bundle_dir"] / name).read_bytes())
-    post = PostProcessing(0.35, True, 0.25, "test")
+    post = PostProcessing(0.35, True, 0.25, 0.5, "test")
     write_into_bundle(copy, post)
     assert load_bundle(copy).postprocessing == post
     assert [p.name for p in copy.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
@@ -118,7 +142,7 @@ def test_search_scores_and_chooses() -> None:
     probability = truth * 0.45
     probability[10, 10, 10] = 0.9  # a one-voxel false positive
     scores = score_case(probability.astype(np.float32), truth, 0.1, (0.4, 0.5), (0.0, 0.5))
-    assert scores[(0.4, 0.5)] == (1.0, 1.0)  # right threshold, speck removed
+    assert scores[(0.4, 0.5)] == (1.0, 1.0, pytest.approx(6.4))  # right threshold, speck removed
     assert scores[(0.4, 0.0)][1] < 1.0 and scores[(0.5, 0.0)][0] == 0.0
     table = [{"flip_tta": flip, "threshold": t, "min_component_ml": m, "score": s}
              for flip, t, m, s in ((True, 0.4, 0.5, 0.8), (False, 0.4, 0.5, 0.8), (False, 0.5, 0.0, 0.6))]
@@ -140,6 +164,7 @@ def test_postprocess_verb_end_to_end(tmp_path: Path) -> None:
     best = result["best"]
     assert best["score"] == max(row["score"] for row in result["table"])
     stored = load_bundle(bundle).postprocessing
+    assert stored.volume_log_margin == result["postprocessing"]["volume_log_margin"] >= 0
     assert (stored.threshold, stored.flip_tta, stored.min_component_ml) == (
         best["threshold"], best["flip_tta"], best["min_component_ml"])
     assert "Validation sets" in (out / "postprocess.md").read_text()

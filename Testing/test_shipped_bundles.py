@@ -52,7 +52,9 @@ def test_bundle_loads_with_checksum_and_has_a_model_card(task: str) -> None:
 def test_bundle_reproduces_its_stored_reference_on_the_sample_case(task: str) -> None:
     reference = json.loads((REFERENCE / f"sample_{task}.json").read_text())
     bundle = load_bundle(MODELS / task)
-    assert bundle.sha256 == reference["bundle_sha256"], "bundle changed: regenerate Testing/data/reference"
+    assert bundle.sha256 == reference["bundle_sha256"], "bundle changed: run Testing/make_reference.py"
+    assert bundle.postprocessing.to_dict() == reference["postprocessing"], "post-processing changed: run " \
+        "Testing/make_reference.py"
     dwi, adc, flair = (read_volume(SAMPLE / f"StrokePredictorSample_{role}.nii.gz") for role in ("dwi", "adc", "flair"))
     record = clinical.read_json(SAMPLE / "StrokePredictorSample_clinical.json")
     prediction = Predictor(bundle, device="cpu", mc_samples=reference["mc_samples"], seed=reference["seed"]).predict(
@@ -64,6 +66,7 @@ def test_bundle_reproduces_its_stored_reference_on_the_sample_case(task: str) ->
     dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
     assert dice >= 0.99
     assert prediction.volume_ml["mask"] == pytest.approx(reference["volume_ml"]["mask"], rel=0.01)
+    assert prediction.volume_ml["ci95"] == pytest.approx(reference["volume_ml"]["ci95"], rel=0.02)
     assert sum(prediction.feature_attention.values()) == pytest.approx(1.0, abs=1e-5)
     np.testing.assert_allclose(
         [prediction.feature_attention[name] for name in clinical.FEATURE_NAMES],

@@ -89,6 +89,19 @@ def ablation_row(task: str, fusion: Path, imaging: Path, dataset: str) -> str:
             f"[{_fmt(stats['ci_lo'])}, {_fmt(stats['ci_hi'])}] | {better}/{len(cases)} |")
 
 
+def postprocessing_section(model: dict) -> list[str]:
+    """The card's account of the bundle's post-processing (``model.json``, ``postprocessing``)."""
+    from StrokePredictorLib.postprocess import PostProcessing
+
+    post = PostProcessing.from_dict(model.get("postprocessing"))
+    if "postprocessing" not in model:
+        return ["## Post-processing", "", f"None stored in the bundle: {post.describe()}.", ""]
+    return ["## Post-processing", "",
+            f"Stored in `model.json` and applied by every prediction: {post.describe()}. "
+            f"Chosen by {post.selected_on or 'an unrecorded procedure'}; never on the test split, the "
+            "out-of-distribution set or the real case. The metrics below include it.", ""]
+
+
 def build(config: CardConfig) -> str:
     model = json.loads((Path(config.bundle) / "model.json").read_text())
     summary = json.loads((Path(config.eval) / "summary.json").read_text())
@@ -116,6 +129,7 @@ def build(config: CardConfig) -> str:
     ]
     if config.notes is not None:
         lines += [Path(config.notes).read_text().strip(), ""]
+    lines += postprocessing_section(model)
     lines += [
         "## Test-split metrics",
         "",

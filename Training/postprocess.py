@@ -1,15 +1,18 @@
 """``python -m Training postprocess``: choose a bundle's post-processing on validation data.
 
     python -m Training postprocess --bundle DIR --data VAL1 [--data VAL2 ...] --out OUT [--write]
+    python -m Training postprocess --bundle DIR --data ISLES --split split.json --subset val --out OUT
 
 Every case of every ``--data`` folder (ISLES 2022 layout, with ground truth) runs once through
 :class:`StrokePredictorLib.inference.Predictor` with and without left-right flip averaging; the
 probability on the DWI grid is then thresholded at every ``--thresholds`` value and cleared of
 components under every ``--min-components-ml`` value. Each combination is scored by the mean of
 Dice and lesion-wise F1 (the two overlap metrics of ISLES 2022), averaged over the cases of each
-folder and then over the folders, so that every validation set counts equally. The best
-combination is written to ``OUT/postprocess.json`` with the whole table (and ``OUT/postprocess.md``)
-and, with ``--write``, into the bundle's ``model.json`` (``postprocessing``), which every prediction
+folder and then over the folders, so that every validation set counts equally. For the best
+combination, the split-conformal margin of the 95% lesion-volume interval is computed over all the
+validation cases (:func:`StrokePredictorLib.postprocess.conformal_log_margin`). The result is
+written to ``OUT/postprocess.json`` with the whole table (and ``OUT/postprocess.md``) and, with
+``--write``, into the bundle's ``model.json`` (``postprocessing``), which every prediction
 then uses (:mod:`StrokePredictorLib.postprocess`). The weights and their checksum are not touched.
 
 Use validation cases only: never the test split, the out-of-distribution set or a real validation
@@ -21,6 +24,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -30,7 +34,7 @@ import numpy as np
 
 from StrokePredictorLib.errors import InputImageError, OutputExistsError, StrokePredictorError
 from StrokePredictorLib.io import read_volume, write_json
-from StrokePredictorLib.postprocess import PostProcessing, remove_small_components
+from StrokePredictorLib.postprocess import PostProcessing, conformal_log_margin, remove_small_components
 from Training import config as config_mod
 from Training import metrics as M
 from Training.evaluate import EvaluateConfig, _clinical_of, collect, ground_truth_path
@@ -45,6 +49,8 @@ class PostprocessConfig:
     bundle: Path | None = field(default=None, metadata={"help": "model bundle folder (required)"})
     data: tuple[Path, ...] = field(default=(), metadata={"help": "validation folder(s), ISLES 2022 layout"})
     label: tuple[str, ...] = field(default=(), metadata={"help": "one name per --data (default: folder names)"})
+    split: Path | None = field(default=None, metadata={"help": "split.json restricting the FIRST --data folder"})
+    subset: str = field(default="val", metadata={"help": "subset of --split to search on (train|val|test)"})
     out: Path | None = field(default=None, metadata={"help": "output folder for the table (required)"})
     thresholds: tuple[float, ...] = field(default=(0.3, 0.4, 0.5, 0.6, 0.7),
                                           metadata={"help": "probability thresholds to try"})
@@ -69,14 +75,15 @@ class PostprocessConfig:
 
 
 def score_case(probability: np.ndarray, truth: np.ndarray, voxel_ml: float, thresholds: tuple[float, ...],
-               min_components_ml: tuple[float, ...]) -> dict[tuple[float, float], tuple[float, float]]:
-    """(threshold, smallest component) -> (Dice, lesion F1) of one case's probability."""
+               min_components_ml: tuple[float, ...]) -> dict[tuple[float, float], tuple[float, float, float]]:
+    """(threshold, smallest component) -> (Dice, lesion F1, predicted volume in mL) of one case."""
     scores = {}
     for threshold in thresholds:
         above = probability >= threshold
         for min_ml in min_components_ml:
             mask = remove_small_components(above, min_ml, voxel_ml)
-            scores[(threshold, min_ml)] = (M.dice(mask, truth), M.lesion_f1(mask, truth))
+            scores[(threshold, min_ml)] = (M.dice(mask, truth), M.lesion_f1(mask, truth),
+                                           float(mask.sum()) * voxel_ml)
     return scores
 
 
@@ -106,6 +113,7 @@ def run(config: PostprocessConfig) -> dict:
     """Score every combination; returns ``{"best": ..., "table": [...]}`` (also written to OUT)."""
     from StrokePredictorLib.bundle import load_bundle
     from StrokePredictorLib.inference import Predictor
+    from StrokePredictorLib.preprocess import preprocess
 
     if config.bundle is None or config.out is None:
         raise StrokePredictorError("--bundle and --out are required.")
@@ -113,13 +121,17 @@ def run(config: PostprocessConfig) -> dict:
     if (out / "postprocess.json").exists() and not config.overwrite:
         raise OutputExistsError(f"{out / 'postprocess.json'} exists; pass --overwrite to replace it.")
     bundle = load_bundle(config.bundle)
-    datasets = collect(EvaluateConfig(bundle=config.bundle, data=config.data, label=config.label,
-                                      max_cases=config.max_cases, out=out), bundle.task)
+    if config.split is not None and config.subset == "test":
+        logger.warning("Searching the post-processing on the test subset: the test results will be biased.")
+    datasets = collect(EvaluateConfig(bundle=config.bundle, data=config.data, label=config.label, split=config.split,
+                                      subset=config.subset, max_cases=config.max_cases, out=out), bundle.task)
     predictors = {flip: Predictor(bundle, device=config.device, mc_samples=config.mc_samples, threshold=0.5,
                                   min_component_ml=0.0, flip_tta=flip) for flip in config.flip_tta}
-    per_set: dict[str, dict[tuple[bool, float, float], list[tuple[float, float]]]] = {}
+    per_set: dict[str, dict[tuple[bool, float, float], list[tuple[float, float, float]]]] = {}
+    true_by_set: dict[str, list[float]] = {}
     for dataset in datasets:
-        scores: dict[tuple[bool, float, float], list[tuple[float, float]]] = {}
+        true_volumes = true_by_set.setdefault(dataset.label, [])
+        scores: dict[tuple[bool, float, float], list[tuple[float, float, float]]] = {}
         for record in dataset.cases:
             truth_path = ground_truth_path(record, dataset.root, bundle.task)
             assert truth_path is not None
@@ -130,8 +142,7 @@ def run(config: PostprocessConfig) -> dict:
             if not truth_volume.geometry.same_grid(dwi.geometry, 0.05):
                 raise InputImageError(f"Ground-truth mask {truth_path} is not on the DWI grid of {record.case_id}.")
             truth = truth_volume.array > 0.5
-            from StrokePredictorLib.preprocess import preprocess
-
+            true_volumes.append(float(truth.sum()) * dwi.geometry.voxel_volume_ml)
             case = preprocess(dwi, adc, flair, grid=bundle.grid, normalization=bundle.normalization)
             clinical_record = _clinical_of(record, dataset.clinical)
             for flip, predictor in predictors.items():
@@ -150,15 +161,21 @@ def run(config: PostprocessConfig) -> dict:
             row[f"{label}_dice"] = float(values[:, 0].mean())
             row[f"{label}_lesion_f1"] = float(values[:, 1].mean())
             set_scores.append(0.5 * (row[f"{label}_dice"] + row[f"{label}_lesion_f1"]))
+            row[f"{label}_abs_volume_diff_ml"] = float(np.abs(values[:, 2] - np.asarray(true_by_set[label])).mean())
         row["score"] = float(np.mean(set_scores))
         table.append(row)
     best = choose(table)
     default = next((r for r in table if r["threshold"] == 0.5 and r["min_component_ml"] == 0 and not r["flip_tta"]),
                    None)
     sets = ", ".join(f"{d.label} ({len(d.cases)})" for d in datasets)
+    best_key = (best["flip_tta"], best["threshold"], best["min_component_ml"])
+    predicted_volumes = [value[2] for label in per_set for value in per_set[label][best_key]]
+    true_volumes = [volume for label in per_set for volume in true_by_set[label]]
+    margin = conformal_log_margin(np.asarray(true_volumes), np.asarray(predicted_volumes))
     post = PostProcessing(threshold=best["threshold"], flip_tta=best["flip_tta"],
-                          min_component_ml=best["min_component_ml"],
-                          selected_on=f"python -m Training postprocess: mean of Dice and lesion F1 on {sets}")
+                          min_component_ml=best["min_component_ml"], volume_log_margin=math.ceil(margin * 1e4) / 1e4,
+                          selected_on=f"python -m Training postprocess: mean of Dice and lesion F1 on {sets}; "
+                                      f"conformal volume margin over the same {len(true_volumes)} cases")
     result = {"bundle": bundle.describe(), "criterion": "mean over sets of (Dice + lesion F1) / 2",
               "datasets": {d.label: {"root": str(d.root), "n_cases": len(d.cases)} for d in datasets},
               "best": best, "default": default, "postprocessing": post.to_dict(), "table": table}
