@@ -170,3 +170,28 @@ def test_postprocess_verb_end_to_end(tmp_path: Path) -> None:
     assert "Validation sets" in (out / "postprocess.md").read_text()
     with pytest.raises(Exception, match="exists"):
         main(argv)  # an earlier table is not overwritten unless asked
+
+
+def test_interpolate_verb_mixes_weights_of_the_same_model(tmp_path: Path) -> None:
+    import torch
+    from inference_phantom import tiny_config
+
+    from StrokePredictorLib.errors import StrokePredictorError
+    from Training.interpolate import InterpolateConfig, interpolate
+
+    a = write_tiny_bundle(tmp_path / "a", seed=1)
+    b = write_tiny_bundle(tmp_path / "b", seed=2)
+    wa, wb = load_bundle(a).model.state_dict(), load_bundle(b).model.state_dict()
+    for alpha in (0.0, 0.5, 1.0):
+        out = interpolate(InterpolateConfig(start=a, end=b, alpha=alpha, out=tmp_path / f"mix{alpha}"))
+        mixed = load_bundle(out)  # checksum verified on load
+        state = mixed.model.state_dict()
+        for key, value in state.items():
+            if value.is_floating_point():
+                torch.testing.assert_close(value, (1 - alpha) * wa[key] + alpha * wb[key], rtol=1e-6, atol=1e-6)
+        assert mixed.metadata["data"]["training"]["interpolated"]["alpha"] == alpha
+    other = write_tiny_bundle(tmp_path / "other", config=tiny_config(head_channels=4))
+    with pytest.raises(StrokePredictorError, match="architecture"):
+        interpolate(InterpolateConfig(start=a, end=other, out=tmp_path / "bad"))
+    with pytest.raises(ValueError, match="alpha"):
+        InterpolateConfig(alpha=1.5)

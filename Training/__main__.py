@@ -22,6 +22,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train-synth": ("Training.train_synth", "train on GPU-synthesised data, fusion and ablation variants in lockstep"),
     "evaluate": ("Training.evaluate", "evaluate a checkpoint or bundle with the ISLES 2022 metrics"),
     "postprocess": ("Training.postprocess", "choose threshold, flip averaging, smallest lesion on validation data"),
+    "interpolate": ("Training.interpolate", "weights between a model and its fine-tuned version (WiSE-FT)"),
     "ablate": ("Training.ablate", "imaging-only against fusion on the same split"),
     "visualize": ("Training.visualize", "figures: training curves, overlays, reliability diagram, attention"),
     "card": ("Training.model_card", "write a bundle's model card from measured evaluation results"),
