@@ -179,6 +179,7 @@ def test_full_prediction_creates_expected_nodes(env, module, case_dir, tmp_path)
     volume = result.summary["lesion_volume_ml"]
     assert stats["Lesion volume (thresholded)"] == pytest.approx(volume["mask"])
     assert stats["Lesion volume, 95% interval low"] == pytest.approx(volume["ci95"][0])
+    assert stats["Lesion volume, Monte-Carlo 97.5%"] == pytest.approx(volume["mc_ci95"][1])
     assert stats["Connected components"] == result.summary["n_components"]
     assert stats["Monte-Carlo samples"] == 4
 

@@ -308,6 +308,7 @@ def create_result_nodes(result_json: Path, dwi: Any, *, prefix: str | None = Non
     features = list(attention.get("features", []))
     volume = summary.get("lesion_volume_ml", {})
     ci = list(volume.get("ci95", [float("nan"), float("nan")]))
+    mc_ci = list(volume.get("mc_ci95", ci))
     scene = slicer.mrmlScene
     files_seg = listed.get("segmentation", "lesion.seg.nrrd")
     if not (out / files_seg).is_file():
@@ -350,6 +351,8 @@ def create_result_nodes(result_json: Path, dwi: Any, *, prefix: str | None = Non
             ("Lesion volume, MC median", float(volume.get("median", float("nan"))), "mL"),
             ("Lesion volume, 95% interval low", float(ci[0]), "mL"),
             ("Lesion volume, 95% interval high", float(ci[1]), "mL"),
+            ("Lesion volume, Monte-Carlo 2.5%", float(mc_ci[0]), "mL"),
+            ("Lesion volume, Monte-Carlo 97.5%", float(mc_ci[1]), "mL"),
             ("Connected components", float(summary.get("n_components", 0)), "count"),
             ("Mean uncertainty in lesion", float(summary.get("mean_uncertainty_in_lesion", float("nan"))), "bits"),
             ("Threshold", float(summary.get("threshold", float("nan"))), "probability"),
