@@ -166,11 +166,14 @@ class Predictor:
             self.bundle = load_bundle(bundle, device=self.device)
         self.mc_samples = int(mc_samples)
         self.seed = int(seed)
-        self.postprocessing = self.bundle.postprocessing.replace(
-            threshold=None if threshold is None else float(threshold),
-            min_component_ml=None if min_component_ml is None else float(min_component_ml),
-            flip_tta=None if flip_tta is None else bool(flip_tta),
-        )
+        try:
+            self.postprocessing = self.bundle.postprocessing.replace(
+                threshold=None if threshold is None else float(threshold),
+                min_component_ml=None if min_component_ml is None else float(min_component_ml),
+                flip_tta=None if flip_tta is None else bool(flip_tta),
+            )
+        except ValueError as error:
+            raise StrokePredictorError(f"Invalid post-processing setting: {error}.") from None
         self.deterministic = bool(deterministic)
 
     @property

@@ -109,6 +109,11 @@ def test_predictor_uses_the_bundles_postprocessing(tiny: dict, tmp_path: Path) -
     assert cleared.volume_ml["mask"] == 0 and np.all(cleared.samples_volume_ml == 0)
     override = Predictor(copy, device="cpu", mc_samples=6, min_component_ml=0.0).predict(tiny["dwi"], tiny["adc"])
     np.testing.assert_array_equal(override.mask, plain.mask)
+    from StrokePredictorLib.errors import StrokePredictorError
+
+    for bad in ({"min_component_ml": float("inf")}, {"min_component_ml": -1.0}, {"threshold": 1.0}):
+        with pytest.raises(StrokePredictorError):
+            Predictor(copy, device="cpu", **bad)
     lower = Predictor(copy, device="cpu", mc_samples=6, threshold=0.3, min_component_ml=0.0)
     assert lower.threshold == 0.3
     assert lower.predict(tiny["dwi"], tiny["adc"]).mask.sum() >= plain.mask.sum()
