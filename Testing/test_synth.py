@@ -70,3 +70,18 @@ def test_in_memory_case_has_consistent_shapes(mode: str) -> None:
     assert case.adc.array.shape == shape and case.mask.shape == shape and case.outcome.shape == shape
     assert case.mask.dtype == np.uint8 and set(np.unique(case.mask)) <= {0, 1}
     assert np.all(case.outcome >= case.mask)
+
+
+def test_regional_mimics_brighten_dwi_without_changing_adc_or_labels() -> None:
+    plain = SynthesisParams(tiny=True, lesion_kind="territorial", empty_fraction=0.0)
+    with_regional = SynthesisParams(**{**plain.__dict__, "regional_mimics": 1.0})
+    a, b = synthesize_case(3, 5, plain), synthesize_case(3, 5, with_regional)
+    info = b.metadata["mimics"]["regional_dwi_hyperintensity"]
+    assert "regional_dwi_hyperintensity" not in a.metadata["mimics"] and info["regional_ml"] > 0
+    assert np.array_equal(a.mask, b.mask) and np.array_equal(a.outcome, b.outcome)  # labels untouched
+    brain = a.dwi.array > 0
+    ratio = b.dwi.array[brain].astype(np.float64) / np.maximum(a.dwi.array[brain], 1e-6)
+    assert np.percentile(ratio, 99) > 1.1 and np.percentile(ratio, 1) > 0.97  # brighter, never darker
+    assert np.median(b.adc_mm2s[brain]) == pytest.approx(np.median(a.adc_mm2s[brain]), rel=0.02)
+    again = synthesize_case(3, 5, with_regional)
+    assert np.array_equal(again.dwi.array, b.dwi.array)  # same seed, same image

@@ -71,6 +71,9 @@ class GenerateConfig:
     wakeup_fraction: float = field(default=0.22, metadata={"help": "probability of an unknown (wake-up) onset"})
     lesion_kind: str | None = field(default=None, metadata={"help": "force a procedural lesion kind: "
                                                                     "territorial, embolic, small or empty"})
+    regional_mimics: float = field(default=0.0, metadata={
+        "help": "probability of a broad regional DWI hyperintensity with normal ADC per case (inferior "
+                "brightening, large soft regions, as on real scans); 0 keeps earlier datasets byte-identical"})
     first_index: int = field(default=1, metadata={"help": "number of the first case (sub-strokecaseXXXX)"})
     montage: Path | None = field(default=None, metadata={"help": "also write a PNG montage of the first cases"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing generated dataset in --out"})
@@ -84,6 +87,8 @@ class GenerateConfig:
             raise ValueError(f"--mode must be one of {', '.join(MODES)}, got '{self.mode}'.")
         if self.work_mm not in (1, 2, 3, 4):
             raise ValueError(f"--work-mm must be 1, 2, 3 or 4, got {self.work_mm}.")
+        if not 0.0 <= self.regional_mimics <= 1.0:
+            raise ValueError(f"--regional-mimics must lie between 0 and 1, got {self.regional_mimics}.")
         if self.lesion_kind not in (None, "territorial", "embolic", "small", "empty"):
             raise ValueError(f"--lesion-kind must be territorial, embolic, small or empty, got '{self.lesion_kind}'.")
 
@@ -91,7 +96,7 @@ class GenerateConfig:
         return SynthesisParams(
             mode=self.mode, ood=self.ood, skull=self.skull, tiny=self.tiny, work_mm=self.work_mm,
             lesions=None if self.lesions is None else str(self.lesions), empty_fraction=self.empty_fraction,
-            wakeup_fraction=self.wakeup_fraction, lesion_kind=self.lesion_kind,
+            wakeup_fraction=self.wakeup_fraction, lesion_kind=self.lesion_kind, regional_mimics=self.regional_mimics,
         )
 
 

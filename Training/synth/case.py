@@ -34,6 +34,7 @@ from Training.synth.clinical_sim import simulate_clinical
 from Training.synth.lesions import (
     Lesion,
     draw_mimics,
+    draw_regional,
     load_soop,
     procedural_lesion,
     smooth_noise,
@@ -67,6 +68,7 @@ class SynthesisParams:
     head_rotation_deg: float = 6.0         # maximum head rotation in the DWI scanner frame
     noise: bool = True                     # False: noise-free images (tests of the signal model)
     mimic_rate: float = 1.0                # scales how often mimics occur
+    regional_mimics: float = 0.0           # probability of a broad regional DWI hyperintensity (normal ADC)
     adc_unit: str | None = None            # force one ADC unit scale (None: random of three)
     lesion_kind: str | None = None         # force a procedural lesion kind (territorial, embolic, small, empty)
     dwi_grid: str | None = None            # force a DWI grid by name (acquisition.DWI_GRIDS)
@@ -283,6 +285,11 @@ def synthesize_case(index: int, seed: int, params: SynthesisParams | None = None
     age = record["age"] if record["age"] is not None else 70.0
     mimics = draw_mimics(template, rng, lesion, age=float(age), prior_stroke=record["prior_stroke"] == "yes",
                          rate=params.mimic_rate)
+    # own random stream: with regional_mimics = 0 every other draw, and so every file, is unchanged
+    mimics.regional, regional_info = draw_regional(template, np.random.default_rng([int(seed), int(index), 3]),
+                                                   params.regional_mimics)
+    if regional_info:
+        mimics.description["regional_dwi_hyperintensity"] = regional_info
     outcome_frac, outcome_info = outcome_fraction(
         template, lesion.fraction, nihss=hidden.nihss, onset_h=hidden.onset_h, treatment=hidden.treatment,
         collateral=hidden.collateral, glucose=hidden.glucose, noise=smooth_noise(rng, template.shape, 1.5))

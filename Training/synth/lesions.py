@@ -314,6 +314,8 @@ class Mimics:
         wmh: periventricular/deep white-matter hyperintensities (FLAIR bright, ADC raised).
         chronic: old infarct (CSF-like ADC, dark DWI, FLAIR bright rim).
         artefact: susceptibility-like DWI artefact near the skull base (DWI bright, ADC normal).
+        regional: broad regional DWI hyperintensity (relative S0 gain >= 0: DWI bright, ADC
+            unchanged), or None; see :func:`draw_regional`.
     """
 
     shine: np.ndarray
@@ -321,6 +323,39 @@ class Mimics:
     chronic: np.ndarray
     artefact: np.ndarray
     description: dict = field(default_factory=dict)
+    regional: np.ndarray | None = None
+
+
+def draw_regional(template: Template, rng: np.random.Generator, probability: float) -> tuple[np.ndarray | None, dict]:
+    """Broad regional DWI hyperintensities with normal ADC, as real DWI shows them (brightening of the
+    inferior brain toward the skull base, large soft bright regions from coil and susceptibility
+    effects): a relative S0 gain (so b0 and b-image rise together and the ADC is unchanged).
+
+    With probability ``probability`` a case gets an inferior brightening (gain 0.15-0.6, a smooth
+    step at 40-10 mm below the MNI origin, half of such cases) and/or large soft blobs (gain up to
+    0.6); otherwise None. Draw it from its own random stream so the rest of a case is unchanged.
+
+    Returns:
+        (gain map on the template grid or None, description).
+    """
+    if probability <= 0 or rng.random() >= probability:
+        return None, {}
+    shape = template.shape
+    z = template.geometry.ijk_to_ras[2, 3] + np.arange(shape[0]) * template.spacing_mm
+    gain = np.zeros(shape, np.float32)
+    description: dict = {}
+    if rng.random() < 0.5:
+        inferior = float(rng.uniform(0.15, 0.6))
+        level, width = float(rng.uniform(-40.0, -10.0)), float(rng.uniform(4.0, 12.0))
+        step = 1.0 / (1.0 + np.exp(-(level - z) / width))
+        gain += (inferior * step)[:, None, None].astype(np.float32)
+        description["inferior_gain"], description["inferior_level_mm"] = inferior, level
+    blobs = float(rng.uniform(0.1, 0.6))
+    gain += blobs * np.clip(smooth_noise(rng, shape, 10.0 / template.spacing_mm) - 1.2, 0, None)
+    description["blob_gain"] = blobs
+    gain *= (template.brain > 0.5)
+    description["regional_ml"] = float((gain > 0.1).sum() * template.spacing_mm ** 3 / 1000)
+    return gain.astype(np.float32), description
 
 
 def draw_mimics(template: Template, rng: np.random.Generator, lesion: Lesion, *, age: float,

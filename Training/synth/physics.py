@@ -110,6 +110,7 @@ def physical_images(template: Template, lesion: Lesion, mimics: Mimics, hidden: 
     adc_texture = 1.0 + 0.04 * smooth_noise(rng, template.shape, 1.0)
     # mimics: S0 gain, ADC factor, FLAIR gain
     s0_gain = 1 + 0.7 * mimics.shine + 0.35 * mimics.wmh + 1.2 * mimics.chronic + 0.9 * mimics.artefact
+    regional = 1.0 if mimics.regional is None else 1.0 + mimics.regional  # DWI bright, ADC unchanged
     adc_gain = (1 + 0.05 * mimics.shine + 0.25 * mimics.wmh) * adc_texture
     chronic = mimics.chronic
     lesion_s0 = 1 + shine * eff
@@ -121,9 +122,9 @@ def physical_images(template: Template, lesion: Lesion, mimics: Mimics, hidden: 
         base_adc = adc[tissue] * adc_gain
         if tissue != "csf":
             base_adc = (base_adc * lesion_adc) * (1 - chronic) + 2.2e-3 * chronic
-            s0_t = s0[tissue] * texture * lesion_s0 * s0_gain
+            s0_t = s0[tissue] * texture * lesion_s0 * s0_gain * regional
         else:
-            s0_t = s0[tissue] * (1 + 0.7 * mimics.shine + 0.9 * mimics.artefact)
+            s0_t = s0[tissue] * (1 + 0.7 * mimics.shine + 0.9 * mimics.artefact) * regional
         s0_img += frac * s0_t
         sb_img += frac * s0_t * np.exp(-b * base_adc)
     if skull:
@@ -185,6 +186,8 @@ def randomized_images(template: Template, lesion: Lesion, mimics: Mimics, hidden
     dwi_mimic = {"shine": float(rng.uniform(0.2, 1.0)), "wmh": float(rng.uniform(0.0, 0.4)),
                  "chronic": float(rng.uniform(-0.7, 0.0)), "artefact": float(rng.uniform(0.3, 1.2))}
     dwi, dwi_means = gmm(q["dwi_means_relative_to_wm"], dwi_contrast, dwi_mimic)
+    if mimics.regional is not None:
+        dwi = dwi * (1 + mimics.regional)
     flair_contrast = float(rng.uniform(0.0, 0.9) * np.clip((hidden.onset_h - 2.0) / 6.0, 0.05, 1.0))
     flair_mimic = {"shine": float(rng.uniform(0.0, 0.8)), "wmh": float(rng.uniform(0.2, 1.0)),
                    "chronic": float(rng.uniform(-0.5, 0.8)), "artefact": 0.0}
