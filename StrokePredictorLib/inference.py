@@ -157,8 +157,6 @@ class Predictor:
             raise StrokePredictorError(f"The number of Monte-Carlo samples must be at least 1, got {mc_samples}.")
         if threshold is not None and not 0.0 < float(threshold) < 1.0:
             raise StrokePredictorError(f"The probability threshold must lie strictly between 0 and 1, got {threshold}.")
-        if min_component_ml is not None and not float(min_component_ml) >= 0.0:
-            raise StrokePredictorError(f"The smallest lesion component must be at least 0 mL, got {min_component_ml}.")
         if isinstance(bundle, Bundle):
             bundle.model.to(self.device).eval()
             self.bundle = bundle

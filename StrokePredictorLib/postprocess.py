@@ -99,6 +99,18 @@ class PostProcessing:
 DEFAULT = PostProcessing()
 
 
+def label_components(mask: np.ndarray, voxel_ml: float) -> tuple[np.ndarray, np.ndarray]:
+    """26-connected components of ``mask``: the label array and each component's size in mL
+    (``sizes_ml[n - 1]`` for label ``n``)."""
+    labels, count = ndimage.label(np.asarray(mask, dtype=bool), structure=CONNECTIVITY)
+    return labels, np.bincount(labels.ravel(), minlength=count + 1)[1:] * float(voxel_ml)
+
+
+def keep_components(labels: np.ndarray, sizes_ml: np.ndarray, min_ml: float) -> np.ndarray:
+    """Bool mask of the components of :func:`label_components` of at least ``min_ml`` mL."""
+    return np.concatenate([[False], sizes_ml >= min_ml])[labels]
+
+
 def remove_small_components(mask: np.ndarray, min_ml: float, voxel_ml: float) -> np.ndarray:
     """``mask`` (bool or 0/1) without its 26-connected components smaller than ``min_ml`` mL.
 
@@ -107,10 +119,7 @@ def remove_small_components(mask: np.ndarray, min_ml: float, voxel_ml: float) ->
     mask = np.asarray(mask, dtype=bool)
     if min_ml <= 0 or not mask.any():
         return mask
-    labels, count = ndimage.label(mask, structure=CONNECTIVITY)
-    sizes_ml = np.bincount(labels.ravel(), minlength=count + 1)[1:] * float(voxel_ml)
-    keep = np.concatenate([[False], sizes_ml >= min_ml])
-    return keep[labels]
+    return keep_components(*label_components(mask, voxel_ml), min_ml)
 
 
 def volume_interval(volume_ml: float, mc_interval_ml: tuple[float, float], log_margin: float) -> list[float]:

@@ -34,7 +34,7 @@ import numpy as np
 
 from StrokePredictorLib import clinical
 from StrokePredictorLib.errors import InputImageError, OutputExistsError, StrokePredictorError
-from StrokePredictorLib.io import CaseRecord, discover_isles, read_volume, write_json, write_volume
+from StrokePredictorLib.io import CaseRecord, Volume, discover_isles, read_volume, write_json, write_volume
 from Training import baseline as baseline_mod
 from Training import config as config_mod
 from Training import metrics as M
@@ -151,16 +151,25 @@ def _check_outputs(out: Path, overwrite: bool) -> None:
                                 "pass --overwrite to replace them or choose another --out.")
 
 
-def evaluate_case(predictor: object, record: CaseRecord, truth_path: Path, clinical_record: clinical.ClinicalRecord,
-                  *, with_baseline: bool, n_bins: int) -> dict:
-    """Evaluate one case; returns {"model": row, "baseline": row, "bins": ReliabilityBins, arrays...}."""
+def read_case(record: CaseRecord, truth_path: Path) -> tuple[Volume, Volume, Volume | None, np.ndarray]:
+    """DWI, ADC, FLAIR (or None) and the bool ground truth of a case.
+
+    Raises:
+        InputImageError: an unreadable file, or a ground truth that is not on the DWI grid.
+    """
     dwi = read_volume(record.dwi, role="DWI")
     adc = read_volume(record.adc, role="ADC")
     flair = read_volume(record.flair, role="FLAIR") if record.flair is not None else None
     truth_volume = read_volume(truth_path, role="ground-truth mask")
     if not truth_volume.geometry.same_grid(dwi.geometry, 0.05):
         raise InputImageError(f"Ground-truth mask {truth_path} is not on the DWI grid of case {record.case_id}.")
-    truth = truth_volume.array > 0.5
+    return dwi, adc, flair, truth_volume.array > 0.5
+
+
+def evaluate_case(predictor: object, record: CaseRecord, truth_path: Path, clinical_record: clinical.ClinicalRecord,
+                  *, with_baseline: bool, n_bins: int) -> dict:
+    """Evaluate one case; returns {"model": row, "baseline": row, "bins": ReliabilityBins, arrays...}."""
+    dwi, adc, flair, truth = read_case(record, truth_path)
     spacing = dwi.geometry.spacing
     rule = baseline_mod.classical_rule(dwi, adc)
     brain = rule.brain | truth

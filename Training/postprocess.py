@@ -25,19 +25,17 @@ import itertools
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from StrokePredictorLib.errors import InputImageError, OutputExistsError, StrokePredictorError
-from StrokePredictorLib.io import read_volume, write_json
-from StrokePredictorLib.postprocess import PostProcessing, conformal_log_margin, remove_small_components
+from StrokePredictorLib.errors import OutputExistsError, StrokePredictorError
+from StrokePredictorLib.io import write_json
+from StrokePredictorLib.postprocess import PostProcessing, conformal_log_margin, keep_components, label_components
 from Training import config as config_mod
 from Training import metrics as M
-from Training.evaluate import EvaluateConfig, _clinical_of, collect, ground_truth_path
+from Training.evaluate import EvaluateConfig, _clinical_of, collect, ground_truth_path, read_case
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +77,9 @@ def score_case(probability: np.ndarray, truth: np.ndarray, voxel_ml: float, thre
     """(threshold, smallest component) -> (Dice, lesion F1, predicted volume in mL) of one case."""
     scores = {}
     for threshold in thresholds:
-        above = probability >= threshold
+        labels, sizes_ml = label_components(probability >= threshold, voxel_ml)  # once per threshold
         for min_ml in min_components_ml:
-            mask = remove_small_components(above, min_ml, voxel_ml)
+            mask = keep_components(labels, sizes_ml, min_ml)
             scores[(threshold, min_ml)] = (M.dice(mask, truth), M.lesion_f1(mask, truth),
                                            float(mask.sum()) * voxel_ml)
     return scores
@@ -99,14 +97,7 @@ def write_into_bundle(bundle_dir: Path, post: PostProcessing) -> None:
     path = Path(bundle_dir) / "model.json"
     metadata = json.loads(path.read_text())
     metadata["postprocessing"] = post.to_dict()
-    handle, temporary = tempfile.mkstemp(prefix=".model.json-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(json.dumps(metadata, indent=2, default=str) + "\n")
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    write_json(metadata, path, overwrite=True)
 
 
 def run(config: PostprocessConfig) -> dict:
@@ -135,13 +126,7 @@ def run(config: PostprocessConfig) -> dict:
         for record in dataset.cases:
             truth_path = ground_truth_path(record, dataset.root, bundle.task)
             assert truth_path is not None
-            dwi = read_volume(record.dwi, role="DWI")
-            adc = read_volume(record.adc, role="ADC")
-            flair = read_volume(record.flair, role="FLAIR") if record.flair is not None else None
-            truth_volume = read_volume(truth_path, role="ground-truth mask")
-            if not truth_volume.geometry.same_grid(dwi.geometry, 0.05):
-                raise InputImageError(f"Ground-truth mask {truth_path} is not on the DWI grid of {record.case_id}.")
-            truth = truth_volume.array > 0.5
+            dwi, adc, flair, truth = read_case(record, truth_path)
             true_volumes.append(float(truth.sum()) * dwi.geometry.voxel_volume_ml)
             case = preprocess(dwi, adc, flair, grid=bundle.grid, normalization=bundle.normalization)
             clinical_record = _clinical_of(record, dataset.clinical)
