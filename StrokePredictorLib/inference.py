@@ -15,15 +15,15 @@ Outputs (all resampled by world position onto the input DWI grid):
 * ``entropy``: **predictive entropy** of that mean probability, in bits (0..1): total uncertainty;
 * ``std``: **Monte-Carlo standard deviation** of the probability over the samples (model uncertainty);
 * ``mask``: ``probability >= threshold`` (uint8 0/1), without components smaller than the
-  bundle's ``min_component_ml``;
+  bundle's ``min_component_ml`` or with a median ADC at or above its ``max_component_adc``;
 * ``samples_volume_ml``: lesion volume of each sample (voxels with ``p >= threshold`` on the model
-  grid, small components removed the same way, times the model voxel volume), giving the median
+  grid, components removed the same way, times the model voxel volume), giving the median
   and the 95% interval;
 * ``feature_attention`` and ``spatial_attention``: see :mod:`StrokePredictorLib.network`.
 
 Predictions outside the brain mask found by preprocessing are set to 0. The threshold, the
 left-right flip averaging (the network also sees the mirrored input; each Monte-Carlo sample uses
-the same dropout mask for both views) and the smallest component kept come from the bundle
+the same dropout mask for both views), the smallest component kept and the ADC gate come from the bundle
 (:mod:`StrokePredictorLib.postprocess`) unless the caller overrides them. On CUDA the network runs
 under bf16 autocast; sampling and statistics are float32.
 """
@@ -43,8 +43,8 @@ from StrokePredictorLib.bundle import Bundle, load_bundle, resolve_device
 from StrokePredictorLib.clinical import FEATURE_NAMES, ClinicalRecord, encode
 from StrokePredictorLib.errors import StrokePredictorError
 from StrokePredictorLib.io import Geometry, Volume, read_volume
-from StrokePredictorLib.postprocess import count_components, remove_small_components, volume_interval
-from StrokePredictorLib.preprocess import PreprocessedCase, preprocess
+from StrokePredictorLib.postprocess import count_components, filter_components, volume_interval
+from StrokePredictorLib.preprocess import Normalization, PreprocessedCase, preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class Prediction:
         probability: float32 mean lesion probability over the MC samples, 0..1.
         entropy: float32 predictive entropy of ``probability`` in bits, 0..1.
         std: float32 MC standard deviation of the probability.
-        mask: uint8 0/1, ``probability >= threshold`` without components under ``min_component_ml``.
+        mask: uint8 0/1, ``probability >= threshold`` without components under ``min_component_ml``
+            or with a median ADC at or above ``max_component_adc``.
         spatial_attention: float32 0..1, where the clinical tokens attended.
         geometry: the DWI grid.
         threshold: probability threshold of ``mask``.
@@ -81,7 +82,7 @@ class Prediction:
         adc_unit: the detected ADC unit.
         registration: FLAIR-to-DWI registration parameters, or None.
         warnings: what the user should know about this prediction (e.g. FLAIR left out).
-        postprocessing: threshold, flip averaging and smallest component used (a dict).
+        postprocessing: the post-processing used (a dict, see :class:`PostProcessing`).
     """
 
     probability: np.ndarray
@@ -114,6 +115,11 @@ class Prediction:
         return float(self.entropy[inside].mean()) if inside.any() else 0.0
 
 
+def adc_of(case: PreprocessedCase, normalization: Normalization) -> np.ndarray:
+    """The ADC of a preprocessed case on the model grid in 10^-3 mm^2/s (0 outside the brain)."""
+    return case.image[1] * np.float32(1000.0 / normalization.adc_scale)
+
+
 def binary_entropy_bits(p: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     """Entropy of a Bernoulli probability in bits, 0 at p in {0, 1} and 1 at p = 0.5."""
     if isinstance(p, torch.Tensor):
@@ -135,6 +141,8 @@ class Predictor:
         deterministic: dropout off: all samples equal the deterministic prediction (zero spread).
         min_component_ml: remove lesion components smaller than this (mL); None: the bundle's.
         flip_tta: average with the left-right mirrored input; None: the bundle's.
+        max_component_adc: remove lesion components whose median ADC is at least this
+            (10^-3 mm^2/s; 0: none); None: the bundle's.
 
     Raises:
         StrokePredictorError: bad device, sample count, threshold or component size; BundleError
@@ -151,6 +159,7 @@ class Predictor:
         deterministic: bool = False,
         min_component_ml: float | None = None,
         flip_tta: bool | None = None,
+        max_component_adc: float | None = None,
     ) -> None:
         self.device = resolve_device(device)
         if int(mc_samples) < 1:
@@ -169,6 +178,7 @@ class Predictor:
                 threshold=None if threshold is None else float(threshold),
                 min_component_ml=None if min_component_ml is None else float(min_component_ml),
                 flip_tta=None if flip_tta is None else bool(flip_tta),
+                max_component_adc=None if max_component_adc is None else float(max_component_adc),
             )
         except ValueError as error:
             raise StrokePredictorError(f"Invalid post-processing setting: {error}.") from None
@@ -277,7 +287,8 @@ class Predictor:
             mean = mean.reshape(case.brain.shape)
             std = std.reshape(case.brain.shape)
             voxel_ml = float(np.prod(case.mapping.model.spacing)) / 1000.0
-            sample_volumes = self._sample_volumes(probs, index, case.brain.shape, voxel_ml)
+            adc_model = adc_of(case, self.bundle.normalization) if post.max_component_adc > 0 else None
+            sample_volumes = self._sample_volumes(probs, index, case.brain.shape, voxel_ml, adc_model)
             if n_computed != self.mc_samples:
                 sample_volumes = np.repeat(sample_volumes, self.mc_samples)
             mean_np = mean.float().cpu().numpy()
@@ -299,8 +310,9 @@ class Predictor:
         std_source = np.clip(mapping.to_source(std_np, order=1), 0.0, 0.5).astype(np.float32)
         spatial = np.clip(mapping.to_source(spatial_np, order=1), 0.0, 1.0).astype(np.float32)
         entropy = binary_entropy_bits(probability)
-        mask = remove_small_components(probability >= post.threshold, post.min_component_ml,
-                                       mapping.source.voxel_volume_ml).astype(np.uint8)
+        adc_source = None if adc_model is None else mapping.to_source(adc_model, order=1)
+        mask = filter_components(probability >= post.threshold, mapping.source.voxel_volume_ml, post.min_component_ml,
+                                 adc_source, post.max_component_adc).astype(np.uint8)
         n_components = count_components(mask)
         timings["resample_s"] = time.perf_counter() - tick
         weights = weights / weights.sum()
@@ -342,18 +354,20 @@ class Predictor:
         )
 
     def _sample_volumes(self, probs: torch.Tensor, index: torch.Tensor, shape: tuple[int, ...],
-                        voxel_ml: float) -> np.ndarray:
+                        voxel_ml: float, adc: np.ndarray | None = None) -> np.ndarray:
         """Lesion volume (mL) of every Monte-Carlo sample on the model grid, post-processed as
-        the mask is: ``p >= threshold`` and components under ``min_component_ml`` removed."""
+        the mask is: ``p >= threshold``, components under ``min_component_ml`` removed and, with
+        ``adc`` (model grid, 10^-3 mm^2/s), those with a median ADC of ``max_component_adc`` or more."""
         post = self.postprocessing
         above = probs >= post.threshold  # (N, Vb)
-        if post.min_component_ml <= 0:
+        if post.min_component_ml <= 0 and post.max_component_adc <= 0:
             return above.sum(dim=1).double().cpu().numpy() * voxel_ml
         flat_index = index.cpu().numpy()
         volumes = np.empty(above.shape[0])
         for n, row in enumerate(above.cpu().numpy()):
             grid = np.zeros(int(np.prod(shape)), dtype=bool)
             grid[flat_index[row]] = True
-            volumes[n] = remove_small_components(grid.reshape(shape), post.min_component_ml, voxel_ml).sum() * voxel_ml
+            kept = filter_components(grid.reshape(shape), voxel_ml, post.min_component_ml, adc, post.max_component_adc)
+            volumes[n] = kept.sum() * voxel_ml
         return volumes
 

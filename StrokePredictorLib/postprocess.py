@@ -1,5 +1,6 @@
-"""Post-processing of the lesion probability: the bundle's threshold, flip averaging and the
-removal of small components, chosen on validation data and stored in the bundle.
+"""Post-processing of the lesion probability: the bundle's threshold, flip averaging, the
+removal of small components and of components without restricted diffusion, chosen on
+validation data and stored in the bundle.
 
 As nnU-Net does, the post-processing is part of the model: ``python -m Training postprocess``
 measures every combination on validation cases that the network never trained on (never on test
@@ -12,6 +13,10 @@ which is how every bundle behaved before the block existed.
   grid points left), and the two probabilities are averaged (one more forward pass).
 * ``min_component_ml``: connected lesion components (26-connectivity) smaller than this are
   removed from the mask and from every Monte-Carlo sample's volume.
+* ``max_component_adc``: components whose median ADC (10^-3 mm^2/s, the unit of the network's
+  ADC channel) is at least this are removed the same way (0 keeps all). An acute infarct restricts
+  diffusion; a DWI-bright region with normal ADC is T2 shine-through, a susceptibility or
+  B0-inhomogeneity artefact or another mimic, which is how radiologists read DWI with ADC.
 * ``volume_log_margin``: the 95% lesion-volume interval. Monte-Carlo dropout alone (one dropout
   layer before the head) gives far too narrow an interval (13% coverage measured on simulated test
   cases), so the interval is widened to at least ``[(V + 1) e^-m - 1, (V + 1) e^m - 1]`` mL around
@@ -40,6 +45,8 @@ class PostProcessing:
         threshold: probability threshold, strictly between 0 and 1.
         flip_tta: average with the prediction of the left-right mirrored input.
         min_component_ml: smallest lesion component kept, in mL (0 keeps all).
+        max_component_adc: components with a median ADC at or above this (10^-3 mm^2/s) are
+            removed (0 keeps all).
         volume_log_margin: conformal margin of the 95% volume interval (natural log; 0: Monte-Carlo only).
         selected_on: where the values were chosen (free text, for the model card).
     """
@@ -47,6 +54,7 @@ class PostProcessing:
     threshold: float = 0.5
     flip_tta: bool = False
     min_component_ml: float = 0.0
+    max_component_adc: float = 0.0
     volume_log_margin: float = 0.0
     selected_on: str = ""
 
@@ -57,6 +65,10 @@ class PostProcessing:
                 and self.min_component_ml >= 0):
             raise ValueError(f"postprocessing.min_component_ml must be a number >= 0 (mL), "
                              f"got {self.min_component_ml!r}")
+        if not (isinstance(self.max_component_adc, (int, float)) and math.isfinite(self.max_component_adc)
+                and self.max_component_adc >= 0):
+            raise ValueError(f"postprocessing.max_component_adc must be a number >= 0 (10^-3 mm^2/s), "
+                             f"got {self.max_component_adc!r}")
         if not (isinstance(self.volume_log_margin, (int, float)) and math.isfinite(self.volume_log_margin)
                 and self.volume_log_margin >= 0):
             raise ValueError(f"postprocessing.volume_log_margin must be a number >= 0, got {self.volume_log_margin!r}")
@@ -91,6 +103,8 @@ class PostProcessing:
             parts.append("left-right flip averaging")
         if self.min_component_ml > 0:
             parts.append(f"components under {self.min_component_ml:g} mL removed")
+        if self.max_component_adc > 0:
+            parts.append(f"components with median ADC >= {self.max_component_adc:g} x10^-3 mm^2/s removed")
         if self.volume_log_margin > 0:
             parts.append(f"volume interval at least x/÷ {math.exp(self.volume_log_margin):.2f} (conformal)")
         return ", ".join(parts)
@@ -106,20 +120,53 @@ def label_components(mask: np.ndarray, voxel_ml: float) -> tuple[np.ndarray, np.
     return labels, np.bincount(labels.ravel(), minlength=count + 1)[1:] * float(voxel_ml)
 
 
-def keep_components(labels: np.ndarray, sizes_ml: np.ndarray, min_ml: float) -> np.ndarray:
-    """Bool mask of the components of :func:`label_components` of at least ``min_ml`` mL."""
-    return np.concatenate([[False], sizes_ml >= min_ml])[labels]
+def component_medians(values: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
+    """Median of ``values`` over each of the ``count`` labelled components (``[n - 1]`` for label ``n``)."""
+    if count == 0:
+        return np.zeros(0)
+    return np.asarray(ndimage.median(values, labels, np.arange(1, count + 1)), dtype=float).reshape(count)
+
+
+def kept_components(sizes_ml: np.ndarray, min_ml: float, medians_adc: np.ndarray | None = None,
+                    max_adc: float = 0.0) -> np.ndarray:
+    """Which components are kept (bool per component): at least ``min_ml`` mL and, when ``max_adc``
+    > 0, a median ADC (``medians_adc``, from :func:`component_medians`) below ``max_adc``."""
+    keep = np.asarray(sizes_ml) >= min_ml
+    if max_adc > 0:
+        if medians_adc is None:
+            raise ValueError("the components' median ADC is needed when max_adc > 0")
+        keep &= medians_adc < max_adc
+    return keep
+
+
+def keep_components(labels: np.ndarray, sizes_ml: np.ndarray, min_ml: float,
+                    medians_adc: np.ndarray | None = None, max_adc: float = 0.0) -> np.ndarray:
+    """Bool mask of the components of :func:`label_components` that :func:`kept_components` keeps."""
+    return np.concatenate([[False], kept_components(sizes_ml, min_ml, medians_adc, max_adc)])[labels]
+
+
+def filter_components(mask: np.ndarray, voxel_ml: float, min_ml: float = 0.0,
+                      adc: np.ndarray | None = None, max_adc: float = 0.0) -> np.ndarray:
+    """``mask`` (bool or 0/1) without its 26-connected components smaller than ``min_ml`` mL and,
+    when ``max_adc`` > 0, without those whose median ``adc`` (same shape, 10^-3 mm^2/s) is at least
+    ``max_adc``.
+
+    Returns a bool array of the same shape (the input itself, as bool, when nothing is filtered).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if (min_ml <= 0 and max_adc <= 0) or not mask.any():
+        return mask
+    if max_adc > 0 and (adc is None or np.shape(adc) != mask.shape):
+        raise ValueError("filter_components needs an ADC array of the mask's shape when max_adc > 0")
+    labels, sizes_ml = label_components(mask, voxel_ml)
+    medians = component_medians(adc, labels, sizes_ml.size) if max_adc > 0 else None
+    return keep_components(labels, sizes_ml, min_ml, medians, max_adc)
 
 
 def remove_small_components(mask: np.ndarray, min_ml: float, voxel_ml: float) -> np.ndarray:
-    """``mask`` (bool or 0/1) without its 26-connected components smaller than ``min_ml`` mL.
-
-    Returns a bool array of the same shape (the input itself, as bool, when ``min_ml`` is 0).
-    """
-    mask = np.asarray(mask, dtype=bool)
-    if min_ml <= 0 or not mask.any():
-        return mask
-    return keep_components(*label_components(mask, voxel_ml), min_ml)
+    """``mask`` (bool or 0/1) without its 26-connected components smaller than ``min_ml`` mL
+    (a bool array; the input itself, as bool, when ``min_ml`` is 0)."""
+    return filter_components(mask, voxel_ml, min_ml)
 
 
 def volume_interval(volume_ml: float, mc_interval_ml: tuple[float, float], log_margin: float) -> list[float]:

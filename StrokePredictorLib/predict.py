@@ -5,9 +5,9 @@ Single case::
     python -m StrokePredictorLib.predict --dwi DWI --adc ADC [--flair FLAIR]
         [--clinical clinical.json | --clinical nihss=12 age=71 ...] [--bundle DIR] --out DIR
         [--mc-samples 20] [--seed 0] [--device auto|cpu|cuda] [--threshold T] [--min-component-ml V]
-        [--tta | --no-tta] [--overwrite]
+        [--tta | --no-tta] [--max-component-adc A] [--overwrite]
 
-``--threshold``, ``--min-component-ml`` and ``--tta`` override the post-processing that the
+``--threshold``, ``--min-component-ml``, ``--tta`` and ``--max-component-adc`` override the post-processing that the
 bundle carries (chosen on validation data; see :mod:`StrokePredictorLib.postprocess`).
 
 Batch (one sub-folder per case id, plus ``batch_summary.json``)::
@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="remove lesion components smaller than this, in mL (default: the bundle's, else 0)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average with the left-right mirrored input (default: the bundle's, else off)")
+    parser.add_argument("--max-component-adc", type=float, default=None,
+                        help="remove lesion components whose median ADC is at least this, in 10^-3 mm^2/s; "
+                             "0 keeps all (default: the bundle's, else 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--verbose", action="store_true", help="log details on standard error")
     return parser
@@ -197,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         predictor = Predictor(
             args.bundle or default_bundle_dir("acute"), device=args.device, mc_samples=args.mc_samples,
             seed=args.seed, threshold=args.threshold, deterministic=args.deterministic,
-            min_component_ml=args.min_component_ml, flip_tta=args.tta,
+            min_component_ml=args.min_component_ml, flip_tta=args.tta, max_component_adc=args.max_component_adc,
         )
         if args.isles:
             result, failures = _run_batch(args, predictor)

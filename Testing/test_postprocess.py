@@ -20,6 +20,8 @@ from StrokePredictorLib.postprocess import (
     PostProcessing,
     conformal_log_margin,
     count_components,
+    filter_components,
+    label_components,
     remove_small_components,
     volume_interval,
 )
@@ -32,10 +34,14 @@ def test_postprocessing_block_validates() -> None:
     post = PostProcessing.from_dict({"threshold": 0.4, "flip_tta": True, "min_component_ml": 0.3})
     assert post.replace(threshold=None, min_component_ml=0.0) == PostProcessing(0.4, True, 0.0)
     assert "x/÷" in PostProcessing(volume_log_margin=0.7).describe()
+    assert "median ADC >= 0.8" in PostProcessing(max_component_adc=0.8).describe()
+    assert "ADC" not in post.describe()
     assert "0.4" in post.describe() and "flip" in post.describe() and "0.3 mL" in post.describe()
     for bad, field in (({"threshold": 1.0}, "threshold"), ({"threshold": "0.5"}, "threshold"),
                        ({"min_component_ml": -1}, "min_component_ml"), ({"flip_tta": "yes"}, "flip_tta"),
-                       ({"volume_log_margin": -0.1}, "volume_log_margin"), ({"gate": 1}, "unknown")):
+                       ({"volume_log_margin": -0.1}, "volume_log_margin"), ({"gate": 1}, "unknown"),
+                       ({"max_component_adc": -0.5}, "max_component_adc"),
+                       ({"max_component_adc": float("nan")}, "max_component_adc")):
         with pytest.raises(ValueError, match=field):
             PostProcessing.from_dict(bad)
 
@@ -69,6 +75,25 @@ def test_small_components_are_removed_with_26_connectivity() -> None:
     assert remove_small_components(mask, 0.0, 0.1).sum() == mask.sum()
 
 
+def test_adc_gate_removes_components_without_restricted_diffusion() -> None:
+    mask = np.zeros((10, 10, 10), bool)
+    adc = np.full(mask.shape, 0.85, np.float32)  # normal grey matter, 10^-3 mm^2/s
+    mask[1:3, 1:3, 1:3] = True  # infarct: restricted diffusion
+    adc[1:3, 1:3, 1:3] = 0.5
+    mask[6:8, 6:8, 6:8] = True  # shine-through: bright DWI, normal ADC in 5 of its 8 voxels
+    adc[6, 6, 6:8] = 0.4
+    adc[7, 6, 6] = 0.4
+    kept = filter_components(mask, 0.1, 0.0, adc, 0.8)
+    assert kept[1:3, 1:3, 1:3].all() and kept.sum() == 8  # the median decides, not a few low voxels
+    adc[7, 7, 7] = adc[7, 6, 7] = 0.4  # now 5 of 8 restricted: median 0.4 -> kept
+    assert filter_components(mask, 0.1, 0.0, adc, 0.8).sum() == 16
+    assert filter_components(mask, 0.1, 0.0, adc, 0.3).sum() == 0  # a gate below every median clears all
+    assert filter_components(mask, 0.1, 0.0, None, 0.0).sum() == 16  # no gate: no ADC needed
+    assert filter_components(mask, 0.1, 0.9, adc, 0.8).sum() == 0  # size and ADC criteria combine
+    with pytest.raises(ValueError, match="ADC"):
+        filter_components(mask, 0.1, 0.0, None, 0.8)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("post")
@@ -83,7 +108,7 @@ def test_bundle_carries_postprocessing_and_refuses_a_bad_block(tiny: dict, tmp_p
     copy.mkdir()
     for name in ("model.json", "weights.safetensors"):
         (copy / name).write_bytes((tiny["bundle_dir"] / name).read_bytes())
-    post = PostProcessing(0.35, True, 0.25, 0.5, "test")
+    post = PostProcessing(0.35, True, 0.25, 0.9, 0.5, "test")
     write_into_bundle(copy, post)
     assert load_bundle(copy).postprocessing == post
     assert [p.name for p in copy.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
@@ -111,12 +136,34 @@ def test_predictor_uses_the_bundles_postprocessing(tiny: dict, tmp_path: Path) -
     np.testing.assert_array_equal(override.mask, plain.mask)
     from StrokePredictorLib.errors import StrokePredictorError
 
-    for bad in ({"min_component_ml": float("inf")}, {"min_component_ml": -1.0}, {"threshold": 1.0}):
+    for bad in ({"min_component_ml": float("inf")}, {"min_component_ml": -1.0}, {"threshold": 1.0},
+                {"max_component_adc": -1.0}):
         with pytest.raises(StrokePredictorError):
             Predictor(copy, device="cpu", **bad)
     lower = Predictor(copy, device="cpu", mc_samples=6, threshold=0.3, min_component_ml=0.0)
     assert lower.threshold == 0.3
     assert lower.predict(tiny["dwi"], tiny["adc"]).mask.sum() >= plain.mask.sum()
+
+
+def test_predictor_adc_gate_removes_whole_components_by_their_adc(tiny: dict) -> None:
+    plain = Predictor(tiny["bundle_dir"], device="cpu", mc_samples=6).predict(tiny["dwi"], tiny["adc"])
+    labels, sizes = label_components(plain.mask, plain.geometry.voxel_volume_ml)
+    adc = tiny["adc"].array  # the phantom's ADC is in 10^-3 mm^2/s on the DWI grid
+    medians = np.array([np.median(adc[labels == n]) for n in range(1, sizes.size + 1)])
+    assert medians.size >= 1 and plain.samples_volume_ml.min() > 0
+
+    def gated(gate: float):  # noqa: ANN202
+        return Predictor(tiny["bundle_dir"], device="cpu", mc_samples=6, max_component_adc=gate).predict(
+            tiny["dwi"], tiny["adc"])
+
+    lenient = gated(float(medians.max()) + 0.07)  # above every component's median ADC: all kept
+    assert lenient.postprocessing["max_component_adc"] == pytest.approx(medians.max() + 0.07)
+    np.testing.assert_array_equal(lenient.probability, plain.probability)
+    np.testing.assert_array_equal(lenient.mask, plain.mask)
+    np.testing.assert_allclose(lenient.samples_volume_ml, plain.samples_volume_ml)
+    strict = gated(float(medians.min()) - 0.07)  # below every median: every component goes, in each sample too
+    assert not strict.mask.any() and strict.n_components == 0 and np.all(strict.samples_volume_ml == 0)
+    assert strict.volume_ml["mask"] == 0
 
 
 def test_flip_averaging_is_mirror_symmetric(tiny: dict) -> None:
@@ -146,12 +193,17 @@ def test_search_scores_and_chooses() -> None:
     truth[2:6, 2:6, 2:6] = True
     probability = truth * 0.45
     probability[10, 10, 10] = 0.9  # a one-voxel false positive
-    scores = score_case(probability.astype(np.float32), truth, 0.1, (0.4, 0.5), (0.0, 0.5))
-    assert scores[(0.4, 0.5)] == (1.0, 1.0, pytest.approx(6.4))  # right threshold, speck removed
-    assert scores[(0.4, 0.0)][1] < 1.0 and scores[(0.5, 0.0)][0] == 0.0
-    table = [{"flip_tta": flip, "threshold": t, "min_component_ml": m, "score": s}
-             for flip, t, m, s in ((True, 0.4, 0.5, 0.8), (False, 0.4, 0.5, 0.8), (False, 0.5, 0.0, 0.6))]
-    assert choose(table) == table[1]  # a tie goes to the simpler setting (no flip)
+    adc = np.where(truth, 0.5, 1.1).astype(np.float32)  # the speck lies where diffusion is normal
+    scores = score_case(probability.astype(np.float32), truth, 0.1, (0.4, 0.5), (0.0, 0.5), adc, (0.0, 0.8, 0.4))
+    assert scores[(0.4, 0.5, 0.0)] == (1.0, 1.0, pytest.approx(6.4))  # right threshold, speck removed
+    assert scores[(0.4, 0.0, 0.8)] == (1.0, 1.0, pytest.approx(6.4))  # or removed by its normal ADC
+    assert scores[(0.4, 0.0, 0.0)][1] < 1.0 and scores[(0.5, 0.0, 0.0)][0] == 0.0
+    assert scores[(0.4, 0.0, 0.4)][0] == 0.0  # a gate below the lesion's ADC removes the lesion too
+    table = [{"flip_tta": flip, "threshold": t, "min_component_ml": m, "max_component_adc": g, "score": s}
+             for flip, t, m, g, s in ((True, 0.4, 0.5, 0.0, 0.8), (False, 0.4, 0.5, 0.0, 0.8),
+                                      (False, 0.4, 0.5, 0.8, 0.8), (False, 0.5, 0.0, 0.0, 0.6))]
+    assert choose(table) == table[1]  # a tie goes to the simpler setting (no flip, no ADC gate)
+    assert choose([table[2], dict(table[2], max_component_adc=0.9)])["max_component_adc"] == 0.9
 
 
 def test_postprocess_verb_end_to_end(tmp_path: Path) -> None:
@@ -162,16 +214,17 @@ def test_postprocess_verb_end_to_end(tmp_path: Path) -> None:
     bundle = write_tiny_bundle(tmp_path / "bundle", seed=1)
     out = tmp_path / "search"
     argv = ["--bundle", str(bundle), "--data", str(data), "--out", str(out), "--thresholds", "0.4,0.6",
-            "--min-components-ml", "0,5", "--mc-samples", "2", "--device", "cpu", "--write"]
+            "--min-components-ml", "0,5", "--max-component-adcs", "0,0.8", "--mc-samples", "2", "--device", "cpu",
+            "--write"]
     assert main(argv) == 0
     result = json.loads((out / "postprocess.json").read_text())
-    assert len(result["table"]) == 2 * 2 * 2
+    assert len(result["table"]) == 2 * 2 * 2 * 2
     best = result["best"]
     assert best["score"] == max(row["score"] for row in result["table"])
     stored = load_bundle(bundle).postprocessing
     assert stored.volume_log_margin == result["postprocessing"]["volume_log_margin"] >= 0
-    assert (stored.threshold, stored.flip_tta, stored.min_component_ml) == (
-        best["threshold"], best["flip_tta"], best["min_component_ml"])
+    assert (stored.threshold, stored.flip_tta, stored.min_component_ml, stored.max_component_adc) == (
+        best["threshold"], best["flip_tta"], best["min_component_ml"], best["max_component_adc"])
     assert "Validation sets" in (out / "postprocess.md").read_text()
     with pytest.raises(Exception, match="exists"):
         main(argv)  # an earlier table is not overwritten unless asked
