@@ -185,6 +185,12 @@ def test_usage_errors(setup: dict, capsys: pytest.CaptureFixture) -> None:
     assert code == 2 and stderr.startswith("error: ") and "--adc" in stderr and stderr.count("\n") == 1
     code, _, stderr = _run(capsys, "--dwi", "x")
     assert code == 2 and "--out" in stderr and stderr.count("\n") == 1
+    for flag, value, named in (("--max-component-adc", "-0.5", "max_component_adc"),
+                               ("--min-component-ml", "-1", "min_component_ml"), ("--threshold", "1.5", "threshold")):
+        out = setup["root"] / "bad_post"
+        code, stdout, stderr = _run(capsys, *_args(setup, out), flag, value)
+        assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1, (flag, stderr)
+        assert named in stderr and "RESULT" not in stdout and not out.exists(), (flag, stderr)
 
 
 @pytest.mark.slow

@@ -182,6 +182,9 @@ def test_full_prediction_creates_expected_nodes(env, module, case_dir, tmp_path)
     assert stats["Lesion volume, Monte-Carlo 97.5%"] == pytest.approx(volume["mc_ci95"][1])
     assert stats["Connected components"] == result.summary["n_components"]
     assert stats["Monte-Carlo samples"] == 4
+    post = result.summary["postprocessing"]
+    assert stats["Smallest component kept"] == post["min_component_ml"]
+    assert stats["Components removed at median ADC of"] == post["max_component_adc"]
 
     # segmentation content equals probability >= threshold, and survives .seg.nrrd + slicerio
     segment_id = result.segmentation.GetSegmentation().GetNthSegmentID(0)

@@ -346,6 +346,7 @@ def create_result_nodes(result_json: Path, dwi: Any, *, prefix: str | None = Non
         chart.SetXAxisTitle("Feature")
         chart.SetYAxisTitle("Attention weight")
         chart.SetLegendVisibility(False)
+        post = summary.get("postprocessing") or {}
         stats = [
             ("Lesion volume (thresholded)", float(volume.get("mask", float("nan"))), "mL"),
             ("Lesion volume, MC median", float(volume.get("median", float("nan"))), "mL"),
@@ -356,6 +357,9 @@ def create_result_nodes(result_json: Path, dwi: Any, *, prefix: str | None = Non
             ("Connected components", float(summary.get("n_components", 0)), "count"),
             ("Mean uncertainty in lesion", float(summary.get("mean_uncertainty_in_lesion", float("nan"))), "bits"),
             ("Threshold", float(summary.get("threshold", float("nan"))), "probability"),
+            ("Smallest component kept", float(post.get("min_component_ml", 0.0)), "mL"),
+            ("Components removed at median ADC of", float(post.get("max_component_adc", 0.0)),
+             "10^-3 mm^2/s or more (0: none)"),
             ("Monte-Carlo samples", float(summary.get("mc_samples", 0)), "count"),
         ]
         statistics = _table(f"{prefix} lesion statistics", [
