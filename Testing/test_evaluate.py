@@ -79,6 +79,20 @@ def test_evaluate_end_to_end(tiny: dict[str, Path]) -> None:
     assert all(p.stat().st_size > 1000 for p in figures)
 
 
+def test_evaluate_without_flair(tiny: dict[str, Path]) -> None:
+    flags = {}
+    for name, extra in (("with", []), ("without", ["--no-flair"])):
+        out = tiny["root"] / f"eval_flair_{name}"
+        argv = ["--bundle", str(tiny["bundle"]), "--data", str(tiny["data"]), "--out", str(out), "--mc-samples", "2",
+                "--device", "cpu", "--no-progress", "--no-baseline", "--no-save-predictions", *extra]
+        assert evaluate.main(argv) == 0
+        with (out / "per_case.csv").open() as handle:
+            flags[name] = [float(r["flair_present"]) for r in csv.DictReader(handle)]
+        assert json.loads((out / "summary.json").read_text())["flair"] == (name == "with")
+    assert any(flags["with"]) and not any(flags["without"])  # the tiny cases have a FLAIR; --no-flair leaves it out
+    assert "FLAIR left out" in (tiny["root"] / "eval_flair_without" / "results.md").read_text()
+
+
 def test_paired_statistics() -> None:
     stats = ablate.paired_statistics(np.array([0.1, 0.3, 0.2, np.nan]), n_bootstrap=500)
     assert stats["n"] == 3

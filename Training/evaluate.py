@@ -65,6 +65,8 @@ class EvaluateConfig:
     n_bins: int = field(default=15, metadata={"help": "equal-width bins of the calibration error"})
     max_cases: int = field(default=0, metadata={"help": "evaluate at most this many cases per folder (0: all)"})
     baseline: bool = field(default=True, metadata={"help": "also evaluate the classical threshold rule"})
+    flair: bool = field(default=True, metadata={
+        "help": "give the model a case's FLAIR when it has one (--no-flair: DWI and ADC only)"})
     save_predictions: bool = field(default=True, metadata={"help": "write per-case NIfTI outputs for figures"})
     overwrite: bool = field(default=False, metadata={"help": "replace the outputs of an earlier evaluation"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -167,9 +169,11 @@ def read_case(record: CaseRecord, truth_path: Path) -> tuple[Volume, Volume, Vol
 
 
 def evaluate_case(predictor: object, record: CaseRecord, truth_path: Path, clinical_record: clinical.ClinicalRecord,
-                  *, with_baseline: bool, n_bins: int) -> dict:
-    """Evaluate one case; returns {"model": row, "baseline": row, "bins": ReliabilityBins, arrays...}."""
+                  *, with_baseline: bool, n_bins: int, use_flair: bool = True) -> dict:
+    """Evaluate one case; returns {"model": row, "baseline": row, "bins": ReliabilityBins, arrays...}.
+    ``use_flair=False`` leaves the case's FLAIR out (DWI and ADC only)."""
     dwi, adc, flair, truth = read_case(record, truth_path)
+    flair = flair if use_flair else None
     spacing = dwi.geometry.spacing
     rule = baseline_mod.classical_rule(dwi, adc)
     brain = rule.brain | truth
@@ -209,7 +213,8 @@ def results_markdown(summary: dict, *, title: str = "Evaluation") -> str:
     """The side-by-side markdown table of ``summary`` (as written to summary.json)."""
     lines = [f"# {title}", "", f"Bundle: `{summary['bundle']['name']}` (task {summary['task']}, "
              f"sha256 {summary['bundle']['sha256'][:12]}), {summary['mc_samples']} MC samples, "
-             f"{postprocessing_text(summary)}.", "",
+             f"{postprocessing_text(summary)}" + ("" if summary.get("flair", True) else ", FLAIR left out")
+             + ".", "",
              "Values: mean ± sd (median) over cases. Dice and lesion F1: both empty = 1 (ISLES 2022); "
              "HD95 undefined when exactly one mask is empty.", ""]
     header = "| Data set | Method | N | " + " | ".join(name for _, name in TABLE_METRICS) + " |"
@@ -268,7 +273,7 @@ def run(config: EvaluateConfig) -> dict:
     rows: list[dict] = []
     summary: dict = {"task": task, "bundle": {**bundle.describe(), "directory": str(bundle.directory)},
                      "mc_samples": config.mc_samples, "threshold": predictor.threshold,
-                     "postprocessing": predictor.postprocessing.to_dict(), "seed": config.seed,
+                     "postprocessing": predictor.postprocessing.to_dict(), "seed": config.seed, "flair": config.flair,
                      "device": str(predictor.device), "datasets": {}}
     for dataset in datasets:
         accumulators = {"model": M.MetricAccumulator(n_bins=config.n_bins), "baseline": M.MetricAccumulator()}
@@ -277,7 +282,7 @@ def run(config: EvaluateConfig) -> dict:
             truth_path = ground_truth_path(record, dataset.root, task)
             assert truth_path is not None
             result = evaluate_case(predictor, record, truth_path, _clinical_of(record, dataset.clinical),
-                                   with_baseline=config.baseline, n_bins=config.n_bins)
+                                   with_baseline=config.baseline, n_bins=config.n_bins, use_flair=config.flair)
             for method in METHODS:
                 if method in result:
                     accumulators[method].rows.append(result[method])
