@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from Training.gpu_synth import GpuSynthesizer, LabelSampler, Pack, build_pack, participant_split
+from Training.gpu_synth import POSTERIOR_FOSSA, GpuSynthesizer, LabelSampler, Pack, build_pack, participant_split
 
 SOOP_AFFINE = np.array([[-1.0, 0, 0, 78], [0, 1, 0, -112], [0, 0, 1, -50], [0, 0, 0, 1]])
 
@@ -83,3 +83,28 @@ def test_synthesised_batches_are_normalised_and_physical(pack: Pack) -> None:
     assert torch.equal(again["image"], image)
     different = synth(labels, torch.Generator().manual_seed(2))
     assert not torch.allclose(different["image"], image)
+
+
+@pytest.mark.slow
+def test_cerebellar_cortex_has_its_own_lower_adc(pack: Pack) -> None:
+    """Real cerebellar cortex has an ADC near white matter's (0.6-0.8 x10^-3 mm^2/s), far below the
+    cerebral cortex's 0.9, and so is bright on DWI: the synthesis must show it, or the network learns
+    that bright DWI with a low-normal ADC in the posterior fossa is a lesion."""
+    from Training.synth.anatomy import TERRITORIES
+
+    assert all("posterior fossa" in TERRITORIES[label] for label in POSTERIOR_FOSSA)
+    sampler = LabelSampler(pack, subset="all", seed=0, empty_probability=1.0)  # no lesion: tissue only
+    labels = torch.utils.data.default_collate([sampler[i] for i in range(2)])
+    synth = GpuSynthesizer(pack, (64, 80, 64), "cpu")
+    generator = torch.Generator().manual_seed(3)
+    grid = synth._sampling_grid(2, generator)  # where each model voxel lies in the template
+    anatomy = torch.nn.functional.grid_sample(synth.anatomy.expand(2, -1, -1, -1, -1), grid, align_corners=True)
+    batch = synth(labels, torch.Generator().manual_seed(3))
+    adc, dwi, brain = batch["image"][:, 1], batch["image"][:, 0], batch["brain"][:, 0]
+    gm, fossa = anatomy[:, 0], anatomy[:, 4]
+    for case in range(2):
+        cerebellar = brain[case] & (gm[case] > 0.7) & (fossa[case] > 0.9)
+        cerebral = brain[case] & (gm[case] > 0.7) & (fossa[case] < 0.1)
+        assert cerebellar.sum() > 50 and cerebral.sum() > 50
+        assert float(adc[case][cerebellar].median()) < 0.9 * float(adc[case][cerebral].median())
+        assert float(dwi[case][cerebellar].median()) > float(dwi[case][cerebral].median())

@@ -15,15 +15,17 @@ the network never sees the same image twice and cannot rely on one simulator's l
   :mod:`Training.synth.outcome`), so that the outcome depends on clinical values the image lacks.
 * **Images** (GPU, :func:`synthesize`): a random affine plus smooth elastic deformation maps the
   labels onto the model grid; MR physics with randomised parameters: per-class S0 (T2) and ADC
-  with scanner-to-scanner variability, ``S_b = S0 exp(-b ADC)`` with b = 800-1000, Rician noise on
+  with scanner-to-scanner variability (the cerebellar cortex below the tentorium with its own, lower
+  ADC, so that its normal DWI brightness is no lesion cue), ``S_b = S0 exp(-b ADC)`` with b = 800-1000, Rician noise on
   b0 and b-images, ADC recomputed from the noisy pair (so its noise is as in real ADC maps), bias
   fields and regional hyperintensities on b0 and b-image alike (bright DWI, normal ADC),
   random slice thickness and in-plane blur, random per-class gains and gamma on DWI,
   lesion contrast from barely visible to strong with a core-to-rim gradient, T2 shine-through
   mimics (bright on DWI, normal ADC), FLAIR with random contrast whose lesion signal appears with
-  time since onset, FLAIR missing in 30% of cases. The result is normalised exactly like
-  :func:`StrokePredictorLib.preprocess.normalize_channels` (DWI and FLAIR over their brain median,
-  ADC in 10^-3 mm^2/s), so training and inference see the same input definition.
+  time since onset and a random gain below the tentorium, FLAIR missing in 30% of cases. The
+  result is normalised exactly like :func:`StrokePredictorLib.preprocess.normalize_channels` (DWI
+  and FLAIR over their brain median, ADC in 10^-3 mm^2/s), so training and inference see the same
+  input definition.
 
 The GPU part needs only torch; the pack is a plain ``.npz`` (no pickle).
 """
@@ -39,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from StrokePredictorLib.clinical import encode
 from StrokePredictorLib.preprocess import Normalization
@@ -46,6 +49,8 @@ from StrokePredictorLib.preprocess import Normalization
 logger = logging.getLogger(__name__)
 
 PACK_VERSION = 1
+#: Labels of the pack's ``territory`` map below the tentorium (:data:`Training.synth.anatomy.TERRITORIES`).
+POSTERIOR_FOSSA = (7, 8)
 
 
 # ----------------------------------------------------------------------------------------
@@ -279,6 +284,11 @@ class SynthConfig:
     b_value: tuple[float, float] = (0.8, 1.0)  # s/mm^2 / 1000, so that b * ADC(10^-3 mm^2/s) is unitless
     adc_wm: float = 0.72  # 10^-3 mm^2/s, literature and ISLES 2022 medians
     adc_gm: float = 0.90
+    # cerebellar cortex (posterior fossa, template territories 7 and 8): ADC well below the cerebral
+    # cortex's (mean 0.68, range 0.59-0.82 in Peker et al., J Ankara Univ Fac Med 2019; cerebral cortex
+    # 0.89 in Helenius et al., AJNR 2002), hence bright on DWI with a low-normal ADC, as in real scans
+    fossa_adc_gm: tuple[float, float] = (0.6, 0.85)
+    fossa_flair: tuple[float, float] = (1.0, 1.3)  # FLAIR gain below the tentorium (brainstem, cerebellum)
     adc_csf: tuple[float, float] = (2.3, 3.2)
     adc_variability: float = 0.15  # scanner-to-scanner, per tissue
     adc_drop: tuple[float, float] = (0.12, 0.55)  # lesion ADC reduction in the core (barely visible to strong)
@@ -372,8 +382,9 @@ class GpuSynthesizer:
         self.normalization = normalization or Normalization()
         self.grid_size = tuple(int(v) for v in grid_size)
         self.spacing = float(np.linalg.norm(pack.affine_lps[:3, 0]))
-        anatomy = np.stack([pack.maps[name] for name in ("gm", "wm", "csf", "brain")])
-        self.anatomy = torch.from_numpy(anatomy).to(self.device)[None]  # (1, 4, Kt, Jt, It)
+        fossa = ndimage.gaussian_filter(np.isin(pack.territory, POSTERIOR_FOSSA).astype(np.float32), 1.0)
+        anatomy = np.stack([*(pack.maps[name] for name in ("gm", "wm", "csf", "brain")), fossa])
+        self.anatomy = torch.from_numpy(anatomy).to(self.device)[None]  # (1, 5, Kt, Jt, It)
         brain = pack.maps["brain"] > 0.5
         kji = np.argwhere(brain)
         center_ijk = (kji.min(axis=0) + kji.max(axis=0))[::-1] / 2.0
@@ -426,9 +437,8 @@ class GpuSynthesizer:
         anatomy = F.grid_sample(self.anatomy.expand(n, -1, -1, -1, -1), grid, mode="bilinear",
                                 padding_mode="zeros", align_corners=True)
         lesion_maps = F.grid_sample(per_case, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        gm, wm, csf, brain_p = anatomy.unbind(1)
+        gm, wm, csf, brain_p, fossa = (t[:, None] for t in anatomy.unbind(1))
         lesion, severity, outcome = lesion_maps.unbind(1)
-        gm, wm, csf, brain_p = (t[:, None] for t in (gm, wm, csf, brain_p))
         lesion, severity, outcome = (t[:, None] for t in (lesion, severity, outcome))
         shape = gm.shape[2:]
         u = lambda lo, hi: _uniform(generator, n, lo, hi, dev).view(n, 1, 1, 1, 1)  # noqa: E731
@@ -437,7 +447,8 @@ class GpuSynthesizer:
         tissue = (gm + wm + csf).clamp(min=1e-3)
         variability = lambda: 1 + (2 * u(0, 1) - 1) * c.adc_variability  # noqa: E731
         adc_csf = u(*c.adc_csf)
-        adc = (gm * c.adc_gm * variability() + wm * c.adc_wm * variability() + csf * adc_csf) / tissue
+        adc_gm = c.adc_gm * variability() * (1 - fossa) + u(*c.fossa_adc_gm) * fossa
+        adc = (gm * adc_gm + wm * c.adc_wm * variability() + csf * adc_csf) / tissue
         adc = adc * (1 + 0.05 * _smooth_field(generator, n, shape, (12, 14, 12), dev))
         drop = u(*c.adc_drop)
         adc = adc * (1 - drop * (severity.clamp(0, 1.2) * lesion.clamp(0, 1)))
@@ -477,6 +488,7 @@ class GpuSynthesizer:
         visible = ((onset - 2.0) / 6.0).clamp(0, 1) * u(0.2, 1.0)
         flair = gm * u(1.0, 1.5) + wm + csf * u(0.05, 0.45)
         flair = flair * (1 + 0.06 * _smooth_field(generator, n, shape, (16, 18, 16), dev))
+        flair = flair * (1 + (u(*c.fossa_flair) - 1) * fossa)
         flair = flair * (1 + visible * severity.clamp(0, 1.2) * lesion * u(0.3, 1.2)) * bias
         flair = _rician(flair, u(0.01, 0.05), generator)
         flair = _blur(flair, torch.stack([u(1.0, 7.0).view(n) / self.spacing / 2.355, inplane, inplane], 1))
