@@ -85,3 +85,22 @@ def test_regional_mimics_brighten_dwi_without_changing_adc_or_labels() -> None:
     assert np.median(b.adc_mm2s[brain]) == pytest.approx(np.median(a.adc_mm2s[brain]), rel=0.02)
     again = synthesize_case(3, 5, with_regional)
     assert np.array_equal(again.dwi.array, b.dwi.array)  # same seed, same image
+
+
+@pytest.mark.parametrize("mode", ["physical", "randomized"])
+def test_cerebellar_cortex_adc_lowers_only_posterior_fossa_adc(mode: str) -> None:
+    plain = SynthesisParams(tiny=True, lesion_kind="territorial", empty_fraction=0.0, mode=mode)
+    with_cerebellum = SynthesisParams(**{**plain.__dict__, "cerebellar_adc": 1.0})
+    a, b = synthesize_case(3, 5, plain), synthesize_case(3, 5, with_cerebellum)
+    info = b.metadata["mimics"]["cerebellar_cortex"]
+    assert "cerebellar_cortex" not in a.metadata["mimics"] and 0.6e-3 <= info["gm_adc_mm2s"] <= 0.85e-3
+    assert info["fossa_ml"] > 50  # the cerebellum and brainstem of the template
+    assert np.array_equal(a.mask, b.mask) and np.array_equal(a.outcome, b.outcome)  # labels untouched
+    brain = a.dwi.array > 0
+    changed = brain & (np.abs(b.adc_mm2s - a.adc_mm2s) > 0.02e-3)
+    assert 0.01 < changed.sum() / brain.sum() < 0.3  # the posterior fossa only
+    assert np.median((b.adc_mm2s - a.adc_mm2s)[changed]) < 0  # lower ADC there
+    if mode == "physical":  # lower ADC, same S0: brighter on DWI
+        assert np.median((b.dwi.array.astype(np.float64) - a.dwi.array)[changed]) > 0
+    again = synthesize_case(3, 5, with_cerebellum)
+    assert np.array_equal(again.adc_mm2s, b.adc_mm2s)  # same seed, same image

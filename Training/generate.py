@@ -74,6 +74,10 @@ class GenerateConfig:
     regional_mimics: float = field(default=0.0, metadata={
         "help": "probability of a broad regional DWI hyperintensity with normal ADC per case (inferior "
                 "brightening, large soft regions, as on real scans); 0 keeps earlier datasets byte-identical"})
+    cerebellar_adc: float = field(default=0.0, metadata={
+        "help": "probability per case of the cerebellar cortex's own ADC (0.60-0.85 x10^-3 mm^2/s, as in real "
+                "scans; else the cerebral cortex's) and a FLAIR gain below the tentorium; own random stream, so 0 "
+                "reproduces earlier datasets"})
     first_index: int = field(default=1, metadata={"help": "number of the first case (sub-strokecaseXXXX)"})
     montage: Path | None = field(default=None, metadata={"help": "also write a PNG montage of the first cases"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing generated dataset in --out"})
@@ -89,6 +93,8 @@ class GenerateConfig:
             raise ValueError(f"--work-mm must be 1, 2, 3 or 4, got {self.work_mm}.")
         if not 0.0 <= self.regional_mimics <= 1.0:
             raise ValueError(f"--regional-mimics must lie between 0 and 1, got {self.regional_mimics}.")
+        if not 0.0 <= self.cerebellar_adc <= 1.0:
+            raise ValueError(f"--cerebellar-adc must lie between 0 and 1, got {self.cerebellar_adc}.")
         if self.lesion_kind not in (None, "territorial", "embolic", "small", "empty"):
             raise ValueError(f"--lesion-kind must be territorial, embolic, small or empty, got '{self.lesion_kind}'.")
 
@@ -97,6 +103,7 @@ class GenerateConfig:
             mode=self.mode, ood=self.ood, skull=self.skull, tiny=self.tiny, work_mm=self.work_mm,
             lesions=None if self.lesions is None else str(self.lesions), empty_fraction=self.empty_fraction,
             wakeup_fraction=self.wakeup_fraction, lesion_kind=self.lesion_kind, regional_mimics=self.regional_mimics,
+            cerebellar_adc=self.cerebellar_adc,
         )
 
 

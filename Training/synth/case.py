@@ -33,6 +33,7 @@ from Training.synth.anatomy import Template, brain_center_lps, load_template
 from Training.synth.clinical_sim import simulate_clinical
 from Training.synth.lesions import (
     Lesion,
+    draw_cerebellar,
     draw_mimics,
     draw_regional,
     load_soop,
@@ -69,6 +70,7 @@ class SynthesisParams:
     noise: bool = True                     # False: noise-free images (tests of the signal model)
     mimic_rate: float = 1.0                # scales how often mimics occur
     regional_mimics: float = 0.0           # probability of a broad regional DWI hyperintensity (normal ADC)
+    cerebellar_adc: float = 0.0            # probability of the cerebellar cortex's own (lower) ADC
     adc_unit: str | None = None            # force one ADC unit scale (None: random of three)
     lesion_kind: str | None = None         # force a procedural lesion kind (territorial, embolic, small, empty)
     dwi_grid: str | None = None            # force a DWI grid by name (acquisition.DWI_GRIDS)
@@ -290,6 +292,10 @@ def synthesize_case(index: int, seed: int, params: SynthesisParams | None = None
                                                    params.regional_mimics)
     if regional_info:
         mimics.description["regional_dwi_hyperintensity"] = regional_info
+    mimics.cerebellar, cerebellar_info = draw_cerebellar(template, np.random.default_rng([int(seed), int(index), 4]),
+                                                         params.cerebellar_adc)
+    if cerebellar_info:
+        mimics.description["cerebellar_cortex"] = cerebellar_info
     outcome_frac, outcome_info = outcome_fraction(
         template, lesion.fraction, nihss=hidden.nihss, onset_h=hidden.onset_h, treatment=hidden.treatment,
         collateral=hidden.collateral, glucose=hidden.glucose, noise=smooth_noise(rng, template.shape, 1.5))

@@ -316,6 +316,7 @@ class Mimics:
         artefact: susceptibility-like DWI artefact near the skull base (DWI bright, ADC normal).
         regional: broad regional DWI hyperintensity (relative S0 gain >= 0: DWI bright, ADC
             unchanged), or None; see :func:`draw_regional`.
+        cerebellar: the posterior fossa's own tissue values, or None; see :func:`draw_cerebellar`.
     """
 
     shine: np.ndarray
@@ -324,6 +325,49 @@ class Mimics:
     artefact: np.ndarray
     description: dict = field(default_factory=dict)
     regional: np.ndarray | None = None
+    cerebellar: CerebellarTissue | None = None
+
+
+@dataclass(frozen=True)
+class CerebellarTissue:
+    """Grey-matter ADC and FLAIR gain below the tentorium (see :func:`draw_cerebellar`).
+
+    Attributes:
+        fossa: float32 ``[k, j, i]`` posterior-fossa weight (0..1, soft edge) on the template grid.
+        gm_adc_mm2s: ADC of the cerebellar cortex before scanner variability (mm^2/s).
+        flair_gain: FLAIR multiplier in the posterior fossa.
+    """
+
+    fossa: np.ndarray
+    gm_adc_mm2s: float
+    flair_gain: float
+
+    def gm_adc(self, cerebral_gm_adc: float, scanner: float) -> np.ndarray:
+        """Grey-matter ADC map: the cerebral value outside the fossa, the cerebellar one inside."""
+        return (cerebral_gm_adc * (1 - self.fossa) + self.gm_adc_mm2s * scanner * self.fossa).astype(np.float32)
+
+    def flair(self, flair: np.ndarray) -> np.ndarray:
+        return flair * (1 + (self.flair_gain - 1) * self.fossa)
+
+
+#: Territory labels below the tentorium (:data:`TERRITORIES`).
+POSTERIOR_FOSSA = (7, 8)
+
+
+def draw_cerebellar(template: Template, rng: np.random.Generator,
+                    probability: float) -> tuple[CerebellarTissue | None, dict]:
+    """With probability ``probability``, give the cerebellar cortex its own ADC, 0.60-0.85 x10^-3
+    mm^2/s (real: mean 0.68, range 0.59-0.82, Peker et al. 2019; the cerebral cortex's 0.89,
+    Helenius et al., AJNR 2002), so that it is bright on DWI with a low-normal ADC as in real scans,
+    and a FLAIR gain of 1.0-1.3 below the tentorium; otherwise None. Draw it from its own random
+    stream so the rest of a case is unchanged."""
+    if probability <= 0 or rng.random() >= probability:
+        return None, {}
+    fossa = ndimage.gaussian_filter(np.isin(template.territory, POSTERIOR_FOSSA).astype(np.float32), 1.0)
+    tissue = CerebellarTissue(fossa.astype(np.float32), float(rng.uniform(0.60e-3, 0.85e-3)),
+                              float(rng.uniform(1.0, 1.3)))
+    return tissue, {"gm_adc_mm2s": tissue.gm_adc_mm2s, "flair_gain": tissue.flair_gain,
+                    "fossa_ml": float((fossa > 0.5).sum() * template.spacing_mm ** 3 / 1000)}
 
 
 def draw_regional(template: Template, rng: np.random.Generator, probability: float) -> tuple[np.ndarray | None, dict]:

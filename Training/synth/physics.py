@@ -81,6 +81,14 @@ def _effective(lesion: Lesion) -> np.ndarray:
     return np.clip(lesion.severity, 0, 1.2) * np.clip(lesion.fraction * 1.6, 0, 1)
 
 
+def _tissue_adc(adc: dict, tissue: str, mimics: Mimics, scanner: float) -> float | np.ndarray:
+    """A tissue's ADC (mm^2/s): a number, or for grey matter with the cerebellar cortex's own value
+    (:func:`Training.synth.lesions.draw_cerebellar`) a map."""
+    if tissue == "gm" and mimics.cerebellar is not None:
+        return mimics.cerebellar.gm_adc(adc["gm"], scanner)
+    return adc[tissue]
+
+
 def physical_images(template: Template, lesion: Lesion, mimics: Mimics, hidden: HiddenState,
                     rng: np.random.Generator, *, skull: bool, ood: bool) -> tuple[dict, dict]:
     """Noise-free S0 (b=0), S_b (b-weighted) and FLAIR on the template grid.
@@ -119,7 +127,7 @@ def physical_images(template: Template, lesion: Lesion, mimics: Mimics, hidden: 
     sb_img = np.zeros(template.shape, np.float32)
     for tissue in ("wm", "gm", "csf"):
         frac = getattr(template, tissue)
-        base_adc = adc[tissue] * adc_gain
+        base_adc = _tissue_adc(adc, tissue, mimics, scanner) * adc_gain
         if tissue != "csf":
             base_adc = (base_adc * lesion_adc) * (1 - chronic) + 2.2e-3 * chronic
             s0_t = s0[tissue] * texture * lesion_s0 * s0_gain * regional
@@ -141,6 +149,8 @@ def physical_images(template: Template, lesion: Lesion, mimics: Mimics, hidden: 
     tissue_flair = (template.wm * fl["wm"] + template.gm * fl["gm"]) * flair_texture
     tissue_flair = tissue_flair * (1 + flair_gain * np.clip(eff, 0, 1)) * (1 + 0.8 * mimics.wmh + 0.5 * mimics.shine)
     tissue_flair = tissue_flair * (1 - 0.6 * chronic + 0.8 * rim)
+    if mimics.cerebellar is not None:
+        tissue_flair = mimics.cerebellar.flair(tissue_flair)
     flair = tissue_flair + template.csf * fl["csf"]
     if skull:
         flair = flair + template.skull * fl["skull"] + template.scalp * fl["scalp"]
@@ -192,6 +202,8 @@ def randomized_images(template: Template, lesion: Lesion, mimics: Mimics, hidden
     flair_mimic = {"shine": float(rng.uniform(0.0, 0.8)), "wmh": float(rng.uniform(0.2, 1.0)),
                    "chronic": float(rng.uniform(-0.5, 0.8)), "artefact": 0.0}
     flair, flair_means = gmm(q["flair_means_relative_to_wm"], flair_contrast, flair_mimic)
+    if mimics.cerebellar is not None:
+        flair = mimics.cerebellar.flair(flair)
     # physical ADC with scanner variability, S0 contrasts random
     scanner = _u(rng, q["scanner_adc_factor"])
     jitter = {t: _u(rng, q["tissue_adc_jitter"]) for t in ("wm", "gm", "csf")}
@@ -207,7 +219,7 @@ def randomized_images(template: Template, lesion: Lesion, mimics: Mimics, hidden
     s0_img = np.zeros(shape, np.float32)
     sb_img = np.zeros(shape, np.float32)
     for tissue, frac in classes.items():
-        value = adc[tissue] * (adc_mimic if tissue in ("wm", "gm", "csf") else 1.0)
+        value = _tissue_adc(adc, tissue, mimics, scanner) * (adc_mimic if tissue in ("wm", "gm", "csf") else 1.0)
         if tissue in ("wm", "gm"):
             value = value * (1 - r * eff) * (1 - mimics.chronic) + 2.2e-3 * mimics.chronic
         s = s0[tissue] * (s0_gain if tissue in ("wm", "gm") else 1.0)
