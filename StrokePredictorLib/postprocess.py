@@ -139,10 +139,9 @@ def kept_components(sizes_ml: np.ndarray, min_ml: float, medians_adc: np.ndarray
     return keep
 
 
-def keep_components(labels: np.ndarray, sizes_ml: np.ndarray, min_ml: float,
-                    medians_adc: np.ndarray | None = None, max_adc: float = 0.0) -> np.ndarray:
-    """Bool mask of the components of :func:`label_components` that :func:`kept_components` keeps."""
-    return np.concatenate([[False], kept_components(sizes_ml, min_ml, medians_adc, max_adc)])[labels]
+def select_components(labels: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """Bool mask of the components of :func:`label_components` for which ``kept`` (per component) is true."""
+    return np.concatenate([[False], kept])[labels]
 
 
 def filter_components(mask: np.ndarray, voxel_ml: float, min_ml: float = 0.0,
@@ -160,7 +159,7 @@ def filter_components(mask: np.ndarray, voxel_ml: float, min_ml: float = 0.0,
         raise ValueError("filter_components needs an ADC array of the mask's shape when max_adc > 0")
     labels, sizes_ml = label_components(mask, voxel_ml)
     medians = component_medians(adc, labels, sizes_ml.size) if max_adc > 0 else None
-    return keep_components(labels, sizes_ml, min_ml, medians, max_adc)
+    return select_components(labels, kept_components(sizes_ml, min_ml, medians, max_adc))
 
 
 def remove_small_components(mask: np.ndarray, min_ml: float, voxel_ml: float) -> np.ndarray:

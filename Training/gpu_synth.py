@@ -41,16 +41,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from StrokePredictorLib.clinical import encode
 from StrokePredictorLib.preprocess import Normalization
+from Training.synth.anatomy import posterior_fossa_weight
 
 logger = logging.getLogger(__name__)
 
 PACK_VERSION = 1
-#: Labels of the pack's ``territory`` map below the tentorium (:data:`Training.synth.anatomy.TERRITORIES`).
-POSTERIOR_FOSSA = (7, 8)
 
 
 # ----------------------------------------------------------------------------------------
@@ -382,7 +380,7 @@ class GpuSynthesizer:
         self.normalization = normalization or Normalization()
         self.grid_size = tuple(int(v) for v in grid_size)
         self.spacing = float(np.linalg.norm(pack.affine_lps[:3, 0]))
-        fossa = ndimage.gaussian_filter(np.isin(pack.territory, POSTERIOR_FOSSA).astype(np.float32), 1.0)
+        fossa = posterior_fossa_weight(pack.territory)
         anatomy = np.stack([*(pack.maps[name] for name in ("gm", "wm", "csf", "brain")), fossa])
         self.anatomy = torch.from_numpy(anatomy).to(self.device)[None]  # (1, 5, Kt, Jt, It)
         brain = pack.maps["brain"] > 0.5

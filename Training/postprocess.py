@@ -39,6 +39,7 @@ from StrokePredictorLib.postprocess import (
     conformal_log_margin,
     kept_components,
     label_components,
+    select_components,
 )
 from Training import config as config_mod
 from Training import metrics as M
@@ -103,7 +104,7 @@ def score_case(probability: np.ndarray, truth: np.ndarray, voxel_ml: float, thre
         for min_ml, gate in itertools.product(min_components_ml, max_component_adcs):
             kept = kept_components(sizes_ml, min_ml, medians, gate)
             if kept.tobytes() not in distinct:
-                mask = np.concatenate([[False], kept])[labels]
+                mask = select_components(labels, kept)
                 distinct[kept.tobytes()] = (M.dice(mask, truth), M.lesion_f1(mask, truth),
                                             float(mask.sum()) * voxel_ml)
             scores[(threshold, min_ml, gate)] = distinct[kept.tobytes()]
@@ -156,7 +157,8 @@ def run(config: PostprocessConfig) -> dict:
             true_volumes.append(float(truth.sum()) * dwi.geometry.voxel_volume_ml)
             case = preprocess(dwi, adc, flair, grid=bundle.grid, normalization=bundle.normalization)
             clinical_record = _clinical_of(record, dataset.clinical)
-            adc_source = case.mapping.to_source(adc_of(case, bundle.normalization), order=1)  # as the Predictor
+            adc_source = (case.mapping.to_source(adc_of(case, bundle.normalization), order=1)  # as the Predictor
+                          if any(gate > 0 for gate in config.max_component_adcs) else None)
             for flip, predictor in predictors.items():
                 probability = predictor.predict_preprocessed(case, clinical_record).probability
                 for key, value in score_case(probability, truth, dwi.geometry.voxel_volume_ml, config.thresholds,

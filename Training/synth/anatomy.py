@@ -37,6 +37,15 @@ TERRITORIES: dict[int, str] = {
     7: "posterior fossa left", 8: "posterior fossa right", 9: "deep (lenticulostriate/thalamic) left",
     10: "deep (lenticulostriate/thalamic) right",
 }
+#: Territory labels below the tentorium (cerebellum and brainstem).
+POSTERIOR_FOSSA = (7, 8)
+
+
+def posterior_fossa_weight(territory: np.ndarray) -> np.ndarray:
+    """Float32 weight (0..1, edge softened by 1 voxel) of the posterior fossa on a ``territory`` grid."""
+    return ndimage.gaussian_filter(np.isin(territory, POSTERIOR_FOSSA).astype(np.float32), 1.0)
+
+
 _TEMPLATE_NAME = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 
 

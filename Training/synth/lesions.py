@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from StrokePredictorLib.errors import InputImageError
-from Training.synth.anatomy import TERRITORIES, Template
+from Training.synth.anatomy import TERRITORIES, Template, posterior_fossa_weight
 
 logger = logging.getLogger(__name__)
 
@@ -350,10 +350,6 @@ class CerebellarTissue:
         return flair * (1 + (self.flair_gain - 1) * self.fossa)
 
 
-#: Territory labels below the tentorium (:data:`TERRITORIES`).
-POSTERIOR_FOSSA = (7, 8)
-
-
 def draw_cerebellar(template: Template, rng: np.random.Generator,
                     probability: float) -> tuple[CerebellarTissue | None, dict]:
     """With probability ``probability``, give the cerebellar cortex its own ADC, 0.60-0.85 x10^-3
@@ -363,8 +359,8 @@ def draw_cerebellar(template: Template, rng: np.random.Generator,
     stream so the rest of a case is unchanged."""
     if probability <= 0 or rng.random() >= probability:
         return None, {}
-    fossa = ndimage.gaussian_filter(np.isin(template.territory, POSTERIOR_FOSSA).astype(np.float32), 1.0)
-    tissue = CerebellarTissue(fossa.astype(np.float32), float(rng.uniform(0.60e-3, 0.85e-3)),
+    fossa = posterior_fossa_weight(template.territory)
+    tissue = CerebellarTissue(fossa, float(rng.uniform(0.60e-3, 0.85e-3)),
                               float(rng.uniform(1.0, 1.3)))
     return tissue, {"gm_adc_mm2s": tissue.gm_adc_mm2s, "flair_gain": tissue.flair_gain,
                     "fossa_ml": float((fossa > 0.5).sum() * template.spacing_mm ** 3 / 1000)}
