@@ -97,7 +97,8 @@ def test_cerebellar_cortex_has_its_own_lower_adc(pack: Pack) -> None:
     labels = torch.utils.data.default_collate([sampler[i] for i in range(2)])
     synth = GpuSynthesizer(pack, (64, 80, 64), "cpu")
     generator = torch.Generator().manual_seed(3)
-    grid = synth._sampling_grid(2, generator)  # where each model voxel lies in the template
+    # where each model voxel lies in the template: the same seed redraws the grid, the first draw of synth()
+    grid = synth._sampling_grid(2, generator)
     anatomy = torch.nn.functional.grid_sample(synth.anatomy.expand(2, -1, -1, -1, -1), grid, align_corners=True)
     batch = synth(labels, torch.Generator().manual_seed(3))
     adc, dwi, brain = batch["image"][:, 1], batch["image"][:, 0], batch["brain"][:, 0]
