@@ -315,18 +315,36 @@ class _Fusion(nn.Module):
         self.from_tokens = nn.Linear(dim, channels)
 
     @staticmethod
-    def _coordinates(shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        axes = [torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype) if n > 1 else
-                torch.zeros(1, device=device, dtype=dtype) for n in shape]
-        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+    def _coordinates(shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype,
+                     window: torch.Tensor | None = None) -> torch.Tensor:
+        """Token positions in [-1, 1] over the whole model grid: (T, 3), or (B, T, 3) with ``window``.
+
+        ``window`` (B, 2, 3): per sample, the patch's first cell and the whole grid's size, both in
+        bottleneck cells (k, j, i). A patch's tokens then get the positions they have in a full-grid
+        forward pass, so training on patches does not change what a position means.
+        """
+        if window is None:
+            axes = [torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype) if n > 1 else
+                    torch.zeros(1, device=device, dtype=dtype) for n in shape]
+            return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+        window = window.to(device=device, dtype=torch.float32)
+        start, full = window[:, 0], window[:, 1]  # (B, 3)
+        cells = torch.stack(torch.meshgrid(*(torch.arange(n, device=device, dtype=torch.float32) for n in shape),
+                                           indexing="ij"), dim=-1).reshape(1, -1, 3)  # (1, T, 3)
+        position = start[:, None, :] + cells
+        scaled = torch.where(full[:, None, :] > 1, 2.0 * position / (full[:, None, :] - 1).clamp(min=1) - 1.0,
+                             torch.zeros_like(position))
+        return scaled.to(dtype)
 
     def forward(
-        self, bottleneck: torch.Tensor, clinical: torch.Tensor, flair_present: torch.Tensor
+        self, bottleneck: torch.Tensor, clinical: torch.Tensor, flair_present: torch.Tensor,
+        window: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, channels, d, h, w = bottleneck.shape
         flat = bottleneck.flatten(2).transpose(1, 2)  # (B, T, C)
         tokens = self.to_tokens(flat)
-        tokens = tokens + self.position(self._coordinates((d, h, w), tokens.device, tokens.dtype))[None]
+        position = self.position(self._coordinates((d, h, w), tokens.device, tokens.dtype, window))
+        tokens = tokens + (position[None] if window is None else position)
         absent = (~flair_present).to(tokens.dtype)[:, None, None]
         tokens = tokens + absent * self.flair_absent
         clinical = clinical.to(tokens.dtype)
@@ -405,8 +423,13 @@ class StrokeNet(nn.Module):
         clinical_values: torch.Tensor,
         clinical_missing: torch.Tensor,
         flair_present: torch.Tensor,
+        window: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Everything before the Monte-Carlo dropout (deterministic in eval mode).
+
+        ``window`` (B, 2, 3) int, optional: for a patch of the model grid, its first voxel and the
+        whole grid's size (k, j, i), each a multiple of :attr:`size_divisor`; the fusion's position
+        embedding then treats the patch as the part of the full grid it is (see :meth:`forward`).
 
         Returns:
             ``features`` (B, head_channels, D, H, W) (the input of the dropout and 1x1x1 head),
@@ -425,7 +448,16 @@ class StrokeNet(nn.Module):
                 drop = torch.rand(missing.shape, device=missing.device) < self.config.feature_dropout
                 missing = missing | drop
             tokens = self.clinical(clinical_values.to(device=image.device, dtype=torch.float32), missing)
-            bottleneck, weights_ic, weights_ci = self.fusion(bottleneck, tokens, flair_present)
+            cells = None
+            if window is not None:
+                stride = torch.tensor(image.shape[2:], device=image.device) // torch.tensor(bottleneck.shape[2:],
+                                                                                           device=image.device)
+                window = window.to(device=image.device, dtype=torch.long)
+                if bool((window % stride).any()):
+                    raise ValueError(f"window {window.tolist()} must be a multiple of the encoder stride "
+                                     f"{stride.tolist()}.")
+                cells = window // stride
+            bottleneck, weights_ic, weights_ci = self.fusion(bottleneck, tokens, flair_present, cells)
             feature_attention = weights_ic.float().mean(dim=(1, 2))  # (B, 10)
             spatial = weights_ci.float().mean(dim=(1, 2)).reshape(batch, 1, *bottleneck.shape[2:])
             spatial = F.interpolate(spatial, size=image.shape[2:], mode="trilinear", align_corners=False)
@@ -486,6 +518,7 @@ class StrokeNet(nn.Module):
         clinical_values: torch.Tensor,
         clinical_missing: torch.Tensor,
         flair_present: torch.Tensor,
+        window: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Predict lesion logits and attention maps.
 
@@ -499,8 +532,11 @@ class StrokeNet(nn.Module):
         Returns:
             ``logits`` (B, 1, D, H, W); ``feature_attention`` (B, 10), rows sum to 1;
             ``spatial_attention`` (B, 1, D, H, W) in [0, 1]. Dropout is active in training mode only.
+            window: (B, 2, 3) int, optional, when ``image`` is a patch of the model grid (training):
+                the patch's first voxel and the whole grid's size (k, j, i), multiples of
+                :attr:`size_divisor`. Without it, the input is the whole grid.
         """
-        out = self.features(image, clinical_values, clinical_missing, flair_present)
+        out = self.features(image, clinical_values, clinical_missing, flair_present, window)
         return {
             "logits": self.head_logits(out["features"]),
             "feature_attention": out["feature_attention"],

@@ -148,3 +148,29 @@ def test_training_mode_uses_dropout_and_backpropagates() -> None:
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert sum(int(g is not None and bool(torch.any(g != 0))) for g in grads) > 0.8 * len(grads)
     assert np.isfinite(float(model.head.weight.grad.abs().sum()))
+
+
+def test_patch_window_gives_the_full_grid_positions() -> None:
+    """A patch's bottleneck tokens get the positions of the same cells in a full-grid pass."""
+    from StrokePredictorLib.network import _Fusion
+
+    full = _Fusion._coordinates((5, 7, 6), torch.device("cpu"), torch.float32).reshape(5, 7, 6, 3)
+    window = torch.tensor([[[1, 3, 2], [5, 7, 6]], [[0, 0, 0], [5, 7, 6]]])
+    patch = _Fusion._coordinates((4, 4, 4), torch.device("cpu"), torch.float32, window).reshape(2, 4, 4, 4, 3)
+    torch.testing.assert_close(patch[0], full[1:5, 3:7, 2:6], rtol=0, atol=1e-6)
+    torch.testing.assert_close(patch[1], full[0:4, 0:4, 0:4], rtol=0, atol=1e-6)
+
+
+def test_window_over_the_whole_grid_changes_nothing_and_is_checked() -> None:
+    torch.manual_seed(0)
+    model = StrokeNet(tiny_config()).eval()
+    image, values, missing, flair = _inputs((32, 48, 32))
+    window = torch.tensor([[[0, 0, 0], [32, 48, 32]]])
+    with torch.no_grad():
+        plain = model(image, values, missing, flair)["logits"]
+        windowed = model(image, values, missing, flair, window)["logits"]
+        shifted = model(image, values, missing, flair, torch.tensor([[[16, 0, 0], [64, 48, 32]]]))["logits"]
+    torch.testing.assert_close(windowed, plain, rtol=0, atol=1e-5)  # linspace vs arange rounding
+    assert not torch.equal(shifted, plain)  # the positions reach the output
+    with pytest.raises(ValueError, match="multiple of the encoder stride"):
+        model(image, values, missing, flair, torch.tensor([[[3, 0, 0], [64, 48, 32]]]))
