@@ -23,8 +23,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import re
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -183,11 +186,17 @@ class Geometry:
 
 @dataclass
 class Volume:
-    """A 3-D array indexed ``[k, j, i]`` with its physical geometry."""
+    """A 3-D array indexed ``[k, j, i]`` with its physical geometry.
+
+    ``warnings`` holds what the reader noticed and the user should know (e.g. a NIfTI header
+    without a coded orientation); :func:`StrokePredictorLib.preprocess.preprocess` passes them on
+    to the prediction's warnings.
+    """
 
     array: np.ndarray
     geometry: Geometry
     path: Path | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if tuple(self.array.shape) != self.geometry.shape:
@@ -220,7 +229,12 @@ def _suffix(path: Path) -> str:
 
 def _nifti_geometry(header: object, size: tuple[int, int, int], name: str) -> Geometry | None:
     """Geometry from a NIfTI header following Slicer's rule (qform first), or None if the
-    header has neither form coded (or only a sheared sform)."""
+    header has neither form coded.
+
+    Raises:
+        InputImageError: only a sheared sform is coded (ITK, SimpleITK and 3D Slicer cannot
+            represent shear, and dropping it would misplace the image).
+    """
     qform, qcode = header.get_qform(coded=True)  # type: ignore[attr-defined]
     sform, scode = header.get_sform(coded=True)  # type: ignore[attr-defined]
     if qform is not None and int(qcode) > 0:
@@ -231,7 +245,12 @@ def _nifti_geometry(header: object, size: tuple[int, int, int], name: str) -> Ge
         try:
             return Geometry.from_ijk_to_ras(sform, size)
         except ValueError:
-            return None
+            raise InputImageError(
+                f"{name}: the NIfTI sform has shear (its axes are not perpendicular) and the qform is not set "
+                "(code 0); 3D Slicer and ITK cannot represent a sheared grid. Reslice the image onto an "
+                "orthogonal grid (e.g. with nibabel's resample_from_to or FSL's flirt -applyxfm -usesqform), "
+                "or set a qform, and try again."
+            ) from None
     return None
 
 
@@ -278,14 +297,33 @@ def _read_nifti(path: Path, role: str, dtype: type) -> Volume:
     if data.ndim == 4:
         data = data[..., 0]
     size = tuple(int(n) for n in data.shape)
-    geometry = _nifti_geometry(header, size, path.name)  # type: ignore[arg-type]
-    if geometry is None:  # no coded form: ITK's interpretation of the header
+    try:
+        geometry = _nifti_geometry(header, size, f"{role} file {path}")  # type: ignore[arg-type]
+    except InputImageError:
+        raise
+    except ValueError as error:  # a zero-length axis
+        raise InputImageError(f"{role} file {path} has an unusable orientation matrix: {error}") from None
+    warnings: list[str] = []
+    if geometry is None:  # no coded form: ITK's interpretation of the header (voxel sizes, no rotation)
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        geometry = Geometry(size, reader.GetSpacing()[:3], reader.GetOrigin()[:3],
-                            np.asarray(reader.GetDirection()).reshape(reader.GetDimension(), -1)[:3, :3].ravel())
-    return Volume(np.ascontiguousarray(data.transpose(2, 1, 0)), geometry, path)
+        try:
+            reader.ReadImageInformation()
+            geometry = Geometry(size, reader.GetSpacing()[:3], reader.GetOrigin()[:3],
+                                np.asarray(reader.GetDirection()).reshape(reader.GetDimension(), -1)[:3, :3].ravel())
+        except (RuntimeError, ValueError) as error:
+            detail = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            raise InputImageError(
+                f"{role} file {path} has neither a qform nor an sform and its header cannot be placed in space: "
+                f"{detail}"
+            ) from None
+        warnings.append(
+            f"{role} file {path.name} has neither a qform nor an sform code set, so its position and orientation "
+            "are unknown; it was read with its voxel sizes on unrotated axes, and left and right may be swapped. "
+            "Convert the scan again from DICOM (e.g. with dcm2niix) to get a coded orientation."
+        )
+        logger.warning(warnings[-1])
+    return Volume(np.ascontiguousarray(data.transpose(2, 1, 0)), geometry, path, warnings)
 
 
 def read_volume(path: str | os.PathLike, *, role: str = "image", dtype: type = np.float32) -> Volume:
@@ -303,8 +341,11 @@ def read_volume(path: str | os.PathLike, *, role: str = "image", dtype: type = n
         InputImageError: the file is missing, unreadable, truncated or not a 3-D scalar image.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputImageError(f"{role} file {path} is a folder; pass the image file itself.")
     if not path.is_file():
-        raise InputImageError(f"{role} file {path} does not exist.")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise InputImageError(f"{role} file {path} {what}.")
     if not path.name.lower().endswith(_SUPPORTED):
         raise InputImageError(
             f"{role} file {path} has an unsupported extension; expected one of {', '.join(_SUPPORTED)}."
@@ -413,6 +454,240 @@ def _json_default(value: object) -> object:
     raise TypeError(f"Cannot serialise {type(value).__name__} to JSON.")
 
 
+# ----------------------------------------------------------------------------------------
+# Folders a tool writes: markers, ordinary permissions, writability, stale partial folders
+# ----------------------------------------------------------------------------------------
+#: Name of the marker file every folder written by a StrokePredictor verb carries.
+MARKER_FILE = ".strokepredictor-folder.json"
+#: What a marked folder holds: a model bundle, a generated dataset, a training run, the outputs of
+#: one prediction or the top folder of a batch prediction.
+FOLDER_KINDS = ("bundle", "dataset", "run", "outputs", "batch")
+#: Prefix of the temporary folder a verb assembles its files in, inside the output folder.
+PARTIAL_PREFIX = ".strokepredictor-partial-"
+_PARTIAL_PATTERN = re.compile(r"^\.strokepredictor-partial-(?P<host>[A-Za-z0-9_.-]*?)-(?P<pid>\d+)-[^/]*$")
+_STALE_FOREIGN_S = 24 * 3600.0
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_permissions(path: str | os.PathLike, *, directory: bool = True) -> None:
+    """Give ``path`` the permissions a plain ``mkdir``/``open`` would (0777/0666 minus the umask):
+    :func:`tempfile.mkdtemp` and :func:`tempfile.mkstemp` make private (0700/0600) entries."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def make_temporary_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new uniquely named folder in ``parent`` with ordinary permissions (not 0700)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    ordinary_permissions(path)
+    return path
+
+
+def write_folder_marker(folder: str | os.PathLike, kind: str, writer: str) -> Path:
+    """Write the marker that says ``folder`` was written by StrokePredictor (``kind``: one of
+    :data:`FOLDER_KINDS`; ``writer``: the verb, e.g. ``python -m Training export``). The content is
+    fixed for a given kind and writer, so a folder written twice stays byte-identical."""
+    if kind not in FOLDER_KINDS:
+        raise ValueError(f"Unknown folder kind '{kind}'; expected one of {', '.join(FOLDER_KINDS)}.")
+    path = Path(folder) / MARKER_FILE
+    data = {"written_by": "StrokePredictor", "kind": kind, "writer": writer,
+            "note": "--overwrite replaces a folder only when it carries this marker"}
+    with atomic_path(path, overwrite=True) as temporary:
+        temporary.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def folder_kind(folder: str | os.PathLike) -> str | None:
+    """The kind recorded in ``folder``'s marker, or None when it has no (valid) marker."""
+    path = Path(folder) / MARKER_FILE
+    try:
+        if not path.is_file() or path.stat().st_size > 65536:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and data.get("written_by") == "StrokePredictor" and data.get("kind") in FOLDER_KINDS:
+        return str(data["kind"])
+    return None
+
+
+def _json_field(path: Path, key: str) -> object:
+    try:
+        if not path.is_file() or path.stat().st_size > 10_000_000:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def recognised_kind(folder: str | os.PathLike) -> str | None:
+    """The kind of a folder StrokePredictor wrote: its marker's, or for folders written before
+    markers existed, the one its own description file shows; None for any other folder."""
+    folder = Path(folder)
+    kind = folder_kind(folder)
+    if kind is not None:
+        return kind
+    if _json_field(folder / "model.json", "format") == "strokepredictor-bundle":
+        return "bundle"
+    if _json_field(folder / "dataset.json", "generator") == "python -m Training generate":
+        return "dataset"
+    files = _json_field(folder / "summary.json", "files")
+    if isinstance(files, dict) and files.get("summary") == "summary.json" and "probability" in files:
+        return "outputs"
+    if isinstance(_json_field(folder / "batch_summary.json", "n_cases"), int):
+        return "batch"
+    return None
+
+
+def check_output_folder(folder: str | os.PathLike, kind: str, *, overwrite: bool, option: str = "--out",
+                        allow_files: tuple[str, ...] = ()) -> None:
+    """Refuse an output folder that a verb writing a ``kind`` folder must not touch.
+
+    Accepted: a path that does not exist, an empty folder, a folder holding only ``allow_files``
+    (names the verb would not replace), and, with ``overwrite``, a folder that carries this kind's
+    marker (or, for folders written before markers, its own description file: ``model.json`` of a
+    bundle, ``dataset.json`` of a generated dataset, ``summary.json`` of prediction outputs).
+
+    Raises:
+        OutputExistsError: the path is a dangling symbolic link or a file; the folder holds files
+            and ``overwrite`` is off; or ``overwrite`` is on but the folder is not a ``kind`` folder
+            written by StrokePredictor (then nothing is deleted).
+    """
+    folder = Path(folder)
+    if folder.is_symlink() and not folder.exists():
+        raise OutputExistsError(
+            f"{option} {folder} is a symbolic link to {os.readlink(folder)}, which does not exist; "
+            "create the target folder or pass another path."
+        )
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise OutputExistsError(f"{option} {folder} exists and is not a folder.")
+    try:
+        entries = [p.name for p in folder.iterdir()]
+    except OSError as error:
+        raise OutputExistsError(f"{option} {folder} cannot be listed: {error.strerror or error}.") from None
+    entries = [n for n in entries if n not in allow_files and not _PARTIAL_PATTERN.match(n)]
+    if not entries:
+        return
+    if not overwrite:
+        raise OutputExistsError(
+            f"{option} {folder} is not empty; pass --overwrite to replace a {kind} folder written by StrokePredictor."
+        )
+    found = recognised_kind(folder)
+    if found != kind:
+        what = f"a {found} folder" if found else "not a folder written by StrokePredictor"
+        raise OutputExistsError(
+            f"{option} {folder} is {what} (no '{MARKER_FILE}' marker of a {kind} folder); --overwrite replaces "
+            f"only a {kind} folder that StrokePredictor wrote, so nothing was deleted. Choose another {option} "
+            "or empty it yourself."
+        )
+
+
+def ensure_writable_dir(folder: str | os.PathLike, *, option: str = "--out") -> list[Path]:
+    """Create ``folder`` (and its parents) with ordinary permissions if missing, and check that a
+    file can be created in it, before any work is done. Returns the folders created here, deepest
+    first (empty when ``folder`` existed), so that a failed run can take them back
+    (:func:`remove_created_dirs`).
+
+    Raises:
+        OutputExistsError: the folder cannot be created or written (read-only file system,
+            permissions, a file in the way, a dangling symbolic link).
+    """
+    folder = Path(folder)
+    if folder.is_symlink() and not folder.exists():
+        raise OutputExistsError(
+            f"{option} {folder} is a symbolic link to {os.readlink(folder)}, which does not exist; "
+            "create the target folder or pass another path."
+        )
+    created = []
+    for candidate in (folder, *folder.parents):
+        if candidate.exists() or candidate.is_symlink():
+            break
+        created.append(candidate)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".strokepredictor-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise OutputExistsError(
+            f"{option} {folder} cannot be written ({reason}); choose a writable folder. Nothing was computed."
+        ) from None
+    return created
+
+
+def remove_created_dirs(created: list[Path]) -> None:
+    """Take back the folders :func:`ensure_writable_dir` created, deepest first, as long as they
+    hold nothing (a folder's own marker counts as nothing)."""
+    for folder in created:
+        try:
+            names = {p.name for p in folder.iterdir()}
+            if names <= {MARKER_FILE}:
+                (folder / MARKER_FILE).unlink(missing_ok=True)
+                folder.rmdir()
+        except OSError:
+            return
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def partial_dir(folder: str | os.PathLike) -> Path:
+    """A new temporary folder inside ``folder`` (so that moving its files into ``folder`` is a
+    rename on one file system), named after this host and process so that a later run can
+    recognise it as stale (:func:`remove_stale_partials`)."""
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", platform.node() or "host")[:40]
+    return make_temporary_dir(folder, f"{PARTIAL_PREFIX}{host}-{os.getpid()}-")
+
+
+def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders that a killed run (SIGKILL, power loss) left in ``folder``:
+    those of a process of this host that no longer runs, and those of another host older than a
+    day. Returns the removed paths."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    this_host = re.sub(r"[^A-Za-z0-9_.]", "_", platform.node() or "host")[:40]
+    for entry in folder.iterdir():
+        match = _PARTIAL_PATTERN.match(entry.name)
+        if not match or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid = int(match.group("pid"))
+        if match.group("host") == this_host:
+            stale = pid != os.getpid() and not _process_alive(pid)
+        else:
+            stale = time.time() - entry.stat().st_mtime > _STALE_FOREIGN_S
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+            logger.warning("Removed %s, left by an interrupted run (process %d).", entry, pid)
+    return removed
+
+
+def path_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """True when ``path`` (resolved, symbolic links followed) lies inside ``folder`` (resolved)."""
+    try:
+        resolved = Path(path).resolve()
+        return resolved.is_relative_to(Path(folder).resolve())
+    except (OSError, RuntimeError):
+        return False
+
+
 _CASE_FILE_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("dwi", ("*dwi*.nii*", "*DWI*.nii*")),
     ("adc", ("*adc*.nii*", "*ADC*.nii*")),
@@ -483,9 +758,10 @@ def _sidecar_values(paths: list[Path]) -> tuple[float | None, str | None, dict]:
     for path in paths:
         if path is not None and path.is_file():
             try:
-                merged.update(json.loads(path.read_text()))
-            except (OSError, json.JSONDecodeError):
-                logger.warning("Sidecar %s is not valid JSON; ignored.", path)
+                data = json.loads(path.read_text(encoding="utf-8"))
+                merged.update(data if isinstance(data, dict) else {})
+            except (OSError, ValueError):  # ValueError: invalid JSON or not UTF-8
+                logger.warning("Sidecar %s is not valid UTF-8 JSON; ignored.", path)
     age = None
     for key in ("PatientAge", "age", "Age"):
         if key in merged and merged[key] not in (None, ""):

@@ -14,9 +14,15 @@ Files (all volumes on the input DWI grid):
 ``overview.png``              DWI slices with probability and contour, uncertainty, attention bars
 ============================  =====================================================================
 
-Everything is first written into a temporary folder next to the output folder and then moved
-into place (a rename of the folder, or of each file when the output folder exists already), so
-an error never leaves partial outputs; existing files are kept unless ``overwrite`` is given.
+The output folder is created (with ordinary permissions) and checked for writability before
+anything is computed. Everything is first written into a temporary folder *inside* the output
+folder (so that moving a file into place is a rename on one file system, also when the output
+folder is a mount point) and then renamed into place file by file, so an error never leaves
+partial outputs. The folder gets a marker (:data:`StrokePredictorLib.io.MARKER_FILE`); existing
+files are kept unless ``overwrite`` is given, and ``overwrite`` replaces only the files listed
+below, only in a folder that carries the marker (or an older ``summary.json``), and never when an
+input lies inside the output folder. A temporary folder left by a killed run is removed by the
+next run.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import logging
 import os
 import platform
 import shutil
-import tempfile
+import textwrap
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +43,21 @@ import numpy as np
 from StrokePredictorLib import __version__
 from StrokePredictorLib._lazy import sitk
 from StrokePredictorLib.clinical import FEATURES
-from StrokePredictorLib.errors import OutputExistsError
+from StrokePredictorLib.errors import OutputExistsError, StrokePredictorError
 from StrokePredictorLib.inference import UNCERTAINTY_MEANING, Prediction
-from StrokePredictorLib.io import Geometry, Volume, write_volume
+from StrokePredictorLib.io import (
+    MARKER_FILE,
+    Geometry,
+    Volume,
+    ensure_writable_dir,
+    partial_dir,
+    path_inside,
+    recognised_kind,
+    remove_created_dirs,
+    remove_stale_partials,
+    write_folder_marker,
+    write_volume,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +116,7 @@ def write_segmentation_nrrd(
     if labels.any():
         kji = np.argwhere(labels)
         lo, hi = kji.min(axis=0)[::-1], kji.max(axis=0)[::-1]
-        extent = " ".join(f"{int(a)} {int(b)}" for a, b in zip(lo, hi, strict=True))
+        extent = " ".join(f"{int(a)} {int(b)}" for a, b in zip(lo, hi))
     else:
         extent = "0 -1 0 -1 0 -1"
     size = geometry.size
@@ -226,7 +245,12 @@ def render_overview(prediction: Prediction, dwi: Volume, *, title: str = "") -> 
         f"threshold {prediction.threshold:g}, {prediction.mc_samples} MC samples",
         fontsize=10,
     )
-    figure.tight_layout(rect=(0, 0, 1, 0.96))
+    lines = [line for warning in prediction.warnings
+             for line in textwrap.wrap(f"WARNING: {warning}", 150, subsequent_indent="    ")]
+    bottom = min(0.3, 0.022 * len(lines) + (0.01 if lines else 0.0))
+    if lines:
+        figure.text(0.01, 0.005, "\n".join(lines), color="#b00000", fontsize=8, va="bottom", ha="left")
+    figure.tight_layout(rect=(0, bottom, 1, 0.96))
     buffer = _io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
@@ -245,8 +269,10 @@ def _versions() -> dict[str, str]:
 
 
 def summary_dict(prediction: Prediction, *, bundle: dict, inputs: dict) -> dict:
-    """The content of ``summary.json`` (see contract 4)."""
+    """The content of ``summary.json`` (see contract 4). ``warnings`` lists what the user must know
+    about this result (unusual input, implausible output); an empty list means none."""
     return {
+        "warnings": list(prediction.warnings),
         "lesion_volume_ml": {
             "mask": prediction.volume_ml["mask"],
             "median": prediction.volume_ml["median"],
@@ -255,6 +281,7 @@ def summary_dict(prediction: Prediction, *, bundle: dict, inputs: dict) -> dict:
         },
         "samples_volume_ml": [float(v) for v in prediction.samples_volume_ml],
         "n_components": prediction.n_components,
+        "brain_volume_ml": prediction.brain_volume_ml,
         "mean_uncertainty_in_lesion": prediction.mean_uncertainty_in_lesion,
         "threshold": prediction.threshold,
         "postprocessing": dict(prediction.postprocessing),
@@ -271,6 +298,7 @@ def summary_dict(prediction: Prediction, *, bundle: dict, inputs: dict) -> dict:
             "warnings": prediction.warnings,
             "clinical": prediction.clinical.to_dict(),
             "dwi_geometry": prediction.geometry.to_dict(),
+            "plausibility": prediction.input_statistics,
         },
         "uncertainty": {
             OUTPUT_FILES["uncertainty"]: UNCERTAINTY_MEANING["entropy"],
@@ -286,28 +314,56 @@ def summary_dict(prediction: Prediction, *, bundle: dict, inputs: dict) -> dict:
 # ----------------------------------------------------------------------------------------
 # The whole set
 # ----------------------------------------------------------------------------------------
-def check_outputs_free(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
-    """Raise :class:`OutputExistsError` if ``out_dir`` holds any output and ``overwrite`` is False,
-    or if ``out_dir`` is a file."""
+def check_outputs_free(out_dir: str | os.PathLike, overwrite: bool = False,
+                       inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Check, before any work, that the outputs may be written into ``out_dir``.
+
+    Raises:
+        OutputExistsError: ``out_dir`` is a file or a dangling symbolic link; it holds an output
+            and ``overwrite`` is False; ``overwrite`` is True but the folder was not written by
+            StrokePredictor (no marker, no ``summary.json`` of ours) or an input lies inside it;
+            or an input is one of the output files.
+    """
     out_dir = Path(out_dir)
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise OutputExistsError(
+            f"Output folder {out_dir} is a symbolic link to {os.readlink(out_dir)}, which does not exist; create "
+            "the target folder or pass another --out."
+        )
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputExistsError(f"Output path {out_dir} exists and is not a folder.")
-    if overwrite or not out_dir.is_dir():
+    if not out_dir.is_dir():
         return
+    given = [Path(p) for p in inputs if p]
+    for path in given:
+        for name in OUTPUT_FILES.values():
+            target = out_dir / name
+            if target.exists() and path.exists() and os.path.samefile(path, target):
+                raise OutputExistsError(
+                    f"Input {path} is the output file {target}; write the outputs to another --out folder."
+                )
+    if overwrite:
+        inside = [str(p) for p in given if path_inside(p, out_dir)]
+        if inside:
+            raise OutputExistsError(
+                f"--overwrite refused: input {inside[0]} lies inside the output folder {out_dir}; write the "
+                "outputs to another --out folder so that no input can be replaced."
+            )
     existing = [name for name in OUTPUT_FILES.values() if (out_dir / name).exists()]
-    if existing:
+    if not existing:
+        return
+    if not overwrite:
         raise OutputExistsError(
             f"Output folder {out_dir} already holds {', '.join(existing[:3])}"
             f"{' ...' if len(existing) > 3 else ''}; pass --overwrite to replace them."
         )
-
-
-def _existing_ancestor(path: Path) -> Path:
-    path = path.resolve()
-    for candidate in (path.parent, *path.parent.parents):
-        if candidate.is_dir():
-            return candidate
-    return Path(tempfile.gettempdir())  # pragma: no cover - the root always exists
+    kind = recognised_kind(out_dir)
+    if kind != "outputs":
+        raise OutputExistsError(
+            f"Output folder {out_dir} holds {', '.join(existing[:3])} but was not written by a StrokePredictor "
+            f"prediction (no '{MARKER_FILE}' marker); --overwrite replaces only files StrokePredictor wrote, so "
+            "nothing was replaced. Choose another --out."
+        )
 
 
 def write_outputs(
@@ -337,7 +393,10 @@ def write_outputs(
     out_dir = Path(out_dir)
     check_outputs_free(out_dir, overwrite)
     geometry = prediction.geometry
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-partial-", dir=_existing_ancestor(out_dir)))
+    created = ensure_writable_dir(out_dir)
+    remove_stale_partials(out_dir)
+    staging = partial_dir(out_dir)
+    done = False
     try:
         write_volume(prediction.probability.astype(np.float32), geometry, staging / OUTPUT_FILES["probability"])
         write_volume(prediction.entropy.astype(np.float32), geometry, staging / OUTPUT_FILES["uncertainty"])
@@ -361,16 +420,22 @@ def write_outputs(
                                  str(r["missing"]).lower(), f"{r['weight']:.6f}"])
         (staging / OUTPUT_FILES["overview"]).write_bytes(render_overview(prediction, dwi, title=title))
         summary = summary_dict(prediction, bundle=bundle, inputs=inputs or {})
-        (staging / OUTPUT_FILES["summary"]).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        if not out_dir.exists():
-            os.replace(staging, out_dir)
-        else:
-            check_outputs_free(out_dir, overwrite)
-            for name in OUTPUT_FILES.values():
-                os.replace(staging / name, out_dir / name)
+        try:
+            text = json.dumps(summary, indent=2, default=str, allow_nan=False)
+        except ValueError:
+            raise StrokePredictorError(
+                "The prediction holds non-finite numbers (NaN or infinity), so no valid summary.json can be "
+                "written; check the model bundle and the inputs."
+            ) from None
+        (staging / OUTPUT_FILES["summary"]).write_text(text + "\n")
+        check_outputs_free(out_dir, overwrite)
+        write_folder_marker(out_dir, "outputs", "python -m StrokePredictorLib.predict")
+        for name in OUTPUT_FILES.values():
+            os.replace(staging / name, out_dir / name)
+        done = True
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        if not done:
+            remove_created_dirs(created)
     logger.info("Wrote %d output files to %s.", len(OUTPUT_FILES), out_dir)
     return out_dir / OUTPUT_FILES["summary"]

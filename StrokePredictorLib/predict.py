@@ -12,23 +12,29 @@ bundle carries (chosen on validation data; see :mod:`StrokePredictorLib.postproc
 
 Batch (one sub-folder per case id, plus ``batch_summary.json``)::
 
-    python -m StrokePredictorLib.predict --isles DIR [--clinical-csv clinical.csv] --out DIR
+    python -m StrokePredictorLib.predict --isles DIR [--clinical-csv clinical.csv [--allow-unmatched]] --out DIR
 
 Standard output carries ``PROGRESS <fraction> <message>`` lines while working and, last,
 ``RESULT <path of summary.json>`` (``batch_summary.json`` in batch mode). An error prints one line
-``error: <message>`` on standard error and exits with status 2; nothing is written.
+``error: <message>`` on standard error and exits with status 2; nothing is written. The output
+folder is checked (writable, not an input's folder when overwriting, outputs replaced only in a
+folder StrokePredictor wrote) before anything is computed. SIGTERM is handled like Ctrl-C: the
+temporary files are removed and the exit status is 143 (130 for Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from StrokePredictorLib.errors import ClinicalValueError, OutputExistsError, StrokePredictorError
+
+MAX_MC_SAMPLES = 100  # StrokePredictorLib.inference.MAX_MC_SAMPLES, without importing torch for --help
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     batch = parser.add_argument_group("batch")
     batch.add_argument("--isles", help="ISLES 2022 folder (Zenodo or challenge layout): predict every case")
     batch.add_argument("--clinical-csv", help="clinical CSV with a case_id column and the schema's fields")
+    batch.add_argument("--allow-unmatched", action="store_true",
+                       help="run even when clinical CSV rows match no case (they are listed; otherwise an error)")
     parser.add_argument("--bundle", help="model bundle folder (default: $STROKEPREDICTOR_BUNDLE or the bundled model)")
     parser.add_argument("--out", required=True, help="output folder (batch: one sub-folder per case)")
-    parser.add_argument("--mc-samples", type=int, default=20, help="Monte-Carlo dropout samples (default 20)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the dropout masks (default 0)")
+    parser.add_argument("--mc-samples", type=int, default=20,
+                        help=f"Monte-Carlo dropout samples, 1 to {MAX_MC_SAMPLES} (default 20)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the dropout masks, 0 to 2**63 - 1 (default 0)")
     parser.add_argument("--deterministic", action="store_true", help="dropout off (zero Monte-Carlo spread)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda (default auto)")
     parser.add_argument("--threshold", type=float, default=None,
@@ -74,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-component-adc", type=float, default=None,
                         help="remove lesion components whose median ADC is at least this, in 10^-3 mm^2/s; "
                              "0 keeps all (default: the bundle's, else 0)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the output files of an earlier prediction in --out (never other files, and "
+                             "never when an input lies inside --out)")
     parser.add_argument("--verbose", action="store_true", help="log details on standard error")
     return parser
 
@@ -97,14 +108,27 @@ def _clinical_from_args(items: Sequence[str] | None):  # -> ClinicalRecord | Non
     return clinical.parse_key_values(items)
 
 
-def _run_single(args: argparse.Namespace, predictor) -> Path:  # noqa: ANN001
-    from StrokePredictorLib.io import read_volume
-    from StrokePredictorLib.outputs import check_outputs_free, write_outputs
+def _clinical_paths(items: Sequence[str] | None) -> list[str]:
+    return [items[0]] if items and len(items) == 1 and "=" not in items[0] else []
+
+
+def _prepare_single(args: argparse.Namespace) -> list[Path]:
+    """Check the single-case output folder before any work; returns the folders created."""
+    from StrokePredictorLib.io import ensure_writable_dir
+    from StrokePredictorLib.outputs import check_outputs_free
 
     if not args.dwi or not args.adc:
         raise _ArgumentError("--dwi and --adc are required for a single case (or use --isles for a batch).")
     out = Path(args.out)
-    check_outputs_free(out, args.overwrite)
+    check_outputs_free(out, args.overwrite, inputs=[args.dwi, args.adc, args.flair, *_clinical_paths(args.clinical)])
+    return ensure_writable_dir(out)
+
+
+def _run_single(args: argparse.Namespace, predictor) -> Path:  # noqa: ANN001
+    from StrokePredictorLib.io import read_volume
+    from StrokePredictorLib.outputs import write_outputs
+
+    out = Path(args.out)
     record = _clinical_from_args(args.clinical)
     start = time.perf_counter()
     _progress(0.0, "reading images")
@@ -119,6 +143,8 @@ def _run_single(args: argparse.Namespace, predictor) -> Path:  # noqa: ANN001
               "flair": str(Path(args.flair).resolve()) if args.flair else None}
     prediction.timings = {"read_s": read_s, **prediction.timings}
     prediction.timings["total_s"] = time.perf_counter() - start
+    for warning in prediction.warnings:
+        logger.warning(warning)
     summary = write_outputs(prediction, out, dwi=dwi, bundle=predictor.bundle.describe(), inputs=inputs,
                             overwrite=args.overwrite, title=Path(args.dwi).name)
     logger.info("Outputs written in %.2f s.", time.perf_counter() - tick)
@@ -126,23 +152,52 @@ def _run_single(args: argparse.Namespace, predictor) -> Path:  # noqa: ANN001
     return summary
 
 
-def _run_batch(args: argparse.Namespace, predictor) -> tuple[Path, int]:  # noqa: ANN001
-    from tqdm import tqdm
-
+def _prepare_batch(args: argparse.Namespace) -> tuple[list, dict, list[Path]]:
+    """Find the cases, read and match the clinical CSV and check every output folder before any
+    work. Returns the cases, the clinical records by case id and the folders created."""
     from StrokePredictorLib import clinical
-    from StrokePredictorLib.io import discover_isles, read_volume, write_json
-    from StrokePredictorLib.outputs import check_outputs_free, write_outputs
+    from StrokePredictorLib.io import discover_isles, ensure_writable_dir, recognised_kind
+    from StrokePredictorLib.outputs import check_outputs_free
 
     if args.dwi or args.adc or args.flair or args.clinical:
         raise _ArgumentError("--isles cannot be combined with --dwi, --adc, --flair or --clinical.")
     cases = discover_isles(args.isles)
     records = clinical.read_csv(args.clinical_csv) if args.clinical_csv else {}
+    known = {case.case_id for case in cases} | {case.case_id.removeprefix("sub-") for case in cases}
+    unmatched = sorted(case_id for case_id in records if case_id not in known)
+    if unmatched:
+        listed = ", ".join(unmatched[:20]) + (f" ... ({len(unmatched)} in all)" if len(unmatched) > 20 else "")
+        message = (f"Clinical CSV {args.clinical_csv}: {len(unmatched)} row(s) match no case in {args.isles}: "
+                   f"{listed}. Case ids are the folder names (e.g. {cases[0].case_id} or "
+                   f"{cases[0].case_id.removeprefix('sub-')})")
+        if not args.allow_unmatched:
+            raise ClinicalValueError(f"{message}; fix the ids, or pass --allow-unmatched to run anyway.")
+        logger.warning("%s; running anyway (--allow-unmatched).", message)
     out = Path(args.out)
     batch_path = out / "batch_summary.json"
     if batch_path.exists() and not args.overwrite:
         raise OutputExistsError(f"{batch_path} exists already; pass --overwrite to replace it.")
+    if batch_path.exists() and recognised_kind(out) != "batch":
+        raise OutputExistsError(
+            f"{out} holds a batch_summary.json that StrokePredictor did not write; --overwrite refused, nothing "
+            "was replaced. Choose another --out."
+        )
+    check_outputs_free(out, False)  # a file or a dangling link
     for case in cases:
-        check_outputs_free(out / case.case_id, args.overwrite)
+        check_outputs_free(out / case.case_id, args.overwrite,
+                           inputs=[case.dwi, case.adc, case.flair, args.clinical_csv])
+    return cases, records, ensure_writable_dir(out)
+
+
+def _run_batch(args: argparse.Namespace, predictor, cases: list, records: dict) -> tuple[Path, int]:  # noqa: ANN001
+    from tqdm import tqdm
+
+    from StrokePredictorLib import clinical
+    from StrokePredictorLib.io import read_volume, write_folder_marker, write_json
+    from StrokePredictorLib.outputs import write_outputs
+
+    out = Path(args.out)
+    batch_path = out / "batch_summary.json"
     results: list[dict] = []
     failures = 0
     bar = tqdm(cases, desc="cases", unit="case", disable=not sys.stderr.isatty(), file=sys.stderr)
@@ -154,7 +209,11 @@ def _run_batch(args: argparse.Namespace, predictor) -> tuple[Path, int]:  # noqa
 
         try:
             record = records.get(case.case_id) or records.get(case.case_id.removeprefix("sub-"))
+            extra = []
             if record is None:
+                if args.clinical_csv:
+                    extra.append(f"Case {case.case_id} has no row in the clinical CSV {Path(args.clinical_csv).name}; "
+                                 "its clinical values are missing (age and sex from the image sidecar if present).")
                 sidecar = {"age": case.age, "sex": case.sex}
                 record = clinical.validate({k: v for k, v in sidecar.items() if v is not None},
                                            where=f"{case.case_id} sidecar: ")
@@ -162,22 +221,35 @@ def _run_batch(args: argparse.Namespace, predictor) -> tuple[Path, int]:  # noqa
             adc = read_volume(case.adc, role="ADC")
             flair = read_volume(case.flair, role="FLAIR") if case.flair else None
             prediction = predictor.predict(dwi, adc, flair, record, progress=report)
+            prediction.warnings = extra + prediction.warnings
+            for warning in prediction.warnings:
+                logger.warning("%s: %s", case.case_id, warning)
             inputs = {"case_id": case.case_id, "dwi": str(case.dwi), "adc": str(case.adc),
                       "flair": str(case.flair) if case.flair else None}
             summary = write_outputs(prediction, out / case.case_id, dwi=dwi, bundle=predictor.bundle.describe(),
                                     inputs=inputs, overwrite=args.overwrite, title=case.case_id)
             results.append({"case_id": case.case_id, "summary": str(summary), "error": None,
-                            "lesion_volume_ml": prediction.volume_ml})
+                            "lesion_volume_ml": prediction.volume_ml, "warnings": prediction.warnings})
         except StrokePredictorError as error:
             failures += 1
             message = " ".join(str(error).split())
             print(f"error: {case.case_id}: {message}", file=sys.stderr, flush=True)
-            results.append({"case_id": case.case_id, "summary": None, "error": message})
+            results.append({"case_id": case.case_id, "summary": None, "error": message, "warnings": []})
     data = {"cases": results, "n_cases": len(cases), "n_failed": failures,
+            "n_with_warnings": sum(bool(r["warnings"]) for r in results),
             "bundle": predictor.bundle.describe(), "clinical_csv": args.clinical_csv}
+    write_folder_marker(out, "batch", "python -m StrokePredictorLib.predict --isles")
     write_json(data, batch_path, overwrite=args.overwrite)
     _progress(1.0, "done")
     return batch_path, failures
+
+
+class _Terminated(BaseException):
+    """SIGTERM, turned into an exception so that every ``finally`` cleans up as for Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:  # noqa: ARG001
+    raise _Terminated()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -191,22 +263,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    created: list[Path] = []
     try:
+        if not args.isles and args.clinical_csv:
+            raise _ArgumentError("--clinical-csv is for batch mode (--isles); use --clinical for a single case.")
+        if args.allow_unmatched and not args.clinical_csv:
+            raise _ArgumentError("--allow-unmatched only applies with --clinical-csv.")
+        if not 1 <= args.mc_samples <= MAX_MC_SAMPLES:
+            raise _ArgumentError(f"--mc-samples must lie between 1 and {MAX_MC_SAMPLES}, got {args.mc_samples}.")
+        if not 0 <= args.seed <= 2**63 - 1:
+            raise _ArgumentError(f"--seed must lie between 0 and 2**63 - 1, got {args.seed}.")
+        from StrokePredictorLib.bundle import resolve_device
+
+        resolve_device(args.device)
+        # Everything that can be checked without computing is checked first: the output folder.
+        if args.isles:
+            cases, records, created = _prepare_batch(args)
+        else:
+            created = _prepare_single(args)
         from StrokePredictorLib.bundle import default_bundle_dir
         from StrokePredictorLib.inference import Predictor
 
-        if not args.isles and args.clinical_csv:
-            raise _ArgumentError("--clinical-csv is for batch mode (--isles); use --clinical for a single case.")
         predictor = Predictor(
             args.bundle or default_bundle_dir("acute"), device=args.device, mc_samples=args.mc_samples,
             seed=args.seed, threshold=args.threshold, deterministic=args.deterministic,
             min_component_ml=args.min_component_ml, flip_tta=args.tta, max_component_adc=args.max_component_adc,
         )
         if args.isles:
-            result, failures = _run_batch(args, predictor)
+            result, failures = _run_batch(args, predictor, cases, records)
+            created = []
             print(f"RESULT {result}", flush=True)
             return 2 if failures else 0
         result = _run_single(args, predictor)
+        created = []
         print(f"RESULT {result}", flush=True)
         return 0
     except StrokePredictorError as error:
@@ -215,6 +305,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
         return 130
+    except _Terminated:
+        print("error: terminated (SIGTERM); temporary files removed", file=sys.stderr, flush=True)
+        return 143
+    finally:
+        if created:  # the run created --out and did not finish: take the empty folders back
+            from StrokePredictorLib.io import remove_created_dirs
+
+            remove_created_dirs(created)
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -195,6 +195,190 @@ def detect_adc_unit(adc: np.ndarray, mask: np.ndarray | None = None) -> tuple[st
 
 
 # ----------------------------------------------------------------------------------------
+# Plausibility of the inputs (after the unit detection, before the network)
+# ----------------------------------------------------------------------------------------
+# All ADC figures in 10^-3 mm^2/s. Physics and the measured medians of ARCHITECTURE.md: white
+# matter 0.72, grey matter 0.89-0.91, CSF 2.5-2.9; free water at 37 degC diffuses at 3.0; the
+# most restricted tissue, an acute infarct core, at about 0.35-0.5.
+#: A brain median outside this range is impossible: below it the whole brain would be more restricted
+#: than an infarct core; above it more than half of the brain mask would be CSF.
+ADC_MEDIAN_POSSIBLE = (0.35, 2.5)
+#: A brain median outside this range is unusual (a brain of white and grey matter with some CSF lies
+#: at 0.75-1.1; a very large infarct lowers it, atrophy raises it).
+ADC_MEDIAN_USUAL = (0.6, 1.3)
+#: ADC at or above this is CSF-like (no tissue reaches it; CSF is 2.5-2.9).
+ADC_CSF = 2.0
+#: An ADC map has CSF in the brain mask (ventricles, sulci): at least this fraction of CSF-like voxels.
+CSF_FRACTION_MIN = 0.01
+#: 99th percentile of the brain ADC above this is beyond free water (3.0) plus noise: scaling error.
+ADC_P99_MAX = 5.0
+#: Rank correlation of DWI and ADC in the brain at or above which they are the same image (up to
+#: a scale). Real and simulated pairs measured -0.46 to -0.75; the brain-mask border, where both fall
+#: to 0 together, can make a phantom's positive (+0.75 for the test phantom without noise).
+RHO_SAME = 0.98
+#: CSF (ADC >= ADC_CSF) over tissue (0 < ADC < 1.5) on the DWI. At b=1000 CSF keeps
+#: S0_CSF/S0_WM * exp(-b * (2.9 - 0.72) x10^-3) = about 5 * 0.11 = 0.56 of white matter (measured
+#: 0.45-0.6); it reaches 1 only below b of about 700 and about 5 at b=0 (T2 weighting).
+DWI_CSF_RATIO_WARN = 1.0
+DWI_CSF_RATIO_IMPOSSIBLE = 2.0
+#: Fewest CSF-like voxels for the ratio to be measured.
+CSF_VOXELS_MIN = 50
+#: More than this fraction of brain voxels negative (real scans have a few dozen) or, for the ADC,
+#: zero, means the image is not what it should be (a difference image, another mask, misalignment).
+NEGATIVE_FRACTION_MAX = 0.05
+ADC_ZERO_FRACTION_MAX = 0.25
+
+
+@dataclass(frozen=True)
+class InputStatistics:
+    """What :func:`check_inputs` measured inside the brain mask (ADC in 10^-3 mm^2/s)."""
+
+    adc_median: float
+    adc_p99: float
+    csf_fraction: float
+    rho: float
+    dwi_csf_over_tissue: float | None
+    dwi_as_adc_median: float
+    dwi_as_adc_csf_fraction: float
+    dwi_negative_fraction: float
+    adc_negative_fraction: float
+    adc_zero_fraction: float
+
+    def to_dict(self) -> dict:
+        return {k: None if v is None else round(float(v), 4) for k, v in asdict(self).items()}
+
+
+def _rank_correlation(a: np.ndarray, b: np.ndarray, max_voxels: int = 200_000) -> float:
+    """Spearman correlation of two 1-D arrays (a regular subsample of at most ``max_voxels``)."""
+    if a.size < 3:
+        return 0.0
+    step = max(1, a.size // max_voxels)
+    a, b = a[::step].astype(np.float64), b[::step].astype(np.float64)
+    ra = np.empty(a.size)
+    rb = np.empty(b.size)
+    ra[np.argsort(a, kind="stable")] = np.arange(a.size)
+    rb[np.argsort(b, kind="stable")] = np.arange(b.size)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    denominator = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / denominator) if denominator > 0 else 0.0
+
+
+def _as_adc(values: np.ndarray) -> tuple[float, float]:
+    """Brain median (10^-3 mm^2/s) and CSF-like fraction of ``values`` read as an ADC map in the
+    unit :func:`detect_adc_unit` would choose."""
+    positive = values[values > 0]
+    if positive.size == 0:
+        return 0.0, 0.0
+    median = float(np.median(positive))
+    unit = "mm2/s" if median < 0.03 else ("1e-3 mm2/s" if median < 30.0 else "1e-6 mm2/s")
+    scale = ADC_UNITS[unit] * 1000.0
+    return median * scale, float((values * scale >= ADC_CSF).mean())
+
+
+def input_statistics(dwi: np.ndarray, adc_raw: np.ndarray, adc_factor: float, brain: np.ndarray) -> InputStatistics:
+    """Measure the inputs inside ``brain`` (DWI and raw ADC on the DWI grid, before clipping;
+    ``adc_factor`` converts the ADC to mm^2/s)."""
+    d = dwi[brain].astype(np.float64)
+    a_raw = adc_raw[brain].astype(np.float64)
+    a = a_raw * adc_factor * 1000.0
+    positive = a[a > 0]
+    both = (d > 0) & (a > 0)
+    dwi_median, dwi_csf = _as_adc(d)
+    n = max(a.size, 1)
+    csf = a >= ADC_CSF
+    tissue = (a > 0) & (a < 1.5)
+    ratio = None
+    if csf.sum() >= CSF_VOXELS_MIN and tissue.any():
+        tissue_dwi = float(np.median(d[tissue]))
+        ratio = float(np.median(d[csf])) / tissue_dwi if tissue_dwi > 0 else None
+    return InputStatistics(
+        adc_median=float(np.median(positive)) if positive.size else 0.0,
+        adc_p99=float(np.percentile(positive, 99)) if positive.size else 0.0,
+        csf_fraction=float(csf.sum() / n),
+        rho=_rank_correlation(d[both], a[both]),
+        dwi_csf_over_tissue=ratio,
+        dwi_as_adc_median=dwi_median,
+        dwi_as_adc_csf_fraction=dwi_csf,
+        dwi_negative_fraction=float((d < 0).sum() / n),
+        adc_negative_fraction=float((a < 0).sum() / n),
+        adc_zero_fraction=float((a == 0).sum() / n),
+    )
+
+
+def _looks_like_adc(median: float, csf_fraction: float) -> bool:
+    return ADC_MEDIAN_USUAL[0] <= median <= ADC_MEDIAN_USUAL[1] and csf_fraction >= CSF_FRACTION_MIN
+
+
+def check_inputs(stats: InputStatistics, adc_unit: str, *, dwi_name: str = "<in-memory volume>",
+                 adc_name: str = "<in-memory volume>") -> list[str]:
+    """Refuse clearly impossible DWI/ADC pairs; return warnings for unusual ones.
+
+    Raises:
+        InputImageError: the ADC is the DWI (or the same image scaled), DWI and ADC look swapped,
+            the ADC's brain median is physically impossible (a wrong unit or scale), or CSF is far
+            brighter than tissue on the DWI (a b=0 or T2 image, not a b=1000 trace).
+    """
+    warnings: list[str] = []
+    median = stats.adc_median
+    if stats.rho >= RHO_SAME:
+        raise InputImageError(
+            f"DWI {dwi_name} and ADC {adc_name} are the same image (rank correlation {stats.rho:+.2f} in the brain; "
+            "a DWI and its ADC are anti-correlated, CSF being dark on DWI and bright on ADC). "
+            "Pass the ADC map as --adc and the b=1000 (or b=800) trace as --dwi."
+        )
+    adc_ok = _looks_like_adc(median, stats.csf_fraction)
+    if _looks_like_adc(stats.dwi_as_adc_median, stats.dwi_as_adc_csf_fraction) and not adc_ok:
+        raise InputImageError(
+            f"DWI and ADC look swapped: {dwi_name}, given as DWI, has the values of an ADC map (brain median "
+            f"{stats.dwi_as_adc_median:.2f} x10^-3 mm^2/s, {stats.dwi_as_adc_csf_fraction:.0%} CSF-like voxels), "
+            f"while {adc_name}, given as ADC, does not (median {median:.2f} x10^-3 mm^2/s, "
+            f"{stats.csf_fraction:.1%} of voxels at CSF diffusivity). Swap --dwi and --adc."
+        )
+    if not ADC_MEDIAN_POSSIBLE[0] <= median <= ADC_MEDIAN_POSSIBLE[1]:
+        raise InputImageError(
+            f"ADC {adc_name}: the brain median is {median:.3g} x10^-3 mm^2/s once read as {adc_unit}, outside the "
+            f"physically possible {ADC_MEDIAN_POSSIBLE[0]}-{ADC_MEDIAN_POSSIBLE[1]} (white matter 0.72, grey matter "
+            "0.9, CSF 2.5-2.9). The map is probably scaled (e.g. by 10^4 or 10^-2) or is not an ADC map: pass an "
+            "ADC in mm^2/s, 10^-3 mm^2/s or 10^-6 mm^2/s."
+        )
+    if not ADC_MEDIAN_USUAL[0] <= median <= ADC_MEDIAN_USUAL[1]:
+        warnings.append(
+            f"The ADC's brain median is {median:.2f} x10^-3 mm^2/s (read as {adc_unit}), outside the usual "
+            f"{ADC_MEDIAN_USUAL[0]}-{ADC_MEDIAN_USUAL[1]}: check the ADC's unit and scaling; the lesion volume may be wrong."
+        )
+    ratio = stats.dwi_csf_over_tissue
+    if ratio is not None and ratio >= DWI_CSF_RATIO_IMPOSSIBLE:
+        raise InputImageError(
+            f"DWI {dwi_name}: CSF (where the ADC is at least {ADC_CSF} x10^-3 mm^2/s) is {ratio:.1f} times as bright "
+            "as brain tissue, where on a b=1000 (or b=800) DWI it is about half as bright: this is a b=0, T2-weighted "
+            "or ADC image. Pass the b=1000 trace as --dwi."
+        )
+    if ratio is not None and ratio >= DWI_CSF_RATIO_WARN:
+        warnings.append(
+            f"On the DWI, CSF is {ratio:.1f} times as bright as brain tissue (about 0.5 on a b=1000 DWI): CSF should be "
+            "dark on the DWI where it is bright on the ADC. Check that the DWI is the b=1000 (or b=800) trace."
+        )
+    if stats.adc_p99 > ADC_P99_MAX:
+        warnings.append(
+            f"1% of the brain has an ADC above {stats.adc_p99:.1f} x10^-3 mm^2/s, beyond free water (3.0 at 37 degC): "
+            "the ADC map may be scaled or corrupted."
+        )
+    for what, fraction in (("DWI", stats.dwi_negative_fraction), ("ADC", stats.adc_negative_fraction)):
+        if fraction > NEGATIVE_FRACTION_MAX:
+            warnings.append(
+                f"{fraction:.0%} of the brain voxels of the {what} are negative (real scans have a few dozen); "
+                "negative values were set to 0. Is it a difference or a filtered image?"
+            )
+    if stats.adc_zero_fraction > ADC_ZERO_FRACTION_MAX:
+        warnings.append(
+            f"The ADC is 0 in {stats.adc_zero_fraction:.0%} of the DWI's brain mask: it may be masked differently, "
+            "misaligned or from another patient."
+        )
+    return warnings
+
+
+# ----------------------------------------------------------------------------------------
 # Brain mask
 # ----------------------------------------------------------------------------------------
 def _otsu(values: np.ndarray, bins: int = 128) -> float:
@@ -212,7 +396,7 @@ def _otsu(values: np.ndarray, bins: int = 128) -> float:
 def _ball(radius_vox: np.ndarray) -> np.ndarray:
     r = np.maximum(np.round(radius_vox).astype(int), 0)
     grids = np.ogrid[tuple(slice(-n, n + 1) for n in r)]
-    distance = sum((g / max(float(rr), 0.5)) ** 2 for g, rr in zip(grids, radius_vox, strict=True))
+    distance = sum((g / max(float(rr), 0.5)) ** 2 for g, rr in zip(grids, radius_vox))
     return distance <= 1.0
 
 
@@ -366,7 +550,10 @@ class PreprocessedCase:
         adc_unit: detected unit of the input ADC.
         registration: FLAIR-to-DWI registration, or None.
         timings: seconds per step.
-        warnings: what the user should know (e.g. a FLAIR that could not be registered).
+        warnings: what the user should know (e.g. a FLAIR that could not be registered, an
+            unusual ADC).
+        statistics: the plausibility measurements of :func:`input_statistics`, or None.
+        brain_volume_ml: volume of the brain mask on the DWI grid, in mL (0 when unknown).
     """
 
     image: np.ndarray
@@ -377,6 +564,8 @@ class PreprocessedCase:
     registration: RegistrationResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    statistics: InputStatistics | None = None
+    brain_volume_ml: float = 0.0
 
 
 def _on_dwi_grid(volume: Volume, dwi: Volume, role: str) -> np.ndarray:
@@ -424,9 +613,13 @@ def preprocess(
     grid: ModelGrid = ModelGrid(),
     normalization: Normalization = Normalization(),
     register_flair: bool = True,
+    check_plausibility: bool = True,
     progress: Callable[[float, str], None] | None = None,
 ) -> PreprocessedCase:
     """Turn DWI, ADC and optional FLAIR volumes into the network input.
+
+    With ``check_plausibility`` (the default) the DWI/ADC pair is checked after the ADC's unit is
+    detected (:func:`check_inputs`): impossible input raises, unusual input adds warnings.
 
     Raises:
         InputImageError: an input is unusable; the message names the file and the problem.
@@ -444,8 +637,10 @@ def preprocess(
                 f"FLAIR {flair.name} does not overlap the DWI {dwi.name} physically "
                 f"(less than 20% of the DWI's extent); check that both show the same patient and session."
             )
+    warnings.extend(w for volume in (dwi, adc, flair) if volume is not None for w in volume.warnings)
     dwi_array = np.clip(dwi.array.astype(np.float32, copy=False), 0, None)
-    adc_array = np.clip(_on_dwi_grid(adc, dwi, "ADC").astype(np.float32, copy=False), 0, None)
+    adc_raw = _on_dwi_grid(adc, dwi, "ADC").astype(np.float32, copy=False)
+    adc_array = np.clip(adc_raw, 0, None)
     timings["checks_s"] = time.perf_counter() - start
 
     tick = time.perf_counter()
@@ -453,6 +648,9 @@ def preprocess(
     if not brain.any():
         raise InputImageError(f"No brain could be found in the DWI {dwi.name}; is it a DWI volume?")
     adc_unit, factor = detect_adc_unit(adc_array, brain)
+    statistics = input_statistics(dwi.array, adc_raw, factor, brain)
+    if check_plausibility:
+        warnings.extend(check_inputs(statistics, adc_unit, dwi_name=dwi.name, adc_name=adc.name))
     adc_mm2s = adc_array * factor
     timings["brain_mask_s"] = time.perf_counter() - tick
     report(0.1, "brain mask")
@@ -491,7 +689,9 @@ def preprocess(
     timings["normalize_resample_s"] = time.perf_counter() - tick
     timings["total_s"] = time.perf_counter() - start
     report(0.3, "preprocessed")
-    return PreprocessedCase(image, flair is not None, brain_model, mapping, adc_unit, registration, timings, warnings)
+    brain_ml = float(brain.sum()) * dwi.geometry.voxel_volume_ml
+    return PreprocessedCase(image, flair is not None, brain_model, mapping, adc_unit, registration, timings, warnings,
+                            statistics, brain_ml)
 
 
 def preprocess_files(

@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 from inference_phantom import write_case, write_tiny_bundle
 
-from StrokePredictorLib.io import Geometry, read_volume, write_volume
+from StrokePredictorLib.io import MARKER_FILE, Geometry, read_volume, write_volume
 from StrokePredictorLib.outputs import OUTPUT_FILES
 from StrokePredictorLib.predict import main
 
@@ -52,7 +52,7 @@ def test_end_to_end_outputs(setup: dict, capsys: pytest.CaptureFixture) -> None:
     assert lines[-1] == f"RESULT {out / 'summary.json'}"
     fractions = [float(line.split()[1]) for line in lines if line.startswith("PROGRESS")]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) >= 5
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES.values())
+    assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUT_FILES.values(), MARKER_FILE])
 
     dwi = read_volume(setup["case"]["dwi"])
     volumes = {name: read_volume(out / OUTPUT_FILES[name]) for name in
@@ -217,7 +217,7 @@ def test_batch_mode_over_isles_folder(setup: dict, capsys: pytest.CaptureFixture
     assert batch["n_cases"] == 2 and batch["n_failed"] == 0
     for number, nihss in ((1, 4.0), (2, None)):
         folder = out / f"sub-strokecase{number:04d}"
-        assert sorted(p.name for p in folder.iterdir()) == sorted(OUTPUT_FILES.values())
+        assert sorted(p.name for p in folder.iterdir()) == sorted([*OUTPUT_FILES.values(), MARKER_FILE])
         summary = json.loads((folder / "summary.json").read_text())
         assert summary["inputs"]["clinical"]["nihss"] == nihss
         assert summary["inputs"]["flair_present"] is (number == 1)
