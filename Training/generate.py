@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,7 @@ from StrokePredictorLib._lazy import sitk
 from StrokePredictorLib.errors import OutputExistsError, StrokePredictorError
 from StrokePredictorLib.io import Geometry, atomic_path, write_json
 from Training import config as config_lib
-from Training.synth.case import MODES, SynthesisParams, SyntheticCase, synthesize_case
+from Training.synth.case import MODES, OPT_IN, SynthesisParams, SyntheticCase, synthesize_case
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,17 @@ class GenerateConfig:
         "help": "probability per case of the cerebellar cortex's own ADC (0.60-0.85 x10^-3 mm^2/s, as in real "
                 "scans; else the cerebral cortex's) and a FLAIR gain below the tentorium; own random stream, so 0 "
                 "reproduces earlier datasets"})
+    scan_mimics: float = field(default=0.0, metadata={
+        "help": "probability per case of the real-scan mimics (Training/synth/mimics.py): susceptibility at air-bone "
+                "interfaces, bright cortical ribbon, T2 shine-through, midline and choroid-plexus spots, chronic "
+                "infarcts and lacunes, white-matter hyperintensities; own random stream, 0 reproduces earlier "
+                "datasets"})
+    showers: float = field(default=0.0, metadata={
+        "help": "probability per non-empty case of a cardio-embolic shower (3-40 foci of 0.02-0.5 mL over 1-3 "
+                "territories), which replaces the lesion in half of those cases; own random stream"})
+    small_lesions: float = field(default=0.0, metadata={
+        "help": "probability per non-empty case that the lesion is a single small one (0.02-1 mL) instead; "
+                "same stream as --showers, and showers + small-lesions <= 1"})
     first_index: int = field(default=1, metadata={"help": "number of the first case (sub-strokecaseXXXX)"})
     montage: Path | None = field(default=None, metadata={"help": "also write a PNG montage of the first cases"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing generated dataset in --out"})
@@ -95,6 +106,11 @@ class GenerateConfig:
             raise ValueError(f"--regional-mimics must lie between 0 and 1, got {self.regional_mimics}.")
         if not 0.0 <= self.cerebellar_adc <= 1.0:
             raise ValueError(f"--cerebellar-adc must lie between 0 and 1, got {self.cerebellar_adc}.")
+        for name in ("scan_mimics", "showers", "small_lesions"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must lie between 0 and 1, got {getattr(self, name)}.")
+        if self.showers + self.small_lesions > 1.0:
+            raise ValueError("--showers and --small-lesions must not add up to more than 1.")
         if self.lesion_kind not in (None, "territorial", "embolic", "small", "empty"):
             raise ValueError(f"--lesion-kind must be territorial, embolic, small or empty, got '{self.lesion_kind}'.")
 
@@ -103,7 +119,8 @@ class GenerateConfig:
             mode=self.mode, ood=self.ood, skull=self.skull, tiny=self.tiny, work_mm=self.work_mm,
             lesions=None if self.lesions is None else str(self.lesions), empty_fraction=self.empty_fraction,
             wakeup_fraction=self.wakeup_fraction, lesion_kind=self.lesion_kind, regional_mimics=self.regional_mimics,
-            cerebellar_adc=self.cerebellar_adc,
+            cerebellar_adc=self.cerebellar_adc, scan_mimics=self.scan_mimics, showers=self.showers,
+            small_lesions=self.small_lesions,
         )
 
 
@@ -227,6 +244,7 @@ def generate(config: GenerateConfig, *, progress: bool = True) -> Path:
     from Training.synth.anatomy import load_template
     from Training.synth.clinical_sim import MISSING_RATES
     from Training.synth.lesions import LESION_MIX, load_soop
+    from Training.synth.mimics import KINDS, SHOWER_COUNT, SHOWER_FOCUS_ML, SMALL_LESION_ML
     from Training.synth.physics import PHYSICS, RANDOMIZED
 
     out = Path(config.out)
@@ -267,7 +285,7 @@ def generate(config: GenerateConfig, *, progress: bool = True) -> Path:
             "generator": "python -m Training generate",
             "layout": "ISLES 2022 Zenodo (sub-strokecaseXXXX/ses-0001/{dwi,anat}, derivatives/..._msk and _outcome)",
             "seed": config.seed,
-            "config": _portable(config_lib.to_dict(config)),
+            "config": _portable({k: v for k, v in config_lib.to_dict(config).items() if not (k in OPT_IN and not v)}),
             "synthesis_params": _portable(params.to_dict()),
             "versions": versions(),
             "lesion_source": lesion_source,
@@ -277,6 +295,9 @@ def generate(config: GenerateConfig, *, progress: bool = True) -> Path:
                 "treatment_benefit": outcome_model.TREATMENT_BENEFIT,
                 "treatment_tau_h": outcome_model.TREATMENT_TAU_H,
                 "clinical_missing_rates": MISSING_RATES,
+                **({"scan_mimics": [asdict(spec) for spec in KINDS]} if params.scan_mimics > 0 else {}),
+                **({"showers": {"focus_ml": SHOWER_FOCUS_ML, "count": SHOWER_COUNT, "small_lesion_ml": SMALL_LESION_ML}}
+                   if params.showers > 0 or params.small_lesions > 0 else {}),
             },
             "clinical_csv": "clinical.csv",
             "clinical_schema_version": clinical.SCHEMA_VERSION,

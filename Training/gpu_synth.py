@@ -10,7 +10,8 @@ the network never sees the same image twice and cannot rely on one simulator's l
   participants (by a hash of their id, :func:`participant_split`) are held out: 5% for
   validation during training, 10% for testing; neither is ever used for training.
 * **Labels** (CPU workers, :class:`LabelSampler`): one lesion (sometimes several small ones,
-  sometimes none), its depth-dependent severity, the simulated clinical record and the outcome
+  sometimes none, a single small one or a cardio-embolic shower of 0.02-0.5 mL foci), its
+  depth-dependent severity, the real-scan mimic maps, the simulated clinical record and the outcome
   infarct from the data generator's models (:mod:`Training.synth.clinical_sim`,
   :mod:`Training.synth.outcome`), so that the outcome depends on clinical values the image lacks.
 * **Images** (GPU, :func:`synthesize`): a random affine plus smooth elastic deformation maps the
@@ -22,7 +23,10 @@ the network never sees the same image twice and cannot rely on one simulator's l
   random slice thickness and in-plane blur, random per-class gains and gamma on DWI,
   lesion contrast from barely visible to strong with a core-to-rim gradient, T2 shine-through
   mimics (bright on DWI, normal ADC), FLAIR with random contrast whose lesion signal appears with
-  time since onset and a random gain below the tentorium, FLAIR missing in 30% of cases. The
+  time since onset and a random gain below the tentorium, FLAIR missing in 30% of cases; the
+  real-scan mimics of :mod:`Training.synth.mimics` (drawn by the sampler as template-space kind and
+  weight maps with per-kind S0, ADC, FLAIR and ADC-noise multipliers, rendered here with the same
+  formula as the CPU generator) and embolic showers and small lesions in the labels. The
   result is normalised exactly like :func:`StrokePredictorLib.preprocess.normalize_channels` (DWI
   and FLAIR over their brain median, ADC in 10^-3 mm^2/s), so training and inference see the same
   input definition.
@@ -45,6 +49,7 @@ import torch.nn.functional as F
 from StrokePredictorLib.clinical import encode
 from StrokePredictorLib.preprocess import Normalization
 from Training.synth.anatomy import posterior_fossa_weight
+from Training.synth.mimics import factors as mimic_factors
 
 logger = logging.getLogger(__name__)
 
@@ -204,16 +209,36 @@ class LabelSampler(torch.utils.data.Dataset):
 
     Item ``n`` is deterministic for a given ``seed`` (so a run can be replayed); ``length`` only
     sets the epoch size of the DataLoader.
+
+    Lesions and mimics (:mod:`Training.synth.mimics`, shared with the CPU generator): a case is empty
+    with ``empty_probability``, else it holds a real SOOP lesion of the ``subset`` (plus, with
+    ``multi_probability``, one or two small SOOP lesions elsewhere). Of the non-empty cases, a
+    fraction ``small_probability`` has a single small lesion of 0.02-1 mL instead, and a fraction
+    ``shower_probability`` gets a cardio-embolic shower (3-40 foci of 0.02-0.5 mL over 1-3
+    territories, half of them from the small components of another SOOP lesion of the subset), which
+    replaces the lesion in half of those cases and joins it in the other half. With
+    ``mimic_probability`` a case gets the real-scan mimics (susceptibility at air-bone interfaces,
+    bright cortical ribbon, T2 shine-through, midline and choroid-plexus spots, chronic infarcts and
+    lacunes, white-matter hyperintensities) as the ``mimic_kind``/``mimic_weight`` maps and the
+    ``mimic_table`` of multipliers that :class:`GpuSynthesizer` renders. The shower, small-lesion and
+    mimic draws use their own random stream ``[seed, index, 7]``: with the three probabilities at 0
+    every item equals the one of the earlier sampler (whose defaults were 0), apart from the added
+    (empty) mimic keys.
     """
 
     def __init__(self, pack: Pack, *, subset: str = "train", seed: int = 0, length: int = 10_000,
-                 empty_probability: float = 0.03, multi_probability: float = 0.15) -> None:
+                 empty_probability: float = 0.03, multi_probability: float = 0.15,
+                 shower_probability: float = 0.25, small_probability: float = 0.15,
+                 mimic_probability: float = 0.8) -> None:
         self.pack = pack
         self.pool = pack.indices(subset)
         self.seed = seed
         self.length = length
         self.empty_probability = empty_probability
         self.multi_probability = multi_probability
+        self.shower_probability = shower_probability
+        self.small_probability = small_probability
+        self.mimic_probability = mimic_probability
         self._template = None
 
     def __len__(self) -> int:
@@ -222,6 +247,7 @@ class LabelSampler(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         from Training.synth.clinical_sim import simulate_clinical
         from Training.synth.lesions import severity_map, smooth_noise
+        from Training.synth.mimics import draw_mimic_maps, embolic_shower, empty_maps, small_lesion
         from Training.synth.outcome import outcome_fraction
 
         if self._template is None:
@@ -246,6 +272,23 @@ class LabelSampler(torch.utils.data.Dataset):
                     other = self.pack.lesion(int(extra))
                     if (other >= 0.5).sum() * 0.008 < 5.0:
                         fraction = np.maximum(fraction, other)
+        # showers, small lesions and mimics: their own stream, so that probabilities 0 change nothing above
+        extra = np.random.default_rng([self.seed, index, 7])
+        focus_severity = None
+        kind = "soop" if real else "empty"
+        if real is not None and (self.small_probability > 0 or self.shower_probability > 0):
+            choice = extra.random()
+            if choice < self.small_probability:
+                fraction, focus_severity, _ = small_lesion(template, extra)
+                real, kind = None, "small"
+            elif choice < self.small_probability + self.shower_probability:
+                replace = extra.random() < 0.5
+                source = self.pack.lesion(int(extra.choice(self.pool)))
+                shower, focus_severity, _ = embolic_shower(template, extra, source=source,
+                                                           avoid=None if replace else fraction)
+                fraction = shower if replace else np.maximum(fraction, shower)
+                if replace:
+                    real, kind = None, "embolic"
         binary = fraction >= 0.5
         volume_ml = float(binary.sum() * 0.008)
         territory = 0
@@ -253,9 +296,14 @@ class LabelSampler(torch.utils.data.Dataset):
             labels = template.territory[binary]
             labels = labels[labels > 0]
             territory = int(np.bincount(labels).argmax()) if labels.size else 0
-        record, hidden = simulate_clinical(rng, kind="soop" if real else "empty", volume_ml=volume_ml,
-                                           territory=territory, real=real)
+        record, hidden = simulate_clinical(rng, kind=kind, volume_ml=volume_ml, territory=territory, real=real)
         severity = severity_map(binary, 2.0, rng, float(rng.uniform(0.15, 0.6)))
+        if focus_severity is not None:
+            severity = np.maximum(severity, focus_severity)
+        if self.mimic_probability > 0 and extra.random() < self.mimic_probability:
+            mimics = draw_mimic_maps(template, extra, avoid=fraction)
+        else:
+            mimics = empty_maps(self.pack.shape)
         outcome, _ = outcome_fraction(template, fraction, nihss=hidden.nihss, onset_h=hidden.onset_h,
                                       treatment=hidden.treatment, collateral=hidden.collateral,
                                       glucose=hidden.glucose, noise=smooth_noise(rng, fraction.shape, 3.0))
@@ -264,6 +312,8 @@ class LabelSampler(torch.utils.data.Dataset):
             "lesion": fraction.astype(np.float16), "severity": severity.astype(np.float16),
             "outcome": outcome.astype(np.float16), "clinical_values": values, "clinical_missing": missing,
             "onset_h": np.float32(hidden.onset_h), "seed": np.int64(rng.integers(2**62)),
+            "mimic_kind": mimics.kind, "mimic_weight": mimics.weight.astype(np.float16),
+            "mimic_table": mimics.table,
         }
 
 
@@ -428,16 +478,26 @@ class GpuSynthesizer:
             clinical_values (n, 10), clinical_missing (n, 10), flair_present (n,).
         """
         c, dev = self.config, self.device
-        per_case = torch.stack([labels[name].to(dev, non_blocking=True).float()
-                                for name in ("lesion", "severity", "outcome")], dim=1)
+        with_mimics = "mimic_kind" in labels  # label batches of older samplers have no mimic maps
+        names = ("lesion", "severity", "outcome") + (("mimic_weight",) if with_mimics else ())
+        per_case = torch.stack([labels[name].to(dev, non_blocking=True).float() for name in names], dim=1)
         n = per_case.shape[0]
         grid = self._sampling_grid(n, generator)
         anatomy = F.grid_sample(self.anatomy.expand(n, -1, -1, -1, -1), grid, mode="bilinear",
                                 padding_mode="zeros", align_corners=True)
         lesion_maps = F.grid_sample(per_case, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
         gm, wm, csf, brain_p, fossa = (t[:, None] for t in anatomy.unbind(1))
-        lesion, severity, outcome = lesion_maps.unbind(1)
-        lesion, severity, outcome = (t[:, None] for t in (lesion, severity, outcome))
+        lesion, severity, outcome = (t[:, None] for t in lesion_maps[:, :3].unbind(1))
+        mimic_s0 = mimic_adc = mimic_flair = None
+        if with_mimics:  # real-scan mimics: kind by nearest neighbour, weight bilinear, the shared formula
+            kind = F.grid_sample(labels["mimic_kind"].to(dev).float()[:, None], grid, mode="nearest",
+                                 padding_mode="zeros", align_corners=True).long()
+            table = labels["mimic_table"].to(dev).float()  # (n, kinds + 1, 4)
+            per_voxel = table[torch.arange(n, device=dev).view(n, 1, 1, 1, 1), kind]  # (n, 1, K, J, I, 4)
+            mimic_s0, mimic_adc, mimic_flair, mimic_noise = mimic_factors(per_voxel, lesion_maps[:, 3:4])
+            fine = F.interpolate(torch.randn((n, 1, *(max(2, s // 2) for s in gm.shape[2:])), generator=generator,
+                                             device=dev), size=gm.shape[2:], mode="trilinear", align_corners=True)
+            mimic_adc = mimic_adc * (1 + mimic_noise * fine).clamp(min=0.3)
         shape = gm.shape[2:]
         u = lambda lo, hi: _uniform(generator, n, lo, hi, dev).view(n, 1, 1, 1, 1)  # noqa: E731
 
@@ -450,6 +510,8 @@ class GpuSynthesizer:
         adc = adc * (1 + 0.05 * _smooth_field(generator, n, shape, (12, 14, 12), dev))
         drop = u(*c.adc_drop)
         adc = adc * (1 - drop * (severity.clamp(0, 1.2) * lesion.clamp(0, 1)))
+        if mimic_adc is not None:
+            adc = adc * mimic_adc
         # T2-weighted S0 per class, lesion T2 increase, shine-through mimics (bright S0, normal ADC)
         b = u(*c.b_value)
         # CSF S0 chosen so that CSF/WM on DWI lies in the configured range (real: 0.45-0.6)
@@ -459,6 +521,8 @@ class GpuSynthesizer:
         s0 = s0 * (1 + u(*c.lesion_t2) * lesion)
         mimic = self._mimics(n, generator, (gm + wm) * (1 - lesion), shape)
         s0 = s0 * (1 + mimic * u(0.5, 1.8))
+        if mimic_s0 is not None:
+            s0 = s0 * mimic_s0
         bias = torch.exp(c.bias * u(0, 1) * _smooth_field(generator, n, shape, (3, 4, 3), dev))
         # regional hyperintensity on b0 and b-image alike (susceptibility, coil, T2 effects: bright
         # DWI with normal ADC, e.g. the posterior fossa and temporal poles of many real scans)
@@ -488,6 +552,8 @@ class GpuSynthesizer:
         flair = flair * (1 + 0.06 * _smooth_field(generator, n, shape, (16, 18, 16), dev))
         flair = flair * (1 + (u(*c.fossa_flair) - 1) * fossa)
         flair = flair * (1 + visible * severity.clamp(0, 1.2) * lesion * u(0.3, 1.2)) * bias
+        if mimic_flair is not None:
+            flair = flair * mimic_flair
         flair = _rician(flair, u(0.01, 0.05), generator)
         flair = _blur(flair, torch.stack([u(1.0, 7.0).view(n) / self.spacing / 2.355, inplane, inplane], 1))
         flair_present = torch.rand(n, generator=generator, device=dev) < c.flair_probability

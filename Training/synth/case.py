@@ -42,6 +42,7 @@ from Training.synth.lesions import (
     soop_lesion,
     territory_name,
 )
+from Training.synth.mimics import draw_mimic_maps, embolic_shower, small_lesion
 from Training.synth.outcome import outcome_fraction
 from Training.synth.physics import physical_images, randomized_images
 
@@ -71,6 +72,9 @@ class SynthesisParams:
     mimic_rate: float = 1.0                # scales how often mimics occur
     regional_mimics: float = 0.0           # probability of a broad regional DWI hyperintensity (normal ADC)
     cerebellar_adc: float = 0.0            # probability of the cerebellar cortex's own (lower) ADC
+    scan_mimics: float = 0.0               # probability of the real-scan mimics (Training.synth.mimics)
+    showers: float = 0.0                   # probability that a lesion gains (or becomes) an embolic shower
+    small_lesions: float = 0.0             # probability that a lesion becomes a single small one (0.02-1 mL)
     adc_unit: str | None = None            # force one ADC unit scale (None: random of three)
     lesion_kind: str | None = None         # force a procedural lesion kind (territorial, embolic, small, empty)
     dwi_grid: str | None = None            # force a DWI grid by name (acquisition.DWI_GRIDS)
@@ -84,6 +88,11 @@ class SynthesisParams:
             raise ValueError(f"adc_unit must be one of {', '.join(ADC_SCALES)}, got '{self.adc_unit}'.")
         if not 0 <= self.empty_fraction <= 1 or not 0 <= self.wakeup_fraction <= 1:
             raise ValueError("empty_fraction and wakeup_fraction must lie in [0, 1].")
+        for name in ("scan_mimics", "showers", "small_lesions"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}.")
+        if self.showers + self.small_lesions > 1.0:
+            raise ValueError(f"showers + small_lesions must not exceed 1, got {self.showers + self.small_lesions}.")
 
     @property
     def skull_stripped(self) -> bool:
@@ -93,7 +102,15 @@ class SynthesisParams:
         return 4 if self.tiny else int(self.work_mm)
 
     def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        """Every field; the opt-in options of :data:`OPT_IN` only when they are on, so that the
+        dataset.json of an earlier dataset is reproduced byte for byte."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
+                if not (k in OPT_IN and not v)}
+
+
+#: Options added after datasets had been published; recorded only when on (own random streams:
+#: scan_mimics 5, showers and small_lesions 6).
+OPT_IN = ("scan_mimics", "showers", "small_lesions")
 
 
 @dataclass
@@ -258,6 +275,31 @@ def _lesion(params: SynthesisParams, template: Template, rng: np.random.Generato
     return procedural_lesion(template, rng, kind=params.lesion_kind, empty_fraction=params.empty_fraction)
 
 
+def _shower_or_small(params: SynthesisParams, template: Template, lesion: Lesion,
+                     rng: np.random.Generator) -> tuple[Lesion, dict]:
+    """With ``small_lesions``, replace a non-empty lesion by a single small one; with ``showers``,
+    give it a cardio-embolic shower (:mod:`Training.synth.mimics`), which replaces it in half of the
+    cases. The source lesion's own small components may serve as shower foci."""
+    if not (lesion.fraction >= 0.5).any():
+        return lesion, {}
+    choice = rng.random()
+    if choice < params.small_lesions:
+        fraction, severity, info = small_lesion(template, rng)
+        return Lesion(fraction, severity, "small", int(info["territory"]), "small"), {"small_lesion": info}
+    if choice < params.small_lesions + params.showers:
+        replace = bool(rng.random() < 0.5)
+        fraction, severity, info = embolic_shower(template, rng, source=lesion.fraction,
+                                                  avoid=None if replace else lesion.fraction)
+        info["replaces_lesion"] = replace
+        if replace:
+            territory = int(info["territories"][0]) if info["territories"] else 0
+            return Lesion(fraction, severity, "embolic", territory, "shower"), {"embolic_shower": info}
+        joined = Lesion(np.maximum(lesion.fraction, fraction), np.maximum(lesion.severity, severity), lesion.kind,
+                        lesion.territory, lesion.source, lesion.clinical)
+        return joined, {"embolic_shower": info}
+    return lesion, {}
+
+
 def synthesize_case(index: int, seed: int, params: SynthesisParams | None = None) -> SyntheticCase:
     """Synthesise case number ``index`` (1-based) of the dataset with ``seed``, in memory.
 
@@ -280,6 +322,10 @@ def synthesize_case(index: int, seed: int, params: SynthesisParams | None = None
     skull = not params.skull_stripped
     # -- lesion, clinical, mimics, outcome (template space) -----------------------------
     lesion = _lesion(params, template, rng)
+    lesion_extra: dict = {}
+    if params.showers > 0 or params.small_lesions > 0:  # own random stream: off, nothing else changes
+        lesion, lesion_extra = _shower_or_small(params, template, lesion,
+                                                np.random.default_rng([int(seed), int(index), 6]))
     volume = lesion.volume_ml(voxel_ml)
     record, hidden = simulate_clinical(rng, kind=lesion.kind, volume_ml=volume, territory=lesion.territory,
                                        real=lesion.clinical if lesion.source.startswith("sub-") else None,
@@ -296,6 +342,12 @@ def synthesize_case(index: int, seed: int, params: SynthesisParams | None = None
                                                          params.cerebellar_adc)
     if cerebellar_info:
         mimics.description["cerebellar_cortex"] = cerebellar_info
+    if params.scan_mimics > 0:  # own random stream, as above
+        scan_rng = np.random.default_rng([int(seed), int(index), 5])
+        if scan_rng.random() < params.scan_mimics:
+            mimics.scan = draw_mimic_maps(template, scan_rng, avoid=lesion.fraction)
+            mimics.scan_noise = smooth_noise(scan_rng, template.shape, 0.7)
+            mimics.description["real_scan_mimics"] = mimics.scan.description
     outcome_frac, outcome_info = outcome_fraction(
         template, lesion.fraction, nihss=hidden.nihss, onset_h=hidden.onset_h, treatment=hidden.treatment,
         collateral=hidden.collateral, glucose=hidden.glucose, noise=smooth_noise(rng, template.shape, 1.5))
@@ -400,7 +452,7 @@ def synthesize_case(index: int, seed: int, params: SynthesisParams | None = None
         "skull_stripped": params.skull_stripped,
         "lesion": {"source": lesion.source, "kind": lesion.kind, "territory": territory_name(lesion.territory),
                    "template_volume_ml": volume, "components_template": lesion.n_components(),
-                   "volume_ml": float(mask.sum() * dwi_geom.voxel_volume_ml)},
+                   "volume_ml": float(mask.sum() * dwi_geom.voxel_volume_ml), **lesion_extra},
         "outcome": {**outcome_info.to_dict(), "volume_ml_dwi_grid": float(outcome.sum() * dwi_geom.voxel_volume_ml)},
         "hidden": hidden.to_dict(),
         "mimics": mimics.description,

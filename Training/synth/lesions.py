@@ -24,6 +24,7 @@ from scipy import ndimage
 
 from StrokePredictorLib.errors import InputImageError
 from Training.synth.anatomy import TERRITORIES, Template, posterior_fossa_weight
+from Training.synth.mimics import MimicMaps
 
 logger = logging.getLogger(__name__)
 
@@ -317,6 +318,9 @@ class Mimics:
         regional: broad regional DWI hyperintensity (relative S0 gain >= 0: DWI bright, ADC
             unchanged), or None; see :func:`draw_regional`.
         cerebellar: the posterior fossa's own tissue values, or None; see :func:`draw_cerebellar`.
+        scan: the real-scan mimics of :mod:`Training.synth.mimics` (kind and weight maps and their
+            multipliers), or None.
+        scan_noise: unit-sd smooth field for the extra ADC noise of ``scan`` (or None).
     """
 
     shine: np.ndarray
@@ -326,6 +330,12 @@ class Mimics:
     description: dict = field(default_factory=dict)
     regional: np.ndarray | None = None
     cerebellar: CerebellarTissue | None = None
+    scan: MimicMaps | None = None
+    scan_noise: np.ndarray | None = None
+
+    def scan_factors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(S0, ADC, FLAIR) multiplier maps of the real-scan mimics, or None without them."""
+        return None if self.scan is None else self.scan.factor_maps(self.scan_noise)
 
 
 @dataclass(frozen=True)

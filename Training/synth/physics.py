@@ -10,7 +10,9 @@ of the tissue compartments by ``r * severity`` (``r`` 30-50%, rising with time s
 pseudo-normalising after 24 h) and raises S0 with time (T2 shine-through); FLAIR shows dark CSF
 and a lesion signal that appears only after about 3.5 h (DWI-FLAIR mismatch). Mimics: T2
 shine-through blobs (bright DWI, normal ADC), white-matter hyperintensities, an old infarct,
-and susceptibility-like artefacts.
+and susceptibility-like artefacts; with ``scan_mimics``, the real-scan mimics of
+:mod:`Training.synth.mimics` (the same kinds, places and multipliers as the GPU synthesiser's)
+multiply S0 (both b-values), the tissue ADC (with extra noise) and FLAIR.
 
 ``randomized`` (training; SynthSeg / SynthStroke-style domain randomisation): DWI and FLAIR
 intensities are drawn per class (CSF, GM, WM, skull, scalp, lesion core and rim, mimics) from
@@ -121,6 +123,7 @@ def physical_images(template: Template, lesion: Lesion, mimics: Mimics, hidden: 
     regional = 1.0 if mimics.regional is None else 1.0 + mimics.regional  # DWI bright, ADC unchanged
     adc_gain = (1 + 0.05 * mimics.shine + 0.25 * mimics.wmh) * adc_texture
     chronic = mimics.chronic
+    scan = mimics.scan_factors()  # real-scan mimics (Training.synth.mimics): S0, ADC, FLAIR multipliers
     lesion_s0 = 1 + shine * eff
     lesion_adc = 1 - r * np.clip(eff, 0, 1)
     s0_img = np.zeros(template.shape, np.float32)
@@ -131,8 +134,12 @@ def physical_images(template: Template, lesion: Lesion, mimics: Mimics, hidden: 
         if tissue != "csf":
             base_adc = (base_adc * lesion_adc) * (1 - chronic) + 2.2e-3 * chronic
             s0_t = s0[tissue] * texture * lesion_s0 * s0_gain * regional
+            if scan is not None:
+                base_adc, s0_t = base_adc * scan[1], s0_t * scan[0]
         else:
             s0_t = s0[tissue] * (1 + 0.7 * mimics.shine + 0.9 * mimics.artefact) * regional
+            if scan is not None:
+                s0_t = s0_t * scan[0]
         s0_img += frac * s0_t
         sb_img += frac * s0_t * np.exp(-b * base_adc)
     if skull:
@@ -149,6 +156,8 @@ def physical_images(template: Template, lesion: Lesion, mimics: Mimics, hidden: 
     tissue_flair = (template.wm * fl["wm"] + template.gm * fl["gm"]) * flair_texture
     tissue_flair = tissue_flair * (1 + flair_gain * np.clip(eff, 0, 1)) * (1 + 0.8 * mimics.wmh + 0.5 * mimics.shine)
     tissue_flair = tissue_flair * (1 - 0.6 * chronic + 0.8 * rim)
+    if scan is not None:
+        tissue_flair = tissue_flair * scan[2]
     if mimics.cerebellar is not None:
         tissue_flair = mimics.cerebellar.flair(tissue_flair)
     flair = tissue_flair + template.csf * fl["csf"]
@@ -204,6 +213,9 @@ def randomized_images(template: Template, lesion: Lesion, mimics: Mimics, hidden
     flair, flair_means = gmm(q["flair_means_relative_to_wm"], flair_contrast, flair_mimic)
     if mimics.cerebellar is not None:
         flair = mimics.cerebellar.flair(flair)
+    scan = mimics.scan_factors()  # real-scan mimics (Training.synth.mimics): S0, ADC, FLAIR multipliers
+    if scan is not None:
+        flair = flair * scan[2]
     # physical ADC with scanner variability, S0 contrasts random
     scanner = _u(rng, q["scanner_adc_factor"])
     jitter = {t: _u(rng, q["tissue_adc_jitter"]) for t in ("wm", "gm", "csf")}
@@ -223,8 +235,13 @@ def randomized_images(template: Template, lesion: Lesion, mimics: Mimics, hidden
         if tissue in ("wm", "gm"):
             value = value * (1 - r * eff) * (1 - mimics.chronic) + 2.2e-3 * mimics.chronic
         s = s0[tissue] * (s0_gain if tissue in ("wm", "gm") else 1.0)
+        if scan is not None and tissue in ("wm", "gm", "csf"):
+            s = s * scan[0]
+            value = value * scan[1] if tissue != "csf" else value
         s0_img += frac * s
         sb_img += frac * s * np.exp(-b * value)
+    if scan is not None:  # the randomised DWI follows the mimics' physics: S0 gain and exp(-b dADC) at WM ADC
+        dwi = dwi * scan[0] * np.exp(-b * adc["wm"] * (scan[1] - 1))
     info = {"b_value": b, "tissue_adc_mm2s": adc, "scanner_adc_factor": scanner, "lesion_adc_reduction": r,
             "dwi_class_means": dwi_means, "dwi_lesion_contrast": dwi_contrast, "dwi_mimic_gain": dwi_mimic,
             "flair_class_means": flair_means, "flair_lesion_contrast": flair_contrast, "tissue_s0": s0}
