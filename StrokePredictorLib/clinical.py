@@ -16,10 +16,14 @@ Missing features are encoded as 0 with ``missing = True``.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import math
 import os
+import re
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +37,11 @@ SCHEMA_VERSION = "1.0"
 _TRUE = {"1", "true", "yes", "y", "t"}
 _FALSE = {"0", "false", "no", "n", "f"}
 _MISSING = {"", "na", "n/a", "nan", "none", "null", "unknown", "missing", "?", "-"}
+# A plain decimal number in ASCII digits. Python's float() also takes "1_50" (150), "infinity" and
+# non-ASCII digits, which a clinical value written by hand should never silently become.
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+#: Largest clinical file read (a CSV of a million cases is about 100 MB; this is far above any real one).
+MAX_TEXT_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -173,8 +182,14 @@ def parse_value(feature_: Feature, value: object, *, where: str = "", unit: str 
     if isinstance(value, bool):
         raise ClinicalValueError(f"{prefix}value {value} is not a number; expected {feature_.describe_range()}.")
     try:
-        number = float(str(value).strip()) if isinstance(value, str) else float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        if isinstance(value, str):
+            text = value.strip()
+            if not _NUMBER.match(text):
+                raise ValueError(text)
+            number = float(text)
+        else:
+            number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
         raise ClinicalValueError(
             f"{prefix}value '{value}' is not a number; expected {feature_.describe_range()}."
         ) from None
@@ -229,8 +244,10 @@ def validate(raw: Mapping[str, object], *, units: Mapping[str, str] | None = Non
     values: dict[str, float | str | None] = {}
     for key, value in raw.items():
         feature_ = feature(key)
-        if feature_.name in values and key.lower() != feature_.name:
-            raise ClinicalValueError(f"{where}clinical field '{feature_.name}' is given twice (as '{key}').")
+        if feature_.name in values:
+            raise ClinicalValueError(
+                f"{where}clinical field '{feature_.name}' is given twice (again as '{key}'); give each field once."
+            )
         prefix = f"{where}clinical field '{key}': " if where else ""
         values[feature_.name] = parse_value(feature_, value, where=prefix, unit=units.get(feature_.name))
     return ClinicalRecord(values)
@@ -263,23 +280,113 @@ def encode(record: ClinicalRecord | Mapping[str, object] | None) -> tuple[np.nda
 def parse_key_values(items: Iterable[str]) -> ClinicalRecord:
     """Parse ``["nihss=12", "age=71", "onset_to_imaging_h=unknown"]`` into a record."""
     raw: dict[str, str] = {}
+    seen: dict[str, str] = {}
     for item in items:
         if "=" not in item:
             raise ClinicalValueError(f"Clinical value '{item}' must be written as name=value, e.g. nihss=12.")
         key, value = item.split("=", 1)
+        name = feature(key).name
+        if name in seen:
+            raise ClinicalValueError(
+                f"Clinical field '{name}' is given twice ('{seen[name]}' and '{item}'); give each field once."
+            )
+        seen[name] = item
         raw[key.strip()] = value.strip()
     return validate(raw)
+
+
+def read_text(path: str | os.PathLike, what: str = "Clinical file") -> str:
+    """Read a small text file written by a person or a spreadsheet, refusing what is not one.
+
+    UTF-8 (with or without a byte-order mark) and UTF-16/UTF-32 with a byte-order mark are read;
+    anything else is refused with its likely encoding named (Latin-1/Windows-1252, UTF-16 without
+    a byte-order mark) or as binary. Folders, devices, FIFOs and files over
+    :data:`MAX_TEXT_BYTES` are refused before anything is read.
+
+    Raises:
+        ClinicalValueError: the path is missing, not a regular file, too large, or not text.
+    """
+    path = Path(path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ClinicalValueError(f"{what} {path} does not exist.") from None
+    except OSError as error:
+        raise ClinicalValueError(f"{what} {path} cannot be read: {error.strerror or error}.") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ClinicalValueError(f"{what} {path} is a folder; pass the file itself.")
+    if not stat.S_ISREG(info.st_mode):
+        raise ClinicalValueError(f"{what} {path} is not a regular file (a device, FIFO or socket).")
+    if info.st_size > MAX_TEXT_BYTES:
+        raise ClinicalValueError(
+            f"{what} {path} is {info.st_size / 2**20:.0f} MB, more than the {MAX_TEXT_BYTES // 2**20} MB a clinical "
+            "file can be; is it the right file?"
+        )
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ClinicalValueError(f"{what} {path} cannot be read: {error.strerror or error}.") from None
+    for bom, encoding in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                          (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+                          (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):
+            try:
+                text = data.decode(encoding)
+            except UnicodeDecodeError:
+                raise ClinicalValueError(
+                    f"{what} {path} starts with a {encoding.upper().replace('-SIG', '')} byte-order mark but is not "
+                    "valid text in that encoding; save it as UTF-8."
+                ) from None
+            break
+    else:
+        if b"\x00" in data:
+            even = data[0::2].count(0) + data[1::2].count(0)
+            hint = ("it looks like UTF-16 text without a byte-order mark" if even >= len(data) // 3
+                    else "it looks like a binary file, not text")
+            raise ClinicalValueError(f"{what} {path} contains NUL bytes: {hint}. Save it as UTF-8 text (CSV or JSON).")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = data[: error.start].count(b"\n") + 1
+            byte = data[error.start]
+            try:
+                data.decode("cp1252")
+                guess = "it looks like Latin-1/Windows-1252 text"
+            except UnicodeDecodeError:
+                guess = "it is not text in a known encoding"
+            raise ClinicalValueError(
+                f"{what} {path} is not UTF-8 (byte 0x{byte:02X} on line {line}); {guess}. Save it as UTF-8 "
+                "(e.g. in a spreadsheet: 'CSV UTF-8')."
+            ) from None
+    bad = [c for c in text if ord(c) < 32 and c not in "\t\r\n"]
+    if bad:
+        raise ClinicalValueError(
+            f"{what} {path} contains control character(s) (U+{ord(bad[0]):04X}); it looks like a binary file, not text."
+        )
+    return text
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    result: dict = {}
+    for key, value in pairs:
+        if key in result:
+            raise ClinicalValueError(f"key '{key}' appears twice")
+        result[key] = value
+    return result
 
 
 def read_json(path: str | os.PathLike) -> ClinicalRecord:
     """Read one patient's clinical values from a JSON object ``{"nihss": 12, ...}``."""
     path = Path(path)
+    text = read_text(path, "Clinical file")
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ClinicalValueError(f"Clinical file {path} does not exist.") from None
+        data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as error:
         raise ClinicalValueError(f"Clinical file {path} is not valid JSON: {error}.") from None
+    except ClinicalValueError as error:
+        raise ClinicalValueError(f"Clinical file {path}: {error}; give each field once.") from None
+    except RecursionError:
+        raise ClinicalValueError(f"Clinical file {path} is nested too deeply to be a clinical record.") from None
     if not isinstance(data, dict):
         raise ClinicalValueError(f"Clinical file {path} must hold a JSON object of field: value pairs.")
     data = data.get("clinical", data) if isinstance(data.get("clinical"), dict) else data
@@ -310,13 +417,16 @@ def read_csv(
     """
     path = Path(path)
     column_map = {k: v for k, v in (column_map or {}).items()}
-    try:
-        handle = path.open(newline="")
-    except FileNotFoundError:
-        raise ClinicalValueError(f"Clinical CSV {path} does not exist.") from None
+    handle = io.StringIO(read_text(path, "Clinical CSV"), newline="")
     with handle:
         reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
+        try:
+            columns = reader.fieldnames or []
+        except csv.Error as error:
+            raise ClinicalValueError(f"Clinical CSV {path} cannot be parsed as CSV: {error}.") from None
+        repeated = sorted({c for c in columns if columns.count(c) > 1})
+        if repeated:
+            raise ClinicalValueError(f"Clinical CSV {path}: column(s) {', '.join(repeated)} appear more than once.")
         if id_column not in columns:
             raise ClinicalValueError(
                 f"Clinical CSV {path} has no case id column '{id_column}' (columns: {', '.join(columns) or 'none'})."
@@ -327,16 +437,31 @@ def read_csv(
                 continue
             target = column_map.get(column, column)
             try:
-                mapping[column] = feature(target).name
+                name = feature(target).name
             except ClinicalValueError:
-                if not ignore_unknown:
-                    raise ClinicalValueError(
-                        f"Clinical CSV {path}: column '{column}' is not a clinical field "
-                        f"(valid: {', '.join(FEATURE_NAMES)}); map it with a column mapping or drop it."
-                    ) from None
+                if ignore_unknown:
+                    continue
+                raise ClinicalValueError(
+                    f"Clinical CSV {path}: column '{column}' is not a clinical field "
+                    f"(valid: {', '.join(FEATURE_NAMES)}); map it with a column mapping or drop it."
+                ) from None
+            other = next((c for c, n in mapping.items() if n == name), None)
+            if other is not None:
+                raise ClinicalValueError(
+                    f"Clinical CSV {path}: columns '{other}' and '{column}' both hold the field '{name}'; keep one."
+                )
+            mapping[column] = name
         records: dict[str, ClinicalRecord] = {}
         problems: list[str] = []
-        for row_number, row in enumerate(reader, start=1):
+        try:
+            rows = list(reader)
+        except csv.Error as error:
+            raise ClinicalValueError(f"Clinical CSV {path} cannot be parsed as CSV (line {reader.line_num}): "
+                                     f"{error}.") from None
+        for row_number, row in enumerate(rows, start=1):
+            if row.get(None):  # type: ignore[call-overload]
+                problems.append(f"row {row_number}: {len(row[None])} more value(s) than columns")  # type: ignore[index]
+                continue
             case_id = (row.get(id_column) or "").strip()
             if not case_id:
                 problems.append(f"row {row_number}, column '{id_column}': empty case id")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
 
 from StrokePredictorLib.errors import StrokePredictorError
@@ -54,14 +55,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: the '{verb}' verb is not available in this version.", file=sys.stderr)
             return 2
         raise
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(module.main(rest) or 0)
     except StrokePredictorError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("terminated (SIGTERM); temporary files removed", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM as an exception, so that every verb's ``finally`` and ``except BaseException``
+    clean-up runs as it does for Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:  # noqa: ARG001
+    raise _Terminated()
 
 
 if __name__ == "__main__":

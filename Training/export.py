@@ -26,7 +26,8 @@ class ExportConfig:
     out: Path = field(default=Path("bundle"), metadata={"help": "bundle folder to write"})
     name: str | None = field(default=None, metadata={"help": "bundle name (default: the folder name)"})
     checkpoint: str = field(default="best", metadata={"help": "best|last, or a checkpoint file in the run"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing bundle"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the weights and model.json of an existing "
+                                                              "bundle (any other folder is refused)"})
 
 
 def _checkpoint_path(config: ExportConfig) -> Path:
@@ -41,7 +42,8 @@ def export(config: ExportConfig) -> Path:
 
     Raises:
         CacheError: the run has no such checkpoint.
-        OutputExistsError: the bundle folder exists and ``overwrite`` is off.
+        OutputExistsError: the bundle folder is not empty and ``overwrite`` is off, or it is not a
+            bundle folder (then nothing is replaced even with ``overwrite``), or it cannot be written.
     """
     from StrokePredictorLib.bundle import save_bundle
     from StrokePredictorLib.network import NetworkConfig, StrokeNet
@@ -51,10 +53,9 @@ def export(config: ExportConfig) -> Path:
     path = _checkpoint_path(config)
     if not path.is_file():
         raise CacheError(f"Run {config.run} has no checkpoint {path.name} (train first, or choose --checkpoint).")
-    from StrokePredictorLib.errors import OutputExistsError
+    from StrokePredictorLib.bundle import check_bundle_destination
 
-    if Path(config.out).exists() and not config.overwrite:
-        raise OutputExistsError(f"Bundle folder {config.out} exists already; pass --overwrite to replace it.")
+    check_bundle_destination(config.out, config.overwrite)  # before any work; --overwrite replaces only a bundle
     state = load_checkpoint(path)  # the user's own run folder: a training checkpoint, not a bundle
     model = StrokeNet(NetworkConfig.from_dict(state["network"]))
     model.load_state_dict(state["model"])

@@ -215,19 +215,14 @@ def versions() -> dict[str, str]:
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise OutputExistsError(f"--out {out} exists and is not a folder.")
-    if any(out.iterdir()):
-        if not overwrite:
-            raise OutputExistsError(
-                f"Output folder {out} is not empty; pass --overwrite to replace a generated dataset.")
-        if not (out / "dataset.json").is_file():
-            raise OutputExistsError(
-                f"Output folder {out} is not empty and holds no dataset.json, so it is not a generated dataset; "
-                "refusing to replace it even with --overwrite."
-            )
+    """Refuse, before any work, an ``--out`` that is not empty unless ``overwrite`` is given and it
+    is a dataset this verb wrote (its marker, or the ``dataset.json`` this verb writes; an nnU-Net
+    or any other folder holding a ``dataset.json`` is refused), or whose parent is not writable."""
+    from StrokePredictorLib.io import check_output_folder, ensure_writable_dir, remove_created_dirs
+
+    check_output_folder(out, "dataset", overwrite=overwrite, option="--out")
+    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists() or p.is_symlink())
+    remove_created_dirs(ensure_writable_dir(existing, option="--out"))
 
 
 def generate(config: GenerateConfig, *, progress: bool = True) -> Path:
@@ -323,16 +318,33 @@ def _portable(values: dict) -> dict:
 
 
 def _commit(staging: Path, out: Path) -> None:
-    """Move the finished staging folder into place (replacing an old generated dataset)."""
-    if out.exists() and not any(out.iterdir()):
-        out.rmdir()
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, trash / out.name)
-        os.replace(staging, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, out)
+    """Mark the finished staging folder as a dataset and move it into place, replacing an old
+    generated dataset (checked by :func:`_prepare_out`). When ``out`` cannot be renamed (a mount
+    point, another file system), its old entries are removed and the new ones moved in."""
+    from StrokePredictorLib.io import ordinary_permissions, recognised_kind, write_folder_marker
+
+    write_folder_marker(staging, "dataset", "python -m Training generate")
+    ordinary_permissions(staging)  # mkdtemp made it private (0700)
+    if out.exists() and any(out.iterdir()) and recognised_kind(out) != "dataset":
+        raise OutputExistsError(f"--out {out} changed while the dataset was generated and is no longer a generated "
+                                "dataset; the new dataset is left out, nothing was replaced.")
+    try:
+        if out.exists() and not any(out.iterdir()):
+            out.rmdir()
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / out.name)
+            os.replace(staging, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except OSError:  # EBUSY / EXDEV: a mount point; replace its content instead of the folder
+        out.mkdir(exist_ok=True)
+        for entry in list(out.iterdir()):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        for entry in list(staging.iterdir()):
+            shutil.move(str(entry), str(out / entry.name))
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_tiny_dataset(out_dir: str | os.PathLike, n_cases: int = 3, seed: int = 0) -> Path:

@@ -33,7 +33,8 @@ class InterpolateConfig:
     alpha: float = field(default=0.5, metadata={"help": "weight of --end, between 0 and 1"})
     out: Path | None = field(default=None, metadata={"help": "bundle folder to write"})
     name: str = field(default="", metadata={"help": "bundle name (default: the --end bundle's)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing bundle folder"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the weights and model.json of an existing "
+                                                              "bundle (any other folder is refused)"})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -53,6 +54,9 @@ def interpolate(config: InterpolateConfig) -> Path:
 
     if config.start is None or config.end is None or config.out is None:
         raise StrokePredictorError("--start, --end and --out are required.")
+    from StrokePredictorLib.bundle import check_bundle_destination
+
+    check_bundle_destination(config.out, config.overwrite)  # before any work; --overwrite replaces only a bundle
     start, end = load_bundle(config.start), load_bundle(config.end)
     for what, a, b in (("architecture", start.config.to_dict(), end.config.to_dict()), ("task", start.task, end.task),
                        ("grid", start.grid.to_dict(), end.grid.to_dict()),
