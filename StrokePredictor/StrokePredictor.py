@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+import unittest
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +24,8 @@ from typing import Annotated, Any
 import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -30,6 +33,7 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
+from slicer.util import VTKObservationMixin
 
 MODULE_DIR = Path(__file__).resolve().parent
 RESOURCES = MODULE_DIR / "Resources"
@@ -43,8 +47,8 @@ for _candidate in (MODULE_DIR, MODULE_DIR.parent):
         sys.path.append(str(_candidate))
         break
 
-from StrokePredictorSlicer import cli, scene  # noqa: E402
-from StrokePredictorSlicer.runner import ProcessHandle, ProcessRunner, SlicerProcessRunner  # noqa: E402
+from StrokePredictorSlicer import cli, dependencies, panel, scene  # noqa: E402
+from StrokePredictorSlicer.runner import ProcessHandle, ProcessRunner, SubprocessRunner  # noqa: E402
 
 from StrokePredictorLib import clinical  # noqa: E402 (light: numpy only)
 from StrokePredictorLib.errors import BundleError, StrokePredictorError  # noqa: E402
@@ -63,16 +67,16 @@ class StrokePredictor(ScriptedLoadableModule):
 
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "Stroke Predictor"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("Stroke Predictor")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["StrokePredictor contributors"]
-        self.parent.helpText = (
+        self.parent.helpText = _(
             "Predicts the acute ischemic stroke lesion (or the final infarct) from DWI, ADC, optional FLAIR and "
             "clinical data, with a Monte-Carlo-dropout uncertainty map, the lesion volume with a 95% interval, "
             "and the attention weights of the clinical-imaging fusion network. Research use only."
         )
-        self.parent.acknowledgementText = (
+        self.parent.acknowledgementText = _(
             "Uses the ISLES 2022 data layout. Built on 3D Slicer, PyTorch and SimpleITK."
         )
         app = getattr(slicer, "app", None)
@@ -102,7 +106,7 @@ def registerSampleData():
         fileNames=[files[role].name for role in volumes],
         nodeNames=[f"StrokeSample_{role.upper()}" for role in volumes],
         thumbnailFileName=str(RESOURCES / "Icons" / "StrokePredictor.png"),
-        loadFileType=["VolumeFile"] * len(volumes),
+        loadFileTypes=["VolumeFile"] * len(volumes),
         checksums=[f"SHA256:{sums[files[role].name]}" if files[role].name in sums else None for role in volumes],
     )
 
@@ -155,17 +159,23 @@ class StrokePredictorParameterNode:
 #
 # Widget
 #
-class StrokePredictorWidget(ScriptedLoadableModuleWidget):
-    """The panel. Binds the .ui to the parameter node and calls the Logic; nothing else."""
+class StrokePredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel. Binds the .ui to the parameter node and calls the Logic; nothing else.
+
+    What the panel shows is decided in ``StrokePredictorSlicer.panel`` (no Qt), so that it is
+    tested without Slicer; ``Testing/test_slicer_widget.py`` runs this class under PythonQt's rules.
+    """
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)  # needed for the scene and parameter node observers
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
-        self._fieldWidgets = {}
-        self._clinicalProblem = None
+        self._fields = {}  # feature name -> (panel.ClinicalField, widget)
+        self._clinicalTimer = None
+        self._shownDisplay = None  # (layer, overlay ID, DWI ID, opacity) last shown in the slice views
 
     def setup(self) -> None:
         import qt
@@ -175,7 +185,13 @@ class StrokePredictorWidget(ScriptedLoadableModuleWidget):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = StrokePredictorLogic()
+        self.logic = StrokePredictorLogic(runner=SubprocessRunner(schedule=qtSchedule,
+                                                                  base_environment=startupEnvironment))
+        # The form reaches the parameter node 200 ms after the last keystroke; Apply flushes it.
+        self._clinicalTimer = qt.QTimer()
+        self._clinicalTimer.setSingleShot(True)
+        self._clinicalTimer.setInterval(200)
+        self._clinicalTimer.connect("timeout()", self._onClinicalEdited)
         self._buildClinicalForm()
         self.ui.modelSelector.clear()
         self.ui.modelSelector.addItems(list(MODEL_CHOICES))
@@ -187,87 +203,80 @@ class StrokePredictorWidget(ScriptedLoadableModuleWidget):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.bundlePathEdit.connect("currentPathChanged(QString)", self.onBundleFolderChanged)
-        for button, layer in ((self.ui.probabilityRadioButton, "probability"),
-                              (self.ui.uncertaintyRadioButton, "uncertainty"),
-                              (self.ui.attentionRadioButton, "attention")):
-            button.connect("toggled(bool)", lambda checked, layer=layer: checked and self.onDisplayLayer(layer))
-        self.ui.opacitySlider.connect("valueChanged(double)", lambda value: self.onDisplayLayer(None))
+        for button, layer in self._overlayButtons():
+            button.connect("toggled(bool)", lambda checked, layer=layer: self.onOverlayToggled(layer, checked))
+        # The opacity slider is bound to the parameter node (SlicerParameterName); the views follow
+        # the parameter node in _onParameterNodeModified, so they never lag behind the slider.
         self.ui.progressBar.setVisible(False)
         self.ui.cancelButton.setEnabled(False)
+        self.ui.warningsLabel.setVisible(False)
         self.ui.resultsCollapsibleButton.collapsed = True
-        self._clinicalTimer = qt.QTimer()
-        self._clinicalTimer.setSingleShot(True)
-        self._clinicalTimer.setInterval(200)
-        self._clinicalTimer.connect("timeout()", self._onClinicalEdited)
         self.initializeParameterNode()
 
+    def _overlayButtons(self) -> list:
+        return [(self.ui.probabilityRadioButton, "probability"), (self.ui.uncertaintyRadioButton, "uncertainty"),
+                (self.ui.attentionRadioButton, "attention")]
+
     def _buildClinicalForm(self) -> None:
-        """One row per schema feature, built from ``StrokePredictorLib.clinical.FEATURES`` so the
-        form can never drift from the schema: numbers in a line edit (empty = unknown), choices
-        in a combo box whose first item is the feature's "unknown" label."""
+        """One row per schema feature (``panel.clinical_fields``): choices in a combo box whose first
+        item is the feature's "unknown" label, numbers in a line edit (empty = unknown)."""
         import qt
 
         layout = qt.QFormLayout(self.ui.clinicalFormContainer)
         layout.setContentsMargins(0, 0, 0, 0)
-        for feature in clinical.FEATURES:
-            tip = f"{feature.help} Valid: {feature.describe_range()}. Leave '{feature.missing_label}' if not known."
-            if feature.kind in ("binary", "categorical"):
+        for field in panel.clinical_fields():
+            if field.kind == "choice":
                 widget = qt.QComboBox()
-                widget.addItem(feature.missing_label, "")
-                for category in feature.categories:
-                    widget.addItem(category, category)
+                for text, _value in field.items:
+                    widget.addItem(text)
                 widget.connect("currentIndexChanged(int)", lambda index: self._clinicalTimer.start())
             else:
                 widget = qt.QLineEdit()
-                widget.setPlaceholderText(feature.missing_label)
+                widget.setPlaceholderText(field.placeholder)
                 widget.connect("textChanged(QString)", lambda text: self._clinicalTimer.start())
-            widget.setObjectName(f"clinical_{feature.name}")
-            widget.setToolTip(tip)
-            unit = f" ({feature.unit}, {feature.describe_range()})" if feature.unit else ""
-            layout.addRow(f"{feature.label}{unit}:", widget)
-            self._fieldWidgets[feature.name] = widget
+            widget.setObjectName(f"clinical_{field.name}")
+            widget.setToolTip(field.tooltip)
+            layout.addRow(field.label, widget)
+            self._fields[field.name] = (field, widget)
 
     def _clinicalRaw(self) -> dict[str, str]:
+        """The form's values ``{feature: raw text}``, each widget read by its field's kind."""
         raw = {}
-        for name, widget in self._fieldWidgets.items():
-            if hasattr(widget, "currentIndex") and not hasattr(widget, "placeholderText"):
-                raw[name] = widget.itemData(widget.currentIndex) or ""
-            else:
-                raw[name] = widget.text.strip()
+        for name, (field, widget) in self._fields.items():
+            raw[name] = field.value_at(widget.currentIndex) if field.kind == "choice" else widget.text.strip()
         return raw
 
     def _onClinicalEdited(self) -> None:
-        raw = self._clinicalRaw()
         if self._parameterNode:
-            self._parameterNode.clinicalJson = json.dumps(raw)
+            self._parameterNode.clinicalJson = json.dumps(self._clinicalRaw())
         self._updateValidation()
+
+    def _flushClinicalForm(self) -> None:
+        """Write the form to the parameter node now (a value typed just before Apply counts)."""
+        if self._clinicalTimer is not None:
+            self._clinicalTimer.stop()
+        self._onClinicalEdited()
 
     def _updateValidation(self) -> None:
         """Highlight invalid clinical values (validated by the Lib's schema) and enable Apply
         only when the inputs and values are usable, showing the reason otherwise."""
-        problems = []
-        raw = self._clinicalRaw()
-        for name, widget in self._fieldWidgets.items():
-            try:
-                clinical.validate({name: raw[name]})
-                widget.setStyleSheet("")
-            except StrokePredictorError as error:
-                widget.setStyleSheet("background-color: #ffd6d6")
-                problems.append(str(error))
+        bad = panel.field_problems(self._clinicalRaw())
+        for name, (_field, widget) in self._fields.items():
+            widget.setStyleSheet("background-color: #ffd6d6" if name in bad else "")
         p = self._parameterNode
-        if p is None or p.dwi is None or p.adc is None:
-            problems.insert(0, "Select the DWI and ADC volumes.")
-        elif p.model == "bundle folder" and not p.bundleFolder:
-            problems.insert(0, "Choose a model bundle folder.")
+        problems = panel.apply_problems(
+            bad, have_dwi=p is not None and p.dwi is not None, have_adc=p is not None and p.adc is not None,
+            model=p.model if p is not None else "", bundle_folder=p.bundleFolder if p is not None else "")
         running = self._job is not None and self._job.running
         self.ui.validationLabel.text = "\n".join(problems)
         self.ui.validationLabel.setVisible(bool(problems))
         self.ui.applyButton.enabled = not problems and not running
-        self.ui.applyButton.toolTip = "\n".join(problems) if problems else "Run the prediction."
+        self.ui.applyButton.toolTip = "\n".join(problems) if problems else _("Run the prediction.")
 
     def cleanup(self) -> None:
-        if self._job is not None and self._job.running:
-            self._job.cancel()
+        self._stopJob()
+        if self._clinicalTimer is not None:
+            self._clinicalTimer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -279,9 +288,14 @@ class StrokePredictorWidget(ScriptedLoadableModuleWidget):
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
-    def onSceneStartClose(self, caller, event) -> None:
+    def _stopJob(self, timeout: float = 10.0) -> None:
+        """Cancel a running prediction and wait (up to ``timeout`` s) until its process tree is gone."""
         if self._job is not None and self._job.running:
             self._job.cancel()
+            self._job.wait(timeout)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self._stopJob()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -300,47 +314,70 @@ class StrokePredictorWidget(ScriptedLoadableModuleWidget):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
+        self._shownDisplay = None
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
             self._restoreClinicalForm()
             self.ui.bundlePathEdit.currentPath = self._parameterNode.bundleFolder
             self._onParameterNodeModified()
+        else:
+            self._updateValidation()
 
     def _restoreClinicalForm(self) -> None:
-        try:
-            raw = json.loads(self._parameterNode.clinicalJson or "{}")
-        except json.JSONDecodeError:
-            raw = {}
-        for name, widget in self._fieldWidgets.items():
-            value = str(raw.get(name, "") or "")
-            if hasattr(widget, "placeholderText"):
-                widget.text = value
+        raw = panel.parse_clinical_json(self._parameterNode.clinicalJson)
+        for name, (field, widget) in self._fields.items():
+            value = raw.get(name, "")
+            if field.kind == "choice":
+                widget.currentIndex = field.index_of(value)
             else:
-                index = widget.findData(value)
-                widget.setCurrentIndex(max(index, 0))
+                widget.text = value
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         p = self._parameterNode
+        if p is None:
+            return
         self.ui.bundlePathEdit.setEnabled(p.model == "bundle folder")
         self.ui.thresholdSlider.setEnabled(not p.modelThreshold)
+        for button, layer in self._overlayButtons():
+            if button.checked != (layer == p.displayLayer):
+                button.checked = layer == p.displayLayer
+        self._showDisplayLayer()
         self._updateValidation()
 
     def onBundleFolderChanged(self, path: str) -> None:
         if self._parameterNode:
             self._parameterNode.bundleFolder = path
 
+    def onOverlayToggled(self, layer: str, checked: bool) -> None:
+        if checked and self._parameterNode and self._parameterNode.displayLayer != layer:
+            self._parameterNode.displayLayer = layer
+
+    def _showDisplayLayer(self) -> None:
+        """Show the parameter node's display layer and opacity in the slice views (when there is
+        a result and it changed since last shown)."""
+        p = self._parameterNode
+        overlay = {"probability": p.probability, "uncertainty": p.uncertainty, "attention": p.attention}.get(
+            p.displayLayer)
+        if overlay is None:
+            return
+        state = (p.displayLayer, overlay.GetID(), p.dwi.GetID() if p.dwi is not None else None, float(p.opacity))
+        if state != self._shownDisplay:
+            self._shownDisplay = state
+            scene.show_layer(p.dwi, overlay, p.opacity, p.segmentation)
+
     def onApplyButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Stroke prediction could not start.", waitCursor=True):
+        self._flushClinicalForm()
+        with slicer.util.tryWithErrorDisplay(_("Stroke prediction could not start."), waitCursor=True):
             if not self._ensureDependencies():
                 return
             p = self._parameterNode
             bundle = self.logic.resolveBundle(p.model, p.bundleFolder)
             self.ui.progressBar.setVisible(True)
             self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = "Starting..."
+            self.ui.statusLabel.text = _("Starting...")
             self._job = self.logic.startPrediction(
-                p.dwi, p.adc, p.flair, json.loads(p.clinicalJson or "{}"), bundle=bundle, device=p.device,
+                p.dwi, p.adc, p.flair, panel.parse_clinical_json(p.clinicalJson), bundle=bundle, device=p.device,
                 mcSamples=p.mcSamples, threshold=None if p.modelThreshold else p.threshold,
                 onProgress=self._onProgress,
                 onFinished=self._onFinished,
@@ -349,17 +386,15 @@ class StrokePredictorWidget(ScriptedLoadableModuleWidget):
             self._updateValidation()
 
     def _ensureDependencies(self) -> bool:
-        from StrokePredictorSlicer import dependencies
-
         absent = dependencies.missing()
         if not absent:
             return True
         if not slicer.util.confirmOkCancelDisplay(
-            "Stroke Predictor needs these Python packages, which are not installed yet:\n\n  "
-            + "\n  ".join(absent) + "\n\nInstall them now? (This can take several minutes.)",
-            "Install dependencies",
+            _("Stroke Predictor needs these Python packages, which are not installed yet (or are too old):")
+            + "\n\n  " + "\n  ".join(absent) + "\n\n" + _("Install them now? (This can take several minutes.)"),
+            _("Install dependencies"),
         ):
-            self.ui.statusLabel.text = "Dependencies not installed; prediction not started."
+            self.ui.statusLabel.text = _("Dependencies not installed; prediction not started.")
             return False
         with slicer.util.WaitCursor():
             dependencies.install(absent)
@@ -374,49 +409,56 @@ class StrokePredictorWidget(ScriptedLoadableModuleWidget):
         self.ui.progressBar.setVisible(False)
         self._updateValidation()
         if job.state == "cancelled":
-            self.ui.statusLabel.text = "Cancelled; the scene was left as it was."
+            self.ui.statusLabel.text = _("Cancelled; the scene was left as it was.")
             return
         if job.state != "succeeded":
-            self.ui.statusLabel.text = "Prediction failed."
-            slicer.util.errorDisplay(f"Stroke prediction failed:\n\n{job.error}")
+            self.ui.statusLabel.text = _("Prediction failed.")
+            slicer.util.errorDisplay(_("Stroke prediction failed:") + f"\n\n{job.error}")
             return
         result = job.result
         p = self._parameterNode
-        p.probability, p.uncertainty, p.attention = result.probability, result.uncertainty, result.attention
-        p.segmentation, p.statistics = result.segmentation, result.statistics_table
-        p.featureTable = result.feature_table
-        self.ui.statusLabel.text = "Done."
-        self._showResultText(result)
-        self.onDisplayLayer(p.displayLayer)
-        self.logic.showChart(result.feature_chart)
-
-    def _showResultText(self, result) -> None:
-        volume = result.summary.get("lesion_volume_ml", {})
-        ci = volume.get("ci95", [float("nan")] * 2)
-        self.ui.volumeValueLabel.text = (
-            f"{volume.get('mask', float('nan')):.1f} mL (MC median {volume.get('median', float('nan')):.1f}, "
-            f"95% interval {ci[0]:.1f}-{ci[1]:.1f} mL), {result.summary.get('n_components', 0)} component(s)"
-        )
-        uncertainty = result.summary.get("mean_uncertainty_in_lesion", float("nan"))
-        self.ui.uncertaintyValueLabel.text = f"{uncertainty:.3f} bits"
-        top = sorted(result.features, key=lambda f: -float(f["weight"]))[:3]
-        self.ui.featuresValueLabel.text = ", ".join(
-            f"{f.get('label', f['name'])} {float(f['weight']):.2f}" for f in top)
-        self.ui.resultsCollapsibleButton.collapsed = False
-
-    def onDisplayLayer(self, layer: str | None) -> None:
-        p = self._parameterNode
-        if p is None:
+        if p is None:  # the scene was closed meanwhile
             return
-        if layer is not None:
-            p.displayLayer = layer
-        overlay = {"probability": p.probability, "uncertainty": p.uncertainty, "attention": p.attention}[p.displayLayer]
-        if overlay is not None:
-            scene.show_layer(p.dwi, overlay, p.opacity, p.segmentation)
+        with slicer.util.NodeModify(p.parameterNode):
+            p.probability, p.uncertainty, p.attention = result.probability, result.uncertainty, result.attention
+            p.segmentation, p.statistics = result.segmentation, result.statistics_table
+            p.featureTable = result.feature_table
+        texts = panel.result_texts(result.summary, result.features)
+        self.ui.volumeValueLabel.text = texts["volume"]
+        self.ui.uncertaintyValueLabel.text = texts["uncertainty"]
+        self.ui.featuresValueLabel.text = texts["features"]
+        self.ui.warningsLabel.text = texts["warnings"]
+        self.ui.warningsLabel.setVisible(bool(texts["warnings"]))
+        warnings = len(panel.prediction_warnings(result.summary))
+        self.ui.statusLabel.text = _("Done.") if not warnings else _("Done, with warnings (see Results).")
+        self.ui.resultsCollapsibleButton.collapsed = False
+        self._showDisplayLayer()
+        self.logic.showChart(result.feature_chart)
 
     def onCancelButton(self) -> None:
         if self._job is not None:
             self._job.cancel()
+
+
+def qtSchedule(poll: Callable[[], None], intervalMs: int) -> Callable[[], None]:
+    """Call ``poll`` every ``intervalMs`` on Qt's main thread (a ``qt.QTimer``); returns the stop
+    function. This is how ``SubprocessRunner`` delivers the prediction's output in the panel."""
+    import qt
+
+    timer = qt.QTimer()
+    timer.setInterval(int(intervalMs))
+    timer.connect("timeout()", poll)
+    timer.start()
+    return timer.stop
+
+
+def startupEnvironment() -> dict[str, str]:
+    """The environment Slicer was started with (``PythonSlicer`` then sets up its own), or this
+    process's environment outside the Slicer application."""
+    try:
+        return dict(slicer.util.startupEnvironment())
+    except AttributeError:  # no slicer.app.startupEnvironment(): not inside the application
+        return dict(os.environ)
 
 
 #
@@ -506,14 +548,15 @@ class StrokePredictorLogic(ScriptedLoadableModuleLogic):
     """Everything that should be possible in batch mode: no Qt here.
 
     Args:
-        runner: starts the prediction process (default: Slicer's ``launchConsoleProcess``;
-            tests pass ``StrokePredictorSlicer.runner.SubprocessRunner()``).
+        runner: starts the prediction process (default: ``SubprocessRunner`` from Slicer's startup
+            environment, callbacks delivered by ``PredictionJob.wait``; the panel passes one that
+            polls with a ``qt.QTimer``; tests pass their own).
         python: the interpreter that runs ``StrokePredictorLib.predict`` (default: PythonSlicer).
     """
 
     def __init__(self, runner: ProcessRunner | None = None, python: str | None = None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.runner = runner if runner is not None else SlicerProcessRunner()
+        self.runner = runner if runner is not None else SubprocessRunner(base_environment=startupEnvironment)
         self.python = python or pythonExecutable()
 
     def getParameterNode(self):
@@ -613,13 +656,12 @@ class StrokePredictorLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _environment() -> dict[str, str]:
+        """What the prediction process needs on top of the runner's environment: the folder that
+        holds ``StrokePredictorLib`` on ``PYTHONPATH`` (prepended) and unbuffered output."""
         import StrokePredictorLib
 
         lib_parent = str(Path(StrokePredictorLib.__file__).resolve().parents[1])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([lib_parent, *filter(None, [env.get("PYTHONPATH")])])
-        env["PYTHONUNBUFFERED"] = "1"
-        return env
+        return {"PYTHONPATH": lib_parent, "PYTHONUNBUFFERED": "1"}
 
     @staticmethod
     def showChart(chart) -> None:
@@ -633,18 +675,27 @@ class StrokePredictorLogic(ScriptedLoadableModuleLogic):
 # Test
 #
 class StrokePredictorTest(ScriptedLoadableModuleTest):
-    """Self-test: runs the Logic end to end on the bundled sample case (never skipped)."""
+    """Self-test: runs the Logic end to end on the bundled sample case; skipped, with a message
+    that says what to install, when torch, nibabel or safetensors are missing (Slicer installs
+    nothing in testing mode)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_EndToEnd()
+        try:
+            self.test_EndToEnd()
+        except unittest.SkipTest as skipped:  # "Reload and Test" calls runTest without a test runner
+            logger.warning("%s", skipped)
+            self.delayDisplay(str(skipped))
 
     def test_EndToEnd(self):
         import numpy as np
 
+        absent = dependencies.missing_essential()
+        if absent:
+            self.skipTest(selfTestSkipMessage(absent))
         files = sampleDataFiles()
         if files is None:
             raise AssertionError(f"The sample case is missing from {SAMPLE_DATA_DIR} (need *dwi*.nii* and *adc*.nii*).")
@@ -667,3 +718,12 @@ class StrokePredictorTest(ScriptedLoadableModuleTest):
         self.assertEqual(segment.GetName(), scene.SEGMENTATION_NODE_NAME)
         self.assertGreaterEqual(result.summary["lesion_volume_ml"]["mask"], 0.0)
         self.delayDisplay("Test passed")
+
+
+def selfTestSkipMessage(absent: list[str]) -> str:
+    """Why the self-test was skipped and what to do about it."""
+    needs_torch = "torch" in absent
+    how = ("install the PyTorch extension (Extensions Manager) for torch, and "
+           if needs_torch else "") + "press Apply once in the Stroke Predictor module, which offers to install the rest"
+    return (f"StrokePredictor self-test skipped: the prediction needs Python packages that are not installed "
+            f"here: {', '.join(absent)}. To run it, {how}; then run the test again.")

@@ -379,7 +379,7 @@ class Predictor:
             threshold=post.threshold,
             samples_volume_ml=sample_volumes.astype(np.float64),
             volume_ml=volume,
-            feature_attention={name: float(w) for name, w in zip(FEATURE_NAMES, weights)},
+            feature_attention={name: float(w) for name, w in zip(FEATURE_NAMES, weights)},  # noqa: B905
             n_components=int(n_components),
             timings=timings,
             mc_samples=self.mc_samples,

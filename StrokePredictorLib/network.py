@@ -197,7 +197,7 @@ class _ResNetEncoder(nn.Module):
         self.pool = nn.MaxPool3d(3, stride=2, padding=1) if c.stem_pool else None
         stages = []
         in_ch = c.stem_channels
-        for index, (width, count) in enumerate(zip(c.widths, c.blocks)):
+        for index, (width, count) in enumerate(zip(c.widths, c.blocks)):  # noqa: B905
             stride = 1 if index == 0 else 2
             blocks = [_BasicBlock(in_ch, width, stride)] + [_BasicBlock(width, width) for _ in range(count - 1)]
             stages.append(nn.Sequential(*blocks))
@@ -398,7 +398,7 @@ class StrokeNet(nn.Module):
         self.fusion = None if c.imaging_only else _Fusion(c.widths[-1], c)
         levels = []
         in_ch = c.widths[-1]
-        for skip_ch, out_ch in zip(reversed(skips), c.decoder_widths):
+        for skip_ch, out_ch in zip(reversed(skips), c.decoder_widths):  # noqa: B905
             levels.append(_DecoderLevel(in_ch, skip_ch, out_ch, c.decoder_convs))
             in_ch = out_ch
         self.decoder = nn.ModuleList(levels)
@@ -466,7 +466,7 @@ class StrokeNet(nn.Module):
             feature_attention = torch.full((batch, N_CLINICAL), 1.0 / N_CLINICAL, device=image.device)
             spatial = torch.zeros(batch, 1, *image.shape[2:], device=image.device)
         h = bottleneck
-        for level, skip in zip(self.decoder, reversed(skips)):
+        for level, skip in zip(self.decoder, reversed(skips)):  # noqa: B905
             h = level(h, skip)
         return {
             "features": self.expand(h),

@@ -116,7 +116,7 @@ def write_segmentation_nrrd(
     if labels.any():
         kji = np.argwhere(labels)
         lo, hi = kji.min(axis=0)[::-1], kji.max(axis=0)[::-1]
-        extent = " ".join(f"{int(a)} {int(b)}" for a, b in zip(lo, hi))
+        extent = " ".join(f"{int(a)} {int(b)}" for a, b in zip(lo, hi))  # noqa: B905
     else:
         extent = "0 -1 0 -1 0 -1"
     size = geometry.size

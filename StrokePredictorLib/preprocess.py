@@ -396,7 +396,7 @@ def _otsu(values: np.ndarray, bins: int = 128) -> float:
 def _ball(radius_vox: np.ndarray) -> np.ndarray:
     r = np.maximum(np.round(radius_vox).astype(int), 0)
     grids = np.ogrid[tuple(slice(-n, n + 1) for n in r)]
-    distance = sum((g / max(float(rr), 0.5)) ** 2 for g, rr in zip(grids, radius_vox))
+    distance = sum((g / max(float(rr), 0.5)) ** 2 for g, rr in zip(grids, radius_vox))  # noqa: B905
     return distance <= 1.0
 
 

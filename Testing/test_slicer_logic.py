@@ -76,6 +76,29 @@ def _world_matrix(node) -> np.ndarray:
     return result
 
 
+def _assert_chart_names_the_features(env, result) -> None:
+    """Slicer's plot view ignores a bar series' X column (bars at 0, 1, 2, ...; labels only in
+    tooltips), so the chart has one bar series per feature, named by its label (shown in the
+    legend), each reading that feature's weight."""
+    import slicer
+
+    chart = result.feature_chart
+    assert chart.GetLegendVisibility()
+    count = chart.GetNumberOfPlotSeriesNodes()
+    series = [env.scene.GetNodeByID(chart.GetNthPlotSeriesNodeID(i)) for i in range(count)]
+    labels = [result.feature_table.GetCellText(row, 1) for row in range(result.feature_table.GetNumberOfRows())]
+    weights = slicer.util.arrayFromTableColumn(result.feature_table, "Weight")
+    assert len(labels) == 10 and [s.GetName() for s in series] == labels
+    colors = set()
+    for node, label, weight in zip(series, labels, weights, strict=True):
+        assert node.GetPlotType() == slicer.vtkMRMLPlotSeriesNode.PlotTypeBar
+        table = node.GetTableNode()
+        assert node.GetYColumnName() == label and table.GetNumberOfRows() == 1
+        assert float(table.GetTable().GetColumnByName(label).GetValue(0)) == pytest.approx(float(weight))
+        colors.add(tuple(round(c, 3) for c in node.GetColor()))
+    assert len(colors) == 10  # one colour per feature: the legend tells them apart
+
+
 def _temp_folders() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).glob("StrokePredictor-*")}
 
@@ -133,9 +156,7 @@ def test_full_prediction_creates_expected_nodes(env, module, case_dir, tmp_path)
     assert result.segmentation.GetName() == "Stroke lesion (predicted)"
     assert result.feature_table.IsA("vtkMRMLTableNode") and result.statistics_table.IsA("vtkMRMLTableNode")
     assert result.feature_chart.IsA("vtkMRMLPlotChartNode")
-    series = env.scene.GetNodeByID(result.feature_chart.GetPlotSeriesNodeID())
-    assert series.GetPlotType() == slicer.vtkMRMLPlotSeriesNode.PlotTypeBar
-    assert series.GetTableNodeID() == result.feature_table.GetID()
+    _assert_chart_names_the_features(env, result)
 
     # geometry: every output volume equals the DWI's grid in world coordinates
     for node in (result.probability, result.uncertainty, result.attention):
@@ -291,6 +312,7 @@ def test_failed_process_reports_its_error_and_changes_nothing(env, module, case_
 
     class ScriptRunner(SubprocessRunner):
         def __init__(self, script):
+            super().__init__()
             self.script = script
 
         def start(self, args, **kwargs):

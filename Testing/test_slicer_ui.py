@@ -11,6 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 UI = REPO / "StrokePredictor" / "Resources" / "UI" / "StrokePredictor.ui"
 MODULE = REPO / "StrokePredictor" / "StrokePredictor.py"
+PANEL = REPO / "StrokePredictor" / "StrokePredictorSlicer" / "panel.py"
 
 
 def _widgets() -> dict[str, ElementTree.Element]:
@@ -65,12 +66,41 @@ def test_panel_sections_and_widget_types():
 
 
 def test_clinical_form_is_built_from_the_schema():
-    """The form iterates clinical.FEATURES and validates with clinical.validate (no copy of the
-    schema in the module: no feature name appears as a literal)."""
+    """The form iterates clinical.FEATURES (in StrokePredictorSlicer.panel) and validates with
+    clinical.validate: no copy of the schema in the module (no feature name appears as a literal),
+    and the Widget reads each field by the kind the schema gave it, never by probing the widget
+    (QComboBox has placeholderText since Qt 5.15)."""
     from StrokePredictorLib import clinical
 
+    panel_source = PANEL.read_text()
+    assert "for feature in clinical.FEATURES" in panel_source and "clinical.validate(" in panel_source
     source = MODULE.read_text()
-    assert "for feature in clinical.FEATURES" in source and "clinical.validate(" in source
+    assert "panel.clinical_fields()" in source
+    assert not re.search(r"hasattr\(\s*widget", source) and '"placeholderText"' not in source
     for feature in clinical.FEATURES:
         assert f'"{feature.name}"' not in source, feature.name
+        assert f'"{feature.name}"' not in panel_source, feature.name
     assert all(feature.missing_label for feature in clinical.FEATURES)
+
+
+def test_clinical_fields_follow_the_schema_kinds():
+    import sys
+
+    sys.path.insert(0, str(MODULE.parent))
+    try:
+        from StrokePredictorSlicer import panel
+    finally:
+        sys.path.remove(str(MODULE.parent))
+    from StrokePredictorLib import clinical
+
+    fields = panel.clinical_fields()
+    assert [f.name for f in fields] == list(clinical.FEATURE_NAMES)
+    for field, feature in zip(fields, clinical.FEATURES, strict=True):
+        if feature.kind in ("binary", "categorical"):
+            assert field.kind == "choice" and field.items[0] == (feature.missing_label, "")
+            assert [value for _, value in field.items[1:]] == list(feature.categories)
+            assert field.index_of(feature.categories[-1]) == len(feature.categories)
+            assert field.index_of("not a category") == 0 and field.value_at(0) == "" and field.value_at(99) == ""
+        else:
+            assert field.kind == "text" and field.placeholder == feature.missing_label
+        assert feature.label in field.label and feature.describe_range() in field.tooltip

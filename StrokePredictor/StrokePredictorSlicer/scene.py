@@ -157,10 +157,13 @@ class ResultNodes:
     statistics_table: Any
     summary: dict = field(default_factory=dict)
     features: list[dict] = field(default_factory=list)
+    feature_chart_table: Any = None
+    feature_series: list[Any] = field(default_factory=list)
 
     def nodes(self) -> list[Any]:
-        return [self.probability, self.uncertainty, self.attention, self.segmentation, self.feature_table,
-                self.feature_chart, self.statistics_table]
+        nodes = [self.probability, self.uncertainty, self.attention, self.segmentation, self.feature_table,
+                 self.feature_chart, self.statistics_table]
+        return nodes + ([self.feature_chart_table] if self.feature_chart_table is not None else [])
 
 
 @contextmanager
@@ -251,7 +254,7 @@ def _table(name: str, columns: list[tuple[str, str, list]]) -> Any:
         array = {"string": vtk.vtkStringArray, "double": vtk.vtkDoubleArray, "int": vtk.vtkIntArray}[kind]()
         array.SetName(column)
         table.AddColumn(array)
-    table.SetNumberOfRows(len(columns[0][2]))
+    table.SetNumberOfRows(len(columns[0][2]) if columns else 0)
     for col, (_, kind, values) in enumerate(columns):
         array = table.GetColumn(col)
         for row, value in enumerate(values):
@@ -261,6 +264,45 @@ def _table(name: str, columns: list[tuple[str, str, list]]) -> Any:
                 array.SetValue(row, value)
     node.Modified()
     return node
+
+
+# Ten distinguishable bar colours (one per clinical feature).
+FEATURE_COLORS = ((0.12, 0.47, 0.71), (1.0, 0.5, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16),
+                  (0.58, 0.4, 0.74), (0.55, 0.34, 0.29), (0.89, 0.47, 0.76), (0.5, 0.5, 0.5),
+                  (0.74, 0.74, 0.13), (0.09, 0.75, 0.81))
+
+
+def _feature_chart(prefix: str, features: list[dict]) -> tuple[Any, Any, list[Any]]:
+    """A bar chart of the feature attention that names the features.
+
+    Slicer's plot view draws a bar series' bars at 0, 1, 2, ... and ignores its X column (the
+    labels appear only in tooltips), so one series per feature, named by the feature's label
+    and shown in the legend, is what puts the names on screen. The series read a one-row table
+    with one column per feature.
+
+    Returns:
+        ``(chart, chart_table, series)``.
+    """
+    slicer = _slicer()
+    scene = slicer.mrmlScene
+    labels = [str(f.get("label", f["name"])) for f in features]
+    table = _table(f"{prefix} feature attention (chart)",
+                   [(label, "double", [float(f["weight"])]) for label, f in zip(labels, features)])  # noqa: B905
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{prefix} feature attention chart")
+    series_nodes = []
+    for index, label in enumerate(labels):
+        series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", label)
+        series.SetAndObserveTableNodeID(table.GetID())
+        series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeBar)
+        series.SetYColumnName(label)
+        series.SetColor(*FEATURE_COLORS[index % len(FEATURE_COLORS)])
+        chart.AddAndObservePlotSeriesNodeID(series.GetID())
+        series_nodes.append(series)
+    chart.SetTitle("Clinical feature attention")
+    chart.SetXAxisTitle("")
+    chart.SetYAxisTitle("Attention weight")
+    chart.SetLegendVisibility(True)
+    return chart, table, series_nodes
 
 
 def _place_in_study(nodes: list[Any], dwi: Any) -> None:
@@ -333,19 +375,7 @@ def create_result_nodes(result_json: Path, dwi: Any, *, prefix: str | None = Non
             ("Value", "string", ["unknown" if f.get("missing") else f.get("value") for f in features]),
             ("Weight", "double", [float(f["weight"]) for f in features]),
         ])
-        series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{prefix} feature attention")
-        series.SetAndObserveTableNodeID(feature_table.GetID())
-        series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeBar)
-        series.SetXColumnName("Label")
-        series.SetLabelColumnName("Label")
-        series.SetYColumnName("Weight")
-        series.SetColor(0.93, 0.41, 0.17)
-        chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{prefix} feature attention chart")
-        chart.AddAndObservePlotSeriesNodeID(series.GetID())
-        chart.SetTitle("Clinical feature attention")
-        chart.SetXAxisTitle("Feature")
-        chart.SetYAxisTitle("Attention weight")
-        chart.SetLegendVisibility(False)
+        chart, chart_table, series = _feature_chart(prefix, features)
         post = summary.get("postprocessing") or {}
         stats = [
             ("Lesion volume (thresholded)", float(volume.get("mask", float("nan"))), "mL"),
@@ -368,8 +398,8 @@ def create_result_nodes(result_json: Path, dwi: Any, *, prefix: str | None = Non
             ("Unit", "string", [s[2] for s in stats]),
         ])
         result = ResultNodes(probability, uncertainty, spatial, segmentation, feature_table, chart, statistics,
-                             summary, features)
-        _place_in_study([*result.nodes(), series], dwi)
+                             summary, features, chart_table, series)
+        _place_in_study([*result.nodes(), *series], dwi)
     return result
 
 
