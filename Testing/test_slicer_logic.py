@@ -379,3 +379,245 @@ def test_parameter_node_persists_settings(env, module):
     again = module.StrokePredictorLogic(runner=object(), python="python").getParameterNode()
     assert (again.mcSamples, again.device) == (7, "cpu")
     assert env.scene.GetNodesByClass("vtkMRMLScriptedModuleNode").GetNumberOfItems() == 1
+
+
+# ----------------------------------------------------------------------------------------
+# The process runner (findings 2 and 4)
+TREE = """
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+print(f"PIDS {os.getpid()} {child.pid}", flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.is_file():
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+    try:
+        import os
+
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _wait_gone(pids, timeout=5.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not any(_alive(p) for p in pids)
+
+
+def test_cancel_kills_the_child_the_process_started(module):
+    """PythonSlicer is a launcher whose child runs the prediction: Cancel must end both."""
+    from StrokePredictorSlicer.runner import SubprocessRunner
+
+    lines, codes = [], []
+    handle = SubprocessRunner().start([sys.executable, "-c", TREE], env=None, cwd=None, on_line=lines.append,
+                                      on_finished=codes.append)
+    import time
+
+    deadline = time.monotonic() + 30
+    while not lines and time.monotonic() < deadline:
+        handle.wait(0.1)
+    pids = [int(x) for x in lines[0].split()[1:]]
+    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    handle.cancel()
+    assert handle.wait(15) and codes and codes[0] != 0
+    assert _wait_gone(pids), "a process of the cancelled tree is still running"
+    assert not handle.is_running()
+
+
+def test_runner_polls_through_the_injected_schedule_and_uses_the_base_environment(module, tmp_path):
+    """In Slicer a qt.QTimer calls poll(); here a stand-in schedule does, and nothing is
+    delivered except through it. The process starts from the base (Slicer's startup)
+    environment with PYTHONPATH prepended."""
+    import time
+
+    from StrokePredictorSlicer.runner import SubprocessRunner, merge_environment
+
+    scheduled, stopped = [], []
+
+    def schedule(poll, interval_ms):
+        scheduled.append((poll, interval_ms))
+        return lambda: stopped.append(True)
+
+    base = {"PATH": __import__("os").environ.get("PATH", ""), "SP_FROM_BASE": "yes", "PYTHONPATH": "/base/path"}
+    lines, codes = [], []
+    script = "import os; print('PROGRESS 0.5', os.environ.get('SP_FROM_BASE'), os.environ['PYTHONPATH'])"
+    runner = SubprocessRunner(schedule=schedule, base_environment=lambda: base, interval_ms=50)
+    handle = runner.start([sys.executable, "-c", script], env={"PYTHONPATH": "/lib/parent"}, cwd=str(tmp_path),
+                          on_line=lines.append, on_finished=codes.append)
+    assert len(scheduled) == 1 and scheduled[0][1] == 50
+    poll = scheduled[0][0]
+    time.sleep(1.0)
+    assert lines == [] and codes == []  # nothing arrives until the scheduler polls
+    deadline = time.monotonic() + 30
+    while not codes and time.monotonic() < deadline:
+        poll()
+        time.sleep(0.05)
+    import os
+
+    assert codes == [0] and stopped == [True] and not handle.is_running()
+    assert lines == [f"PROGRESS 0.5 yes /lib/parent{os.pathsep}/base/path"]
+    assert merge_environment({"A": "1"}, {"PYTHONPATH": "x"}) == {"A": "1", "PYTHONPATH": "x"}
+
+
+def test_default_runner_works_with_the_launch_api_of_slicer_5_8(module, env, monkeypatch, tmp_path):
+    """Slicer 5.8/5.10's launchConsoleProcess has no blocking/logCallback/completedCallback: the
+    Logic's runner must not need them (it starts the process itself, from Slicer's startup
+    environment)."""
+    import inspect
+
+    import slicer
+
+    def launchConsoleProcess(args, useStartupEnvironment=True, updateEnvironment=None, cwd=None):  # 5.8.1, 5.10.0
+        import subprocess
+
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+
+    class StartupEnvironment:  # what slicer.app.startupEnvironment() returns (QProcessEnvironment)
+        values = {"PATH": __import__("os").environ.get("PATH", ""), "SP_STARTUP": "from-startup"}
+
+        def keys(self):
+            return list(self.values)
+
+        def value(self, key):
+            return self.values[key]
+
+    monkeypatch.setattr(slicer.util, "launchConsoleProcess", launchConsoleProcess)
+    monkeypatch.setattr(slicer.app, "startupEnvironment", lambda: StartupEnvironment(), raising=False)
+    assert "blocking" not in inspect.signature(slicer.util.launchConsoleProcess).parameters
+    logic = module.StrokePredictorLogic(python=sys.executable)
+    lines, codes = [], []
+    script = "import os; print('PROGRESS 1', os.environ.get('SP_STARTUP'), os.environ.get('SP_ONLY_HERE'))"
+    monkeypatch.setenv("SP_ONLY_HERE", "leaked")
+    handle = logic.runner.start([sys.executable, "-c", script], env=logic._environment(), cwd=str(tmp_path),
+                                on_line=lines.append, on_finished=codes.append)
+    assert handle.wait(30) and codes == [0]
+    assert lines == ["PROGRESS 1 from-startup None"]
+
+
+# ----------------------------------------------------------------------------------------
+# Dependencies (finding 8) and the self-test (finding 5)
+def test_missing_dependencies_respect_minimum_versions(module, tmp_path):
+    from StrokePredictorSlicer import dependencies
+
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# comment\nnibabel>=5.0\nsafetensors>=0.4  # weights\nscipy\ntorch>=2.0\n")
+    versions = {"nibabel": "4.0.2", "safetensors": "0.4.5", "scipy": "1.11.0", "torch": "2.1.0+cpu"}
+
+    def version_of(name):
+        if name not in versions:
+            raise __import__("importlib").metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    assert dependencies.missing(requirements, version_of) == ["nibabel>=5.0"]  # 4.0.2 is too old
+    del versions["scipy"], versions["torch"]
+    assert dependencies.missing(requirements, version_of) == ["nibabel>=5.0", "scipy", "torch>=2.0"]
+    assert dependencies.missing_essential(version_of) == ["torch"]
+    requirements.write_text("nibabel>=5.0\n")  # torch is always needed, listed or not
+    assert dependencies.missing(requirements, version_of) == ["nibabel>=5.0", "torch"]
+
+
+def test_install_uses_pip_ensure_on_5_12_without_a_second_prompt(module, monkeypatch):
+    """slicer.packaging is a submodule that must be imported (it is not an attribute of slicer
+    until then); the user already agreed, so pip_ensure must not ask again (and raise if declined)."""
+    import types
+
+    import slicer
+    from StrokePredictorSlicer import dependencies
+
+    calls = []
+    packaging = types.ModuleType("slicer.packaging")
+    packaging.pip_ensure = lambda requirements, **kwargs: calls.append(("pip_ensure", list(requirements), kwargs))
+    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+    monkeypatch.delattr(slicer, "packaging", raising=False)
+    monkeypatch.setattr(slicer.util, "pip_install", lambda requirements: calls.append(("pip_install", requirements)),
+                        raising=False)
+    dependencies.install(["nibabel>=5.0", "scipy"])
+    assert calls == [("pip_ensure", ["nibabel>=5.0", "scipy"], {"prompt_install": False,
+                                                                "requester": "Stroke Predictor"})]
+    calls.clear()
+    monkeypatch.setitem(sys.modules, "slicer.packaging", None)  # Slicer 5.8/5.10: no such module
+    dependencies.install(["nibabel>=5.0"])
+    assert calls == [("pip_install", ["nibabel>=5.0"])]
+
+
+def test_self_test_skips_with_a_clear_message_without_dependencies(module, env, monkeypatch):
+    import unittest
+
+    from StrokePredictorSlicer import dependencies
+
+    monkeypatch.setattr(dependencies, "missing_essential", lambda *args, **kwargs: ["torch", "safetensors"])
+    result = unittest.TestResult()
+    module.StrokePredictorTest("test_EndToEnd").run(result)
+    assert result.errors == [] and result.failures == [] and len(result.skipped) == 1
+    message = result.skipped[0][1]
+    assert "torch, safetensors" in message and "PyTorch extension" in message and "skipped" in message
+    test = module.StrokePredictorTest()
+    test.runTest()  # what "Reload and Test" calls: no exception, the message is displayed
+    assert test.displayed == [message]
+
+
+@pytest.mark.slow
+def test_self_test_runs_end_to_end_when_dependencies_are_present(module, env):
+    """The module's own self-test, unchanged, on the bundled sample case with the shipped model."""
+    import unittest
+
+    from StrokePredictorSlicer import dependencies
+
+    assert dependencies.missing_essential() == []
+    result = unittest.TestResult()
+    test = module.StrokePredictorTest("test_EndToEnd")
+    test.run(result)
+    assert result.errors == [] and result.failures == [] and result.skipped == [], result.errors
+    assert test.displayed[-1] == "Test passed"
+
+
+# ----------------------------------------------------------------------------------------
+# Finding 9: translations and Sample Data's current argument names
+def test_module_texts_go_through_translate(module, monkeypatch):
+    import types
+
+    monkeypatch.setattr(module, "translate", lambda context, text: f"[{context}] {text}")
+    monkeypatch.setattr(module, "_", lambda text: f"<{text}>")
+    parent = types.SimpleNamespace()
+    module.StrokePredictor(parent)
+    assert parent.categories == ["[qSlicerAbstractCoreModule] Segmentation"]  # Slicer's category context
+    assert parent.title == "<Stroke Predictor>"
+    assert parent.helpText.startswith("<Predicts") and parent.acknowledgementText.startswith("<Uses")
+
+
+def test_sample_data_registered_with_load_file_types(module, monkeypatch):
+    import types
+
+    registered = []
+
+    def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None,
+                                       nodeNames=None, customDownloader=None, thumbnailFileName=None,
+                                       loadFileTypes=None, loadFiles=None, loadFileProperties=None, checksums=None,
+                                       loadFileType=None):  # the signature of Slicer 5.8.1 - 5.12.3
+        registered.append(dict(locals()))
+
+    sample_data = types.ModuleType("SampleData")
+    sample_data.SampleDataLogic = types.SimpleNamespace(registerCustomSampleDataSource=registerCustomSampleDataSource)
+    monkeypatch.setitem(sys.modules, "SampleData", sample_data)
+    module.registerSampleData()
+    assert len(registered) == 1
+    source = registered[0]
+    assert source["loadFileType"] is None, "loadFileType is the deprecated name"
+    assert source["loadFileTypes"] == ["VolumeFile"] * 3
+    assert [Path(u).name for u in source["fileNames"]] == ["StrokePredictorSample_dwi.nii.gz",
+                                                            "StrokePredictorSample_adc.nii.gz",
+                                                            "StrokePredictorSample_flair.nii.gz"]
+    assert all(c.startswith("SHA256:") for c in source["checksums"])
