@@ -13,11 +13,24 @@ Dice on synthesised cases from held-out validation lesions) and ``last.pt`` in t
 follows the elapsed fraction of ``--time-limit`` when one is given, so a run fits a fixed budget.
 
     python -m Training train-synth --pack pack.npz --out runs/synth --device cuda --time-limit 300
+
+On the CPU (``--source pool``, the default there), synthesis per step would cost many times the
+network's step, so volumes come from :class:`Training.pool.SynthPool`: pre-rendered whole
+volumes, refreshed by a background process, cut into lesion-centred patches (``--patch``) that
+are re-augmented cheaply; bf16 autocast on the CPU (about 1.9x faster than fp32 there). Patches
+carry their place in the model grid, so the fusion's position embedding means the same as at
+inference; validation is on whole volumes. Checkpoints are written every ``--checkpoint-minutes``
+as well as at validation, and ``--resume`` continues a run from its own saved config (flags given
+again may only extend ``--time-limit``/``--max-steps``); elapsed time and steps add up across resumes.
+
+    python -m Training train-synth --pack pack.npz --out runs/cpu --device cpu --source pool \
+        --variants acute --init StrokePredictor/Resources/Models --time-limit 3600
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import time
@@ -50,6 +63,8 @@ class SynthTrainConfig:
     time_limit: float = field(default=300.0, metadata={"help": "seconds of training (the schedule follows it)"})
     val_every: int = field(default=150, metadata={"help": "validate every N steps"})
     val_samples: int = field(default=48, metadata={"help": "synthesised validation cases (val lesions)"})
+    val_subset: str = field(default="val", metadata={
+        "help": "lesions of the validation cases: val (held out), or train for smoke tests on a tiny pack"})
     clinical_drop_p: float = field(default=0.25, metadata={"help": "per-feature clinical drop-out"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
     workers: int = field(default=4, metadata={"help": "label-sampling worker processes"})
@@ -60,6 +75,17 @@ class SynthTrainConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace existing run folders"})
     init: Path | None = field(default=None, metadata={
         "help": "fine-tune: start each variant from INIT/<variant> (a model bundle folder)"})
+    source: str = field(default="auto", metadata={
+        "help": "auto (gpu on CUDA, pool on the CPU)|gpu (synthesise every step)|pool (pre-rendered volumes)"})
+    patch: tuple[int, ...] = field(default=(), metadata={
+        "help": "train on patches of k,j,i voxels (multiples of the size divisor; default: whole grid, "
+                "64,64,64 with the pool)"})
+    lesion_fraction: float = field(default=1 / 3, metadata={"help": "share of patches centred on a lesion component"})
+    pool_size: int = field(default=48, metadata={"help": "pre-rendered volumes held by the pool"})
+    pool_refresh: int = field(default=1, metadata={"help": "fresh volumes swapped into the pool per step, at most"})
+    checkpoint_minutes: float = field(default=10.0, metadata={"help": "write last.pt at least this often"})
+    resume: bool = field(default=False, metadata={"help": "continue OUT/<variant>/checkpoints/last.pt"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
 
 
 def _variant(name: str) -> tuple[str, bool]:
@@ -77,8 +103,40 @@ def _dice_per_case(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
 
 
+RESUMABLE = ("time_limit", "max_steps", "val_every", "checkpoint_minutes", "threads", "workers")
+
+
+def _resolved_source(config: SynthTrainConfig, device: torch.device) -> str:
+    source = config.source if config.source != "auto" else ("gpu" if device.type == "cuda" else "pool")
+    if source not in ("gpu", "pool"):
+        raise cfg.ConfigError(f"--source must be auto, gpu or pool, not '{config.source}'.")
+    return source
+
+
+def _resume_config(config: SynthTrainConfig) -> SynthTrainConfig:
+    """The run's own saved config, with only the budget-like fields taken from the command line."""
+    first = Path(config.out) / config.variants[0] / "train_synth_config.json"
+    if not first.is_file():
+        raise cfg.ConfigError(f"Cannot resume: {first} does not exist (start without --resume).")
+    saved = cfg.build(SynthTrainConfig, json.loads(first.read_text()), source=str(first))
+    default = SynthTrainConfig()
+    typed = [f.name for f in dataclasses.fields(SynthTrainConfig)
+             if f.name not in (*RESUMABLE, "resume", "out", "overwrite")
+             and getattr(config, f.name) not in (getattr(saved, f.name), getattr(default, f.name))]
+    if typed:
+        raise cfg.ConfigError(f"--resume continues {first.parent} with its own saved config; "
+                              f"{', '.join('--' + n.replace('_', '-') for n in typed)} cannot change "
+                              f"(only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE)} can).")
+    changes = {name: getattr(config, name) for name in RESUMABLE if getattr(config, name) != getattr(saved, name)}
+    if any(getattr(config, name) < getattr(saved, name) for name in ("time_limit", "max_steps") if name in changes):
+        raise cfg.ConfigError("--resume may extend --time-limit/--max-steps, not shorten them.")
+    for name, value in changes.items():
+        logger.info("resume: %s %s -> %s", name, getattr(saved, name), value)
+    return dataclasses.replace(saved, resume=True, **changes)
+
+
 def run(config: SynthTrainConfig) -> dict[str, dict]:
-    """Train every variant; returns {variant: {"run_dir", "best_val_dice", "steps"}}."""
+    """Train every variant; returns {variant: {"run_dir", "best_val_dice", "steps", "seconds"}}."""
     from monai.losses import DiceCELoss
 
     from StrokePredictorLib.bundle import recommended_grid, resolve_device
@@ -86,10 +144,15 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
     from StrokePredictorLib.network import NetworkConfig, StrokeNet
     from StrokePredictorLib.preprocess import ModelGrid, Normalization
     from Training.gpu_synth import GpuSynthesizer, LabelSampler, Pack
-    from Training.train import lr_factor, save_checkpoint
+    from Training.train import load_checkpoint, lr_factor, save_checkpoint
 
+    if config.resume:
+        config = _resume_config(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     variants = {name: _variant(name) for name in config.variants}
     device = resolve_device(config.device)
+    source = _resolved_source(config, device)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     pack = Pack.load(config.pack)
@@ -97,21 +160,29 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
     grid = ModelGrid(tuple(config.grid_size), (2.0, 2.0, 2.0)) if config.grid_size else recommended_grid(preset)
     if grid.spacing != (2.0, 2.0, 2.0):
         raise cfg.ConfigError(f"The synthesis pack is at 2 mm; preset '{config.preset}' needs {grid.spacing} mm.")
+    grid_kji = tuple(grid.size[::-1])
+    patch = tuple(config.patch) or ((64, 64, 64) if source == "pool" else grid_kji)
+    divisor = StrokeNet(preset).size_divisor
+    if len(patch) != 3 or any(p % divisor or p > g or p <= 0 for p, g in zip(patch, grid_kji, strict=False)):
+        raise cfg.ConfigError(f"--patch {','.join(map(str, patch))} must be three sizes k,j,i, multiples of "
+                              f"{divisor}, within the grid {','.join(map(str, grid_kji))}.")
     synth = GpuSynthesizer(pack, grid.size, device)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     loss_fn = DiceCELoss(sigmoid=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5)
     cuda = device.type == "cuda"
     if config.precision not in ("bf16", "fp32"):
         raise cfg.ConfigError(f"--precision must be bf16 or fp32, not '{config.precision}'.")
-    bf16 = cuda and config.precision == "bf16"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast(device.type, enabled=False)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16"
+                else torch.autocast(device.type, enabled=False))
     channels_last = cuda and config.channels_last
 
     runs: dict[str, dict] = {}
     for name, (_task, imaging_only) in variants.items():
         net_config = NetworkConfig.from_dict({**preset.to_dict(), "imaging_only": imaging_only})
         model = StrokeNet(net_config)
-        if config.init is not None:
+        run_dir = Path(config.out) / name
+        last = run_dir / "checkpoints" / "last.pt"
+        if config.init is not None and not config.resume:
             from StrokePredictorLib.bundle import load_bundle
 
             start_from = load_bundle(Path(config.init) / name)
@@ -123,31 +194,69 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
         if channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        run_dir = Path(config.out) / name
-        if (run_dir / "checkpoints" / "best.pt").exists() and not config.overwrite:
-            raise cfg.ConfigError(f"Run folder {run_dir} holds a trained run; pass --overwrite to replace it.")
+        state: dict = {"best": -1.0, "step": 0, "elapsed": 0.0}
+        if config.resume:
+            saved = load_checkpoint(last)
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            state.update(best=float(saved["best_val_dice"]), step=int(saved["step"]),
+                         elapsed=float(saved["elapsed_s"]))
+        elif (run_dir / "checkpoints" / "best.pt").exists() and not config.overwrite:
+            raise cfg.ConfigError(f"Run folder {run_dir} holds a trained run; pass --resume to continue it or "
+                                  "--overwrite to replace it.")
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         cfg.save(config, run_dir / "train_synth_config.json")
-        log = (run_dir / "log.csv").open("w", newline="")
+        log_path = run_dir / "log.csv"
+        new_log = not (config.resume and log_path.is_file())
+        log = log_path.open("w" if new_log else "a", newline="")
         writer = csv.writer(log)
-        writer.writerow(["step", "seconds", "lr", "train_loss", "val_dice"])
+        if new_log:
+            writer.writerow(["step", "seconds", "lr", "train_loss", "val_dice"])
         runs[name] = {"model": model, "optimizer": optimizer, "config": net_config, "run_dir": run_dir,
-                      "log": log, "writer": writer, "best": -1.0, "losses": []}
+                      "log": log, "writer": writer, "losses": [], **state}
+    first = next(iter(runs.values()))
+    step, elapsed_before = first["step"], first["elapsed"]
 
-    # fixed validation cases from held-out validation lesions (never trained on)
-    val_labels = LabelSampler(pack, subset="val", seed=config.seed + 10_000, length=config.val_samples)
+    # fixed validation cases from held-out validation lesions (never trained on), whole volumes
+    if config.val_subset not in ("val", "train") or not len(pack.indices(config.val_subset)):
+        raise cfg.ConfigError(f"--val-subset {config.val_subset}: the pack {config.pack} has no such lesions.")
+    val_labels = LabelSampler(pack, subset=config.val_subset, seed=config.seed + 10_000, length=config.val_samples)
     val_batches = []
     val_generator = torch.Generator(device=device).manual_seed(config.seed + 20_000)
-    for start in range(0, config.val_samples, config.batch_size):
-        items = [val_labels[i] for i in range(start, min(start + config.batch_size, config.val_samples))]
+    val_batch = config.batch_size if cuda else 1
+    for start in range(0, config.val_samples, val_batch):
+        items = [val_labels[i] for i in range(start, min(start + val_batch, config.val_samples))]
         val_batches.append(synth(torch.utils.data.default_collate(items), val_generator))
 
-    sampler = LabelSampler(pack, subset="train", seed=config.seed, length=10_000_000)
-    per_step = max(1, config.batch_size // max(config.reuse, 1))
-    loader = torch.utils.data.DataLoader(
-        sampler, batch_size=per_step, shuffle=False, num_workers=config.workers,
-        pin_memory=cuda, persistent_workers=config.workers > 0, prefetch_factor=4 if config.workers > 0 else None,
-    )
+    pool = None
+    loader_iter = None
+    if source == "pool":
+        from Training.pool import SynthPool
+
+        logger.info("rendering %d pool volumes ...", config.pool_size)
+        pool = SynthPool(config.pack, grid.size, size=config.pool_size, seed=config.seed + 1_000_003 * step,
+                         divisor=divisor)
+    else:
+        sampler = LabelSampler(pack, subset="train", seed=config.seed + 1_000_003 * step, length=10_000_000)
+        per_step = max(1, config.batch_size // max(config.reuse, 1))
+        loader = torch.utils.data.DataLoader(
+            sampler, batch_size=per_step, shuffle=False, num_workers=config.workers, pin_memory=cuda,
+            persistent_workers=config.workers > 0, prefetch_factor=4 if config.workers > 0 else None,
+        )
+        loader_iter = iter(loader)
+
+    def next_batch() -> dict[str, torch.Tensor]:
+        if pool is not None:
+            pool.refresh(config.pool_refresh)
+            task = next(iter(variants.values()))[0]
+            batch = pool.batch(config.batch_size, patch, task=task, lesion_fraction=config.lesion_fraction)
+            return {k: v.to(device) for k, v in batch.items()}
+        labels = next(loader_iter)
+        labels = {k: v.repeat_interleave(config.reuse, dim=0) if torch.is_tensor(v) else v for k, v in labels.items()}
+        batch = synth(labels, generator)
+        if patch != grid_kji:
+            raise cfg.ConfigError("--patch needs --source pool.")
+        return batch
 
     def validate() -> dict[str, float]:
         scores: dict[str, list[torch.Tensor]] = {name: [] for name in runs}
@@ -163,76 +272,101 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
             state["model"].train()
         return {name: float(torch.cat(values).mean()) for name, values in scores.items()}
 
-    def checkpoint(name: str, step: int, val_dice: float, file: str) -> None:
+    def checkpoint(name: str, val_dice: float, file: str) -> None:
         state = runs[name]
         task, imaging_only = variants[name]
         save_checkpoint({
             "model": {k: v.detach().cpu() for k, v in state["model"].state_dict().items()},
+            "optimizer": state["optimizer"].state_dict() if file == "last.pt" else None,
             "network": state["config"].to_dict(), "task": task, "grid": grid.to_dict(),
             "normalization": Normalization().to_dict(),
             "data": {
-                "source": "GPU domain-randomised synthesis (Training.gpu_synth) from MNI152 2009 anatomy and "
-                          "real SOOP acute lesion masks with their participants' clinical values",
+                "source": "domain-randomised synthesis (Training.gpu_synth) from MNI152 2009 anatomy and "
+                          "real SOOP acute lesion masks with their participants' clinical values"
+                          + (", pre-rendered pool of whole volumes cut into lesion-centred patches"
+                             if source == "pool" else ""),
                 "pack": Path(config.pack).name, "n_cases": {"train": int(len(pack.indices("train"))),
                                                            "val": config.val_samples},
                 "lesions": {s: int(len(pack.indices(s))) for s in ("train", "val", "test")},
             },
             "config": {**cfg.to_dict(config), "imaging_only": imaging_only, "val_threshold": 0.5,
-                       "augment": "gpu_synth"},
+                       "augment": "gpu_synth" + ("+pool" if source == "pool" else "")},
             "val_dice": val_dice, "val_loss": None, "best_val_dice": state["best"],
-            "epoch": 0, "step": step, "world_size": 1, "torch_version": torch.__version__,
+            "epoch": 0, "step": step, "elapsed_s": elapsed_before + (time.perf_counter() - start),
+            "world_size": 1, "torch_version": torch.__version__,
         }, state["run_dir"] / "checkpoints" / file)
 
     start = time.perf_counter()
-    step = 0
-    done = False
-    iterator = iter(loader)
-    while not done:
-        labels = next(iterator)
-        labels = {k: v.repeat_interleave(config.reuse, dim=0) if torch.is_tensor(v) else v for k, v in labels.items()}
-        batch = synth(labels, generator)
-        missing = batch["clinical_missing"] | (
-            torch.rand(batch["clinical_missing"].shape, generator=generator, device=device) < config.clinical_drop_p)
-        values = batch["clinical_values"] * ~missing
-        image = batch["image"].contiguous(memory_format=torch.channels_last_3d) if channels_last else batch["image"]
-        elapsed = time.perf_counter() - start
-        progress = step / config.max_steps if config.max_steps else elapsed / max(config.time_limit, 1e-9)
-        # the shared schedule on a 10,000-tick clock, so that it can follow elapsed time
-        factor = lr_factor(int(progress * 10_000), max(int(config.warmup * 10_000), 1), 10_000, config.min_lr_ratio)
-        for name, (task, _) in variants.items():
-            state = runs[name]
-            for group in state["optimizer"].param_groups:
-                group["lr"] = config.lr * factor
-            with autocast:
-                out = state["model"](image, values, missing, batch["flair_present"])
-                loss = loss_fn(out["logits"].float(), batch[task])
-            state["optimizer"].zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(state["model"].parameters(), config.grad_clip)
-            state["optimizer"].step()
-            state["losses"].append(float(loss.detach()))
-        step += 1
-        elapsed = time.perf_counter() - start
-        limit_reached = step >= config.max_steps if config.max_steps else elapsed >= config.time_limit
-        done = bool(limit_reached)
-        if step % config.val_every == 0 or done:
-            dice = validate()
-            for name, state in runs.items():
-                mean_loss = float(np.mean(state["losses"][-config.val_every:]))
-                state["writer"].writerow([step, round(elapsed, 1), config.lr * factor, mean_loss, dice[name]])
-                state["log"].flush()
-                if dice[name] > state["best"]:
-                    state["best"] = dice[name]
-                    checkpoint(name, step, dice[name], "best.pt")
-            logger.info("step %d (%.0f s): %s", step, elapsed,
-                        ", ".join(f"{n} val Dice {d:.3f}" for n, d in dice.items()))
+    last_checkpoint = last_progress = start
+    net_seconds = 0.0
+    done = (config.max_steps and step >= config.max_steps) or (
+        not config.max_steps and elapsed_before >= config.time_limit)
+    try:
+        while not done:
+            batch = next_batch()
+            tic = time.perf_counter()
+            drop = torch.rand(batch["clinical_missing"].shape, generator=generator, device=device)
+            missing = batch["clinical_missing"] | (drop < config.clinical_drop_p)
+            values = batch["clinical_values"] * ~missing
+            image = batch["image"].contiguous(memory_format=torch.channels_last_3d) if channels_last else batch["image"]
+            window = batch.get("window")
+            elapsed = elapsed_before + time.perf_counter() - start
+            progress = step / config.max_steps if config.max_steps else elapsed / max(config.time_limit, 1e-9)
+            # the shared schedule on a 10,000-tick clock, so that it can follow elapsed time
+            factor = lr_factor(int(progress * 10_000), max(int(config.warmup * 10_000), 1), 10_000,
+                               config.min_lr_ratio)
+            for name, (task, _) in variants.items():
+                state = runs[name]
+                for group in state["optimizer"].param_groups:
+                    group["lr"] = config.lr * factor
+                target = batch["target"] if pool is not None else batch[task]
+                with autocast:
+                    out = state["model"](image, values, missing, batch["flair_present"], window)
+                loss = loss_fn(out["logits"].float(), target)
+                state["optimizer"].zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(state["model"].parameters(), config.grad_clip)
+                state["optimizer"].step()
+                state["losses"].append(float(loss.detach()))
+            net_seconds += time.perf_counter() - tic
+            step += 1
+            now = time.perf_counter()
+            elapsed = elapsed_before + now - start
+            limit_reached = step >= config.max_steps if config.max_steps else elapsed >= config.time_limit
+            done = bool(limit_reached)
+            if now - last_progress >= 30 or done:
+                last_progress = now
+                logger.info("step %d, %.0f s, %.2f s/step, network %.0f%% of the time, loss %s%s", step, elapsed,
+                            (now - start) / max(step - first["step"], 1), 100 * net_seconds / max(now - start, 1e-9),
+                            ", ".join(f"{n} {np.mean(s['losses'][-20:]):.3f}" for n, s in runs.items()),
+                            f", pool refreshed {pool.refreshed}" if pool is not None else "")
+            if step % config.val_every == 0 or done:
+                dice = validate()
+                for name, state in runs.items():
+                    mean_loss = float(np.mean(state["losses"][-config.val_every:]))
+                    state["writer"].writerow([step, round(elapsed, 1), config.lr * factor, mean_loss, dice[name]])
+                    state["log"].flush()
+                    if dice[name] > state["best"]:
+                        state["best"] = dice[name]
+                        checkpoint(name, dice[name], "best.pt")
+                    checkpoint(name, dice[name], "last.pt")
+                last_checkpoint = time.perf_counter()
+                logger.info("step %d (%.0f s): %s", step, elapsed,
+                            ", ".join(f"{n} val Dice {d:.3f}" for n, d in dice.items()))
+            elif now - last_checkpoint >= 60 * config.checkpoint_minutes:
+                for name in runs:
+                    checkpoint(name, float("nan"), "last.pt")
+                last_checkpoint = time.perf_counter()
+    finally:
+        if pool is not None:
+            pool.close()
     results = {}
     for name, state in runs.items():
-        checkpoint(name, step, float("nan"), "last.pt")
         state["log"].close()
         results[name] = {"run_dir": str(state["run_dir"]), "best_val_dice": state["best"], "steps": step,
-                         "seconds": round(time.perf_counter() - start, 1)}
+                         "seconds": round(elapsed_before + time.perf_counter() - start, 1),
+                         "network_share": round(net_seconds / max(time.perf_counter() - start, 1e-9), 3)}
     write_json(results, Path(config.out) / "summary.json", overwrite=True)
     return results
 

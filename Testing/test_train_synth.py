@@ -1,0 +1,59 @@
+"""train-synth on the CPU from the pre-rendered pool: patches, time-stamped checkpoints, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_gpu_synth import _fake_soop
+
+from Training import config as cfg
+from Training.gpu_synth import build_pack
+from Training.train_synth import SynthTrainConfig, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pack_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("soop")
+    return build_pack(_fake_soop(root / "soop"), root / "pack.npz", workers=1)
+
+
+def _config(pack: Path, out: Path, **changes: object) -> SynthTrainConfig:
+    values = dict(pack=pack, out=out, variants=("acute",), grid_size=(48, 64, 48), patch=(32, 32, 32),
+                  batch_size=2, max_steps=3, val_every=2, val_samples=1, pool_size=2, workers=0, device="cpu",
+                  source="pool", threads=2, val_subset="train")
+    values.update(changes)
+    return SynthTrainConfig(**values)
+
+
+def test_pool_run_checkpoints_and_resumes_with_its_own_config(pack_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = run(_config(pack_path, out))["acute"]
+    assert first["steps"] == 3 and 0 < first["network_share"] <= 1
+    last = torch.load(out / "acute" / "checkpoints" / "last.pt", weights_only=False)
+    assert last["step"] == 3 and last["optimizer"] is not None and last["elapsed_s"] > 0
+    assert last["config"]["source"] == "pool" and "pool" in last["data"]["source"]
+
+    # resume: the saved config wins; only the budget may grow, and time and steps add up
+    resumed = run(_config(pack_path, out, resume=True, max_steps=5, patch=(), grid_size=()))["acute"]
+    assert resumed["steps"] == 5 and resumed["seconds"] > last["elapsed_s"]
+    rows = list(csv.DictReader((out / "acute" / "log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [2, 3, 4, 5]
+    assert json.loads((out / "acute" / "train_synth_config.json").read_text())["max_steps"] == 5
+
+    with pytest.raises(cfg.ConfigError, match="extend"):
+        run(_config(pack_path, out, resume=True, max_steps=4))
+    with pytest.raises(cfg.ConfigError, match="--lr cannot change"):
+        run(_config(pack_path, out, resume=True, max_steps=6, lr=5e-4))
+    with pytest.raises(cfg.ConfigError, match="--resume to continue it or --overwrite"):
+        run(_config(pack_path, out))
+
+
+def test_patch_must_fit_the_network(pack_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(cfg.ConfigError, match="multiples of 16"):
+        run(_config(pack_path, tmp_path / "bad", patch=(24, 32, 32)))

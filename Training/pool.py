@@ -1,0 +1,234 @@
+"""A pool of pre-rendered synthetic volumes for training on the CPU, refreshed in the background.
+
+Synthesising a full domain-randomised volume (:class:`Training.gpu_synth.GpuSynthesizer`) costs
+far more on a CPU than a training step does, so the CPU recipe does not synthesise per step:
+
+* the pool holds ``size`` whole model-grid volumes (image float16, acute and outcome targets,
+  brain mask, clinical record), rendered once at the start;
+* a background process (:func:`_render_forever`, one thread) keeps rendering new volumes, and
+  :meth:`SynthPool.refresh` swaps them in for the oldest ones, so the data keeps changing while
+  the training process spends its time in the network;
+* every step cuts patches out of pool volumes and re-augments them cheaply
+  (:func:`augment_patch`: left-right mirror, DWI/FLAIR gain and gamma, small ADC scale and
+  noise), a third of them (``lesion_fraction``) centred on a lesion component chosen uniformly
+  among the volume's components, so that small lesions and embolic foci are seen as often as
+  large infarcts (nnU-Net's foreground oversampling, per component).
+
+A patch's first voxel is a multiple of the network's size divisor and comes with its ``window``
+(first voxel and whole-grid size), which :class:`StrokePredictorLib.network.StrokeNet` uses to
+give the patch's bottleneck tokens their full-grid positions.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PoolVolume:
+    """One pre-rendered case on the model grid ``(K, J, I)``."""
+
+    image: np.ndarray  # float16 (3, K, J, I): DWI, ADC, FLAIR, normalised as at inference
+    acute: np.ndarray  # bool (K, J, I)
+    outcome: np.ndarray  # bool (K, J, I)
+    brain: np.ndarray  # bool (K, J, I)
+    clinical_values: np.ndarray  # float32 (10,)
+    clinical_missing: np.ndarray  # bool (10,)
+    flair_present: bool
+    components: dict[str, list[np.ndarray]]  # task -> voxel indices (n, 3) of each 26-connected component
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if count == 0:
+        return []
+    order = np.argsort(labels, axis=None, kind="stable")
+    flat = labels.ravel()[order]
+    bounds = np.searchsorted(flat, np.arange(1, count + 2))
+    coords = np.stack(np.unravel_index(order, mask.shape), axis=1)
+    return [coords[bounds[i]:bounds[i + 1]] for i in range(count)]
+
+
+def volumes_from_batch(batch: dict[str, torch.Tensor]) -> list[PoolVolume]:
+    """Split a synthesised batch (:class:`GpuSynthesizer` output) into pool volumes."""
+    out = []
+    for n in range(batch["image"].shape[0]):
+        acute = batch["acute"][n, 0].cpu().numpy() > 0.5
+        outcome = batch["outcome"][n, 0].cpu().numpy() > 0.5
+        out.append(PoolVolume(
+            image=batch["image"][n].cpu().numpy().astype(np.float16),
+            acute=acute, outcome=outcome, brain=batch["brain"][n, 0].cpu().numpy().astype(bool),
+            clinical_values=batch["clinical_values"][n].cpu().numpy().astype(np.float32),
+            clinical_missing=batch["clinical_missing"][n].cpu().numpy().astype(bool),
+            flair_present=bool(batch["flair_present"][n]),
+            components={"acute": _components(acute), "outcome": _components(outcome)},
+        ))
+    return out
+
+
+class Renderer:
+    """Renders pool volumes from the synthesis pack (label sampling + image synthesis, on the CPU)."""
+
+    def __init__(self, pack_path: str | Path, grid_size: tuple[int, int, int], *, subset: str = "train",
+                 seed: int = 0) -> None:
+        from Training.gpu_synth import GpuSynthesizer, LabelSampler, Pack
+
+        pack = Pack.load(pack_path)
+        self.labels = LabelSampler(pack, subset=subset, seed=seed, length=2**62)
+        self.synth = GpuSynthesizer(pack, grid_size, "cpu")
+        self.generator = torch.Generator().manual_seed(seed)
+        self.next_index = 0
+
+    def render(self, n: int) -> list[PoolVolume]:
+        items = [self.labels[self.next_index + i] for i in range(n)]
+        self.next_index += n
+        batch = self.synth(torch.utils.data.default_collate(items), self.generator)
+        return volumes_from_batch(batch)
+
+
+def _render_forever(pack_path: str, grid_size: tuple[int, int, int], seed: int, out: mp.Queue,
+                    stop: mp.Event) -> None:  # pragma: no cover - runs in a child process
+    torch.set_num_threads(1)
+    renderer = Renderer(pack_path, grid_size, seed=seed)
+    while not stop.is_set():
+        for volume in renderer.render(1):
+            while not stop.is_set():
+                try:
+                    out.put(volume, timeout=1.0)
+                    break
+                except queue.Full:
+                    continue
+
+
+def augment_patch(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Cheap re-augmentation of a float32 (3, k, j, i) patch; DWI and FLAIR are relative, ADC is not.
+
+    DWI and FLAIR: gain U(0.85, 1.15) and gamma exp(N(0, 0.1)); ADC: scale U(0.95, 1.05) (scanner
+    variability of a quantitative map); all three: Gaussian noise with sigma U(0, 0.03).
+    """
+    out = image.copy()
+    for channel in (0, 2):
+        data = np.clip(out[channel], 0, None)
+        out[channel] = rng.uniform(0.85, 1.15) * data ** float(np.exp(rng.normal(0, 0.1)))
+    out[1] *= rng.uniform(0.95, 1.05)
+    sigma = rng.uniform(0, 0.03)
+    if sigma > 0:
+        brain = image[1] > 0
+        out += (rng.standard_normal(out.shape, dtype=np.float32) * sigma) * brain
+    return out
+
+
+class SynthPool:
+    """Pre-rendered volumes + background refresh + lesion-centred, re-augmented patches.
+
+    Args:
+        pack_path: the synthesis pack (``python -m Training synthpack``).
+        grid_size: model grid (i, j, k).
+        size: number of volumes held.
+        seed: seeds rendering (the pool's and the background process's streams differ) and patches.
+        background: start the refreshing process.
+        divisor: patch starts are multiples of it (the network's size divisor).
+    """
+
+    def __init__(self, pack_path: str | Path, grid_size: tuple[int, int, int], *, size: int = 64, seed: int = 0,
+                 background: bool = True, divisor: int = 16) -> None:
+        self.grid_kji = tuple(int(v) for v in grid_size[::-1])
+        self.divisor = divisor
+        self.rng = np.random.default_rng(seed)
+        self.renderer = Renderer(pack_path, grid_size, seed=seed)
+        self.volumes: list[PoolVolume] = []
+        while len(self.volumes) < size:
+            self.volumes.extend(self.renderer.render(min(2, size - len(self.volumes))))
+        self.oldest = 0
+        self.refreshed = 0
+        self._process = None
+        if background:
+            context = mp.get_context("spawn")
+            self._queue = context.Queue(maxsize=4)
+            self._stop = context.Event()
+            self._process = context.Process(target=_render_forever, daemon=True,
+                                            args=(str(pack_path), tuple(grid_size), seed + 7919, self._queue,
+                                                  self._stop))
+            self._process.start()
+
+    def refresh(self, limit: int = 2) -> int:
+        """Swap up to ``limit`` freshly rendered volumes in for the oldest ones; returns how many."""
+        if self._process is None:
+            return 0
+        swapped = 0
+        while swapped < limit:
+            try:
+                volume = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self.volumes[self.oldest] = volume
+            self.oldest = (self.oldest + 1) % len(self.volumes)
+            swapped += 1
+        self.refreshed += swapped
+        return swapped
+
+    def close(self) -> None:
+        if self._process is not None:
+            self._stop.set()
+            self._process.join(timeout=5)
+            if self._process.is_alive():
+                self._process.terminate()
+            self._process = None
+
+    def _start(self, centre: np.ndarray | None, patch: tuple[int, int, int]) -> np.ndarray:
+        full = np.array(self.grid_kji)
+        size = np.array(patch)
+        top = full - size
+        if centre is None:
+            start = np.array([self.rng.integers(0, t // self.divisor + 1) * self.divisor for t in top])
+        else:
+            jitter = self.rng.integers(-size // 4, size // 4 + 1)
+            wanted = centre - size // 2 + jitter
+            start = np.round(wanted / self.divisor).astype(int) * self.divisor
+        return np.clip(start, 0, top // self.divisor * self.divisor)
+
+    def batch(self, n: int, patch: tuple[int, int, int], *, task: str = "acute", lesion_fraction: float = 1 / 3,
+              augment: bool = True) -> dict[str, torch.Tensor]:
+        """``n`` patches (k, j, i sizes ``patch``, multiples of the divisor) with targets and windows."""
+        images, targets, values, missing, flair, windows = [], [], [], [], [], []
+        for _ in range(n):
+            volume = self.volumes[int(self.rng.integers(len(self.volumes)))]
+            components = volume.components[task]
+            centre = None
+            if components and self.rng.random() < lesion_fraction:
+                component = components[int(self.rng.integers(len(components)))]
+                centre = component[int(self.rng.integers(len(component)))]
+            start = self._start(centre, patch)
+            region = tuple(slice(int(s), int(s) + p) for s, p in zip(start, patch, strict=True))
+            image = volume.image[(slice(None), *region)].astype(np.float32)
+            target = getattr(volume, task)[region]
+            mirrored = self.grid_kji[2] - start[2] - patch[2]  # where the cut lies in the mirrored grid
+            if augment and mirrored % self.divisor == 0 and self.rng.random() < 0.5:
+                image, target = image[..., ::-1], target[..., ::-1]  # left-right mirror of the whole grid
+                start = np.array([start[0], start[1], mirrored])
+            if augment:
+                image = augment_patch(image, self.rng)
+            images.append(np.ascontiguousarray(image))
+            targets.append(np.ascontiguousarray(target, dtype=np.float32)[None])
+            values.append(volume.clinical_values)
+            missing.append(volume.clinical_missing)
+            flair.append(volume.flair_present)
+            windows.append([list(start), list(self.grid_kji)])
+        return {
+            "image": torch.from_numpy(np.stack(images)),
+            "target": torch.from_numpy(np.stack(targets)),
+            "clinical_values": torch.from_numpy(np.stack(values)),
+            "clinical_missing": torch.from_numpy(np.stack(missing)),
+            "flair_present": torch.tensor(flair, dtype=torch.bool),
+            "window": torch.tensor(windows, dtype=torch.long),
+        }
