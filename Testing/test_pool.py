@@ -55,7 +55,8 @@ def test_patches_cut_where_their_window_says(pack_path: Path) -> None:
         start, full = batch["window"][n].tolist()
         assert full == [48, 64, 48] and all(s % 16 == 0 for s in start)
         region = tuple(slice(s, s + p) for s, p in zip(start, PATCH, strict=True))
-        np.testing.assert_array_equal(batch["image"][n].numpy(), volume.image[(slice(None), *region)].astype(np.float32))
+        expected = volume.image[(slice(None), *region)].astype(np.float32)
+        np.testing.assert_array_equal(batch["image"][n].numpy(), expected)
         np.testing.assert_array_equal(batch["target"][n, 0].numpy() > 0.5, volume.acute[region])
 
 

@@ -109,7 +109,8 @@ def main() -> int:
 
         model.eval()
         full = {"image": torch.rand(1, 3, 80, 112, 96), "clinical_values": torch.zeros(1, 10),
-                "clinical_missing": torch.ones(1, 10, dtype=torch.bool), "flair_present": torch.ones(1, dtype=torch.bool)}
+                "clinical_missing": torch.ones(1, 10, dtype=torch.bool),
+                "flair_present": torch.ones(1, dtype=torch.bool)}
         results["inference_s"] = {}
         for name, bf16 in (("fp32", False), ("bf16", True)):
             def forward(batch: dict, bf16: bool = bf16) -> None:
