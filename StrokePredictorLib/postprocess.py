@@ -17,6 +17,16 @@ which is how every bundle behaved before the block existed.
   ADC channel) is at least this are removed the same way (0 keeps all). An acute infarct restricts
   diffusion; a DWI-bright region with normal ADC is T2 shine-through, a susceptibility or
   B0-inhomogeneity artefact or another mimic, which is how radiologists read DWI with ADC.
+* ``min_component_probability``: components whose mean probability is below this are removed
+  (0 keeps all). The predictive entropy of the Monte-Carlo mean is a function of that mean, so this
+  is also the rule on a component's uncertainty.
+* ``small_component_ml`` and ``small_component_adc``: components smaller than ``small_component_ml``
+  must also have a median ADC below ``small_component_adc`` (both > 0 to act): a stricter ADC gate
+  for small components, which on real scans are mostly mimics with a normal ADC (susceptibility,
+  midline spots), while a small embolus restricts diffusion. Small true lesions are kept, unlike
+  with a plain ``min_component_ml``.
+  All component rules act together (:meth:`PostProcessing.keep`); :meth:`PostProcessing.apply`
+  turns a probability map into the mask.
 * ``volume_log_margin``: the 95% lesion-volume interval. Monte-Carlo dropout alone (one dropout
   layer before the head) gives far too narrow an interval (13% coverage measured on simulated test
   cases), so the interval is widened to at least ``[(V + 1) e^-m - 1, (V + 1) e^m - 1]`` mL around
@@ -49,6 +59,10 @@ class PostProcessing:
             removed (0 keeps all).
         volume_log_margin: conformal margin of the 95% volume interval (natural log; 0: Monte-Carlo only).
         selected_on: where the values were chosen (free text, for the model card).
+        min_component_probability: components with a lower mean probability are removed (0 keeps all).
+        small_component_ml: components smaller than this (mL) must have a median ADC below
+            ``small_component_adc`` (0 keeps all).
+        small_component_adc: the stricter ADC gate of small components (10^-3 mm^2/s; 0: off).
     """
 
     threshold: float = 0.5
@@ -57,6 +71,9 @@ class PostProcessing:
     max_component_adc: float = 0.0
     volume_log_margin: float = 0.0
     selected_on: str = ""
+    min_component_probability: float = 0.0
+    small_component_ml: float = 0.0
+    small_component_adc: float = 0.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.threshold, (int, float)) and 0.0 < float(self.threshold) < 1.0):
@@ -74,6 +91,67 @@ class PostProcessing:
             raise ValueError(f"postprocessing.volume_log_margin must be a number >= 0, got {self.volume_log_margin!r}")
         if not isinstance(self.flip_tta, bool):
             raise ValueError(f"postprocessing.flip_tta must be true or false, got {self.flip_tta!r}")
+        if not (isinstance(self.min_component_probability, (int, float))
+                and 0.0 <= float(self.min_component_probability) < 1.0):
+            raise ValueError(f"postprocessing.min_component_probability must lie in [0, 1), "
+                             f"got {self.min_component_probability!r}")
+        for name in ("small_component_ml", "small_component_adc"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"postprocessing.{name} must be a number >= 0, got {value!r}")
+
+    @property
+    def needs_adc(self) -> bool:
+        """Whether a rule reads the components' median ADC."""
+        return self.max_component_adc > 0 or self.small_rule
+
+    @property
+    def small_rule(self) -> bool:
+        """Whether the stricter ADC gate for small components acts."""
+        return self.small_component_ml > 0 and self.small_component_adc > 0
+
+    @property
+    def component_rule(self) -> bool:
+        """Whether a rule beyond size and one ADC gate acts (mean probability or the small-component gate)."""
+        return self.min_component_probability > 0 or self.small_rule
+
+    def keep(self, sizes_ml: np.ndarray, medians_adc: np.ndarray | None = None,
+             mean_probability: np.ndarray | None = None) -> np.ndarray:
+        """Which components are kept (bool per component) under every rule together.
+
+        Args:
+            sizes_ml: component sizes (mL).
+            medians_adc: their median ADC (10^-3 mm^2/s); needed when :attr:`needs_adc`.
+            mean_probability: their mean probability; needed when ``min_component_probability`` > 0.
+        """
+        keep = kept_components(sizes_ml, self.min_component_ml, medians_adc, self.max_component_adc)
+        if self.min_component_probability > 0:
+            if mean_probability is None:
+                raise ValueError("the components' mean probability is needed when min_component_probability > 0")
+            keep &= np.asarray(mean_probability) >= self.min_component_probability
+        if self.small_rule:
+            if medians_adc is None:
+                raise ValueError("the components' median ADC is needed for the small-component ADC gate")
+            keep &= (np.asarray(sizes_ml) >= self.small_component_ml) | (medians_adc < self.small_component_adc)
+        return keep
+
+    def apply(self, probability: np.ndarray, voxel_ml: float, adc: np.ndarray | None = None) -> np.ndarray:
+        """The lesion mask (bool) of a probability map: ``probability >= threshold`` and every component rule.
+
+        Args:
+            probability: voxel probabilities.
+            voxel_ml: voxel volume (mL).
+            adc: ADC of the same shape (10^-3 mm^2/s); needed when :attr:`needs_adc`.
+        """
+        mask = np.asarray(probability) >= self.threshold
+        if not mask.any() or not (self.min_component_ml > 0 or self.needs_adc or self.component_rule):
+            return mask
+        if self.needs_adc and (adc is None or np.shape(adc) != mask.shape):
+            raise ValueError("PostProcessing.apply needs an ADC array of the probability's shape for its ADC rules")
+        labels, sizes_ml = label_components(mask, voxel_ml)
+        medians = component_medians(adc, labels, sizes_ml.size) if self.needs_adc else None
+        means = component_means(probability, labels, sizes_ml.size) if self.min_component_probability > 0 else None
+        return select_components(labels, self.keep(sizes_ml, medians, means))
 
     def replace(self, **changes: object) -> PostProcessing:
         """A copy with the given fields changed; ``None`` values leave a field as it is."""
@@ -105,6 +183,11 @@ class PostProcessing:
             parts.append(f"components under {self.min_component_ml:g} mL removed")
         if self.max_component_adc > 0:
             parts.append(f"components with median ADC >= {self.max_component_adc:g} x10^-3 mm^2/s removed")
+        if self.min_component_probability > 0:
+            parts.append(f"components with mean probability < {self.min_component_probability:g} removed")
+        if self.small_rule:
+            parts.append(f"components under {self.small_component_ml:g} mL kept only with median ADC < "
+                         f"{self.small_component_adc:g} x10^-3 mm^2/s")
         if self.volume_log_margin > 0:
             parts.append(f"volume interval at least x/÷ {math.exp(self.volume_log_margin):.2f} (conformal)")
         return ", ".join(parts)
@@ -125,6 +208,15 @@ def component_medians(values: np.ndarray, labels: np.ndarray, count: int) -> np.
     if count == 0:
         return np.zeros(0)
     return np.asarray(ndimage.median(values, labels, np.arange(1, count + 1)), dtype=float).reshape(count)
+
+
+def component_means(values: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
+    """Mean of ``values`` over each of the ``count`` labelled components (``[n - 1]`` for label ``n``)."""
+    if count == 0:
+        return np.zeros(0)
+    sums = np.bincount(labels.ravel(), weights=np.asarray(values, dtype=np.float64).ravel(), minlength=count + 1)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    return sums[1:] / np.maximum(sizes[1:], 1)
 
 
 def kept_components(sizes_ml: np.ndarray, min_ml: float, medians_adc: np.ndarray | None = None,

@@ -64,6 +64,13 @@ def test_evaluate_end_to_end(tiny: dict[str, Path]) -> None:
                                                 abs=1e-5)
     table = (out / "results.md").read_text()
     assert "| id_test | model | 1 |" in table and "| all | classical rule | 2 |" in table
+    assert "## By lesion size" in table and "FP volume per case" in table
+    by_size = summary["datasets"]["all"]["model"]["by_size"]
+    n_true = sum(int(r["lesions_lt1ml_tp"]) + int(r["lesions_lt1ml_fn"]) for r in rows
+                 if r["dataset"] == "all" and r["method"] == "model")
+    assert by_size["lt1ml"]["n_true"] == n_true
+    assert float(row["fp_component_ml"]) == pytest.approx(
+        M.lesion_detection_by_size(lesion.array > 0.5, truth, lesion.geometry.voxel_volume_ml)[1], abs=1e-5)
     assert json.loads((out / "evaluate_config.json").read_text())["mc_samples"] == 3
     # Existing outputs are not overwritten without --overwrite.
     from StrokePredictorLib.errors import OutputExistsError

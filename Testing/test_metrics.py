@@ -136,3 +136,35 @@ def test_accumulator_aggregate_and_reset() -> None:
 def test_summarize_ignores_nan() -> None:
     s = M.summarize([1.0, math.nan, 3.0])
     assert s["mean"] == 2.0 and s["n"] == 2 and s["n_undefined"] == 1
+
+
+def test_lesion_metrics_by_size_hand_computed() -> None:
+    """Voxels of 0.5 mL: a 1-voxel lesion (0.5 mL, < 1 mL) found, a 4-voxel lesion (2 mL) missed,
+    a 30-voxel lesion (15 mL) found; predicted components: one 1-voxel false positive (0.5 mL), one
+    3-voxel false positive (1.5 mL)."""
+    target = np.zeros((10, 10, 10), bool)
+    prediction = np.zeros_like(target)
+    target[0, 0, 0] = prediction[0, 0, 0] = True
+    target[0, 5:7, 5:7] = True
+    target[5:8, 0:10, 9] = True
+    prediction[6, 3, 9] = True
+    prediction[9, 9, 0] = True
+    prediction[3, 5:8, 0] = True
+    by_size, fp_ml = M.lesion_detection_by_size(prediction, target, 0.5)
+    assert by_size == {"lt1ml": (1, 1, 0), "1to10ml": (0, 1, 1), "gt10ml": (1, 0, 0)}
+    assert fp_ml == pytest.approx(2.0)
+    assert M.lesion_precision(prediction, target) == pytest.approx(2 / 4)
+    empty = np.zeros_like(target)
+    assert M.lesion_precision(empty, empty) == 1.0 and M.lesion_precision(empty, target) == 0.0
+    assert M.lesion_precision(prediction, empty) == 0.0
+    acc = M.MetricAccumulator()
+    acc.update(prediction, target, (np.cbrt(500.0),) * 3)  # 0.5 mL voxels
+    acc.update(empty, target, (np.cbrt(500.0),) * 3)
+    summary = acc.aggregate()
+    small = summary["by_size"]["lt1ml"]
+    assert (small["n_true"], small["tp"], small["fp"], small["fn"]) == (2, 1, 1, 1)
+    assert small["f1"] == pytest.approx(1 / (1 + 1)) and small["precision"] == pytest.approx(0.5)
+    assert summary["by_size"]["gt10ml"]["sensitivity"] == pytest.approx(0.5)
+    assert summary["metrics"]["fp_component_ml"]["mean"] == pytest.approx(1.0)
+    assert summary["dice_by_case_volume"]["gt10ml"]["n"] == 2  # 17.5 mL of lesion per case
+    assert summary["dice_by_case_volume"]["lt1ml"]["n"] == 0

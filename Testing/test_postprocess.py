@@ -26,7 +26,7 @@ from StrokePredictorLib.postprocess import (
     volume_interval,
 )
 from StrokePredictorLib.preprocess import GridMapping, PreprocessedCase
-from Training.postprocess import choose, score_case, write_into_bundle
+from Training.postprocess import score_case, write_into_bundle
 
 
 def test_postprocessing_block_validates() -> None:
@@ -188,39 +188,121 @@ def test_flip_averaging_is_mirror_symmetric(tiny: dict) -> None:
     assert np.abs(plain.probability - a.probability).max() > 1e-4
 
 
-def test_search_scores_and_chooses() -> None:
+def _row(flip: bool, threshold: float, min_ml: float, gate: float, score: float, **extra: object) -> dict:
+    return {"flip_tta": flip, "threshold": threshold, "min_component_ml": min_ml, "max_component_adc": gate,
+            "min_component_probability": 0.0, "small_component_ml": 0.0, "small_component_adc": 0.0,
+            "score": score, "plausible": True, "small_lesion_f1": 0.5, **extra}
+
+
+def test_search_scores_every_rule_like_the_metrics_on_the_final_mask() -> None:
+    from Training import metrics as M
+    from Training.postprocess import CASE_FIELDS
+
     truth = np.zeros((12, 12, 12), bool)
-    truth[2:6, 2:6, 2:6] = True
+    truth[2:6, 2:6, 2:6] = True  # 64 voxels = 6.4 mL at 0.1 mL per voxel
+    truth[9, 2, 2] = True  # a 0.1 mL lesion
     probability = truth * 0.45
     probability[10, 10, 10] = 0.9  # a one-voxel false positive
+    probability[9, 2, 2] = 0.65  # the small lesion, found but less certain
     adc = np.where(truth, 0.5, 1.1).astype(np.float32)  # the speck lies where diffusion is normal
-    scores = score_case(probability.astype(np.float32), truth, 0.1, (0.4, 0.5), (0.0, 0.5), adc, (0.0, 0.8, 0.4))
-    assert scores[(0.4, 0.5, 0.0)] == (1.0, 1.0, pytest.approx(6.4))  # right threshold, speck removed
-    assert scores[(0.4, 0.0, 0.8)] == (1.0, 1.0, pytest.approx(6.4))  # or removed by its normal ADC
-    assert scores[(0.4, 0.0, 0.0)][1] < 1.0 and scores[(0.5, 0.0, 0.0)][0] == 0.0
-    assert scores[(0.4, 0.0, 0.4)][0] == 0.0  # a gate below the lesion's ADC removes the lesion too
-    table = [{"flip_tta": flip, "threshold": t, "min_component_ml": m, "max_component_adc": g, "score": s}
-             for flip, t, m, g, s in ((True, 0.4, 0.5, 0.0, 0.8), (False, 0.4, 0.5, 0.0, 0.8),
-                                      (False, 0.4, 0.5, 0.8, 0.8), (False, 0.5, 0.0, 0.0, 0.6))]
-    assert choose(table) == table[1]  # a tie goes to the simpler setting (no flip, no ADC gate)
-    assert choose([table[2], dict(table[2], max_component_adc=0.9)])["max_component_adc"] == 0.9
+    settings = [PostProcessing(threshold=t, min_component_ml=m, max_component_adc=g, min_component_probability=p,
+                               small_component_ml=sm, small_component_adc=sa)
+                for t in (0.4, 0.5) for m in (0.0, 0.5) for g in (0.0, 0.8, 0.4) for p in (0.0, 0.7)
+                for sm, sa in ((0.0, 0.0), (1.0, 0.8))]
+    scores = score_case(probability.astype(np.float32), truth, 0.1, settings, adc)
+    for post, values in zip(settings, scores, strict=True):
+        mask = post.apply(probability, 0.1, adc)  # the Lib's rule on the final mask
+        by_size, fp_ml = M.lesion_detection_by_size(mask, truth, 0.1)
+        expected = {"dice": M.dice(mask, truth), "lesion_f1": M.lesion_f1(mask, truth), "pred_ml": mask.sum() * 0.1,
+                    "lesion_precision": M.lesion_precision(mask, truth), "fp_component_ml": fp_ml,
+                    **{f"lesions_{k}_{n}": v[i] for k, v in by_size.items()
+                       for i, n in enumerate(("tp", "fp", "fn"))}}
+        for name, value in zip(CASE_FIELDS, values, strict=True):
+            assert value == pytest.approx(expected[name]), (post, name)
+    plain = settings.index(PostProcessing(threshold=0.4))
+    assert scores[plain][3] == pytest.approx(2 / 3)  # two lesions found, one false positive
+    gated = settings.index(PostProcessing(threshold=0.4, max_component_adc=0.8))
+    assert tuple(scores[gated][:2]) == (1.0, 1.0)  # the speck's normal ADC removes it
+    sized = settings.index(PostProcessing(threshold=0.4, min_component_ml=0.5))
+    assert scores[sized][1] < 1.0  # a size limit also deletes the small true lesion
+    small_gate = settings.index(PostProcessing(threshold=0.4, small_component_ml=1.0, small_component_adc=0.8))
+    assert tuple(scores[small_gate][:2]) == (1.0, 1.0)  # the small-component gate keeps the small lesion
+    confident = settings.index(PostProcessing(threshold=0.4, min_component_probability=0.7))
+    assert scores[confident][CASE_FIELDS.index("lesions_lt1ml_fn")] == 1  # mean probability 0.65 < 0.7
 
 
-def test_postprocess_verb_end_to_end(tmp_path: Path) -> None:
+def test_choice_rules_plausibility_small_lesions_and_ties() -> None:
+    from Training.postprocess import choose
+
+    table = [_row(True, 0.4, 0.0, 0.0, 0.8), _row(False, 0.4, 0.0, 0.0, 0.8), _row(False, 0.4, 0.0, 0.8, 0.8),
+             _row(False, 0.5, 0.0, 0.0, 0.6)]
+    assert choose(table) is table[1]  # a tie goes to the simpler setting (no flip, no ADC gate)
+    blob = _row(False, 0.3, 0.0, 0.0, 0.95, plausible=False)
+    assert choose([blob, *table]) is table[1] and not blob["eligible"]
+    assert "implausible" in blob["excluded_because"]
+    big_limit = _row(False, 0.4, 0.5, 0.0, 0.9, small_lesion_f1=0.2)
+    assert choose([big_limit, *table]) is table[1]  # small lesions lose: the 0.5 mL limit is not eligible
+    assert "under 0.5 mL" in big_limit["excluded_because"]
+    big_limit_gain = _row(False, 0.4, 0.5, 0.0, 0.9, small_lesion_f1=0.6)
+    assert choose([big_limit_gain, *table]) is big_limit_gain
+    rule = _row(False, 0.4, 0.0, 0.0, 0.85, min_component_probability=0.7)
+    assert choose([rule, *table]) is rule
+    assert choose([rule, *table], applies_component_rule=False) is table[1]  # the Predictor could not apply it
+
+
+def test_search_never_picks_a_threshold_that_marks_the_whole_brain() -> None:
+    """The degenerate case of issue 18: at threshold 0.4 the model marks the whole brain as one
+    component, which touches the lesion (lesion F1 = 1) and so won the old (Dice + F1) / 2."""
+    from Training.postprocess import build_table, choose
+
+    shape = (30, 30, 30)
+    k, j, i = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    brain = (k - 15) ** 2 + (j - 15) ** 2 + (i - 15) ** 2 < 14**2
+    settings = [PostProcessing(threshold=t) for t in (0.3, 0.4, 0.5, 0.6)]
+    values, true_ml = [], []
+    for case in range(4):
+        truth = np.zeros(shape, bool)
+        truth[8 + case:12 + case, 10:14, 10:14] = True  # 64 voxels = 0.5 mL at 0.008 mL per voxel
+        probability = 0.45 * brain  # everything above 0.4 ...
+        probability[8 + case:12 + case, 10:14, 12:16] = 0.55  # ... the lesion a little more, two voxels off
+        for speck in range(4):  # and four specks
+            probability[20, 14 + 3 * speck, 20 + case] = 0.58
+        values.append(score_case(probability.astype(np.float32), truth, 0.008, settings))
+        true_ml.append(float(truth.sum()) * 0.008)
+    per_set = {"val": {False: np.stack(values, axis=1)}}
+    table = build_table(settings, (False,), per_set, {"val": np.asarray(true_ml)})
+    by_threshold = {row["threshold"]: row for row in table}
+    blob = by_threshold[0.4]
+    assert blob["val_lesion_f1"] == 1.0 and blob["val_lesion_precision"] == 1.0 and blob["val_dice"] < 0.05
+    old_score = {t: (r["val_dice"] + r["val_lesion_f1"]) / 2 for t, r in by_threshold.items()}
+    assert max(old_score, key=old_score.get) in (0.3, 0.4)  # the old criterion falls for it
+    assert not blob["plausible"] and not by_threshold[0.3]["plausible"] and by_threshold[0.5]["plausible"]
+    assert choose(table)["threshold"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def search_data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from Training.generate import write_tiny_dataset
+
+    root = tmp_path_factory.mktemp("search")
+    return {"data": write_tiny_dataset(root / "data", n_cases=2, seed=0), "root": root}
+
+
+def test_postprocess_verb_end_to_end(search_data: dict, tmp_path: Path) -> None:
     from Training.postprocess import main
 
-    data = write_tiny_dataset(tmp_path / "data", n_cases=2, seed=0)
     bundle = write_tiny_bundle(tmp_path / "bundle", seed=1)
     out = tmp_path / "search"
-    argv = ["--bundle", str(bundle), "--data", str(data), "--out", str(out), "--thresholds", "0.4,0.6",
-            "--min-components-ml", "0,5", "--max-component-adcs", "0,0.8", "--mc-samples", "2", "--device", "cpu",
-            "--write"]
+    argv = ["--bundle", str(bundle), "--data", str(search_data["data"]), "--out", str(out), "--thresholds",
+            "0.4,0.6", "--min-components-ml", "0,5", "--max-component-adcs", "0,0.8", "--min-component-probabilities",
+            "0", "--small-components-ml", "0,1", "--small-component-adcs", "0.8", "--mc-samples", "2",
+            "--device", "cpu", "--write", "--force"]
     assert main(argv) == 0
     result = json.loads((out / "postprocess.json").read_text())
-    assert len(result["table"]) == 2 * 2 * 2 * 2
+    assert len(result["table"]) == 2 * 2 * 2 * 2 * 2  # flips x thresholds x sizes x gates x small rules
     best = result["best"]
-    assert best["score"] == max(row["score"] for row in result["table"])
+    eligible = [row["score"] for row in result["table"] if row["eligible"]]
+    assert best["score"] == (max(eligible) if eligible else max(r["score"] for r in result["table"]))
     stored = load_bundle(bundle).postprocessing
     assert stored.volume_log_margin == result["postprocessing"]["volume_log_margin"] >= 0
     assert (stored.threshold, stored.flip_tta, stored.min_component_ml, stored.max_component_adc) == (
@@ -228,6 +310,35 @@ def test_postprocess_verb_end_to_end(tmp_path: Path) -> None:
     assert "Validation sets" in (out / "postprocess.md").read_text()
     with pytest.raises(Exception, match="exists"):
         main(argv)  # an earlier table is not overwritten unless asked
+
+
+def test_search_refuses_to_write_a_whole_brain_model_without_force(search_data: dict, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model that marks the whole brain at every threshold: the search prints its table, and
+    refuses to store the choice unless forced."""
+    from types import SimpleNamespace
+
+    from Training.postprocess import DegenerateChoiceError, main
+
+    def whole_brain(self, case, clinical=None, progress=None):  # noqa: ANN001, ANN202, ARG001
+        brain = case.mapping.to_source(case.brain.astype(np.float32), order=1) > 0.5
+        return SimpleNamespace(probability=np.where(brain, 0.95, 0.0).astype(np.float32))
+
+    monkeypatch.setattr(Predictor, "predict_preprocessed", whole_brain)
+    bundle = write_tiny_bundle(tmp_path / "bundle", seed=1)
+    before = (bundle / "model.json").read_text()
+    out = tmp_path / "search"
+    argv = ["--bundle", str(bundle), "--data", str(search_data["data"]), "--out", str(out), "--thresholds",
+            "0.4,0.6", "--min-components-ml", "0", "--max-component-adcs", "0", "--min-component-probabilities", "0",
+            "--small-components-ml", "0", "--flip-tta", "false", "--mc-samples", "2", "--device", "cpu", "--write"]
+    with pytest.raises(DegenerateChoiceError, match="implausible volumes"):
+        main(argv)
+    assert (bundle / "model.json").read_text() == before  # nothing stored
+    result = json.loads((out / "postprocess.json").read_text())
+    assert result["n_plausible"] == 0 and result["degenerate"]
+    assert "Degenerate choice" in (out / "postprocess.md").read_text()
+    assert main([*argv, "--overwrite", "--force"]) == 0
+    assert load_bundle(bundle).postprocessing.threshold in (0.4, 0.6)
 
 
 def test_interpolate_verb_mixes_weights_of_the_same_model(tmp_path: Path) -> None:

@@ -42,7 +42,8 @@ from Training import metrics as M
 logger = logging.getLogger(__name__)
 
 METHODS = ("model", "baseline")
-TABLE_METRICS = (("dice", "Dice"), ("lesion_f1", "Lesion F1"), ("abs_volume_diff_ml", "Abs. vol. diff. (mL)"),
+TABLE_METRICS = (("dice", "Dice"), ("lesion_f1", "Lesion F1"), ("lesion_precision", "Lesion precision"),
+                 ("abs_volume_diff_ml", "Abs. vol. diff. (mL)"),
                  ("abs_lesion_count_diff", "Abs. lesion-count diff."), ("hd95_mm", "HD95 mm"))
 
 
@@ -227,6 +228,12 @@ def results_markdown(summary: dict, *, title: str = "Evaluation") -> str:
             name = "model" if method == "model" else "classical rule"
             cells = [_fmt(metrics[key]) for key, _ in TABLE_METRICS]
             lines.append(f"| {label} | {name} | {per_method[method]['n_cases']} | " + " | ".join(cells) + " |")
+    lines += ["", "## By lesion size", "",
+              "Dice: cases grouped by their total lesion volume (cases without lesion left out). Lesion F1 and "
+              "precision: pooled over the cases, a true lesion counted in the bin of its own volume (found when any "
+              "voxel is predicted), a predicted component touching no true lesion counted as a false positive in "
+              "the bin of its own volume. FP volume: mL of such components per case.", "",
+              size_table(summary)]
     lines += ["", "## Uncertainty (model)", "",
               "| Data set | ECE (per case) | ECE (pooled) | Error-detection AUROC | 95% volume-interval coverage |",
               "|---|---|---|---|---|"]
@@ -237,6 +244,38 @@ def results_markdown(summary: dict, *, title: str = "Evaluation") -> str:
         lines.append(f"| {label} | {_fmt(metrics['ece'], 4)} | {model.get('pooled_ece', math.nan):.4f} | "
                      f"{_fmt(metrics['error_auroc'])} | {coverage:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def size_table(summary: dict) -> str:
+    """Markdown table by lesion size: the Dice of the cases grouped by their total lesion volume,
+    pooled lesion-wise F1 and precision (with the number of true lesions) per lesion-size bin, and
+    the false-positive volume per case (mL of predicted components touching no true lesion)."""
+    bins = M.SIZE_BINS
+    header = ("| Data set | Method | "
+              + " | ".join(f"Dice, cases {label} (n)" for _, label, *_ in bins) + " | "
+              + " | ".join(f"Lesion F1 / precision, lesions {label} (n)" for _, label, *_ in bins)
+              + " | FP volume per case, mL: mean (median) |")
+    lines = [header, "|" + "---|" * (3 + 2 * len(bins))]
+    for label, per_method in summary["datasets"].items():
+        for method in METHODS:
+            result = per_method.get(method) if isinstance(per_method, dict) else None
+            if not result or "by_size" not in result:
+                continue
+            dice_cells = []
+            for key, *_ in bins:
+                stats = result["dice_by_case_volume"][key]
+                dice_cells.append("n/a (0)" if stats["n"] == 0 else f"{stats['mean']:.3f} ({stats['n']})")
+            lesion_cells = []
+            for key, *_ in bins:
+                pooled = result["by_size"][key]
+                f1 = "n/a" if math.isnan(pooled["f1"]) else f"{pooled['f1']:.3f}"
+                precision = "n/a" if math.isnan(pooled["precision"]) else f"{pooled['precision']:.3f}"
+                lesion_cells.append(f"{f1} / {precision} ({pooled['n_true']})")
+            fp = result["metrics"]["fp_component_ml"]
+            name = "model" if method == "model" else "classical rule"
+            lines.append(f"| {label} | {name} | " + " | ".join(dice_cells + lesion_cells)
+                         + f" | {fp['mean']:.2f} ({fp['median']:.2f}) |")
+    return "\n".join(lines)
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:

@@ -16,6 +16,15 @@ Conventions:
   NaN (undefined) when exactly one is empty; aggregation ignores NaN and reports how many
   cases were undefined.
 
+* Lesion size (:data:`SIZE_BINS`: under 1 mL, 1-10 mL, over 10 mL): lesion-wise counts per size
+  bin with the ISLES matching, a ground-truth component binned by its own volume (found or missed)
+  and an unmatched predicted component (false positive) by its own volume; pooled over cases, per
+  bin, sensitivity = tp / (tp + fn), precision = tp / (tp + fp) and F1 = tp / (tp + (fp + fn) / 2)
+  (the ISLES F1 restricted to the bin). Per case, the lesion-wise precision tp / (tp + fp) (1 when
+  both masks are empty, 0 when only one is) and the false-positive volume: the mL of predicted
+  components that touch no ground-truth voxel (on a set of mimics, what the model wrongly marks).
+  Dice by size groups the cases by their total lesion volume.
+
 Uncertainty quality:
 
 * expected calibration error (ECE) of the voxel probabilities over brain voxels with equal-width
@@ -40,9 +49,12 @@ STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 #: Per-case metric names, in table order.
 SEGMENTATION_METRICS: tuple[str, ...] = (
     "dice", "iou", "sensitivity", "specificity", "precision", "hd95_mm",
-    "abs_volume_diff_ml", "abs_lesion_count_diff", "lesion_f1",
+    "abs_volume_diff_ml", "abs_lesion_count_diff", "lesion_f1", "lesion_precision", "fp_component_ml",
     "volume_true_ml", "volume_pred_ml",
 )
+#: Lesion-size bins: (key, label, lower mL inclusive, upper mL exclusive).
+SIZE_BINS: tuple[tuple[str, str, float, float], ...] = (
+    ("lt1ml", "< 1 mL", 0.0, 1.0), ("1to10ml", "1-10 mL", 1.0, 10.0), ("gt10ml", "> 10 mL", 10.0, math.inf))
 UNCERTAINTY_METRICS: tuple[str, ...] = ("ece", "error_auroc", "volume_in_interval")
 
 
@@ -199,6 +211,67 @@ def lesion_f1(prediction: np.ndarray, target: np.ndarray, empty_value: float = 1
     return tp / (tp + (fp + fn) / 2)
 
 
+def lesion_precision(prediction: np.ndarray, target: np.ndarray) -> float:
+    """Lesion-wise precision tp / (tp + fp) with the ISLES matching; 1 when both masks are empty,
+    0 when only one is (nothing found, or all wrong)."""
+    tp, fp, fn = lesion_detection(prediction, target)
+    if tp + fp == 0:
+        return 1.0 if fn == 0 else 0.0
+    return tp / (tp + fp)
+
+
+def size_bin(volume_ml: float) -> str:
+    """The :data:`SIZE_BINS` key of a lesion (or case) volume in mL."""
+    for key, _, low, high in SIZE_BINS:
+        if low <= volume_ml < high:
+            return key
+    return SIZE_BINS[-1][0]
+
+
+def lesion_detection_by_size(prediction: np.ndarray, target: np.ndarray,
+                             voxel_volume_ml: float) -> tuple[dict[str, tuple[int, int, int]], float]:
+    """Lesion-wise (tp, fp, fn) per size bin and the false-positive volume (mL).
+
+    A ground-truth component counts in the bin of its own volume as tp (any voxel overlaps the
+    prediction) or fn; a predicted component that overlaps no ground-truth voxel counts as fp in
+    the bin of its own volume, and its volume adds to the false-positive volume.
+
+    Returns:
+        ({bin key: (tp, fp, fn)}, false-positive volume in mL).
+    """
+    prediction, target = _check_pair(prediction, target)
+    counts = {key: [0, 0, 0] for key, *_ in SIZE_BINS}
+    labels_t, n_t = label_components(target)
+    labels_p, n_p = label_components(prediction)
+    sizes_t = np.bincount(labels_t.ravel(), minlength=n_t + 1)[1:] * voxel_volume_ml
+    sizes_p = np.bincount(labels_p.ravel(), minlength=n_p + 1)[1:] * voxel_volume_ml
+    found = np.zeros(n_t + 1, bool)
+    found[np.unique(labels_t[prediction & target])] = True
+    hit = np.zeros(n_p + 1, bool)
+    hit[np.unique(labels_p[prediction & target])] = True
+    for index, size in enumerate(sizes_t, start=1):
+        counts[size_bin(size)][0 if found[index] else 2] += 1
+    fp_volume = 0.0
+    for index, size in enumerate(sizes_p, start=1):
+        if not hit[index]:
+            counts[size_bin(size)][1] += 1
+            fp_volume += float(size)
+    return {key: (tp, fp, fn) for key, (tp, fp, fn) in counts.items()}, fp_volume
+
+
+def pooled_by_size(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """Pooled lesion-wise counts and rates per size bin over per-case rows that hold
+    ``lesions_<bin>_tp``, ``_fp`` and ``_fn`` (as :func:`segmentation_metrics` writes them)."""
+    result = {}
+    for key, label, _, _ in SIZE_BINS:
+        tp, fp, fn = (int(sum(row.get(f"lesions_{key}_{name}", 0) for row in rows)) for name in ("tp", "fp", "fn"))
+        result[key] = {"label": label, "n_true": tp + fn, "tp": tp, "fp": fp, "fn": fn,
+                       "sensitivity": tp / (tp + fn) if tp + fn else math.nan,
+                       "precision": tp / (tp + fp) if tp + fp else math.nan,
+                       "f1": tp / (tp + (fp + fn) / 2) if tp + fp + fn else math.nan}
+    return result
+
+
 # ----------------------------------------------------------------------------------------
 # Uncertainty quality
 # ----------------------------------------------------------------------------------------
@@ -337,6 +410,9 @@ def segmentation_metrics(prediction: np.ndarray, target: np.ndarray, spacing: Se
     """
     prediction, target = _check_pair(prediction, target)
     voxel_ml = float(np.prod(spacing)) / 1000.0
+    by_size, fp_volume = lesion_detection_by_size(prediction, target, voxel_ml)
+    counts = {f"lesions_{key}_{name}": float(value) for key, values in by_size.items()
+              for name, value in zip(("tp", "fp", "fn"), values, strict=True)}
     return {
         "dice": dice(prediction, target),
         "iou": iou(prediction, target),
@@ -347,8 +423,11 @@ def segmentation_metrics(prediction: np.ndarray, target: np.ndarray, spacing: Se
         "abs_volume_diff_ml": abs_volume_difference_ml(prediction, target, voxel_ml),
         "abs_lesion_count_diff": float(abs_lesion_count_difference(prediction, target)),
         "lesion_f1": lesion_f1(prediction, target),
+        "lesion_precision": lesion_precision(prediction, target),
+        "fp_component_ml": fp_volume,
         "volume_true_ml": volume_ml(target, voxel_ml),
         "volume_pred_ml": volume_ml(prediction, voxel_ml),
+        **counts,
     }
 
 
@@ -440,7 +519,10 @@ class MetricAccumulator:
     def aggregate(self) -> dict:
         """Summary of every numeric column ({name: summarize(...)}) plus, when probabilities were
         given, the pooled ECE and reliability bins over all cases (``"pooled_ece"``,
-        ``"reliability"``), and the interval coverage (``"volume_interval_coverage"``)."""
+        ``"reliability"``), the interval coverage (``"volume_interval_coverage"``), the pooled
+        lesion-wise counts and rates per size bin (``"by_size"``, :func:`pooled_by_size`) and the
+        Dice of the cases grouped by their total lesion volume (``"dice_by_case_volume"``; cases
+        without lesion left out)."""
         names: list[str] = []
         for row in self.rows:
             for key, value in row.items():
@@ -451,6 +533,11 @@ class MetricAccumulator:
         if self.bins is not None:
             result["pooled_ece"] = self.bins.ece()
             result["reliability"] = self.bins.to_dict()
+        if any("lesions_lt1ml_tp" in row for row in self.rows):
+            result["by_size"] = pooled_by_size(self.rows)
+            result["dice_by_case_volume"] = {
+                key: summarize([row["dice"] for row in self.rows if size_bin(row["volume_true_ml"]) == key
+                                and row["volume_true_ml"] > 0]) for key, *_ in SIZE_BINS}
         covered = [row["volume_in_interval"] for row in self.rows if "volume_in_interval" in row]
         if covered:
             result["volume_interval_coverage"] = float(np.mean(covered))

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from Training import config as cfg
-from Training.evaluate import postprocessing_text
+from Training.evaluate import postprocessing_text, size_table
 
 METRICS = (("dice", "Dice"), ("iou", "IoU"), ("sensitivity", "Sensitivity"), ("specificity", "Specificity"),
-           ("precision", "Precision"), ("lesion_f1", "Lesion F1"), ("abs_volume_diff_ml", "Abs. vol. diff. (mL)"),
+           ("precision", "Precision"), ("lesion_f1", "Lesion F1"), ("lesion_precision", "Lesion precision"),
+           ("abs_volume_diff_ml", "Abs. vol. diff. (mL)"),
            ("abs_lesion_count_diff", "Abs. count diff."), ("hd95_mm", "HD95 (mm)"))
 
 
@@ -54,7 +55,7 @@ def metrics_table(summary: dict) -> str:
             if method not in data:
                 continue
             result = data[method]
-            cells = [_cell(result["metrics"][key]) for key, _ in METRICS]
+            cells = [_cell(result["metrics"][key]) if key in result["metrics"] else "n/a" for key, _ in METRICS]
             lines.append(f"| {name} | {label} | {result['n_cases']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -140,6 +141,15 @@ def build(config: CardConfig) -> str:
         "robust z > 2 inside the brain.",
         "",
         metrics_table(summary),
+        "",
+        "### By lesion size",
+        "",
+        "Dice of the cases grouped by their total lesion volume (cases without lesion left out); lesion-wise F1 "
+        "and precision pooled over the cases per lesion-size bin (a true lesion in the bin of its own volume, an "
+        "unmatched predicted component as a false positive in the bin of its own volume); the false-positive "
+        "volume per case is the mL of predicted components that touch no true lesion.",
+        "",
+        size_table(summary),
         "",
         "### Uncertainty",
         "",
