@@ -136,3 +136,139 @@ def test_devices() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(StrokePredictorError, match="no CUDA"):
             resolve_device("cuda")
+
+
+# ---- issue 17: model.json is validated before anything is allocated ---------------------------------
+def _edit(bundle_dir: Path, change) -> None:  # noqa: ANN001
+    metadata = json.loads((bundle_dir / "model.json").read_text())
+    change(metadata)
+    (bundle_dir / "model.json").write_text(json.dumps(metadata))
+
+
+def _set(path: str, value: object):  # noqa: ANN202
+    def change(metadata: dict) -> None:
+        *parents, last = path.split(".")
+        target = metadata
+        for key in parents:
+            target = target[key]
+        target[last] = value
+    return change
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), [
+    ("grid.spacing", [5.0, 0.0, 5.0], "grid.spacing is [5.0, 0.0, 5.0], expected three finite spacings"),
+    ("grid.size", [32, 40, 100000], "grid.size is [32, 40, 100000], expected a list of 3 integers from 8 to 512"),
+    ("normalization.adc_scale", 0, "normalization.adc_scale is 0, expected a finite number in [1, 1e+07]"),
+    ("normalization.adc_clip", -1.0, "normalization.adc_clip is -1.0"),
+    ("architecture.config.widths", [4, 8, 40000], "architecture.config.widths is [4, 8, 40000], expected a list of "
+                                                  "2 to 6 integers from 1 to 1024"),
+    ("architecture.config.widths", [4, -8, 8], "architecture.config.widths is [4, -8, 8]"),
+    ("architecture.config.heads", 0, "architecture.config.heads is 0, expected an integer from 1 to 64"),
+    ("architecture.config.mc_dropout", 1.5, "architecture.config.mc_dropout is 1.5"),
+    ("architecture.config.stem_pool", "yes", 'architecture.config.stem_pool is "yes", expected true or false'),
+    ("architecture.config.in_channels", 4, "architecture.config.in_channels is 4, expected 3"),
+    ("format_version", "one", 'format_version is "one", expected an integer from 1 to 1'),
+    ("task", "segmentation", 'task is "segmentation", expected one of acute, outcome'),
+    ("weights.sha256", "abc", 'weights.sha256 is "abc", expected 64 lower-case hexadecimal digits'),
+    ("weights.file", "../../etc/passwd.safetensors", "weights.file"),
+    ("weights.bytes", -5, "weights.bytes is -5"),
+])
+def test_model_json_fields_are_type_and_range_checked(bundle_dir: Path, field: str, value: object,
+                                                      expected: str) -> None:
+    _edit(bundle_dir, _set(field, value))
+    with pytest.raises(BundleError) as error:
+        load_bundle(bundle_dir)
+    assert expected in str(error.value) and "model.json" in str(error.value)
+
+
+def test_nan_anywhere_in_model_json_is_refused(bundle_dir: Path) -> None:
+    text = (bundle_dir / "model.json").read_text()
+    metadata = json.loads(text)
+    metadata["grid"]["spacing"] = [5.0, float("nan"), 5.0]  # json.dumps writes NaN, which json.loads accepted
+    (bundle_dir / "model.json").write_text(json.dumps(metadata))
+    with pytest.raises(BundleError, match="NaN is not a valid number"):
+        load_bundle(bundle_dir)
+
+
+def test_huge_widths_are_refused_before_any_allocation(bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import StrokePredictorLib.bundle as module
+
+    built: list = []
+    monkeypatch.setattr(module, "StrokeNet", lambda *a, **k: built.append(a) or (_ for _ in ()).throw(MemoryError))
+    _edit(bundle_dir, _set("architecture.config.widths", [4, 8, 40000]))  # the tiny network has 3 stages
+    with pytest.raises(BundleError, match="widths"):
+        load_bundle(bundle_dir)
+    assert built == []
+
+
+def test_parameter_count_is_checked_against_the_header_before_building(bundle_dir: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import StrokePredictorLib.bundle as module
+
+    real = module.StrokeNet
+    devices: list[str] = []
+
+    def spy(config: NetworkConfig) -> StrokeNet:
+        model = real(config)
+        devices.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(module, "StrokeNet", spy)
+    _edit(bundle_dir, _set("architecture.config.head_channels", 12))
+    with pytest.raises(BundleError, match=r"do not fit the architecture .*another shape"):
+        load_bundle(bundle_dir)
+    assert devices == ["meta"]  # only the memory-free skeleton was built
+
+
+def test_weights_must_be_a_regular_file_of_the_declared_size(bundle_dir: Path, tmp_path: Path) -> None:
+    import os
+
+    weights = bundle_dir / "weights.safetensors"
+    payload = weights.read_bytes()
+    weights.write_bytes(payload + b"\0" * 16)
+    with pytest.raises(BundleError, match=f"has {len(payload) + 16} bytes where model.json declares {len(payload)}"):
+        load_bundle(bundle_dir)
+    weights.unlink()
+    os.mkfifo(weights)  # reading a FIFO used to hang
+    with pytest.raises(BundleError, match="not a regular file"):
+        load_bundle(bundle_dir)
+    weights.unlink()
+    weights.symlink_to("/dev/zero")  # read until MemoryError before
+    with pytest.raises(BundleError, match="not a regular file"):
+        load_bundle(bundle_dir)
+
+
+def test_overwrite_replaces_only_a_bundle_and_only_its_files(tmp_path: Path) -> None:
+    import os
+
+    model = StrokeNet(tiny_config())
+    kwargs = dict(task="acute", grid=TINY_GRID, normalization=Normalization(), data={}, metrics={})
+    thesis = tmp_path / "thesis"
+    (thesis / "chapters").mkdir(parents=True)
+    (thesis / "main.tex").write_text("years of work")
+    with pytest.raises(OutputExistsError, match="not a folder written by StrokePredictor"):
+        save_bundle(thesis, model, overwrite=True, **kwargs)
+    assert (thesis / "main.tex").read_text() == "years of work" and (thesis / "chapters").is_dir()
+    assert sorted(p.name for p in thesis.iterdir()) == ["chapters", "main.tex"]
+    old = os.umask(0o022)
+    try:
+        bundle = save_bundle(tmp_path / "new" / "bundle", model, **kwargs)
+    finally:
+        os.umask(old)
+    assert bundle.stat().st_mode & 0o777 == 0o755 and (bundle / "model.json").stat().st_mode & 0o777 == 0o644
+    (bundle / "README.md").write_text("model card")
+    first = (bundle / "weights.safetensors").read_bytes()
+    with torch.no_grad():
+        model.head.bias.fill_(1.0)
+    save_bundle(bundle, model, overwrite=True, **kwargs)
+    assert (bundle / "README.md").read_text() == "model card"
+    assert (bundle / "weights.safetensors").read_bytes() != first
+    assert sorted(p.name for p in bundle.iterdir()) == ["README.md", "model.json", "weights.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["bundle"]
+    assert load_bundle(bundle).model.head.bias.eq(1.0).all()
+
+
+def test_shipped_bundles_pass_the_schema(repo_root: Path) -> None:
+    for task in ("acute", "outcome"):
+        bundle = load_bundle(repo_root / "StrokePredictor" / "Resources" / "Models" / task)
+        assert bundle.task == task and bundle.metadata["architecture"]["parameters"] == 3649370
