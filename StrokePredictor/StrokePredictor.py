@@ -57,6 +57,27 @@ from StrokePredictorLib.io import find_case_files  # noqa: E402
 logger = logging.getLogger(__name__)
 
 MODEL_CHOICES = ("acute", "outcome", "bundle folder")
+# The oldest Slicer the module is checked against (Slicer 5.8: Python 3.9, launchConsoleProcess
+# without callbacks, no slicer.packaging); see README "In 3D Slicer".
+MINIMUM_SLICER = (5, 8)
+
+
+def slicerVersionProblem(version: tuple[int, int] | None = None) -> str | None:
+    """Why this Slicer cannot run the module (older than :data:`MINIMUM_SLICER`), or None.
+
+    ``version`` defaults to the running application's; outside the application (batch use,
+    tests) there is none and nothing is refused.
+    """
+    if version is None:
+        app = getattr(slicer, "app", None)
+        major, minor = getattr(app, "majorVersion", None), getattr(app, "minorVersion", None)
+        if not isinstance(major, int) or not isinstance(minor, int):
+            return None
+        version = (major, minor)
+    if tuple(version) >= MINIMUM_SLICER:
+        return None
+    return (f"Stroke Predictor needs 3D Slicer {MINIMUM_SLICER[0]}.{MINIMUM_SLICER[1]} or newer; this is "
+            f"{version[0]}.{version[1]}. Install a current Slicer release to use it.")
 
 
 #
@@ -181,6 +202,13 @@ class StrokePredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         import qt
 
         ScriptedLoadableModuleWidget.setup(self)
+        problem = slicerVersionProblem()
+        if problem:  # say so in the panel instead of failing somewhere inside it
+            label = qt.QLabel(problem)
+            label.wordWrap = True
+            label.setObjectName("versionProblemLabel")
+            self.layout.addWidget(label)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/StrokePredictor.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -274,13 +302,16 @@ class StrokePredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.toolTip = "\n".join(problems) if problems else _("Run the prediction.")
 
     def cleanup(self) -> None:
+        if self.logic is None:  # setup() refused this Slicer
+            return
         self._stopJob()
         if self._clinicalTimer is not None:
             self._clinicalTimer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
-        self.initializeParameterNode()
+        if self.logic is not None:
+            self.initializeParameterNode()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -419,7 +450,7 @@ class StrokePredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:  # the scene was closed meanwhile
             return
-        with slicer.util.NodeModify(p.parameterNode):
+        with slicer.util.NodeModify(p):
             p.probability, p.uncertainty, p.attention = result.probability, result.uncertainty, result.attention
             p.segmentation, p.statistics = result.segmentation, result.statistics_table
             p.featureTable = result.feature_table

@@ -206,3 +206,20 @@ def f(a: int | None) -> list[int]:
     assert python39_problems("from __future__ import annotations\ndef f(a: int | None) -> None: ...\n") == []
     wrapper = ("from __future__ import annotations\n@parameterNodeWrapper\nclass P:\n    a: int | None\n")
     assert "Slicer evaluates" in python39_problems(wrapper)[0]
+
+
+def test_supported_slicer_versions_are_stated_where_users_see_them():
+    """The module's minimum (which it enforces in its panel), the extension description (shown
+    before installing) and the README's "In 3D Slicer" section agree."""
+    tree = ast.parse((REPO / "StrokePredictor" / "StrokePredictor.py").read_text())
+    minimum = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                   and getattr(node.targets[0], "id", "") == "MINIMUM_SLICER")
+    oldest = f"{minimum[0]}.{minimum[1]}"
+    description = re.search(r'set\(EXTENSION_DESCRIPTION "([^"]*)"\)', (REPO / "CMakeLists.txt").read_text()).group(1)
+    assert f"Requires 3D Slicer {oldest} or newer" in description
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## In 3D Slicer", 1)[1].split("\n## ", 1)[0]
+    stated = re.search(r"\*\*Supported Slicer versions: ([0-9., and]+)\*\*", section)
+    assert stated is not None and stated.group(1).split(",")[0].strip() == oldest
+    assert f"supported: {stated.group(1)}." in description
+    assert python39_problems.__doc__ and SLICER_PYTHON == (3, 9) and minimum == (5, 8)  # Slicer 5.8 ships Python 3.9

@@ -457,3 +457,22 @@ def test_restoring_a_saved_parameter_node_fills_the_panel(module, qt_env, scene_
     assert ui.dwiSelector.currentNode().GetName() == "DWI" and ui.adcSelector.currentNode().GetName() == "ADC"
     assert ui.applyButton.enabled is True
     assert slicer_env.slot_errors() == [] and messages == []
+
+
+def test_older_slicer_is_refused_in_the_panel_and_5_8_is_accepted(module, qt_env, scene_env, messages, monkeypatch):
+    import slicer
+
+    assert module.slicerVersionProblem((5, 8)) is None and module.slicerVersionProblem((6, 0)) is None
+    monkeypatch.setattr(slicer.app, "majorVersion", 5, raising=False)
+    monkeypatch.setattr(slicer.app, "minorVersion", 6, raising=False)
+    widget = _panel(module, qt_env)
+    label = widget.parent.findChild(slicer_env._qt()[2].QLabel, "versionProblemLabel")
+    assert label is not None and label.text == (
+        "Stroke Predictor needs 3D Slicer 5.8 or newer; this is 5.6. Install a current Slicer release to use it.")
+    assert widget.logic is None
+    widget.enter()
+    widget.cleanup()
+    monkeypatch.setattr(slicer.app, "minorVersion", 8, raising=False)
+    widget = _panel(module, qt_env)
+    assert widget.logic is not None and widget.ui.applyButton.enabled is False
+    assert slicer_env.slot_errors() == [] and messages == []
