@@ -39,7 +39,7 @@ _FALSE = {"0", "false", "no", "n", "f"}
 _MISSING = {"", "na", "n/a", "nan", "none", "null", "unknown", "missing", "?", "-"}
 # A plain decimal number in ASCII digits. Python's float() also takes "1_50" (150), "infinity" and
 # non-ASCII digits, which a clinical value written by hand should never silently become.
-_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_NUMBER = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$")
 #: Largest clinical file read (a CSV of a million cases is about 100 MB; this is far above any real one).
 MAX_TEXT_BYTES = 64 * 1024 * 1024
 

@@ -126,3 +126,76 @@ def test_csv_column_mapping_and_units(tmp_path: Path) -> None:
                                 units={"glucose": "mg/dL"}, ignore_unknown=True)
     assert records["A"]["nihss"] == 4.0
     assert records["A"]["glucose"] == pytest.approx(126 / 18.016)
+
+
+# ---- issue 17: nothing dropped or misread silently, every encoding named -------------------------------
+@pytest.mark.parametrize(("items", "message"), [
+    (["nihss=12", "nihss=40"], "'nihss' is given twice ('nihss=12' and 'nihss=40')"),
+    (["nihss=12", "NIHSS=40"], "'nihss' is given twice ('nihss=12' and 'NIHSS=40')"),
+    (["nihss=12", "nihss_admission=40"], "'nihss' is given twice"),
+])
+def test_repeated_and_alias_keys_are_refused(items: list[str], message: str) -> None:
+    with pytest.raises(ClinicalValueError) as error:
+        clinical.parse_key_values(items)
+    assert message in str(error.value)
+    with pytest.raises(ClinicalValueError, match="given twice"):
+        clinical.validate({"nihss": 12, "NIHSS": 40})
+
+
+@pytest.mark.parametrize("text", ["1_50", "١٥٠", "infinity", "0x96", "150 mmHg"])
+def test_only_plain_decimal_numbers_are_numbers(text: str) -> None:
+    with pytest.raises(ClinicalValueError, match=f"value '{text}' is not a number; expected 60 to 300 mmHg"):
+        clinical.parse_value(clinical.feature("systolic_bp"), text)
+    assert clinical.parse_value(clinical.feature("systolic_bp"), " 1.5e2 ") == 150.0
+
+
+def test_json_duplicate_keys_and_non_files(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text('{"nihss": 12, "age": 70, "nihss": 40}')
+    with pytest.raises(ClinicalValueError, match="key 'nihss' appears twice"):
+        clinical.read_json(path)
+    with pytest.raises(ClinicalValueError, match="is a folder"):
+        clinical.read_json(tmp_path)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(ClinicalValueError, match="binary file"):
+        clinical.read_json(path)
+
+
+CSV = "case_id,nihss,sex\nsub-strokecase0001,4,F\nsub-strokecase0002,,M\n"
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32"])
+def test_csv_with_a_byte_order_mark_is_read(tmp_path: Path, encoding: str) -> None:
+    path = tmp_path / "c.csv"
+    path.write_bytes(CSV.encode(encoding))
+    records = clinical.read_csv(path)
+    assert sorted(records) == ["sub-strokecase0001", "sub-strokecase0002"]
+    assert records["sub-strokecase0001"]["nihss"] == 4.0
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ("case_id,sex,_note\nsub-1,F,Müller\n".encode("latin-1"), "not UTF-8 (byte 0xFC on line 2); it looks like "
+                                                                "Latin-1/Windows-1252 text"),
+    (CSV.encode("utf-16-le"), "NUL bytes: it looks like UTF-16 text without a byte-order mark"),
+    (b"\x00\x01\x02\x03" * 40, "NUL bytes: it looks like a binary file"),
+    (b"case_id,nihss\x07\n", "control character(s) (U+0007)"),
+])
+def test_csv_in_another_encoding_is_refused_by_name(tmp_path: Path, data: bytes, message: str) -> None:
+    path = tmp_path / "c.csv"
+    path.write_bytes(data)
+    with pytest.raises(ClinicalValueError) as error:
+        clinical.read_csv(path, ignore_unknown=True)
+    assert message in str(error.value) and str(path) in str(error.value)
+
+
+def test_csv_columns_holding_one_field_twice_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.csv"
+    path.write_text("case_id,nihss,NIHSS\nsub-1,4,40\n")
+    with pytest.raises(ClinicalValueError, match="columns 'nihss' and 'NIHSS' both hold the field 'nihss'"):
+        clinical.read_csv(path)
+    path.write_text("case_id,nihss,nihss\nsub-1,4,40\n")
+    with pytest.raises(ClinicalValueError, match="column.s. nihss appear more than once"):
+        clinical.read_csv(path)
+    path.write_text("case_id,nihss\nsub-1,4,40\n")
+    with pytest.raises(ClinicalValueError, match="row 1: 1 more value.s. than columns"):
+        clinical.read_csv(path)
