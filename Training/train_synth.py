@@ -83,6 +83,9 @@ class SynthTrainConfig:
     lesion_fraction: float = field(default=1 / 3, metadata={"help": "share of patches centred on a lesion component"})
     pool_size: int = field(default=48, metadata={"help": "pre-rendered volumes held by the pool"})
     pool_refresh: int = field(default=1, metadata={"help": "fresh volumes swapped into the pool per step, at most"})
+    batch_dice: bool = field(default=True, metadata={
+        "help": "Dice over the whole batch (nnU-Net's batch Dice; a patch cut through a lesion or holding none "
+                "does not dominate the loss) instead of per image"})
     checkpoint_minutes: float = field(default=10.0, metadata={"help": "write last.pt at least this often"})
     resume: bool = field(default=False, metadata={"help": "continue OUT/<variant>/checkpoints/last.pt"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
@@ -168,7 +171,7 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
                               f"{divisor}, within the grid {','.join(map(str, grid_kji))}.")
     synth = GpuSynthesizer(pack, grid.size, device)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    loss_fn = DiceCELoss(sigmoid=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5)
+    loss_fn = DiceCELoss(sigmoid=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=config.batch_dice)
     cuda = device.type == "cuda"
     if config.precision not in ("bf16", "fp32"):
         raise cfg.ConfigError(f"--precision must be bf16 or fp32, not '{config.precision}'.")
