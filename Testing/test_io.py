@@ -274,3 +274,107 @@ def test_find_case_files_by_name(tmp_path: Path) -> None:
     assert {role: path.name for role, path in found.items()} == {
         "dwi": "case_DWI.nii.gz", "adc": "case_adc.nii.gz", "clinical": "case_clinical.json"}
     assert find_case_files(tmp_path / "missing") == {}
+
+
+# ---- issue 17: orientation quirks, output folders --------------------------------------------------
+def _nifti(tmp_path: Path, affine: np.ndarray, qcode: int, scode: int, name: str) -> Path:
+    image = nib.Nifti1Image(np.random.default_rng(0).random((10, 9, 8)).astype(np.float32), None)
+    image.set_qform(affine, code=qcode)
+    image.set_sform(affine, code=scode)
+    path = tmp_path / name
+    nib.save(image, str(path))
+    return path
+
+
+def test_sheared_sform_without_qform_is_a_clear_error(tmp_path: Path) -> None:
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    affine[0, 1] = 1.0  # shear
+    path = _nifti(tmp_path, affine, 0, 2, "sheared.nii.gz")
+    with pytest.raises(InputImageError, match=r"sform has shear .* qform is not set \(code 0\).*Reslice"):
+        read_volume(path, role="DWI")
+
+
+def test_image_without_qform_or_sform_is_read_with_a_warning(tmp_path: Path) -> None:
+    path = _nifti(tmp_path, np.diag([2.0, 2.0, 3.0, 1.0]), 0, 0, "uncoded.nii.gz")
+    volume = read_volume(path, role="ADC")
+    assert volume.geometry.spacing == (2.0, 2.0, 3.0)
+    assert len(volume.warnings) == 1 and "ADC file uncoded.nii.gz has neither a qform nor an sform" in volume.warnings[0]
+    coded = _nifti(tmp_path, np.diag([2.0, 2.0, 3.0, 1.0]), 1, 1, "coded.nii.gz")
+    assert read_volume(coded).warnings == []
+
+
+def test_a_folder_given_as_image(tmp_path: Path) -> None:
+    with pytest.raises(InputImageError, match="is a folder; pass the image file itself"):
+        read_volume(tmp_path, role="DWI")
+
+
+def test_output_folder_rules(tmp_path: Path) -> None:
+    from StrokePredictorLib.io import MARKER_FILE, check_output_folder, recognised_kind, write_folder_marker
+
+    check_output_folder(tmp_path / "new", "dataset", overwrite=False)  # missing: fine
+    (tmp_path / "empty").mkdir()
+    check_output_folder(tmp_path / "empty", "dataset", overwrite=False)
+    nnunet = tmp_path / "Dataset001_Stroke"
+    nnunet.mkdir()
+    (nnunet / "dataset.json").write_text('{"channel_names": {"0": "DWI"}}')
+    with pytest.raises(OutputExistsError, match="not empty; pass --overwrite"):
+        check_output_folder(nnunet, "dataset", overwrite=False)
+    with pytest.raises(OutputExistsError, match="is not a folder written by StrokePredictor .* nothing was deleted"):
+        check_output_folder(nnunet, "dataset", overwrite=True)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "x.nii.gz").write_bytes(b"x")
+    write_folder_marker(mine, "outputs", "test")
+    assert recognised_kind(mine) == "outputs" and (mine / MARKER_FILE).is_file()
+    check_output_folder(mine, "outputs", overwrite=True)
+    with pytest.raises(OutputExistsError, match="is a outputs folder"):
+        check_output_folder(mine, "dataset", overwrite=True)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(OutputExistsError, match="symbolic link to .*nowhere, which does not exist"):
+        check_output_folder(link, "bundle", overwrite=True)
+
+
+def test_writable_check_creates_with_ordinary_rights_and_takes_back(tmp_path: Path) -> None:
+    import os
+
+    from StrokePredictorLib.io import ensure_writable_dir, remove_created_dirs
+
+    old = os.umask(0o027)
+    try:
+        created = ensure_writable_dir(tmp_path / "a" / "b")
+    finally:
+        os.umask(old)
+    assert created == [tmp_path / "a" / "b", tmp_path / "a"]
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o750 and list((tmp_path / "a" / "b").iterdir()) == []
+    remove_created_dirs(created)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputExistsError, match="cannot be written"):
+        ensure_writable_dir(tmp_path / "file" / "out")
+
+
+def test_stale_partials_of_dead_processes_are_removed(tmp_path: Path) -> None:
+    import os
+    import platform
+    import re
+    import subprocess
+    import sys
+
+    from StrokePredictorLib.io import PARTIAL_PREFIX, partial_dir, remove_stale_partials
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", platform.node() or "host")[:40]
+    stale = tmp_path / f"{PARTIAL_PREFIX}{host}-{dead.pid}-x1"
+    stale.mkdir()
+    foreign_old = tmp_path / f"{PARTIAL_PREFIX}otherhost-1-x2"
+    foreign_old.mkdir()
+    os.utime(foreign_old, (0, 0))
+    foreign_new = tmp_path / f"{PARTIAL_PREFIX}otherhost-1-x3"
+    foreign_new.mkdir()
+    mine = partial_dir(tmp_path)
+    user = tmp_path / ".partial-notes"
+    user.mkdir()
+    assert sorted(remove_stale_partials(tmp_path)) == sorted([stale, foreign_old])
+    assert mine.exists() and foreign_new.exists() and user.exists()
