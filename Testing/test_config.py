@@ -73,3 +73,19 @@ def test_shipped_configs_load(name: str, repo_root: Path) -> None:
 
         config = config_mod.build(EvaluateConfig, values, source=str(path))
         assert len(config.data) == len(config.label) == 3
+
+
+def test_prefix_abbreviations_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--ste 3`` must not silently mean ``--steps 3`` (argparse's allow_abbrev)."""
+    with pytest.raises(SystemExit) as exit_info:
+        config_mod.parse(_Example, ["--ste", "3"], "test")
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --ste" in capsys.readouterr().err
+    assert config_mod.parse(_Example, ["--steps", "3"], "test").steps == 3
+
+
+def test_parse_given_names_typed_fields(tmp_path: Path) -> None:
+    file = tmp_path / "c.yaml"
+    file.write_text("name: from_file\n")
+    config, given = config_mod.parse_given(_Example, ["--config", str(file), "--rate", "0.5"], "test")
+    assert config.rate == 0.5 and given == {"name", "rate"}

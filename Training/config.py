@@ -110,7 +110,8 @@ def build(cls: type[T], values: dict[str, Any], *, source: str = "config") -> T:
 
 
 def make_parser(cls: type, description: str, prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description,
+    # allow_abbrev=False: a prefix such as --ru is an error, not a silent --run (or --resume).
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", help="YAML or JSON file with any of the fields below; flags override it")
     hints = _hints(cls)
@@ -137,6 +138,13 @@ def make_parser(cls: type, description: str, prog: str | None = None) -> argpars
 
 def parse(cls: type[T], argv: list[str], description: str, prog: str | None = None) -> T:
     """Parse ``argv`` into a ``cls`` instance: defaults < ``--config`` file < flags."""
+    return parse_given(cls, argv, description, prog)[0]
+
+
+def parse_given(cls: type[T], argv: list[str], description: str,
+                prog: str | None = None) -> tuple[T, frozenset[str]]:
+    """Like :func:`parse`, and also return the names of the fields the user gave (as a flag or
+    in the ``--config`` file), so that a verb can tell a typed value from a default."""
     parser = make_parser(cls, description, prog)
     namespace = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
@@ -148,7 +156,8 @@ def parse(cls: type[T], argv: list[str], description: str, prog: str | None = No
             items = [item for entry in value for item in str(entry).split(",") if item != ""]
             namespace[name] = items[0] if len(items) == 1 and items[0].lower() in ("none", "null") else items
     values.update(namespace)
-    return build(cls, values, source=f"config file {config_file}" if config_file else "command line")
+    config = build(cls, values, source=f"config file {config_file}" if config_file else "command line")
+    return config, frozenset(values)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
