@@ -24,6 +24,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "evaluate": ("Training.evaluate", "evaluate a checkpoint or bundle with the ISLES 2022 metrics"),
     "postprocess": ("Training.postprocess", "choose threshold, flip averaging, smallest lesion on validation data"),
     "interpolate": ("Training.interpolate", "weights between a model and its fine-tuned version (WiSE-FT)"),
+    "campaign": ("Training.campaign", "improve the shipped bundle: train, search, decide by a fixed rule, record"),
     "ablate": ("Training.ablate", "imaging-only against fusion on the same split"),
     "visualize": ("Training.visualize", "figures: training curves, overlays, reliability diagram, attention"),
     "card": ("Training.model_card", "write a bundle's model card from measured evaluation results"),

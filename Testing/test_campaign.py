@@ -1,0 +1,115 @@
+"""The training campaign: the fixed shipping rule, the ledger and card, and the stages' orchestration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from Training import campaign
+from Training import config as cfg
+from Training.campaign import CampaignConfig, decide
+
+
+def _result(score: float, dice: float, small_f1: float | None, plausible: bool = True,
+            degenerate: list | None = None) -> dict:
+    return {"best": {"score": score, "mean_dice": dice, "small_lesion_f1": small_f1, "threshold": 0.5,
+                     "plausible": plausible}, "degenerate": degenerate or []}
+
+
+SHIPPED = _result(0.50, 0.45, 0.30)
+
+
+@pytest.mark.parametrize(("candidate", "ship", "failed"), [
+    (_result(0.52, 0.45, 0.30), True, None),
+    (_result(0.505, 0.50, 0.40), False, "score"),  # +0.005 is not enough
+    (_result(0.60, 0.43, 0.40), False, "mean_dice"),  # counts bought with overlap
+    (_result(0.60, 0.50, 0.27), False, "small_lesion_f1"),  # small lesions lost
+    (_result(0.60, 0.50, None), False, "small_lesion_f1"),  # and none found at all
+    (_result(0.60, 0.50, 0.40, plausible=False), False, "plausible"),
+    (_result(0.60, 0.50, 0.40, degenerate=["empty"]), False, "plausible"),
+])
+def test_rule(candidate: dict, ship: bool, failed: str | None) -> None:
+    decision = decide(candidate, SHIPPED)
+    assert decision["ship"] is ship
+    assert [k for k, ok in decision["checks"].items() if not ok] == ([failed] if failed else [])
+
+
+def test_no_small_lesions_in_the_sets_is_no_obstacle() -> None:
+    assert decide(_result(0.52, 0.45, float("nan")), _result(0.50, 0.45, float("nan")))["ship"]
+
+
+def _models(tmp_path: Path) -> Path:
+    bundle = tmp_path / "Models" / "acute"
+    bundle.mkdir(parents=True)
+    (bundle / "model.json").write_text('{"old": true}')
+    (bundle / "weights.safetensors").write_bytes(b"old")
+    (bundle / "README.md").write_text("# card\n\ntext\n")
+    return tmp_path / "Models"
+
+
+def _fake_verbs(monkeypatch: pytest.MonkeyPatch, scores: dict[str, float], calls: list) -> None:
+    def fake(module: str, argv: list) -> None:
+        argv = [str(a) for a in argv]
+        calls.append(module)
+        out = Path(argv[argv.index("--out") + 1])
+        if module == "Training.train_synth":
+            (out / "acute" / "checkpoints").mkdir(parents=True)
+            (out / "summary.json").write_text(json.dumps({"acute": {"steps": 1200, "seconds": 3600.0,
+                                                                    "best_val_dice": 0.6}}))
+        elif module == "Training.export":
+            out.mkdir(parents=True)
+            (out / "model.json").write_text('{"new": true}')
+            (out / "weights.safetensors").write_bytes(b"new")
+        elif module == "Training.postprocess":
+            out.mkdir(parents=True)
+            name = "candidate" if "candidate" in argv[argv.index("--bundle") + 1] else "shipped"
+            (out / "postprocess.json").write_text(json.dumps(_result(scores[name], 0.5, 0.3)))
+    monkeypatch.setattr(campaign, "_run_verb", fake)
+
+
+def test_a_winning_run_ships_records_and_resumes_without_redoing(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    models = _models(tmp_path)
+    (tmp_path / "val").mkdir()
+    calls: list = []
+    _fake_verbs(monkeypatch, {"candidate": 0.6, "shipped": 0.5}, calls)
+    config = CampaignConfig(pack=tmp_path / "pack.npz", val=(tmp_path / "val",), out=tmp_path / "runs" / "run1",
+                            models=models, ship=True)
+    result = campaign.run(config)
+    assert result["outcome"] == "shipped"
+    assert (models / "acute" / "weights.safetensors").read_bytes() == b"new"
+    assert calls == ["Training.train_synth", "Training.export", "Training.postprocess", "Training.postprocess"]
+    ledger = json.loads((models / "acute" / "campaign.json").read_text())
+    assert [r["run"] for r in ledger["runs"]] == ["run1"] and ledger["cumulative"]["cpu_training_s"] == 3600.0
+    card = (models / "acute" / "README.md").read_text()
+    assert "| run1 |" in card and "1.00 h of CPU training" in card and card.startswith("# card")
+
+    calls.clear()
+    campaign.run(config)  # every stage is there already: nothing runs again, the ledger keeps one row
+    assert calls == []
+    assert len(json.loads((models / "acute" / "campaign.json").read_text())["runs"]) == 1
+    assert (models / "acute" / "README.md").read_text().count("### Training campaign") == 1
+
+
+def test_a_losing_run_keeps_the_bundle_but_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models = _models(tmp_path)
+    (tmp_path / "val").mkdir()
+    _fake_verbs(monkeypatch, {"candidate": 0.505, "shipped": 0.5}, [])
+    config = CampaignConfig(pack=tmp_path / "p.npz", val=(tmp_path / "val",), out=tmp_path / "run2", models=models,
+                            ship=True)
+    assert campaign.run(config)["outcome"] == "kept"
+    assert (models / "acute" / "weights.safetensors").read_bytes() == b"old"
+    assert json.loads((tmp_path / "run2" / "decision.json").read_text())["checks"]["score"] is False
+    assert json.loads((models / "acute" / "campaign.json").read_text())["runs"][0]["outcome"] == "kept"
+
+
+def test_bad_arguments_are_named(tmp_path: Path) -> None:
+    with pytest.raises(cfg.ConfigError, match="--val"):
+        campaign.run(CampaignConfig(out=tmp_path / "r"))
+    with pytest.raises(cfg.ConfigError, match="is not a folder"):
+        campaign.run(CampaignConfig(val=(tmp_path / "missing",), out=tmp_path / "r"))
+    (tmp_path / "val").mkdir()
+    with pytest.raises(cfg.ConfigError, match="holds no bundle"):
+        campaign.run(CampaignConfig(val=(tmp_path / "val",), out=tmp_path / "r", models=tmp_path))

@@ -1,0 +1,215 @@
+"""``python -m Training campaign``: improve the shipped acute bundle run after run, on the CPU by default.
+
+One command does one run of the campaign; every stage writes into ``--out`` and is skipped when its
+result is already there, so an interrupted run continues where it stopped (training resumes from its
+time-stamped checkpoint):
+
+1. **train**: ``train-synth`` from the shipped bundle (``--init``) on the CPU recipe: the
+   pre-rendered, background-refreshed pool of domain-randomised volumes with real-scan mimics,
+   embolic showers and small lesions (:mod:`Training.pool`, :mod:`Training.synth.mimics`),
+   lesion-centred 64^3 patches, bf16, for ``--minutes`` of wall time;
+2. **export** the best checkpoint (whole-volume Dice on synthetic held-out validation lesions);
+3. **search** the post-processing of the candidate and of a copy of the shipped bundle with the same
+   ``python -m Training postprocess`` on the same fixed validation sets (``--val``), each bundle
+   getting its own best setting;
+4. **decide** by the rule below and write ``decision.json``; with ``--ship`` a winning candidate
+   replaces the shipped bundle's weights and ``model.json`` (its model card stays and gains the row);
+5. **record** the run in the bundle's ``campaign.json`` ledger (every run, shipped or not, with its
+   steps, wall time and the cumulative compute) and in the model card's campaign table.
+
+Rule (fixed before the first run's results were seen; change it only between runs, in a commit):
+the candidate ships when, on the fixed validation sets, with each bundle's own searched
+post-processing,
+
+a. its search score (:mod:`Training.postprocess`, rule 3) is at least the shipped bundle's + 0.01;
+b. its mean Dice over the sets is at least the shipped bundle's - 0.01 (no trading overlap for counts);
+c. its lesion-wise F1 on lesions under 1 mL, pooled, is at least the shipped bundle's - 0.02;
+d. its chosen setting is plausible and not degenerate.
+
+    python -m Training campaign --pack pack.npz --val data/val_a,data/val_b --minutes 120 \\
+        --out runs/campaign/run2 --ship
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from StrokePredictorLib.errors import StrokePredictorError
+from StrokePredictorLib.io import write_json
+from Training import config as cfg
+
+logger = logging.getLogger(__name__)
+
+SHIPPED = Path(__file__).resolve().parents[1] / "StrokePredictor" / "Resources" / "Models"
+RULE = {"score_gain": 0.01, "dice_drop": 0.01, "small_f1_drop": 0.02}
+CARD_BEGIN, CARD_END = "<!-- campaign:begin -->", "<!-- campaign:end -->"
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    pack: Path = field(default=Path("pack.npz"), metadata={"help": "synthesis pack (python -m Training synthpack)"})
+    val: tuple[Path, ...] = field(default=(), metadata={
+        "help": "fixed validation folders (ISLES layout, with ground truth); comma-separated or repeated"})
+    out: Path = field(default=Path("runs/campaign/run"), metadata={"help": "this run's folder"})
+    models: Path = field(default=SHIPPED, metadata={"help": "folder of the shipped bundles (acute/, ...)"})
+    task: str = field(default="acute", metadata={"help": "the bundle the campaign improves"})
+    minutes: float = field(default=120.0, metadata={"help": "training wall time of this run"})
+    device: str = field(default="cpu", metadata={"help": "cpu|cuda (the GPU recipe uses --source gpu)"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate of the fine-tune"})
+    seed: int = field(default=0, metadata={"help": "seed of this run (use a new one per run)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    mc_samples: int = field(default=20, metadata={"help": "Monte-Carlo samples of the post-processing search"})
+    max_cases: int = field(default=0, metadata={"help": "at most this many cases per validation folder (0: all)"})
+    ship: bool = field(default=False, metadata={"help": "replace the shipped bundle when the rule says so"})
+
+
+def decide(candidate: dict, shipped: dict) -> dict:
+    """The campaign rule (module docstring) on two ``postprocess.json`` results; returns the decision."""
+    c, s = candidate["best"], shipped["best"]
+    checks = {
+        "score": c["score"] >= s["score"] + RULE["score_gain"],
+        "mean_dice": c["mean_dice"] >= s["mean_dice"] - RULE["dice_drop"],
+        "small_lesion_f1": _at_least(c.get("small_lesion_f1"), s.get("small_lesion_f1"), RULE["small_f1_drop"]),
+        "plausible": bool(c.get("plausible", False)) and not candidate.get("degenerate"),
+    }
+    return {"ship": all(checks.values()), "checks": checks, "rule": RULE,
+            "candidate": {k: c.get(k) for k in ("score", "mean_dice", "small_lesion_f1", "threshold")},
+            "shipped": {k: s.get(k) for k in ("score", "mean_dice", "small_lesion_f1", "threshold")}}
+
+
+def _at_least(value: float | None, reference: float | None, slack: float) -> bool:
+    if reference is None or reference != reference:  # no small lesions in the sets: nothing to keep
+        return True
+    return value is not None and value == value and value >= reference - slack
+
+
+def _stage(name: str, done: Path) -> bool:
+    if done.exists():
+        logger.info("campaign: %s already done (%s)", name, done)
+        return False
+    logger.info("campaign: %s ...", name)
+    return True
+
+
+def _run_verb(module: str, argv: list[str]) -> None:
+    import importlib
+
+    code = int(importlib.import_module(module).main([str(a) for a in argv]) or 0)
+    if code:
+        raise StrokePredictorError(f"campaign: '{module} {' '.join(map(str, argv))}' ended with exit code {code}.")
+
+
+def _ledger_path(config: CampaignConfig) -> Path:
+    return Path(config.models) / config.task / "campaign.json"
+
+
+def record(config: CampaignConfig, entry: dict) -> dict:
+    """Append (or replace, by run name) the run in the ledger; returns the ledger."""
+    path = _ledger_path(config)
+    ledger = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+    ledger["runs"] = [r for r in ledger["runs"] if r.get("run") != entry["run"]] + [entry]
+    ledger["cumulative"] = {
+        "cpu_training_s": round(sum(r.get("training_s", 0) for r in ledger["runs"] if r.get("device") == "cpu"), 1),
+        "gpu_training_s": round(sum(r.get("training_s", 0) for r in ledger["runs"] if r.get("device") != "cpu"), 1),
+        "steps": int(sum(r.get("steps", 0) for r in ledger["runs"])),
+    }
+    write_json(ledger, path, overwrite=True)
+    _card_table(Path(config.models) / config.task / "README.md", ledger)
+    return ledger
+
+
+def _card_table(card: Path, ledger: dict) -> None:
+    if not card.is_file():
+        return
+    lines = [CARD_BEGIN, "### Training campaign (every run, shipped or not)", "",
+             "Written by `python -m Training campaign` from `campaign.json`; scores are the post-processing "
+             "search's on the fixed validation sets, each bundle with its own searched setting.", "",
+             "| run | date | device | steps | training time | candidate score | shipped score | decision |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in ledger["runs"]:
+        decision = r.get("decision", {})
+        cand, ship = decision.get("candidate", {}), decision.get("shipped", {})
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"| {r['run']} | {r.get('date', '-')} | {r.get('device', '-')} | {r.get('steps', '-')} | "
+                     f"{r.get('training_s', 0) / 60:.0f} min | {fmt(cand.get('score'))} | {fmt(ship.get('score'))} | "
+                     f"{r.get('outcome', '-')} |")
+    total = ledger["cumulative"]
+    lines += ["", f"Cumulative compute: {total['cpu_training_s'] / 3600:.2f} h of CPU training, "
+                  f"{total['gpu_training_s'] / 60:.0f} min of GPU training, {total['steps']:,} steps.", CARD_END]
+    text = card.read_text()
+    block = "\n".join(lines)
+    if CARD_BEGIN in text and CARD_END in text:
+        text = text[:text.index(CARD_BEGIN)] + block + text[text.index(CARD_END) + len(CARD_END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    card.write_text(text)
+
+
+def run(config: CampaignConfig) -> dict:
+    if not config.val:
+        raise cfg.ConfigError("--val: give the fixed validation folders (Training/recipes/make_eval_sets.sh).")
+    for folder in config.val:
+        if not Path(folder).is_dir():
+            raise cfg.ConfigError(f"--val: {folder} is not a folder.")
+    shipped_bundle = Path(config.models) / config.task
+    if not (shipped_bundle / "model.json").is_file():
+        raise cfg.ConfigError(f"--models: {shipped_bundle} holds no bundle.")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_dir = out / "train"
+    summary = train_dir / "summary.json"
+    started = time.perf_counter()
+    if _stage("train", summary):
+        resume = (train_dir / config.task / "checkpoints" / "last.pt").is_file()
+        argv = ["--pack", config.pack, "--out", train_dir, "--device", config.device, "--variants", config.task,
+                "--time-limit", config.minutes * 60, "--lr", config.lr, "--seed", config.seed,
+                "--threads", config.threads, "--val-samples", 16, "--val-every", 300, "--checkpoint-minutes", 10,
+                "--source", "pool" if config.device == "cpu" else "gpu"]
+        argv += ["--resume"] if resume else ["--init", config.models]
+        _run_verb("Training.train_synth", argv)
+    trained = json.loads(summary.read_text())[config.task]
+    candidate = out / "candidate"
+    if _stage("export", candidate / "model.json"):
+        _run_verb("Training.export", ["--run", train_dir / config.task, "--out", candidate,
+                                      "--name", f"strokepredictor-{config.task}", "--checkpoint", "best"])
+    shipped_copy = out / "shipped"
+    if not (shipped_copy / "model.json").is_file():
+        shutil.copytree(shipped_bundle, shipped_copy, dirs_exist_ok=True)
+    val = ",".join(str(v) for v in config.val)
+    results = {}
+    for name, bundle in (("candidate", candidate), ("shipped", shipped_copy)):
+        search = out / f"search_{name}"
+        if _stage(f"post-processing search ({name})", search / "postprocess.json"):
+            _run_verb("Training.postprocess", ["--bundle", bundle, "--data", val, "--out", search, "--write",
+                                               "--mc-samples", config.mc_samples, "--max-cases", config.max_cases,
+                                               "--device", config.device, "--force"])
+        results[name] = json.loads((search / "postprocess.json").read_text())
+    decision = decide(results["candidate"], results["shipped"])
+    shipped_now = False
+    if decision["ship"] and config.ship:
+        for name in ("weights.safetensors", "model.json"):
+            shutil.copy2(candidate / name, shipped_bundle / name)
+        shipped_now = True
+    outcome = "shipped" if shipped_now else ("would ship (run without --ship)" if decision["ship"] else "kept")
+    write_json({**decision, "outcome": outcome}, out / "decision.json", overwrite=True)
+    entry = {"run": out.name, "date": datetime.now(timezone.utc).date().isoformat(), "device": config.device,
+             "steps": int(trained["steps"]), "training_s": float(trained["seconds"]),
+             "best_synthetic_val_dice": trained.get("best_val_dice"), "seed": config.seed, "lr": config.lr,
+             "validation_sets": [Path(v).name for v in config.val], "decision": decision, "outcome": outcome}
+    ledger = record(config, entry)
+    logger.info("campaign: %s (candidate %.3f, shipped %.3f); %.0f s", outcome, decision["candidate"]["score"],
+                decision["shipped"]["score"], time.perf_counter() - started)
+    return {"decision": decision, "outcome": outcome, "cumulative": ledger["cumulative"]}
+
+
+def main(argv: list[str]) -> int:
+    config = cfg.parse(CampaignConfig, argv, "Improve the shipped bundle: train, search, decide by a fixed rule, "
+                       "record.", prog="python -m Training campaign")
+    print(json.dumps(run(config), indent=2))
+    return 0
