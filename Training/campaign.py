@@ -171,6 +171,8 @@ def run(config: CampaignConfig) -> dict:
                 "--time-limit", config.minutes * 60, "--lr", config.lr, "--seed", config.seed,
                 "--threads", config.threads, "--val-samples", 16, "--val-every", 300, "--checkpoint-minutes", 10,
                 "--source", "pool" if config.device == "cpu" else "gpu"]
+        if config.device == "cpu":  # the CPU recipe: 2 lesion-centred 64^3 patches per step from a 48-volume pool
+            argv += ["--batch-size", 2, "--patch", "64,64,64", "--pool-size", 48]
         argv += ["--resume"] if resume else ["--init", config.models]
         _run_verb("Training.train_synth", argv)
     trained = json.loads(summary.read_text())[config.task]
