@@ -265,3 +265,81 @@ def test_unregistrable_flair_is_left_out_with_a_warning(monkeypatch: pytest.Monk
     assert not case.flair_present and np.all(case.image[2] == 0)
     assert case.warnings == ["FLAIR flair.nii.gz could not be registered to the DWI: too few voxels. "
                              "The prediction was made without FLAIR."]
+
+
+# ---- issue 17: plausibility of the inputs -------------------------------------------------------------
+def _plausibility(dwi: Volume, adc: Volume):  # noqa: ANN202
+    from StrokePredictorLib.preprocess import brain_mask, detect_adc_unit, input_statistics
+
+    brain = brain_mask(np.clip(dwi.array, 0, None), dwi.geometry.spacing)
+    unit, factor = detect_adc_unit(np.clip(adc.array, 0, None), brain)
+    return input_statistics(dwi.array, adc.array, factor, brain), unit
+
+
+def test_sample_case_is_plausible_and_its_figures_are_physiological(repo_root: Path) -> None:
+    from StrokePredictorLib.preprocess import check_inputs
+
+    folder = repo_root / "StrokePredictor" / "Resources" / "SampleData"
+    dwi = read_volume(folder / "StrokePredictorSample_dwi.nii.gz")
+    adc = read_volume(folder / "StrokePredictorSample_adc.nii.gz")
+    stats, unit = _plausibility(dwi, adc)
+    assert check_inputs(stats, unit) == []
+    # measured: median 0.98, 7.9% CSF-like voxels, rho -0.74, CSF 0.60 of tissue on the DWI
+    assert 0.9 < stats.adc_median < 1.05 and 0.05 < stats.csf_fraction < 0.12
+    assert stats.rho < -0.5 and 0.45 < stats.dwi_csf_over_tissue < 0.7
+
+
+def test_real_case_is_plausible(isles_case_dir: Path) -> None:
+    from StrokePredictorLib.preprocess import check_inputs
+
+    record = discover_isles(isles_case_dir)[0]
+    stats, unit = _plausibility(read_volume(record.dwi), read_volume(record.adc))
+    assert check_inputs(stats, unit) == []
+    # measured: median 0.896 x10^-3 mm^2/s, 14.7% CSF-like, rho -0.46, CSF 0.59 of tissue on the b=800 DWI
+    assert 0.85 < stats.adc_median < 0.95 and stats.rho < -0.3 and 0.5 < stats.dwi_csf_over_tissue < 0.7
+    swapped, unit = _plausibility(read_volume(record.adc), read_volume(record.dwi))
+    with pytest.raises(InputImageError, match="look swapped"):
+        check_inputs(swapped, unit)
+
+
+def test_test_phantoms_are_plausible() -> None:
+    from StrokePredictorLib.preprocess import check_inputs
+
+    for scalp in (False, True):
+        dwi, adc = _dwi_adc(scalp=scalp)
+        stats, unit = _plausibility(dwi, adc)
+        assert check_inputs(stats, unit) == [], scalp
+        assert stats.rho > 0.5  # the noise-free phantom is positively correlated at the mask border...
+        assert stats.dwi_csf_over_tissue < 0.6  # ...but its CSF is dark on DWI, as it must be
+
+
+# The phantom's brain median is 0.72 x10^-3 mm^2/s (white matter): x4 gives 2.88 and x0.48 gives 0.35
+# (impossible), x0.8 gives 0.58 and x1.9 gives 1.37 (unusual).
+@pytest.mark.parametrize(("scale", "outcome"), [
+    (1e4, "physically possible"), (1e-2, "physically possible"), (4.0, "physically possible"),
+    (0.48, "physically possible"), (0.8, "outside the usual"), (1.9, "outside the usual"), (1.0, None),
+])
+def test_adc_scale_errors_are_caught(scale: float, outcome: str | None) -> None:
+    from StrokePredictorLib.preprocess import check_inputs
+
+    dwi, adc = _dwi_adc()
+    stats, unit = _plausibility(dwi, Volume(adc.array * np.float32(scale), adc.geometry))
+    if outcome == "physically possible":
+        with pytest.raises(InputImageError, match=outcome):
+            check_inputs(stats, unit)
+    else:
+        warnings = check_inputs(stats, unit)
+        assert (warnings == []) if outcome is None else any(outcome in w for w in warnings)
+
+
+def test_preprocess_refuses_the_dwi_as_adc_and_passes_reader_warnings_on() -> None:
+    dwi, adc = _dwi_adc()
+    with pytest.raises(InputImageError, match="are the same image"):
+        preprocess(dwi, Volume(dwi.array * np.float32(0.004), dwi.geometry), grid=ModelGrid((64, 64, 48), (3.0,) * 3))
+    flagged = Volume(dwi.array, dwi.geometry, None, ["DWI file x.nii has neither a qform nor an sform code set."])
+    case = preprocess(flagged, adc, grid=ModelGrid((64, 64, 48), (3.0,) * 3))
+    assert case.warnings == flagged.warnings
+    assert case.statistics is not None and case.brain_volume_ml > 100
+    unchecked = preprocess(dwi, Volume(dwi.array * np.float32(0.004), dwi.geometry),
+                           grid=ModelGrid((64, 64, 48), (3.0,) * 3), check_plausibility=False)
+    assert unchecked.warnings == []
