@@ -152,8 +152,9 @@ class _ProcessHandle:
                 else:
                     self._finished = True
                     if self._stop_schedule is not None:
+                        # Stop, but keep the reference: dropping it here could delete the timer
+                        # from inside its own timeout signal.
                         self._stop_schedule()
-                        self._stop_schedule = None
                     self._on_finished(int(payload))  # type: ignore[arg-type]
         finally:
             self._delivering = False
