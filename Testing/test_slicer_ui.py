@@ -104,3 +104,28 @@ def test_clinical_fields_follow_the_schema_kinds():
         else:
             assert field.kind == "text" and field.placeholder == feature.missing_label
         assert feature.label in field.label and feature.describe_range() in field.tooltip
+
+
+def test_prediction_warnings_are_read_defensively():
+    import sys
+
+    sys.path.insert(0, str(MODULE.parent))
+    try:
+        from StrokePredictorSlicer import panel
+    finally:
+        sys.path.remove(str(MODULE.parent))
+
+    assert panel.prediction_warnings({}) == []
+    assert panel.prediction_warnings({"warnings": []}) == []
+    assert panel.prediction_warnings({"warnings": ["ADC looks like x10^-6 mm^2/s", "  ", None, 7]}) == [
+        "ADC looks like x10^-6 mm^2/s", "7"]
+    assert panel.prediction_warnings({"warnings": "one text"}) == ["one text"]
+    assert panel.prediction_warnings({"warnings": [{"message": "lesion larger than half the brain", "code": 3},
+                                                   {"code": 4}]}) == [
+        "lesion larger than half the brain", '{"code": 4}']
+    texts = panel.result_texts({"lesion_volume_ml": {"mask": 3.21, "median": "bad", "ci95": None},
+                                "n_components": None, "warnings": ["w1", "w2"]},
+                               [{"name": "age", "label": "Age", "weight": 0.7}, {"name": "sex", "weight": "0.3"}])
+    assert texts["volume"] == "3.2 mL (MC median nan, 95% interval nan-nan mL), 0 component(s)"
+    assert texts["features"] == "Age 0.70, sex 0.30"
+    assert texts["warnings"] == "\u26a0 w1\n\u26a0 w2"

@@ -122,6 +122,8 @@ def prediction_warnings(summary: Mapping[str, Any]) -> list[str]:
         return [str(raw)] if raw else []
     warnings = []
     for item in raw:
+        if item is None:
+            continue
         if isinstance(item, Mapping):
             text = str(item.get("message") or item.get("text") or json.dumps(dict(item), sort_keys=True))
         else:
