@@ -1053,8 +1053,8 @@ def child_widget_variables(widget: Any) -> Any:
 
 def install_pythonqt() -> PythonQtEnvironment:
     """Make ``qt`` the PythonQt stand-in (a PyQt5 ``QApplication``, offscreen) and give
-    ``slicer.util`` its ``loadUI``/``childWidgetVariables``. Call :func:`uninstall_pythonqt`
-    afterwards (or use the ``monkeypatch``-free fixture in ``test_slicer_widget.py``)."""
+    ``slicer.util`` its ``loadUI``/``childWidgetVariables``; :func:`uninstall_pythonqt` undoes it
+    (the ``qt_env`` fixture of ``test_slicer_widget.py`` does both)."""
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     import slicer
 
