@@ -525,7 +525,7 @@ def test_missing_dependencies_respect_minimum_versions(module, tmp_path):
     del versions["scipy"], versions["torch"]
     assert dependencies.missing(requirements, version_of) == ["nibabel>=5.0", "scipy", "torch>=2.0"]
     assert dependencies.missing_essential(version_of) == ["torch"]
-    requirements.write_text("nibabel>=5.0\n")  # torch is always needed, listed or not
+    requirements.write_text('nibabel>=5.0\nscipy; python_version < "3"\n')  # torch: always needed, listed or not
     assert dependencies.missing(requirements, version_of) == ["nibabel>=5.0", "torch"]
 
 

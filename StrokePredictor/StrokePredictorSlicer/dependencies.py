@@ -44,6 +44,8 @@ def satisfied(requirement: str, version_of: Callable[[str], str] = importlib.met
     """True when ``requirement`` (e.g. ``nibabel>=5.0``) is installed in a matching version."""
     Requirement, Version = _requirement_tools()
     parsed = Requirement(requirement)
+    if parsed.marker is not None and not parsed.marker.evaluate():
+        return True  # not needed on this platform / Python
     try:
         installed = version_of(parsed.name)
     except importlib.metadata.PackageNotFoundError:
