@@ -69,3 +69,22 @@ def test_prediction_cli_runs_with_the_exported_bundle(trained: tuple[Path, Path]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["bundle"]["task"] == "outcome" and summary["mc_samples"] == 3
     assert (out / "probability.nii.gz").is_file()
+
+
+def test_export_overwrite_replaces_only_a_bundle(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """Issue 17, finding 1: ``export --overwrite --out FOLDER`` deleted any folder, thesis included."""
+    from Training.__main__ import main as training_main
+
+    _, run_dir = trained
+    thesis = tmp_path / "thesis"
+    (thesis / "figures").mkdir(parents=True)
+    (thesis / "thesis.tex").write_text("four years")
+    code = training_main(["export", "--run", str(run_dir), "--out", str(thesis), "--overwrite"])
+    assert code == 2
+    assert (thesis / "thesis.tex").read_text() == "four years" and (thesis / "figures").is_dir()
+    assert sorted(p.name for p in thesis.iterdir()) == ["figures", "thesis.tex"]
+    bundle_dir = export(ExportConfig(run=run_dir, out=tmp_path / "bundle"))
+    (bundle_dir / "README.md").write_text("model card")
+    assert training_main(["export", "--run", str(run_dir), "--out", str(bundle_dir), "--overwrite"]) == 0
+    assert (bundle_dir / "README.md").read_text() == "model card"
+    assert load_bundle(bundle_dir).task == "outcome"
