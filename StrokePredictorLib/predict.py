@@ -34,7 +34,7 @@ from pathlib import Path
 
 from StrokePredictorLib.errors import ClinicalValueError, OutputExistsError, StrokePredictorError
 
-MAX_MC_SAMPLES = 100  # StrokePredictorLib.inference.MAX_MC_SAMPLES, without importing torch for --help
+MAX_MC_SAMPLES = 200  # StrokePredictorLib.inference.MAX_MC_SAMPLES, without importing torch for --help
 
 logger = logging.getLogger(__name__)
 

@@ -124,7 +124,7 @@ ERRORS: list[tuple[str, Callable[[dict], list], str]] = [
     ("sheared sform, qform 0", lambda e: ["--dwi", _sheared(e)], "shear"),
     ("seed 2**64", lambda e: ["--seed", str(2**64)], "--seed must lie between 0 and 2**63 - 1"),
     # finding 7
-    ("1000 Monte-Carlo samples", lambda e: ["--mc-samples", "1000"], "--mc-samples must lie between 1 and 100"),
+    ("1000 Monte-Carlo samples", lambda e: ["--mc-samples", "1000"], "--mc-samples must lie between 1 and 200"),
 ]
 
 
@@ -338,4 +338,10 @@ def test_unmatched_csv_rows_are_listed(env: dict, capsys: pytest.CaptureFixture,
 
 def test_help_states_the_sample_cap(capsys: pytest.CaptureFixture) -> None:
     assert main(["--help"]) == 0
-    assert "1 to 100" in " ".join(capsys.readouterr().out.split())
+    assert "1 to 200" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_command_line_and_the_library_share_the_sample_cap() -> None:
+    from StrokePredictorLib import inference, predict
+
+    assert predict.MAX_MC_SAMPLES == inference.MAX_MC_SAMPLES == 200

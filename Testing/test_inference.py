@@ -88,9 +88,9 @@ def test_attention_follows_clinical_values(case: dict) -> None:
 
 
 def test_bad_settings(case: dict, tmp_path: Path) -> None:
-    with pytest.raises(StrokePredictorError, match="between 1 and 100, got 0"):
+    with pytest.raises(StrokePredictorError, match="between 1 and 200, got 0"):
         Predictor(case["bundle"], device="cpu", mc_samples=0)
-    with pytest.raises(StrokePredictorError, match="between 1 and 100, got 1000"):  # 1000 samples took 5.7 GB
+    with pytest.raises(StrokePredictorError, match="between 1 and 200, got 1000"):  # 1000 samples took 5.7 GB
         Predictor(case["bundle"], device="cpu", mc_samples=1000)
     with pytest.raises(StrokePredictorError, match=r"seed must lie between 0 and 2\*\*63 - 1"):
         Predictor(case["bundle"], device="cpu", seed=2**64)
