@@ -476,3 +476,33 @@ def test_older_slicer_is_refused_in_the_panel_and_5_8_is_accepted(module, qt_env
     widget = _panel(module, qt_env)
     assert widget.logic is not None and widget.ui.applyButton.enabled is False
     assert slicer_env.slot_errors() == [] and messages == []
+
+
+@pytest.mark.slow
+def test_apply_runs_the_real_prediction_through_the_panel(module, qt_env, scene_env, case_dir, tmp_path, messages):
+    """No injection: the panel's own runner (QTimer polling) runs ``python -m
+    StrokePredictorLib.predict`` on a tiny random bundle chosen as a bundle folder."""
+    import inference_phantom
+
+    bundle = inference_phantom.write_tiny_bundle(tmp_path / "bundle")
+    widget = _panel(module, qt_env)
+    ui = widget.ui
+    nodes = _load(case_dir)
+    ui.dwiSelector.setCurrentNode(nodes["dwi"])
+    ui.adcSelector.setCurrentNode(nodes["adc"])
+    ui.modelSelector.currentIndex = module.MODEL_CHOICES.index("bundle folder")
+    ui.bundlePathEdit.currentPath = str(bundle)
+    ui.mcSamplesSpinBox.value = 3
+    _set_field(widget, clinical.FEATURES[0], "70")
+    ui.applyButton.click()
+    seen = set()
+    assert qt_env.wait_until(lambda: seen.add(ui.progressBar.value) or not widget._job.running, timeout=180)
+    assert widget._job.state == "succeeded", widget._job.error
+    assert len(seen - {0}) >= 2  # progress arrived while it ran
+    p = widget._parameterNode
+    assert p.probability is not None and p.segmentation is not None
+    assert ui.volumeValueLabel.text.endswith("component(s)") and ui.statusLabel.text.startswith("Done")
+    warnings = module.panel.prediction_warnings(widget._job.result.summary)
+    assert ui.warningsLabel.visible == bool(warnings)
+    assert _composite(scene_env).GetForegroundVolumeID() == p.probability.GetID()
+    assert slicer_env.slot_errors() == [] and messages == []
