@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -225,3 +226,98 @@ def test_cli_flags_override_config_file(tmp_path: Path) -> None:
     assert (config.epochs, config.task, config.lr, config.imaging_only) == (7, "outcome", 0.002, True)
     with pytest.raises(configlib.ConfigError, match="task"):
         configlib.parse(TrainConfig, ["--task", "chronic"], "t")
+
+
+# ---- resume, elapsed time, time-based checkpoints, progress, warm-up (issue 18) -----------------
+def _cli(cache: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--cache", str(cache), "--out", str(run_dir), "--network", TINY_NETWORK, "--device", "cpu",
+            "--workers", "0", "--no-progress", "--no-tensorboard", "--lr", "0.003", *extra]
+
+
+def test_resume_reads_the_runs_own_config_and_only_extends_the_budget(
+        cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    trainlib.main(_cli(cache, run_dir, "--epochs", "1", "--steps-per-epoch", "2"))
+    monkeypatch.chdir(tmp_path)  # no folder named "cache" here: the default must not be used on resume
+    with caplog.at_level(logging.INFO, logger="Training.train"):
+        trainlib.main(["--out", str(run_dir), "--resume", "--epochs", "2"])
+    assert "resume: --epochs 1 -> 2 (budget extended)" in caplog.text
+    assert [int(r["step"]) for r in _log(run_dir)] == [2, 4]
+    saved = json.loads((run_dir / "train_config.json").read_text())
+    assert saved["epochs"] == 2 and saved["cache"] == str(cache) and saved["lr"] == 0.003
+    with pytest.raises(configlib.ConfigError, match=r"--lr 0\.5 \(saved: 0\.003\) cannot change"):
+        trainlib.main(["--out", str(run_dir), "--resume", "--lr", "0.5"])
+    # the default learning rate typed again is still not this run's
+    with pytest.raises(configlib.ConfigError, match=r"--lr 0\.001 \(saved: 0\.003\)"):
+        trainlib.main(["--out", str(run_dir), "--resume", "--lr", "0.001"])
+    with pytest.raises(configlib.ConfigError, match=r"not shorten it: --epochs 1 \(saved: 2\)"):
+        trainlib.main(["--out", str(run_dir), "--resume", "--epochs", "1"])
+    with pytest.raises(configlib.ConfigError, match="--task outcome"):
+        trainlib.main(["--out", str(run_dir), "--resume", "--task", "outcome"])
+    # the same values typed again, and a changed operational flag, are fine; nothing is left to train
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="Training.train"):
+        trainlib.main(_cli(cache, run_dir, "--epochs", "2", "--steps-per-epoch", "2", "--resume",
+                           "--checkpoint-minutes", "5"))
+    assert "Nothing to train" in caplog.text and len(_log(run_dir)) == 2
+    with pytest.raises(trainlib.CacheError, match="Cannot resume"):
+        trainlib.main(["--out", str(tmp_path / "none"), "--resume"])
+
+
+@pytest.mark.slow
+def test_time_checkpoints_within_an_epoch_resume_exactly_and_time_adds_up(
+        cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _config(cache, tmp_path / "full", epochs=1, steps_per_epoch=6, deterministic=True)
+    full = run(config)
+    saved_steps: list[int] = []
+    real_save = trainlib.save_checkpoint
+
+    def save_then_die(state: dict, path: Path) -> Path:  # Ctrl-C right after the step-3 checkpoint
+        real_save(state, path)
+        saved_steps.append(state["step"])
+        if state["step"] == 3:
+            raise KeyboardInterrupt
+        return path
+
+    interrupted = replace(config, out=tmp_path / "resumed", checkpoint_minutes=1e-9)
+    monkeypatch.setattr(trainlib, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(interrupted)
+    monkeypatch.setattr(trainlib, "save_checkpoint", real_save)
+    assert saved_steps == [1, 2, 3]  # written within the epoch, not only at its end
+    last = tmp_path / "resumed" / "checkpoints" / "last.pt"
+    state = trainlib.load_checkpoint(last)
+    assert state["step"] == 3 and state["epoch"] == 0 and state["elapsed_s"] > 0
+    assert not list(last.parent.glob("*.tmp*")) and not list(last.parent.glob(".*"))  # atomic
+    state["elapsed_s"] = 5000.0  # as if the first session had trained for 5000 s
+    torch.save(state, last)
+    resumed = run(replace(interrupted, resume=True))
+    assert resumed.steps == full.steps == 6
+    a, b = _weights(full.run_dir / "checkpoints" / "last.pt"), _weights(last)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
+    rows, full_rows = _log(resumed.run_dir), _log(full.run_dir)
+    assert len(rows) == 1 and float(rows[0]["elapsed_s"]) > 5000.0  # cumulative across the resume
+    assert float(rows[0]["train_loss"]) == pytest.approx(float(full_rows[0]["train_loss"]), abs=1e-6)
+    assert json.loads((resumed.run_dir / "result.json").read_text())["seconds"] > 5000.0
+
+
+def test_progress_lines_without_a_progress_bar(cache: Path, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    assert TrainConfig().progress_seconds <= 30.0
+    with caplog.at_level(logging.INFO, logger="Training.train"):
+        run(_config(cache, tmp_path / "p", epochs=1, steps_per_epoch=3, progress=False, progress_seconds=0.0))
+    lines = [r.getMessage() for r in caplog.records if " s/step" in r.getMessage()]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1 step 1/3", "epoch 1 step 2/3", "epoch 1 step 3/3"]
+    assert all("min left" in line and "elapsed" in line for line in lines)
+
+
+def test_warmup_is_a_fraction_of_the_run(cache: Path, tmp_path: Path) -> None:
+    assert trainlib.warmup_length(TrainConfig(), 20) == 1
+    assert trainlib.warmup_length(TrainConfig(), 2000) == 100
+    assert trainlib.warmup_length(TrainConfig(warmup_steps=50), 20) == 4  # a fixed count is capped
+    assert trainlib.warmup_length(TrainConfig(warmup_steps=50), 2000) == 50
+    default_warmup = TrainConfig().warmup_steps
+    result = run(_config(cache, tmp_path / "w", warmup_steps=default_warmup, epochs=2, steps_per_epoch=5, lr=1e-3))
+    rows = _log(result.run_dir)
+    assert float(rows[0]["lr"]) > 0.5e-3  # after half of a 10-step run, warm-up is long over

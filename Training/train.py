@@ -10,10 +10,20 @@
   of a step is the same whatever the number of processes.
 * Every epoch: validation Dice on the ``val`` split, an atomically written checkpoint
   (``RUN/checkpoints/last.pt``: model, optimiser, scheduler, scaler, RNG states of every
-  process, epoch, step, config), ``best.pt`` when the validation Dice improves, a CSV row
-  (``RUN/log.csv``) and TensorBoard scalars (``RUN/tensorboard``). ``--resume`` continues from
-  ``last.pt`` exactly where it stopped. Early stopping after ``patience`` epochs without gain.
-* ``--max-steps``, ``--steps-per-epoch`` and ``--time-limit`` (seconds) fit a run into a budget.
+  process, epoch, step, cumulative elapsed time, config), ``best.pt`` when the validation Dice
+  improves, a CSV row (``RUN/log.csv``) and TensorBoard scalars (``RUN/tensorboard``).
+  ``last.pt`` is also written every ``--checkpoint-minutes`` within an epoch, so an interruption
+  loses minutes, not an epoch. Early stopping after ``patience`` epochs without gain.
+* ``--resume`` continues ``last.pt`` exactly where it stopped, with the run's own saved config
+  (``RUN/train_config.json``): ``--out RUN --resume`` is enough. Flags given again may only
+  extend the budget (``--epochs``, ``--max-steps``, ``--time-limit``; logged) or change how the
+  run is carried out (device, workers, progress, checkpoint interval); any other typed value that
+  differs from the saved one is refused by name. Elapsed time and steps add up across resumes
+  (``elapsed_s`` in ``log.csv``, ``--time-limit`` counts the whole run).
+* ``--max-steps``, ``--steps-per-epoch`` and ``--time-limit`` (seconds) fit a run into a budget;
+  warm-up is a fraction of the run (``--warmup``), so it never outlasts a short one.
+* A progress line (step, loss, learning rate, seconds per step, time left) is logged at least
+  every ``--progress-seconds`` (30 s), also with ``--no-progress``.
 
 Training checkpoints are pickled (``torch.save``) and only ever loaded from the user's own run
 folder; the model bundle (``python -m Training export``) is the safetensors file that is shipped.
@@ -22,6 +32,7 @@ folder; the model bundle (``python -m Training export``) is the safetensors file
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -57,9 +68,14 @@ logger = logging.getLogger(__name__)
 
 LOG_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "val_dice", "best_val_dice", "elapsed_s",
                "samples_per_s")
-# Fields that must not change between a run and its resumption.
+# Fields that must not change between a run and its resumption (checked against the checkpoint too).
 RESUME_FIXED = ("task", "imaging_only", "preset", "network", "batch_size", "seed", "lr", "weight_decay",
-                "warmup_steps", "augment")
+                "warmup", "warmup_steps", "augment")
+# Budget fields that a resumed run may extend (0 = no limit for max_steps and time_limit).
+RESUME_BUDGET = ("epochs", "max_steps", "time_limit")
+# Fields about how the run is carried out, not what it computes: a resumed run may change them.
+RESUME_OPERATIONAL = ("device", "workers", "prefetch", "progress", "progress_seconds", "tensorboard", "log_every",
+                      "checkpoint_minutes")
 
 
 @dataclass(frozen=True)
@@ -80,7 +96,9 @@ class TrainConfig:
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay (not on norms and biases)"})
     adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
-    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps"})
+    warmup: float = field(default=0.05, metadata={"help": "linear warm-up as a fraction of the run's steps"})
+    warmup_steps: int = field(default=0, metadata={
+        "help": "fixed warm-up steps instead of --warmup (0: use --warmup); at most a fifth of the run"})
     min_lr_ratio: float = field(default=0.02, metadata={"help": "final learning rate / peak of the cosine"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping (0: off)"})
     lambda_dice: float = field(default=1.0, metadata={"help": "weight of the Dice loss"})
@@ -103,7 +121,12 @@ class TrainConfig:
     intensity_p: float = field(default=0.8, metadata={"help": "gamma/contrast/noise probability"})
     flair_drop_p: float = field(default=0.3, metadata={"help": "FLAIR drop-out probability"})
     clinical_drop_p: float = field(default=0.25, metadata={"help": "per-feature clinical drop-out probability"})
-    resume: bool = field(default=False, metadata={"help": "continue RUN/checkpoints/last.pt"})
+    checkpoint_minutes: float = field(default=10.0, metadata={
+        "help": "also write last.pt within an epoch at least this often (minutes; 0: per epoch only)"})
+    progress_seconds: float = field(default=30.0, metadata={
+        "help": "log a progress line at least this often (seconds), also with --no-progress"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue RUN/checkpoints/last.pt with the run's own saved config (--out RUN --resume)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing run in --out"})
     tensorboard: bool = field(default=True, metadata={"help": "write TensorBoard scalars"})
     log_every: int = field(default=10, metadata={"help": "TensorBoard step-scalar interval"})
@@ -118,6 +141,10 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got '{self.precision}'")
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError("batch_size and epochs must be at least 1")
+        if not 0.0 <= self.warmup < 1.0 or self.warmup_steps < 0:
+            raise ValueError("warmup must be a fraction in [0, 1) and warmup_steps at least 0")
+        if self.checkpoint_minutes < 0 or self.progress_seconds < 0 or self.time_limit < 0 or self.max_steps < 0:
+            raise ValueError("checkpoint_minutes, progress_seconds, time_limit and max_steps may not be negative")
 
     def augment_config(self) -> AugmentConfig | None:
         if not self.augment:
@@ -168,6 +195,14 @@ def lr_factor(step: int, warmup: int, horizon: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min((step - warmup) / max(horizon - warmup, 1), 1.0)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_length(config: TrainConfig, horizon: int) -> int:
+    """Warm-up steps of a run of ``horizon`` steps: ``warmup`` x horizon, or a fixed
+    ``warmup_steps`` capped at a fifth of the run (a fixed count must not outlast a short run)."""
+    if config.warmup_steps:
+        return max(1, min(config.warmup_steps, horizon // 5))
+    return max(1, round(config.warmup * horizon))
 
 
 def dice_score(prediction: np.ndarray, target: np.ndarray) -> float:
@@ -246,6 +281,82 @@ def _check_resume(saved: dict, config: TrainConfig) -> None:
     if changed:
         details = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
         raise configlib.ConfigError(f"Cannot resume with a different {details}; start a new run instead.")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _extends(name: str, saved: Any, new: Any) -> bool:
+    """Whether ``new`` extends the budget ``saved`` (0 = no limit for max_steps and time_limit)."""
+    if name == "epochs":
+        return new > saved
+    return (new == 0 and saved != 0) or (saved != 0 and new > saved)
+
+
+def resume_config(config: TrainConfig, given: frozenset[str] | None = None) -> TrainConfig:
+    """The config a ``--resume`` continues with: the run's own saved config, extended.
+
+    Args:
+        config: the config as typed (``out`` names the run; ``resume`` is set).
+        given: the fields the user typed (flags or ``--config`` file); None (a call from Python)
+            compares every field.
+
+    Returns:
+        The saved config, with budget fields (``epochs``, ``max_steps``, ``time_limit``) extended
+        and operational fields (device, workers, progress, ...) changed where typed; each change
+        is logged.
+
+    Raises:
+        CacheError: the run folder holds no run to resume.
+        ConfigError: a typed value differs from the saved one where it may not, or a budget is
+            shortened; the message names the flags.
+    """
+    run_dir = Path(config.out)
+    saved_path = run_dir / "train_config.json"
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.is_file():
+        raise CacheError(f"Cannot resume: {last} does not exist (start without --resume).")
+    if saved_path.is_file():
+        try:
+            values = json.loads(saved_path.read_text())
+        except json.JSONDecodeError as error:
+            raise configlib.ConfigError(f"Cannot resume: {saved_path} is not valid JSON ({error}).") from None
+        source = str(saved_path)
+    else:  # an older run folder: the checkpoint carries the config too
+        values, source = dict(load_checkpoint(last)["config"]), str(last)
+    saved = configlib.build(TrainConfig, values, source=f"the saved config {source}")
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("resume", "out", "overwrite")]
+    if given is not None:
+        names = [name for name in names if name in given]
+    changes: dict[str, Any] = {}
+    refused: list[str] = []
+    shortened: list[str] = []
+    for name in names:
+        old, new = getattr(saved, name), getattr(config, name)
+        if old == new:
+            continue
+        if name in RESUME_BUDGET and not _extends(name, old, new):
+            shortened.append(name)
+        elif name in RESUME_BUDGET or name in RESUME_OPERATIONAL:
+            changes[name] = new
+        else:
+            refused.append(name)
+    if refused:
+        details = "; ".join(f"{_flag(n)} {getattr(config, n)!s} (saved: {getattr(saved, n)!s})" for n in refused)
+        raise configlib.ConfigError(
+            f"--resume continues {run_dir} with its own saved config ({source}); {details} cannot change. "
+            f"Only {', '.join(map(_flag, RESUME_BUDGET))} may be extended (and "
+            f"{', '.join(map(_flag, RESUME_OPERATIONAL))} changed); start a new run with another --out otherwise."
+        )
+    if shortened:
+        details = "; ".join(f"{_flag(n)} {getattr(config, n)} (saved: {getattr(saved, n)})" for n in shortened)
+        raise configlib.ConfigError(f"--resume may extend the budget, not shorten it: {details} "
+                                    "(0 means no limit for --max-steps and --time-limit).")
+    for name, value in changes.items():
+        kind = "budget extended" if name in RESUME_BUDGET else "changed"
+        logger.info("resume: %s %s -> %s (%s)", _flag(name), getattr(saved, name), value, kind)
+    return dataclasses.replace(saved, out=config.out, resume=True, overwrite=False, **changes)
 
 
 def _batch_to(batch: dict, device: torch.device) -> dict:
@@ -342,10 +453,12 @@ def validate(model: torch.nn.Module, dataset: CacheDataset, loss_fn: Any, info: 
 # ----------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------
-def run(config: TrainConfig) -> TrainResult:
+def run(config: TrainConfig, given: frozenset[str] | None = None) -> TrainResult:
     """Train a model as configured; returns the run folder and the best checkpoint.
 
-    In a ``torchrun`` launch every process calls this; rank 0 writes the files.
+    In a ``torchrun`` launch every process calls this; rank 0 writes the files. With
+    ``config.resume`` the run continues with its own saved config (:func:`resume_config`;
+    ``given`` names the fields the user typed, None compares all).
 
     Raises:
         CacheError: no cache, no training case for the task.
@@ -357,6 +470,8 @@ def run(config: TrainConfig) -> TrainResult:
 
     from StrokePredictorLib.network import StrokeNet
 
+    if config.resume:
+        config = resume_config(config, given)
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     info = distlib.setup(config.device)
@@ -427,7 +542,7 @@ def _run(config: TrainConfig, info: distlib.DistInfo, StrokeNet: Any, DiceCELoss
                                   fused=cuda and not config.deterministic)
     horizon = [planned]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, config.warmup_steps, horizon[0], config.min_lr_ratio))
+        optimizer, lambda step: lr_factor(step, warmup_length(config, horizon[0]), horizon[0], config.min_lr_ratio))
     if config.precision == "auto":
         precision = "bf16" if cuda else "fp32"
     else:
@@ -442,6 +557,8 @@ def _run(config: TrainConfig, info: distlib.DistInfo, StrokeNet: Any, DiceCELoss
     best_epoch = 0
     bad_epochs = 0
     calibrated = False
+    elapsed_before = 0.0  # seconds of earlier sessions of this run (resume)
+    loss_sum, count = 0.0, 0  # the current epoch's training loss so far
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -452,13 +569,20 @@ def _run(config: TrainConfig, info: distlib.DistInfo, StrokeNet: Any, DiceCELoss
         bad_epochs = int(checkpoint["bad_epochs"])
         horizon[0] = int(checkpoint.get("horizon", planned)) if not config.max_steps else planned
         calibrated = bool(checkpoint.get("calibrated", False))
+        if int(checkpoint.get("planned", planned)) != planned:  # budget extended: a new cosine over the whole run
+            horizon[0], calibrated = planned, False
+            logger.info("Budget extended: the learning-rate schedule now spans %d steps.", planned)
+        elapsed_before = float(checkpoint.get("elapsed_s", 0.0))
+        if step % steps_per_epoch:  # written within an epoch: that epoch's loss so far
+            loss_sum, count = float(checkpoint.get("epoch_loss_sum", 0.0)), int(checkpoint.get("epoch_steps", 0))
         states = checkpoint["rng"]
         if len(states) == info.world_size:
             set_rng_state(states[info.rank])
         else:
             logger.warning("Checkpoint saved by %d process(es), resumed by %d: RNG states not restored.",
                            len(states), info.world_size)
-        logger.info("Resumed %s at epoch %d, step %d.", run_dir, epoch, step)
+        logger.info("Resumed %s at epoch %d, step %d, after %.0f s of training.", run_dir, epoch, step,
+                    elapsed_before)
     if config.compile:
         model_to_run: torch.nn.Module = torch.compile(model)  # type: ignore[assignment]
     else:
@@ -478,6 +602,10 @@ def _run(config: TrainConfig, info: distlib.DistInfo, StrokeNet: Any, DiceCELoss
             csv.writer(handle).writerow(LOG_COLUMNS)
     summary = data_summary(Path(config.cache), config.task)
 
+    def elapsed_total() -> float:
+        """Seconds of this run, earlier sessions included."""
+        return elapsed_before + time.monotonic() - start_time
+
     def make_state(val_loss: float, val_dice: float) -> dict:
         return {
             "model": model.state_dict(),
@@ -491,7 +619,11 @@ def _run(config: TrainConfig, info: distlib.DistInfo, StrokeNet: Any, DiceCELoss
             "best_epoch": best_epoch,
             "bad_epochs": bad_epochs,
             "horizon": horizon[0],
+            "planned": planned,
             "calibrated": calibrated,
+            "elapsed_s": elapsed_total(),
+            "epoch_loss_sum": loss_sum,
+            "epoch_steps": count,
             "val_loss": val_loss,
             "val_dice": val_dice,
             "config": configlib.to_dict(config),
@@ -511,12 +643,28 @@ def _run(config: TrainConfig, info: distlib.DistInfo, StrokeNet: Any, DiceCELoss
     model_to_run.train()
     if step >= planned:
         stopped = "max_steps" if config.max_steps and step >= config.max_steps else "epochs"
+    elif config.time_limit > 0 and elapsed_before >= config.time_limit:
+        stopped = "time_limit"
+    if stopped and checkpoint is not None:
+        logger.info("Nothing to train: the run has used its budget (%s). Extend --epochs, --max-steps or "
+                    "--time-limit to continue it.", stopped)
+    elif info.is_main:
+        budget = f"{planned} steps ({steps_per_epoch} per epoch)"
+        if config.time_limit > 0:
+            budget += f" or {config.time_limit:.0f} s in all"
+        logger.info("Training %s from step %d; warm-up %d steps; last.pt every epoch%s; progress every %.0f s.",
+                    budget, step, warmup_length(config, horizon[0]),
+                    f" and every {config.checkpoint_minutes:g} min" if config.checkpoint_minutes > 0 else "",
+                    config.progress_seconds)
+    session_start_step = step
+    last_checkpoint = last_progress = time.monotonic()
     while not stopped:
         epoch_start = time.monotonic()
+        epoch_first_step = step
         stop_step = min(step + steps_per_epoch - (step % steps_per_epoch), planned)
+        if step % steps_per_epoch == 0:
+            loss_sum, count = 0.0, 0
         sampler.set_range(step, stop_step)
-        loss_sum = 0.0
-        count = 0
         bar = tqdm(total=stop_step - step, desc=f"epoch {epoch + 1}", unit="step", leave=False,
                    disable=not (config.progress and info.is_main))
         time_up = False
@@ -534,11 +682,32 @@ def _run(config: TrainConfig, info: distlib.DistInfo, StrokeNet: Any, DiceCELoss
             if writer is not None and step % max(config.log_every, 1) == 0:
                 writer.add_scalar("train/loss_step", value, step)
                 writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+            now = time.monotonic()
+            if info.is_main and now - last_progress >= config.progress_seconds:
+                last_progress = now
+                per_step = (now - start_time) / max(step - session_start_step, 1)
+                left = per_step * (min(planned, horizon[0]) - step)
+                if config.time_limit > 0:
+                    left = min(left, max(config.time_limit - elapsed_total(), 0.0))
+                message = (f"epoch {epoch + 1} step {step}/{planned}: loss {value:.4f} (epoch mean "
+                           f"{loss_sum / count:.4f}), lr {scheduler.get_last_lr()[0]:.2e}, {per_step:.2f} s/step, "
+                           f"{elapsed_total():.0f} s elapsed, about {left / 60:.0f} min left")
+                if bar.disable:
+                    logger.info(message)
+                else:
+                    bar.write(message)
             if config.time_limit > 0:
-                elapsed = time.monotonic() - start_time
-                time_up = distlib.broadcast_flag(elapsed + 1.5 * val_seconds + 2.0 > config.time_limit, info)
+                time_up = distlib.broadcast_flag(elapsed_total() + 1.5 * val_seconds + 2.0 > config.time_limit, info)
                 if time_up:
                     break
+            if config.checkpoint_minutes > 0 and step < stop_step and distlib.broadcast_flag(
+                    now - last_checkpoint >= 60.0 * config.checkpoint_minutes, info):
+                state = make_state(float("nan"), float("nan"))  # collective in DDP: every rank
+                if info.is_main:
+                    save_checkpoint(state, run_dir / "checkpoints" / "last.pt")
+                    logger.info("step %d: wrote %s (%.0f s elapsed).", step, run_dir / "checkpoints" / "last.pt",
+                                elapsed_total())
+                last_checkpoint = time.monotonic()
         bar.close()
         epoch += 1
         loss_total, count_total = distlib.all_sum([loss_sum, float(count)], info)
@@ -551,11 +720,12 @@ def _run(config: TrainConfig, info: distlib.DistInfo, StrokeNet: Any, DiceCELoss
             best_dice, best_epoch, bad_epochs = (val_dice if val_ids else float("nan")), epoch, 0
         else:
             bad_epochs += 1
+        session_steps = step - epoch_first_step
         if config.time_limit > 0 and not config.max_steps and not time_up:
             # Fit the cosine schedule to the time left, at the rate of the latest epoch
             # (validation included); refitted every epoch, as the first one includes warm-up costs.
-            rate = count / max(time.monotonic() - epoch_start, 1e-6)
-            remaining = config.time_limit - (time.monotonic() - start_time)
+            rate = session_steps / max(time.monotonic() - epoch_start, 1e-6)
+            remaining = config.time_limit - elapsed_total()
             horizon[0] = max(min(planned, step + int(0.97 * remaining * rate)), step + 1)
             if not calibrated:
                 logger.info("Time limit %.0f s: cosine schedule fitted to about %d steps.", config.time_limit,
@@ -575,10 +745,9 @@ def _run(config: TrainConfig, info: distlib.DistInfo, StrokeNet: Any, DiceCELoss
             if improved:
                 shutil.copyfile(run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / ".best.tmp")
                 os.replace(run_dir / "checkpoints" / ".best.tmp", run_dir / "checkpoints" / "best.pt")
-            elapsed = time.monotonic() - start_time
-            samples = count_total * sampler.local_batch
+            samples = session_steps * config.batch_size
             row = [epoch, step, scheduler.get_last_lr()[0], last_train_loss, val_loss, val_dice, best_dice,
-                   round(elapsed, 2), samples / max(time.monotonic() - epoch_start, 1e-6)]
+                   round(elapsed_total(), 2), samples / max(time.monotonic() - epoch_start, 1e-6)]
             with log_path.open("a", newline="") as handle:
                 csv.writer(handle).writerow(row)
             if writer is not None:
@@ -586,8 +755,10 @@ def _run(config: TrainConfig, info: distlib.DistInfo, StrokeNet: Any, DiceCELoss
                 writer.add_scalar("val/loss", val_loss, step)
                 writer.add_scalar("val/dice", val_dice, step)
                 writer.flush()
-            logger.info("epoch %d step %d: train loss %.4f, val loss %.4f, val Dice %.4f (best %.4f, epoch %d)",
-                        epoch, step, last_train_loss, val_loss, val_dice, best_dice, best_epoch)
+            logger.info("epoch %d step %d: train loss %.4f, val loss %.4f, val Dice %.4f (best %.4f, epoch %d), "
+                        "%.0f s elapsed", epoch, step, last_train_loss, val_loss, val_dice, best_dice, best_epoch,
+                        elapsed_total())
+        last_checkpoint = time.monotonic()
         distlib.barrier(info)
 
     best_path = run_dir / "checkpoints" / "best.pt"
@@ -597,8 +768,8 @@ def _run(config: TrainConfig, info: distlib.DistInfo, StrokeNet: Any, DiceCELoss
 
         write_json({"best_checkpoint": str(best_path), "best_val_dice": best_dice, "best_epoch": best_epoch,
                     "steps": step, "epochs": epoch, "stopped": stopped, "final_train_loss": last_train_loss,
-                    "device": str(device), "world_size": info.world_size,
-                    "seconds": time.monotonic() - start_time}, run_dir / "result.json", overwrite=True)
+                    "device": str(device), "world_size": info.world_size, "seconds": elapsed_total(),
+                    "session_seconds": time.monotonic() - start_time}, run_dir / "result.json", overwrite=True)
         logger.info("Stopped (%s) after %d steps; best val Dice %.4f -> %s", stopped, step, best_dice, best_path)
     if writer is not None:
         writer.close()
@@ -606,7 +777,7 @@ def _run(config: TrainConfig, info: distlib.DistInfo, StrokeNet: Any, DiceCELoss
 
 
 def main(argv: list[str]) -> int:
-    config = configlib.parse(TrainConfig, argv, "Train StrokeNet on a preprocessed cache.",
-                             prog="python -m Training train")
-    run(config)
+    config, given = configlib.parse_given(TrainConfig, argv, "Train StrokeNet on a preprocessed cache.",
+                                          prog="python -m Training train")
+    run(config, given)
     return 0
