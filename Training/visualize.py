@@ -6,6 +6,8 @@
   ``overlay_<label>_<case>.png`` (DWI with ground-truth contour, prediction and baseline, and the
   uncertainty, on the slice with the most lesion), ``attention_<label>.png`` (mean feature
   attention over the cases, with the sd).
+* ``--mimics-montage PNG``: synthetic real-scan mimics, embolic showers and a small lesion
+  (:func:`mimics_montage`; no data needed, procedural lesions).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ class VisualizeConfig:
     run: Path | None = field(default=None, metadata={"help": "training run folder (log.csv)"})
     eval: Path | None = field(default=None, metadata={"help": "evaluation folder (python -m Training evaluate)"})
     out: Path | None = field(default=None, metadata={"help": "folder for the PNG figures (required)"})
+    mimics_montage: Path | None = field(default=None, metadata={
+        "help": "write a PNG montage of synthetic real-scan mimics and embolic showers (needs no --out)"})
+    seed: int = field(default=14, metadata={"help": "seed of the synthetic cases of --mimics-montage"})
     max_cases: int = field(default=6, metadata={"help": "overlays for at most this many cases per data set"})
     dpi: int = field(default=110, metadata={"help": "resolution of the PNG files"})
     overwrite: bool = field(default=False, metadata={"help": "replace existing figures"})
@@ -195,7 +200,89 @@ def evaluation_figures(evaluation: Path, out: Path, *, max_cases: int = 6, dpi: 
     return written
 
 
+def _mimic_case(index: int, seed: int, **options: float) -> tuple:  # noqa: ANN001
+    """A physical case with the real-scan mimics and its twin without them (same seed, so the same
+    anatomy, lesion and noise draws): their ratio shows where the mimics changed DWI and ADC."""
+    from Training.synth.case import SynthesisParams, synthesize_case
+
+    base = {"lesion_kind": "territorial", "empty_fraction": 0.0, "adc_unit": "mm2/s", "cerebellar_adc": 1.0,
+            **options}
+    with_mimics = synthesize_case(index, seed, SynthesisParams(scan_mimics=1.0, **base))
+    without = synthesize_case(index, seed, SynthesisParams(scan_mimics=0.0, **base))
+    return with_mimics, without
+
+
+def mimics_montage(png: Path, *, seed: int = 14, dpi: int = 110, overwrite: bool = False) -> Path:
+    """Montage of synthetic cases of the generator (``python -m Training generate`` with
+    ``--scan-mimics 1``, :mod:`Training.synth.mimics`): rows show a skull-base slice with
+    susceptibility artefacts, an embolic shower, a slice with high-ADC mimics (chronic infarcts,
+    lacunes, white-matter hyperintensities) and a single small lesion; columns DWI, ADC, FLAIR
+    (registered onto the DWI grid) and DWI with the acute lesion (red), the mimics that brighten DWI
+    with a normal ADC (yellow: DWI x1.25 or more, ADC within 15%) and those that raise the ADC (cyan:
+    x1.4 or more). Cases are procedural (no lesion library needed) and reproducible from ``seed``."""
+    from StrokePredictorLib.preprocess import resample
+    from Training.synth.acquisition import euler_transform
+
+    plt = _pyplot()
+    rows = [("skull base: susceptibility (bright DWI, normal ADC)", 1, {}, "inferior"),
+            ("cardio-embolic shower", 4, {"showers": 1.0}, "lesion"),
+            ("chronic infarcts / lacunes / WMH (high ADC)", 3, {}, "adc"),
+            ("single small lesion", 6, {"small_lesions": 1.0}, "lesion")]
+    figure, axes = plt.subplots(len(rows), 4, figsize=(12.5, 3.2 * len(rows)), squeeze=False)
+    for row, (title, index, options, focus) in enumerate(rows):
+        case, twin = _mimic_case(index, seed, **options)
+        dwi, adc = case.dwi.array, case.adc.array
+        brain = twin.adc.array > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r_dwi = np.where(brain, dwi / np.maximum(twin.dwi.array, 1e-9), 1.0)
+            r_adc = np.where(brain, adc / np.maximum(twin.adc.array, 1e-12), 1.0)
+        lesion = case.mask > 0
+        bright = brain & ~lesion & (r_dwi >= 1.25) & (np.abs(r_adc - 1) <= 0.15)
+        high_adc = brain & ~lesion & (r_adc >= 1.4)
+        if focus == "inferior":
+            per_slice = bright.sum(axis=(1, 2)).astype(float)
+            lower = np.arange(dwi.shape[0]) < dwi.shape[0] * 0.45  # k grows superior in the scanner frame
+            per_slice = per_slice * lower if (per_slice * lower).any() else per_slice
+        elif focus == "adc":
+            per_slice = high_adc.sum(axis=(1, 2)).astype(float)
+        else:
+            labels = [len(np.unique(_slice_components(lesion[k]))) - 1 for k in range(dwi.shape[0])]
+            per_slice = np.asarray(labels, float) * 100 + lesion.sum(axis=(1, 2))
+        k = int(np.argmax(per_slice)) if per_slice.any() else dwi.shape[0] // 2
+        ft = case.metadata["flair_transform"]
+        flair = resample(case.flair.array, case.flair.geometry, case.dwi.geometry, order=1,
+                         transform=euler_transform(np.asarray(ft["matrix"]), np.asarray(ft["center_lps"])))
+        volume = case.metadata["lesion"]["volume_ml"]
+        for column, (image, name) in enumerate(((dwi, "DWI"), (adc * 1e3, "ADC (x10^-3 mm^2/s)"),
+                                                (flair, "FLAIR (registered)"), (dwi, "lesion / mimics"))):
+            ax = axes[row, column]
+            section = np.flipud(image[k])
+            inside = section[np.flipud(brain[k])] if brain[k].any() else section.ravel()
+            low, high = (0.0, 2.5) if column == 1 else tuple(np.percentile(inside, [1, 99.5]))
+            ax.imshow(section, cmap="gray", vmin=low, vmax=high if high > low else low + 1)
+            ax.axis("off")
+            ax.set_title(f"{title}\n{name}" if column == 0 else name, fontsize=8)
+            if column == 3:
+                _contour(ax, np.flipud(lesion[k]), "red")
+                _contour(ax, np.flipud(bright[k]), "yellow")
+                _contour(ax, np.flipud(high_adc[k]), "cyan")
+                ax.set_title(f"lesion {volume:.2f} mL (red), DWI-bright mimics (yellow), high-ADC mimics (cyan)",
+                             fontsize=7)
+    figure.suptitle(f"Synthetic real-scan mimics and embolic showers (python -m Training visualize "
+                    f"--mimics-montage, seed {seed}; physical mode)", fontsize=9)
+    return _save(figure, Path(png), dpi, overwrite)
+
+
+def _slice_components(mask: np.ndarray) -> np.ndarray:
+    """2-D connected components (8-connectivity) of a slice, for counting lesion foci."""
+    from scipy import ndimage
+
+    return ndimage.label(mask, structure=np.ones((3, 3), bool))[0]
+
+
 def run(config: VisualizeConfig) -> list[Path]:
+    if config.mimics_montage is not None and config.run is None and config.eval is None:
+        return [mimics_montage(config.mimics_montage, seed=config.seed, dpi=config.dpi, overwrite=config.overwrite)]
     if config.out is None or (config.run is None and config.eval is None):
         raise StrokePredictorError("Give --out and at least one of --run RUN or --eval EVAL_DIR.")
     out = Path(config.out)

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Fixed evaluation sets with real-scan mimics, embolic showers and small lesions (issue 14), from
+# held-out SOOP lesions only (the 5% validation and 10% test participants of
+# Training.gpu_synth.participant_split, never used for training), with fixed seeds:
+#
+#   bash Training/recipes/make_eval_sets.sh [SOOP_DIR=../shared/data/soop] [OUT=data] [WORKERS=2]
+#
+# Writes OUT/soop_val, OUT/soop_test (links to the held-out lesion files) and, each in the ISLES 2022
+# layout (python -m Training generate, byte-identical for the same seed whatever WORKERS is):
+#   val_mimics, test_mimics          32 cases each: SOOP lesions with mimics and showers in realistic
+#                                    proportions (below)
+#   val_mimic_only, test_mimic_only  32 cases each: real-scan mimics with no lesion (half the cases)
+#                                    or a single small lesion of 0.02-1 mL
+# With EARLIER=1 it also rebuilds the earlier validation and test sets of the README
+# ("Reproducing the bundled models") with their committed seeds. Each set's wall time is printed.
+#
+# Proportions of the *_mimics sets: real-scan mimics in 90% of the cases (susceptibility at the
+# skull base is seen on most real EPI DWI), an embolic shower in 30% of the cases with a lesion
+# (cardio-embolism causes roughly a quarter of ischaemic strokes, and many more cases show several
+# acute foci), a single small lesion (0.02-1 mL) in 15%, the rest the held-out SOOP lesion as it is
+# (real sizes: many under 1 mL); broad regional DWI hyperintensities in half of the cases; the
+# cerebellar cortex's own ADC in all (it is anatomy, not an option, in real scans).
+set -euo pipefail
+SOOP=${1:-../shared/data/soop}
+OUT=${2:-data}
+WORKERS=${3:-2}
+PY=${PYTHON:-python}
+MIX=(--scan-mimics 0.9 --showers 0.3 --small-lesions 0.15 --regional-mimics 0.5 --cerebellar-adc 1.0)
+ONLY=(--scan-mimics 1.0 --small-lesions 1.0 --empty-fraction 0.5 --regional-mimics 0.5 --cerebellar-adc 1.0)
+
+"$PY" -m Training synthpack --soop "$SOOP" --skip-pack --heldout-dir "$OUT/soop_val" --heldout-split val
+"$PY" -m Training synthpack --soop "$SOOP" --skip-pack --heldout-dir "$OUT/soop_test" --heldout-split test
+
+generate() {  # NAME CASES SEED LESIONS [options...]
+    local name=$1 cases=$2 seed=$3 lesions=$4
+    shift 4
+    local start=$SECONDS
+    "$PY" -m Training generate --out "$OUT/$name" --cases "$cases" --seed "$seed" --lesions "$OUT/$lesions" \
+        --workers "$WORKERS" "$@"
+    echo "generated $OUT/$name ($cases cases, seed $seed) in $((SECONDS - start)) s with $WORKERS worker(s)"
+}
+
+generate val_mimics 32 6201 soop_val "${MIX[@]}"
+generate val_mimic_only 32 6202 soop_val "${ONLY[@]}"
+if [ "${EARLIER:-0}" = 1 ]; then
+    generate val_phys 16 5005 soop_val
+    generate val_rand 16 5006 soop_val --mode randomized
+    generate val_skull 8 5007 soop_val --skull
+    generate val_regional 16 5008 soop_val --regional-mimics 1.0
+    generate val_ood 16 5009 soop_val --ood
+fi
+generate test_mimics 32 6101 soop_test "${MIX[@]}"
+generate test_mimic_only 32 6102 soop_test "${ONLY[@]}"
+if [ "${EARLIER:-0}" = 1 ]; then
+    generate test 30 1001 soop_test
+    generate test_ood 16 2002 soop_test --ood
+    generate test_regional 20 3003 soop_test --regional-mimics 1.0
+fi
