@@ -6,7 +6,16 @@ equal), each best checkpoint is exported as a bundle, and both bundles are evalu
 on the same test cases of the raw data (:func:`Training.evaluate.run`). The effect of the
 clinical features is the paired per-case difference fusion - imaging-only of each metric: mean
 +- sd over the (case, seed) pairs, a bootstrap 95 % confidence interval (cases resampled with
-replacement), and, with several seeds, the sd of the per-seed mean differences.
+replacement), and, with several seeds, the sd of the per-seed mean differences. A difference
+whose interval includes 0 (at the three decimals shown) is reported as "no difference"; every
+figure stands beside the number of training steps per arm and of evaluated cases. Sanity flags
+name what makes a comparison unreliable: too few steps or cases, neither arm learning, lesion F1
+far above Dice (one blob touching every lesion), predicted volumes an order of magnitude above the
+truth.
+
+Before any training, every task is checked to have targets in the cache (training cases and
+evaluated cases); ISLES 2022 has acute lesion masks only, so ``--tasks outcome`` is refused there
+up front.
 
 Outputs in ``--out``: ``runs/``, ``bundles/``, ``eval/`` (one folder per task, seed and arm),
 ``ablation.json``, ``ablation.md`` and ``ablate_config.json``. Training options common to every
@@ -30,6 +39,12 @@ from Training import config as config_mod
 logger = logging.getLogger(__name__)
 
 ARMS = (("fusion", False), ("imaging_only", True))
+# Sanity thresholds of the report (see :func:`sanity_flags`).
+MIN_STEPS = 500  # optimiser steps per arm below which a difference mostly reflects the initialisation
+MIN_CASES = 10  # evaluated cases below which a bootstrap interval over cases is not trustworthy
+F1_ABOVE_DICE = 0.3  # mean lesion F1 - mean Dice above this: lesion-wise F1 is being gamed by blobs
+VOLUME_RATIO = 10.0  # (mean predicted mL + 1) / (mean true mL + 1) above this is implausible
+NOT_LEARNT_DICE = 0.05  # mean Dice of both arms below this: neither model has learnt the task
 ABLATION_METRICS = (("dice", "Dice", True), ("lesion_f1", "Lesion F1", True),
                     ("abs_volume_diff_ml", "Abs. vol. diff. (mL)", False))
 
@@ -131,27 +146,116 @@ def compare(per_arm: dict[str, dict[int, dict[str, dict[str, float]]]], *, n_boo
     return result
 
 
+def verdict(stats: dict, higher_better: bool, digits: int = 3) -> str:
+    """"fusion", "imaging only", "no difference" (the 95 % interval includes 0, at the ``digits``
+    shown) or "n/a" (no interval: fewer than two cases)."""
+    lo, hi = stats["ci_lo"], stats["ci_hi"]
+    if math.isnan(lo) or math.isnan(hi):
+        return "n/a (fewer than 2 cases)"
+    lo, hi = round(lo, digits), round(hi, digits)
+    if lo <= 0.0 <= hi:
+        return "no difference"
+    return "fusion" if (lo > 0) == higher_better else "imaging only"
+
+
+def sanity_flags(task_result: dict) -> list[str]:
+    """What makes one task's comparison unreliable, in words (empty: nothing found).
+
+    Args:
+        task_result: one task of :func:`compare` with ``steps`` ({arm: steps per seed}) and
+            ``n_cases`` added by :func:`run`.
+    """
+    flags = []
+    steps = [s for per_seed in task_result.get("steps", {}).values() for s in per_seed.values()]
+    if steps and min(steps) < MIN_STEPS:
+        flags.append(f"only {min(steps)} training steps per arm (fewer than {MIN_STEPS}): a difference mostly "
+                     "reflects the initialisation, not the clinical features")
+    n_cases = task_result.get("n_cases", 0)
+    if n_cases < MIN_CASES:
+        flags.append(f"only {n_cases} evaluated case(s) (fewer than {MIN_CASES}): the bootstrap interval over "
+                     "cases is not trustworthy")
+    dice, f1 = task_result["dice"], task_result["lesion_f1"]
+    if max(dice["fusion_mean"], dice["imaging_only_mean"]) < NOT_LEARNT_DICE:
+        flags.append(f"neither arm has learnt the task (mean Dice {dice['fusion_mean']:.3f} and "
+                     f"{dice['imaging_only_mean']:.3f}): the comparison is between two failures")
+    for arm, label in (("fusion", "fusion"), ("imaging_only", "imaging only")):
+        gap = f1[f"{arm}_mean"] - dice[f"{arm}_mean"]
+        if gap > F1_ABOVE_DICE:
+            flags.append(f"{label}: lesion F1 {f1[f'{arm}_mean']:.3f} far above Dice {dice[f'{arm}_mean']:.3f} "
+                         "(a few large components touching every lesion count as found)")
+        volumes = task_result.get("volumes_ml", {}).get(arm)
+        if volumes and (volumes["pred"] + 1.0) / (volumes["true"] + 1.0) > VOLUME_RATIO:
+            flags.append(f"{label}: mean predicted volume {volumes['pred']:.1f} mL against {volumes['true']:.1f} mL "
+                         "true, an order of magnitude too large (implausible)")
+    return flags
+
+
+def _steps_text(task_result: dict) -> str:
+    steps = sorted({s for per_seed in task_result.get("steps", {}).values() for s in per_seed.values()})
+    return "/".join(map(str, steps)) if steps else "n/a"
+
+
 def ablation_markdown(results: dict, seeds: tuple[int, ...]) -> str:
     lines = ["# Ablation: clinical-imaging fusion against imaging only", "",
              f"Same cache, split and training settings; seeds {', '.join(map(str, seeds))}. Difference = fusion "
-             "- imaging only, paired per case (and seed); CI: bootstrap over cases, 95 %.", "",
-             "| Task | Metric | Fusion | Imaging only | Difference mean ± sd | 95% CI | Pairs | SD over seeds "
-             "| Better |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "- imaging only, paired per case (and seed); CI: bootstrap over cases, 95 %. \"No difference\": the "
+             "interval includes 0. Steps: optimiser steps per arm and seed; cases: evaluated cases per arm.", "",
+             "| Task | Metric | Steps per arm | Cases | Fusion | Imaging only | Difference mean ± sd | 95% CI "
+             "| Pairs | SD over seeds | Verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for task, per_metric in results.items():
+        steps, cases = _steps_text(per_metric), per_metric.get("n_cases", "n/a")
         for metric, label, higher_better in ABLATION_METRICS:
             s = per_metric[metric]
-            if math.isnan(s["ci_lo"]):
-                better = "n/a (fewer than 2 cases)"
-            elif s["ci_lo"] > 0 or s["ci_hi"] < 0:
-                better = "fusion" if (s["ci_lo"] > 0) == higher_better else "imaging only"
-            else:
-                better = "no significant difference"
             seeds_sd = "n/a" if math.isnan(s["sd_over_seeds"]) else f"{s['sd_over_seeds']:.3f}"
-            lines.append(f"| {task} | {label} | {s['fusion_mean']:.3f} | {s['imaging_only_mean']:.3f} | "
-                         f"{s['mean']:+.3f} ± {s['sd']:.3f} | [{s['ci_lo']:+.3f}, {s['ci_hi']:+.3f}] | {s['n']} | "
-                         f"{seeds_sd} | {better} |")
+            lines.append(f"| {task} | {label} | {steps} | {cases} | {s['fusion_mean']:.3f} | "
+                         f"{s['imaging_only_mean']:.3f} | {s['mean']:+.3f} ± {s['sd']:.3f} | "
+                         f"[{s['ci_lo']:+.3f}, {s['ci_hi']:+.3f}] | {s['n']} | {seeds_sd} | "
+                         f"{verdict(s, higher_better)} |")
+    flagged = {task: per_metric.get("flags", []) for task, per_metric in results.items()}
+    lines += ["", "## Sanity flags", ""]
+    if any(flagged.values()):
+        for task, flags in flagged.items():
+            lines += [f"- **{task}**: {flag}." for flag in flags]
+        lines += ["", "A flagged comparison says nothing about the clinical features either way."]
+    else:
+        lines.append("None: enough steps and cases, both arms learnt, plausible volumes, lesion F1 in line with Dice.")
     return "\n".join(lines) + "\n"
+
+
+def check_targets(config: AblateConfig) -> dict[str, dict[str, int]]:
+    """Before any training: every task has training cases and evaluated cases with its target.
+
+    Returns:
+        {task: {"train": n, "val": n, <subset>: n}} case counts with the task's target.
+
+    Raises:
+        StrokePredictorError: a task without targets (named, with the counts and a fix).
+    """
+    from Training.data import task_cases
+
+    counts: dict[str, dict[str, int]] = {}
+    missing = []
+    for task in config.tasks:
+        counts[task] = {split: len(task_cases(config.cache, split, task)) for split in ("train", "val", config.subset)}
+        if not counts[task]["train"] or not counts[task][config.subset]:
+            missing.append(task)
+    if missing:
+        having = [t for t in config.tasks if t not in missing]
+        details = "; ".join(f"'{t}': {counts[t]['train']} training and {counts[t][config.subset]} {config.subset} "
+                            f"case(s) with that target" for t in missing)
+        hint = (f" Run with --tasks {','.join(having)}." if having else
+                " Outcome targets are *_outcome.nii.gz masks beside *_msk.nii.gz; ISLES 2022 has acute masks only.")
+        raise StrokePredictorError(f"Cannot ablate: the cache {config.cache} has no targets for {details} "
+                                   f"(ISLES 2022 ships acute lesion masks only, no outcome masks).{hint}")
+    return counts
+
+
+def _volumes(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, float]:
+    pred = [m.get("volume_pred_ml", math.nan) for cases in per_seed.values() for m in cases.values()]
+    true = [m.get("volume_true_ml", math.nan) for cases in per_seed.values() for m in cases.values()]
+    return {"pred": float(np.nanmean(pred)) if pred else math.nan,
+            "true": float(np.nanmean(true)) if true else math.nan}
 
 
 def run(config: AblateConfig) -> dict:
@@ -170,10 +274,16 @@ def run(config: AblateConfig) -> dict:
     split = Path(config.cache) / "split.json"
     if not split.is_file():
         raise StrokePredictorError(f"Cache {config.cache} has no split.json (python -m Training preprocess).")
+    if not Path(config.data).is_dir():
+        raise StrokePredictorError(f"--data {config.data} is not a folder (the raw ISLES-layout data of the cache).")
+    counts = check_targets(config)
     base = config_mod.load_file(config.train_config) if config.train_config else {}
     results: dict = {}
     for task in config.tasks:
+        logger.info("%s: %d training, %d validation and %d %s case(s) with targets.", task, counts[task]["train"],
+                    counts[task]["val"], counts[task][config.subset], config.subset)
         per_arm: dict = {arm: {} for arm, _ in ARMS}
+        steps: dict = {arm: {} for arm, _ in ARMS}
         for seed in config.seeds:
             for arm, imaging_only in ARMS:
                 name = f"{task}_seed{seed}_{arm}"
@@ -187,6 +297,7 @@ def run(config: AblateConfig) -> dict:
                 train_config = config_mod.build(TrainConfig, values, source=f"ablation run {name}")
                 logger.info("Training %s", name)
                 trained = train_run(train_config)
+                steps[arm][seed] = int(trained.steps)
                 bundle = export(ExportConfig(run=trained.run_dir, out=out / "bundles" / name,
                                              overwrite=config.overwrite))
                 evaluation = out / "eval" / name
@@ -197,6 +308,13 @@ def run(config: AblateConfig) -> dict:
                                             progress=False))
                 per_arm[arm][seed] = _read_rows(evaluation / "per_case.csv")
         results[task] = compare(per_arm, n_bootstrap=config.bootstrap)
+        results[task]["steps"] = steps
+        results[task]["n_cases"] = len(set.intersection(*(set(cases) for arm in per_arm.values()
+                                                          for cases in arm.values())))
+        results[task]["volumes_ml"] = {arm: _volumes(per_arm[arm]) for arm, _ in ARMS}
+        results[task]["flags"] = sanity_flags(results[task])
+        for metric, _, higher_better in ABLATION_METRICS:
+            results[task][metric]["verdict"] = verdict(results[task][metric], higher_better)
     out.mkdir(parents=True, exist_ok=True)
     write_json({"seeds": list(config.seeds), "subset": config.subset, "results": results}, out / "ablation.json",
                overwrite=True)
@@ -212,6 +330,9 @@ def main(argv: list[str]) -> int:
     results = run(config)
     for task, per_metric in results.items():
         s = per_metric["dice"]
-        logger.info("%s: Dice fusion - imaging only = %+.3f (95%% CI %+.3f to %+.3f, %d pairs)", task, s["mean"],
-                    s["ci_lo"], s["ci_hi"], s["n"])
+        logger.info("%s: Dice fusion - imaging only = %+.3f (95%% CI %+.3f to %+.3f; %s; %d pairs, %s cases, "
+                    "%s steps per arm)", task, s["mean"], s["ci_lo"], s["ci_hi"], verdict(s, True), s["n"],
+                    per_metric["n_cases"], _steps_text(per_metric))
+        for flag in per_metric["flags"]:
+            logger.warning("%s: %s.", task, flag)
     return 0
