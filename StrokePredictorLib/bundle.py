@@ -187,7 +187,7 @@ def _check_network_config(schema: _Schema, config: object) -> None:
         schema.integer(f"{where}.heads", get("heads"), 1, MAX_HEADS)
     if "ffn_mult" in config:
         schema.integer(f"{where}.ffn_mult", get("ffn_mult"), 1, 8)
-    for key in ("stem_pool", "imaging_only"):
+    for key in ("stem_pool", "imaging_only", "film"):
         if key in config and not isinstance(get(key), bool):
             schema.bad(f"{where}.{key}", get(key), "true or false")
     for key in ("mc_dropout", "attention_dropout", "feature_dropout"):
@@ -200,6 +200,8 @@ def _check_network_config(schema: _Schema, config: object) -> None:
         schema.bad(f"{where}.blocks", blocks, f"one entry per stage of widths ({len(widths)})")
     schema.int_list(f"{where}.decoder_widths", get("decoder_widths", list(defaults.decoder_widths)),
                     (1, MAX_STAGES + 2), 1, MAX_CHANNELS)
+    if get("film") is True and get("imaging_only") is True:
+        schema.bad(f"{where}.film", True, "false when imaging_only is true (FiLM needs the clinical branch)")
     fusion, heads = get("fusion_dim", defaults.fusion_dim), get("heads", defaults.heads)
     if _is_int(fusion) and _is_int(heads) and heads > 0 and fusion % heads:
         schema.bad(f"{where}.fusion_dim", fusion, f"a multiple of heads ({heads})")
@@ -331,7 +333,9 @@ def _read_weights(path: Path, declared_bytes: int | None) -> bytes:
             "modified, truncated or replaced; re-export or re-download the bundle."
         )
     if info.st_size > MAX_WEIGHTS_BYTES:
-        raise BundleError(f"Weights {path} has {info.st_size} bytes, more than the {MAX_WEIGHTS_BYTES} a bundle may hold.")
+        raise BundleError(
+            f"Weights {path} has {info.st_size} bytes, more than the {MAX_WEIGHTS_BYTES} a bundle may hold."
+        )
     with path.open("rb") as handle:
         data = handle.read(info.st_size + 1)
     if len(data) != info.st_size:

@@ -51,7 +51,8 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
 
 #: Most Monte-Carlo samples one prediction may draw: the samples are held together in memory
-#: (about 6 MB each on the lite grid, 1.1 GB at the cap; the Slicer form allows as many), and the 2.5%/97.5% interval is stable long before.
+#: (about 6 MB each on the lite grid, 1.1 GB at the cap; the Slicer form allows as many), and the
+#: 2.5%/97.5% interval is stable long before.
 MAX_MC_SAMPLES = 200
 #: Seeds are 64-bit signed integers for torch's generator.
 MAX_SEED = 2**63 - 1
@@ -160,7 +161,8 @@ def output_warnings(volume_ml: dict, brain_ml: float) -> list[str]:
     low, high = (float(v) for v in volume_ml["ci95"])
     if high - low > brain_ml:
         warnings.append(
-            f"The 95% volume interval ({low:.0f}-{high:.0f} mL) is wider than the whole brain mask ({brain_ml:.0f} mL): "
+            f"The 95% volume interval ({low:.0f}-{high:.0f} mL) is wider than the whole brain mask "
+            f"({brain_ml:.0f} mL): "
             "the volume is not meaningful for this input."
         )
     return warnings

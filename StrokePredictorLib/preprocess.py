@@ -345,7 +345,8 @@ def check_inputs(stats: InputStatistics, adc_unit: str, *, dwi_name: str = "<in-
     if not ADC_MEDIAN_USUAL[0] <= median <= ADC_MEDIAN_USUAL[1]:
         warnings.append(
             f"The ADC's brain median is {median:.2f} x10^-3 mm^2/s (read as {adc_unit}), outside the usual "
-            f"{ADC_MEDIAN_USUAL[0]}-{ADC_MEDIAN_USUAL[1]}: check the ADC's unit and scaling; the lesion volume may be wrong."
+            f"{ADC_MEDIAN_USUAL[0]}-{ADC_MEDIAN_USUAL[1]}: check the ADC's unit and scaling; the lesion volume "
+            "may be wrong."
         )
     ratio = stats.dwi_csf_over_tissue
     if ratio is not None and ratio >= DWI_CSF_RATIO_IMPOSSIBLE:
@@ -356,8 +357,9 @@ def check_inputs(stats: InputStatistics, adc_unit: str, *, dwi_name: str = "<in-
         )
     if ratio is not None and ratio >= DWI_CSF_RATIO_WARN:
         warnings.append(
-            f"On the DWI, CSF is {ratio:.1f} times as bright as brain tissue (about 0.5 on a b=1000 DWI): CSF should be "
-            "dark on the DWI where it is bright on the ADC. Check that the DWI is the b=1000 (or b=800) trace."
+            f"On the DWI, CSF is {ratio:.1f} times as bright as brain tissue (about 0.5 on a b=1000 DWI): CSF "
+            "should be dark on the DWI where it is bright on the ADC. Check that the DWI is the b=1000 (or b=800) "
+            "trace."
         )
     if stats.adc_p99 > ADC_P99_MAX:
         warnings.append(

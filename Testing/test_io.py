@@ -298,7 +298,8 @@ def test_image_without_qform_or_sform_is_read_with_a_warning(tmp_path: Path) -> 
     path = _nifti(tmp_path, np.diag([2.0, 2.0, 3.0, 1.0]), 0, 0, "uncoded.nii.gz")
     volume = read_volume(path, role="ADC")
     assert volume.geometry.spacing == (2.0, 2.0, 3.0)
-    assert len(volume.warnings) == 1 and "ADC file uncoded.nii.gz has neither a qform nor an sform" in volume.warnings[0]
+    assert len(volume.warnings) == 1
+    assert "ADC file uncoded.nii.gz has neither a qform nor an sform" in volume.warnings[0]
     coded = _nifti(tmp_path, np.diag([2.0, 2.0, 3.0, 1.0]), 1, 1, "coded.nii.gz")
     assert read_volume(coded).warnings == []
 
