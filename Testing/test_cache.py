@@ -124,3 +124,24 @@ def test_cli_writes_config_and_refuses_other_grid(phantom: tuple[Path, Path], tm
     assert saved["grid_size"] == list(TEST_GRID_SIZE)
     with pytest.raises(OutputExistsError, match="was made for grid"):
         main(["--data", str(data), "--out", str(cache), "--grid-size", "16,16,16", "--no-progress"])
+
+
+def test_an_error_leaves_no_empty_cache_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from Training.__main__ import main
+
+    data = write_isles_phantom(tmp_path / "data", n_cases=2, seed=3)
+    out = tmp_path / "cache" / "isles22"
+    common = ["preprocess", "--data", str(data), "--out", str(out), "--grid-size", "24,28,20",
+              "--grid-spacing", "7,7,7", "--no-progress"]
+    assert main([*common, "--clinical-csv", str(tmp_path / "missing.csv")]) == 2
+    assert "error: Clinical CSV" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # nor its parent that the run would have made
+    for dwi in data.glob("sub-*/ses-*/dwi/*_dwi.nii.gz"):  # every case broken: nothing finishes
+        dwi.write_bytes(b"not a NIfTI file")
+    assert main(common) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not (tmp_path / "cache").exists()
+    # a cache folder that was there before is kept, without the files this run would have added
+    out.mkdir(parents=True)
+    assert main(common) == 2
+    assert out.is_dir() and not any(out.iterdir())

@@ -274,12 +274,13 @@ def _complete(folder: Path) -> dict | None:
 def build_cache(config: CacheConfig) -> Path:
     """Preprocess ``config.data`` into ``config.out``; returns the path of ``index.json``.
 
+    On an error, what this call created is removed again unless a case was finished (finished
+    cases are kept for the next run): no empty cache folder is left behind.
+
     Raises:
         InputImageError: the data folder has no usable case (or a case is broken).
         OutputExistsError: the cache was made with another grid and ``overwrite`` is off.
     """
-    from tqdm import tqdm
-
     data_root = Path(config.data)
     out = Path(config.out)
     records = discover_isles(data_root)
@@ -295,16 +296,43 @@ def build_cache(config: CacheConfig) -> Path:
                 f"Cache {out} was made for grid {previous.get('grid')}, not {grid.to_dict()}; "
                 "pass --overwrite to rebuild it or choose another --out."
             )
-    cases_dir = out / "cases"
-    cases_dir.mkdir(parents=True, exist_ok=True)
-    configlib.save(config, out / "preprocess_config.json")
-
     csv_path = Path(config.clinical_csv) if config.clinical_csv else data_root / "clinical.csv"
     if config.clinical_csv and not csv_path.is_file():
         raise clinical.ClinicalValueError(f"Clinical CSV {csv_path} does not exist.")
     csv_records = clinical.read_csv(csv_path) if csv_path.is_file() else None
     if csv_records is None:
         logger.info("No clinical CSV at %s: clinical features are missing except sidecar age/sex.", csv_path)
+
+    cases_dir = out / "cases"
+    config_path = out / "preprocess_config.json"
+    # what this call creates, removed again on an error that leaves no finished case
+    top = out
+    while not top.parent.exists() and top.parent != top:  # e.g. cache/ of cache/isles22
+        top = top.parent
+    created = [p for p in (top, out, cases_dir, config_path) if not p.exists()]
+    try:
+        cases_dir.mkdir(parents=True, exist_ok=True)
+        configlib.save(config, config_path)
+        return _build(config, records, data_root, out, grid, normalization, csv_path, csv_records)
+    except BaseException:
+        finished = [p for p in cases_dir.iterdir() if _complete(p)] if cases_dir.is_dir() else []
+        if finished:
+            logger.info("Kept %d finished case(s) in %s for the next run.", len(finished), cases_dir)
+        else:
+            for path in reversed(created):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        raise
+
+
+def _build(config: CacheConfig, records: list[CaseRecord], data_root: Path, out: Path, grid: ModelGrid,
+           normalization: Normalization, csv_path: Path,
+           csv_records: dict[str, clinical.ClinicalRecord] | None) -> Path:
+    from tqdm import tqdm
+
+    cases_dir = out / "cases"
 
     metas: dict[str, dict] = {}
     todo = []
@@ -370,7 +398,7 @@ def build_cache(config: CacheConfig) -> Path:
         "tasks": {task: sum(task in metas[c]["targets"] for c in case_ids) for task in TASKS},
         "cases": [metas[c] for c in case_ids],
     }
-    write_json(index, index_path, overwrite=True)
+    index_path = write_json(index, out / "index.json", overwrite=True)
     logger.info("Cache %s: %d cases (train %d, val %d, test %d).", out, len(case_ids), len(split["train"]),
                 len(split["val"]), len(split["test"]))
     return index_path
