@@ -187,7 +187,8 @@ def _check_network_config(schema: _Schema, config: object) -> None:
         schema.integer(f"{where}.heads", get("heads"), 1, MAX_HEADS)
     if "ffn_mult" in config:
         schema.integer(f"{where}.ffn_mult", get("ffn_mult"), 1, 8)
-    for key in ("stem_pool", "imaging_only", "film"):
+    switches = [f.name for f in dataclasses.fields(NetworkConfig) if isinstance(f.default, bool)]
+    for key in switches:  # stem_pool, imaging_only, film and any later on/off setting
         if key in config and not isinstance(get(key), bool):
             schema.bad(f"{where}.{key}", get(key), "true or false")
     for key in ("mc_dropout", "attention_dropout", "feature_dropout"):
