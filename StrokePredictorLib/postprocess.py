@@ -160,7 +160,13 @@ class PostProcessing:
         return PostProcessing(**values)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The ``model.json`` block; the component-rule fields added later are left out while off,
+        so that a block without them reads and compares as before (and older readers accept it)."""
+        block = asdict(self)
+        for name in _LATER_FIELDS:
+            if not block[name]:
+                block.pop(name)
+        return block
 
     @classmethod
     def from_dict(cls, data: dict | None) -> PostProcessing:
@@ -193,6 +199,8 @@ class PostProcessing:
         return ", ".join(parts)
 
 
+#: Fields added after bundles had been shipped; :meth:`PostProcessing.to_dict` writes them only when on.
+_LATER_FIELDS = ("min_component_probability", "small_component_ml", "small_component_adc")
 DEFAULT = PostProcessing()
 
 

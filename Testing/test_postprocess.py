@@ -364,3 +364,17 @@ def test_interpolate_verb_mixes_weights_of_the_same_model(tmp_path: Path) -> Non
         interpolate(InterpolateConfig(start=a, end=other, out=tmp_path / "bad"))
     with pytest.raises(ValueError, match="alpha"):
         InterpolateConfig(alpha=1.5)
+
+
+def test_component_rule_fields_are_written_only_when_on() -> None:
+    assert set(DEFAULT.to_dict()) == {"threshold", "flip_tta", "min_component_ml", "max_component_adc",
+                                      "volume_log_margin", "selected_on"}  # as shipped bundles store it
+    rule = PostProcessing(min_component_probability=0.7, small_component_ml=1.0, small_component_adc=0.8)
+    assert PostProcessing.from_dict(rule.to_dict()) == rule
+    assert "mean probability < 0.7" in rule.describe() and "under 1 mL kept only with median ADC < 0.8" in (
+        rule.describe())
+    assert rule.needs_adc and rule.component_rule and not PostProcessing(max_component_adc=0.8).component_rule
+    for bad in ({"min_component_probability": 1.0}, {"small_component_ml": -1.0},
+                {"small_component_adc": float("inf")}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            PostProcessing.from_dict(bad)

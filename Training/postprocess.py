@@ -337,15 +337,10 @@ def degenerate_reasons(row: dict, labels: list[str], any_lesion_found: bool) -> 
 
 
 def write_into_bundle(bundle_dir: Path, post: PostProcessing) -> None:
-    """Store ``post`` as ``postprocessing`` in the bundle's ``model.json`` (atomic replace). Fields
-    at their default that older readers do not know are left out, so an older library still loads it."""
+    """Store ``post`` as ``postprocessing`` in the bundle's ``model.json`` (atomic replace)."""
     path = Path(bundle_dir) / "model.json"
     metadata = json.loads(path.read_text())
-    block = post.to_dict()
-    for name in ("min_component_probability", "small_component_ml", "small_component_adc"):
-        if not block[name]:
-            block.pop(name)
-    metadata["postprocessing"] = block
+    metadata["postprocessing"] = post.to_dict()
     write_json(metadata, path, overwrite=True)
 
 
