@@ -36,7 +36,6 @@ from StrokePredictorLib.errors import BundleError, StrokePredictorError
 from StrokePredictorLib.io import (
     check_output_folder,
     ensure_writable_dir,
-    make_temporary_dir,
     ordinary_permissions,
     partial_dir,
     remove_created_dirs,
@@ -596,7 +595,8 @@ def _write_bundle_files(directory: Path, files: dict[str, bytes]) -> None:
     created = ensure_writable_dir(directory.parent, option="Bundle folder")
     try:
         if not directory.exists():
-            staging = make_temporary_dir(directory.parent, f".{directory.name}-partial-")
+            remove_stale_partials(directory.parent)  # left by a killed export (recognised by name and process)
+            staging = partial_dir(directory.parent)
             try:
                 for name, data in files.items():
                     (staging / name).write_bytes(data)

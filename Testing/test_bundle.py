@@ -272,3 +272,22 @@ def test_shipped_bundles_pass_the_schema(repo_root: Path) -> None:
     for task in ("acute", "outcome"):
         bundle = load_bundle(repo_root / "StrokePredictor" / "Resources" / "Models" / task)
         assert bundle.task == task and bundle.metadata["architecture"]["parameters"] == 3649370
+
+
+def test_a_killed_export_leaves_nothing_the_next_one_does_not_remove(tmp_path: Path) -> None:
+    import platform
+    import re
+    import subprocess
+    import sys
+
+    from StrokePredictorLib.io import PARTIAL_PREFIX
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", platform.node() or "host")[:40]
+    stale = tmp_path / f"{PARTIAL_PREFIX}{host}-{dead.pid}-k1"  # what SIGKILL during save_bundle leaves
+    stale.mkdir()
+    (stale / "weights.safetensors").write_bytes(b"half")
+    save_bundle(tmp_path / "bundle", StrokeNet(tiny_config()), task="acute", grid=TINY_GRID,
+                normalization=Normalization(), data={}, metrics={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
