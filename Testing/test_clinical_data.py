@@ -135,3 +135,20 @@ def test_real_isles_case_sidecar(isles_case_dir: Path, tmp_path: Path) -> None:
     assert record["nihss"] is not None and all(record[name] is not None for name in ("systolic_bp", "glucose"))
     case = json.loads((tmp_path / "clinical_sources.json").read_text())["cases"]["sub-strokecase0009"]
     assert case["lesion_volume_ml"] == pytest.approx(4.184, abs=0.01)
+
+
+def test_unit_errors_quote_the_files_value_and_unit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from Training.__main__ import main
+
+    theirs = tmp_path / "theirs.csv"
+    theirs.write_text("case_id,glucose_mgdl,nihss\nA,900,5\nB,abc,3\nC,100,50\nD,126,4\n")
+    code = main(["clinical", "--from-csv", str(theirs), "--output", str(tmp_path / "out.csv"),
+                 "--columns", "glucose_mgdl=glucose", "--units", "glucose=mg/dL"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: Clinical CSV") and "3 invalid value(s)" in err
+    assert ("row 1, column 'glucose_mgdl': value 900 mg/dL is out of range; expected 18.02 to 720.6 mg/dL "
+            "(1 to 40 mmol/L)") in err
+    assert "49.9" not in err  # not the converted value
+    assert "row 2, column 'glucose_mgdl': value 'abc' is not a number; expected 18.02 to 720.6 mg/dL" in err
+    assert "row 3, column 'nihss': value 50 is out of range; expected 0 to 42" in err  # other columns unchanged
+    assert not (tmp_path / "out.csv").exists()

@@ -274,8 +274,64 @@ def convert_csv(config: ClinicalConfig) -> dict[str, clinical.ClinicalRecord]:
     units.update(_pairs(config.units, "units"))
     units = {clinical.feature(k).name: v for k, v in units.items()}
     id_column = config.id_column or mapping.get("id_column") or "case_id"
-    return clinical.read_csv(config.from_csv, id_column=id_column, column_map=columns, units=units,
-                             ignore_unknown=config.ignore_unknown)
+    try:
+        return clinical.read_csv(config.from_csv, id_column=id_column, column_map=columns, units=units,
+                                 ignore_unknown=config.ignore_unknown)
+    except ClinicalValueError as error:
+        if not units:
+            raise
+        raise ClinicalValueError(_in_file_units(str(error), Path(config.from_csv), columns, units)) from None
+
+
+def _in_file_units(message: str, path: Path, columns: dict[str, str], units: dict[str, str]) -> str:
+    """Rewrite the problems of converted columns so that they quote the file's value in the file's
+    unit and the valid range in both units (``value 900 mg/dL is out of range; expected 18.0 to
+    720.6 mg/dL (1 to 40 mmol/L)``), not the value after conversion."""
+    import csv
+    import io
+
+    fixed: dict[str, str] = {}
+    try:
+        rows = list(csv.DictReader(io.StringIO(clinical.read_text(path, "Clinical CSV"), newline="")))
+    except (ClinicalValueError, csv.Error):
+        return message
+    for column in rows[0].keys() if rows else ():
+        if column is None:
+            continue
+        try:
+            feature = clinical.feature(columns.get(column, column))
+        except ClinicalValueError:
+            continue
+        unit = units.get(feature.name)
+        factor = clinical.UNIT_CONVERSIONS.get(feature.name, {}).get(unit.strip().lower()) if unit else None
+        if not factor or feature.minimum is None or feature.maximum is None:
+            continue
+        in_file = (f"{feature.minimum / factor:.4g} to {feature.maximum / factor:.4g} {unit} "
+                   f"({feature.describe_range()})")
+        for number, row in enumerate(rows, start=1):
+            prefix = f"row {number}, column '{column}': "
+            raw = row.get(column)
+            try:
+                clinical.parse_value(feature, raw, where=prefix, unit=unit)
+                continue
+            except ClinicalValueError:
+                pass
+            text = str(raw).strip()
+            try:
+                value = float(text)
+            except ValueError:
+                fixed[prefix] = f"{prefix}value '{text}' is not a number; expected {in_file}."
+                continue
+            problem = "is out of range" if math.isfinite(value) else "is not finite"
+            fixed[prefix] = f"{prefix}value {text} {unit} {problem}; expected {in_file}."
+    lines = message.split("\n")
+    for i, line in enumerate(lines):
+        body = line.lstrip()
+        for prefix, replacement in fixed.items():
+            if body.startswith(prefix):
+                lines[i] = line[: len(line) - len(body)] + replacement
+                break
+    return "\n".join(lines)
 
 
 def companion(output: Path, name: str) -> Path:
