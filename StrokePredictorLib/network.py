@@ -23,6 +23,28 @@ Architecture (shapes for a batch of ``B`` cases on a ``D x H x W`` model grid, i
   feature map.
 * **Decoder.** U-Net style: upsample, concatenate the encoder skip of the same resolution,
   convolve; down to the full-resolution skip.
+* **FiLM conditioning (``film=True``).** The fused clinical representation (the mean of the
+  clinical tokens after their cross-attention over the image, ``context`` in the fusion, one
+  ``fusion_dim`` vector per case) scales and shifts the output channels of every decoder level:
+  ``h <- h * (1 + gamma) + beta`` with ``(gamma, beta) = Linear(context)`` per level
+  (feature-wise linear modulation, Perez et al., AAAI 2018). Without it, the clinical values
+  reach the decoder only through the bottleneck update of the fusion, and a network can (and
+  the shipped ones did) learn to ignore that single path. FiLM gives the clinical values a
+  direct, multiplicative hold on every resolution, including the full-resolution level that
+  draws the lesion's border, which is where onset time and treatment act (how far the infarct
+  grows into the tissue around the core).
+
+  Why FiLM and not an explicit growth head (imaging predicts the core and a ranking of the
+  surrounding tissue, a clinical branch predicts what fraction of it infarcts): (1) FiLM layers
+  are zero-initialised, so a FiLM network built from the shipped weights starts with *exactly*
+  their output (:func:`load_weights`) and fine-tuning on the CPU starts from a working model
+  instead of a new head; (2) it keeps the output a per-voxel probability, so the Monte-Carlo
+  tail, post-processing, volumes and all outputs stay as they are; (3) it does not impose one
+  growth mechanism: the decoder can learn where (penumbra-like tissue) and by how much the
+  clinical values move the boundary, while a growth head fixes a ranking learned without them;
+  (4) it costs ``2 * sum(decoder_widths) * fusion_dim`` parameters (61k for lite). The growth
+  head stays the fall-back if FiLM fails to learn the onset/treatment effects.
+  The cross-attention and its maps are unchanged and remain the explanation.
 * **Head and Monte-Carlo dropout.** The last decoder features go through a 1x1x1 expansion
   (``head_channels``), **channel-wise dropout** (``nn.Dropout3d``, probability ``mc_dropout``) and
   a 1x1x1 convolution to one lesion logit per voxel. This is the network's only dropout, so
@@ -84,6 +106,7 @@ class NetworkConfig:
     attention_dropout: float = 0.0  # dropout on attention weights, training only
     feature_dropout: float = 0.0  # training only: probability of marking a clinical feature missing
     imaging_only: bool = False  # ablation: clinical tokens ignored, fusion skipped
+    film: bool = False  # FiLM: the fused clinical context scales/shifts every decoder level (zero-initialised)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
@@ -100,6 +123,8 @@ class NetworkConfig:
             raise ValueError(f"NetworkConfig: fusion_dim {self.fusion_dim} is not divisible by heads {self.heads}.")
         if not 0.0 <= self.mc_dropout < 1.0:
             raise ValueError(f"NetworkConfig: mc_dropout must lie in [0, 1), got {self.mc_dropout}.")
+        if self.film and self.imaging_only:
+            raise ValueError("NetworkConfig: film needs the clinical branch; it cannot be combined with imaging_only.")
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -296,8 +321,9 @@ class _Fusion(nn.Module):
     """Bidirectional cross-attention between bottleneck imaging tokens and clinical tokens.
 
     Input: bottleneck (B, C, d, h, w), clinical tokens (B, 10, dim), flair_present (B,).
-    Output: fused bottleneck (B, C, d, h, w), imaging->clinical weights (B, heads, T, 10) and
-    clinical->imaging weights (B, heads, 10, T), with T = d*h*w.
+    Output: fused bottleneck (B, C, d, h, w), imaging->clinical weights (B, heads, T, 10),
+    clinical->imaging weights (B, heads, 10, T), with T = d*h*w, and the fused clinical
+    representation (B, dim): the mean of the clinical tokens after their cross-attention.
     """
 
     def __init__(self, channels: int, config: NetworkConfig) -> None:
@@ -339,7 +365,7 @@ class _Fusion(nn.Module):
     def forward(
         self, bottleneck: torch.Tensor, clinical: torch.Tensor, flair_present: torch.Tensor,
         window: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, channels, d, h, w = bottleneck.shape
         flat = bottleneck.flatten(2).transpose(1, 2)  # (B, T, C)
         tokens = self.to_tokens(flat)
@@ -351,10 +377,29 @@ class _Fusion(nn.Module):
         image_out, weights_ic = self.image_to_clinical(tokens, clinical)
         clinical_out, weights_ci = self.clinical_to_image(clinical, tokens)
         tokens = tokens + image_out
-        context = (clinical + clinical_out).mean(dim=1, keepdim=True).expand(-1, tokens.shape[1], -1)
+        pooled = (clinical + clinical_out).mean(dim=1, keepdim=True)  # (B, 1, dim)
+        context = pooled.expand(-1, tokens.shape[1], -1)
         fused = tokens + self.fuse(self.fuse_norm(torch.cat([tokens, context], dim=-1)))  # (B, T, dim)
         update = self.from_tokens(fused).transpose(1, 2).reshape(batch, channels, d, h, w)
-        return bottleneck + update.to(bottleneck.dtype), weights_ic, weights_ci
+        return bottleneck + update.to(bottleneck.dtype), weights_ic, weights_ci, pooled[:, 0]
+
+
+class _FiLM(nn.Module):
+    """Feature-wise affine conditioning of one decoder level by the fused clinical context.
+
+    ``x (B, C, D, H, W), context (B, dim) -> x * (1 + gamma) + beta`` with ``gamma, beta`` (B, C)
+    from one linear layer. Zero-initialised: the identity until trained.
+    """
+
+    def __init__(self, dim: int, channels: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * channels)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.linear(context.to(self.linear.weight.dtype)).to(x.dtype).chunk(2, dim=1)
+        return x * (1.0 + gamma[:, :, None, None, None]) + beta[:, :, None, None, None]
 
 
 class _DecoderLevel(nn.Module):
@@ -374,6 +419,23 @@ class _DecoderLevel(nn.Module):
 # ----------------------------------------------------------------------------------------
 # The network
 # ----------------------------------------------------------------------------------------
+@dataclass
+class ImagingFeatures:
+    """Output of :meth:`StrokeNet.encode_image`: everything that depends on the images only.
+
+    Attributes:
+        skips: encoder skips, full resolution first (B, C_l, ...).
+        bottleneck: (B, C, d, h, w) before the clinical fusion.
+        flair_present: (B,) bool.
+        size: the input's spatial size (D, H, W).
+    """
+
+    skips: list[torch.Tensor]
+    bottleneck: torch.Tensor
+    flair_present: torch.Tensor
+    size: tuple[int, ...]
+
+
 class StrokeNet(nn.Module):
     """Clinical-imaging fusion network for acute stroke lesion segmentation.
 
@@ -402,6 +464,7 @@ class StrokeNet(nn.Module):
             levels.append(_DecoderLevel(in_ch, skip_ch, out_ch, c.decoder_convs))
             in_ch = out_ch
         self.decoder = nn.ModuleList(levels)
+        self.film = (nn.ModuleList(_FiLM(c.fusion_dim, w) for w in c.decoder_widths) if c.film else None)
         self.expand = nn.Sequential(nn.Conv3d(in_ch, c.head_channels, 1), nn.LeakyReLU(0.01, inplace=True))
         self.mc_dropout = nn.Dropout3d(c.mc_dropout)
         self.head = nn.Conv3d(c.head_channels, 1, 1)
@@ -417,6 +480,73 @@ class StrokeNet(nn.Module):
                 f"StrokeNet: spatial size {tuple(image.shape[2:])} must be divisible by {self.size_divisor}."
             )
 
+    def encode_image(self, image: torch.Tensor, flair_present: torch.Tensor) -> ImagingFeatures:
+        """The imaging encoder alone (no clinical input): what a what-if re-run can keep.
+
+        Args:
+            image: (B, 3, D, H, W), see :meth:`forward`.
+            flair_present: (B,) bool.
+
+        Returns:
+            :class:`ImagingFeatures`: the encoder skips and the bottleneck before fusion.
+        """
+        self.check_input(image)
+        batch = image.shape[0]
+        flair_present = flair_present.to(device=image.device, dtype=torch.bool).reshape(batch)
+        fill = self.flair_fill.to(image.dtype).expand_as(image[:, 2])
+        flair = torch.where(flair_present[:, None, None, None], image[:, 2], fill)
+        x = torch.cat([image[:, :2], flair[:, None]], dim=1)
+        skips, bottleneck = self.encoder(x)
+        return ImagingFeatures(skips, bottleneck, flair_present, tuple(image.shape[2:]))
+
+    def decode(
+        self,
+        encoded: ImagingFeatures,
+        clinical_values: torch.Tensor,
+        clinical_missing: torch.Tensor,
+        window: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Everything that depends on the clinical values: fusion, decoder (with FiLM) and the
+        1x1x1 expansion, from the cached :meth:`encode_image` output. Arguments and returns as
+        in :meth:`features`."""
+        skips, bottleneck, flair_present = encoded.skips, encoded.bottleneck, encoded.flair_present
+        size = encoded.size
+        batch = bottleneck.shape[0]
+        device = bottleneck.device
+        context = None
+        if self.fusion is not None and self.clinical is not None:
+            missing = clinical_missing.to(device=device, dtype=torch.bool)
+            if self.training and self.config.feature_dropout > 0:
+                drop = torch.rand(missing.shape, device=missing.device) < self.config.feature_dropout
+                missing = missing | drop
+            tokens = self.clinical(clinical_values.to(device=device, dtype=torch.float32), missing)
+            cells = None
+            if window is not None:
+                stride = torch.tensor(size, device=device) // torch.tensor(bottleneck.shape[2:], device=device)
+                window = window.to(device=device, dtype=torch.long)
+                if bool((window % stride).any()):
+                    raise ValueError(f"window {window.tolist()} must be a multiple of the encoder stride "
+                                     f"{stride.tolist()}.")
+                cells = window // stride
+            bottleneck, weights_ic, weights_ci, context = self.fusion(bottleneck, tokens, flair_present, cells)
+            feature_attention = weights_ic.float().mean(dim=(1, 2))  # (B, 10)
+            spatial = weights_ci.float().mean(dim=(1, 2)).reshape(batch, 1, *bottleneck.shape[2:])
+            spatial = F.interpolate(spatial, size=size, mode="trilinear", align_corners=False)
+            spatial = spatial / spatial.amax(dim=(2, 3, 4), keepdim=True).clamp_min(1e-12)
+        else:
+            feature_attention = torch.full((batch, N_CLINICAL), 1.0 / N_CLINICAL, device=device)
+            spatial = torch.zeros(batch, 1, *size, device=device)
+        h = bottleneck
+        for index, (level, skip) in enumerate(zip(self.decoder, reversed(skips))):  # noqa: B905
+            h = level(h, skip)
+            if self.film is not None and context is not None:
+                h = self.film[index](h, context)
+        return {
+            "features": self.expand(h),
+            "feature_attention": feature_attention,
+            "spatial_attention": spatial.clamp(0.0, 1.0),
+        }
+
     def features(
         self,
         image: torch.Tensor,
@@ -425,7 +555,8 @@ class StrokeNet(nn.Module):
         flair_present: torch.Tensor,
         window: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Everything before the Monte-Carlo dropout (deterministic in eval mode).
+        """Everything before the Monte-Carlo dropout (deterministic in eval mode):
+        :meth:`encode_image` then :meth:`decode`.
 
         ``window`` (B, 2, 3) int, optional: for a patch of the model grid, its first voxel and the
         whole grid's size (k, j, i), each a multiple of :attr:`size_divisor`; the fusion's position
@@ -435,44 +566,7 @@ class StrokeNet(nn.Module):
             ``features`` (B, head_channels, D, H, W) (the input of the dropout and 1x1x1 head),
             ``feature_attention`` (B, 10) and ``spatial_attention`` (B, 1, D, H, W), as in :meth:`forward`.
         """
-        self.check_input(image)
-        batch = image.shape[0]
-        flair_present = flair_present.to(device=image.device, dtype=torch.bool).reshape(batch)
-        fill = self.flair_fill.to(image.dtype).expand_as(image[:, 2])
-        flair = torch.where(flair_present[:, None, None, None], image[:, 2], fill)
-        x = torch.cat([image[:, :2], flair[:, None]], dim=1)
-        skips, bottleneck = self.encoder(x)
-        if self.fusion is not None and self.clinical is not None:
-            missing = clinical_missing.to(device=image.device, dtype=torch.bool)
-            if self.training and self.config.feature_dropout > 0:
-                drop = torch.rand(missing.shape, device=missing.device) < self.config.feature_dropout
-                missing = missing | drop
-            tokens = self.clinical(clinical_values.to(device=image.device, dtype=torch.float32), missing)
-            cells = None
-            if window is not None:
-                stride = torch.tensor(image.shape[2:], device=image.device) // torch.tensor(bottleneck.shape[2:],
-                                                                                           device=image.device)
-                window = window.to(device=image.device, dtype=torch.long)
-                if bool((window % stride).any()):
-                    raise ValueError(f"window {window.tolist()} must be a multiple of the encoder stride "
-                                     f"{stride.tolist()}.")
-                cells = window // stride
-            bottleneck, weights_ic, weights_ci = self.fusion(bottleneck, tokens, flair_present, cells)
-            feature_attention = weights_ic.float().mean(dim=(1, 2))  # (B, 10)
-            spatial = weights_ci.float().mean(dim=(1, 2)).reshape(batch, 1, *bottleneck.shape[2:])
-            spatial = F.interpolate(spatial, size=image.shape[2:], mode="trilinear", align_corners=False)
-            spatial = spatial / spatial.amax(dim=(2, 3, 4), keepdim=True).clamp_min(1e-12)
-        else:
-            feature_attention = torch.full((batch, N_CLINICAL), 1.0 / N_CLINICAL, device=image.device)
-            spatial = torch.zeros(batch, 1, *image.shape[2:], device=image.device)
-        h = bottleneck
-        for level, skip in zip(self.decoder, reversed(skips)):  # noqa: B905
-            h = level(h, skip)
-        return {
-            "features": self.expand(h),
-            "feature_attention": feature_attention,
-            "spatial_attention": spatial.clamp(0.0, 1.0),
-        }
+        return self.decode(self.encode_image(image, flair_present), clinical_values, clinical_missing, window)
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
         """The re-sampled tail: dropout (active in training mode) and the 1x1x1 head.
@@ -547,3 +641,28 @@ class StrokeNet(nn.Module):
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def load_weights(model: StrokeNet, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load ``state`` into ``model``, strictly except that FiLM parameters absent from ``state``
+    keep their zero initialisation: weights of a network without FiLM load into one with FiLM,
+    which then computes exactly the old network's output.
+
+    Returns:
+        The names of the parameters left at their initial value (FiLM only).
+
+    Raises:
+        RuntimeError: any other missing, unexpected or differently shaped tensor.
+    """
+    result = model.load_state_dict(state, strict=False)
+    kept = [key for key in result.missing_keys if key.startswith("film.")]
+    others = [key for key in result.missing_keys if not key.startswith("film.")]
+    if others or result.unexpected_keys:
+        details = []
+        if others:
+            details.append(f"missing {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}")
+        if result.unexpected_keys:
+            unexpected = result.unexpected_keys
+            details.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+        raise RuntimeError(f"Weights do not fit the network: {'; '.join(details)}.")
+    return kept

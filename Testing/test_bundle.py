@@ -291,3 +291,26 @@ def test_a_killed_export_leaves_nothing_the_next_one_does_not_remove(tmp_path: P
     save_bundle(tmp_path / "bundle", StrokeNet(tiny_config()), task="acute", grid=TINY_GRID,
                 normalization=Normalization(), data={}, metrics={})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_film_bundles_round_trip_and_the_field_is_checked(tmp_path: Path, bundle_dir: Path) -> None:
+    """Issue 16: ``film`` is a bundle field like any other; bundles without it load unchanged."""
+    torch.manual_seed(4)
+    model = StrokeNet(tiny_config(film=True))
+    with torch.no_grad():
+        for module in model.film:
+            module.linear.weight.normal_(0.0, 0.1)
+    path = save_bundle(tmp_path / "film", model, task="outcome", grid=TINY_GRID, name="tiny-film",
+                       normalization=Normalization(), data={"source": "test"}, metrics={})
+    loaded = load_bundle(path)
+    assert loaded.config.film is True
+    assert json.loads((path / "model.json").read_text())["architecture"]["config"]["film"] is True
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+    _edit(path, _set("architecture.config.film", "yes"))
+    with pytest.raises(BundleError, match='architecture.config.film is "yes", expected true or false'):
+        load_bundle(path)
+    _edit(bundle_dir, _set("architecture.config.imaging_only", True))
+    _edit(bundle_dir, _set("architecture.config.film", True))
+    with pytest.raises(BundleError, match="architecture.config.film is true, expected false when imaging_only"):
+        load_bundle(bundle_dir)

@@ -174,3 +174,90 @@ def test_window_over_the_whole_grid_changes_nothing_and_is_checked() -> None:
     assert not torch.equal(shifted, plain)  # the positions reach the output
     with pytest.raises(ValueError, match="multiple of the encoder stride"):
         model(image, values, missing, flair, torch.tensor([[[3, 0, 0], [64, 48, 32]]]))
+
+
+# ----------------------------------------------------------------------------------------
+# FiLM: a direct path from the fused clinical representation to every decoder level
+# ----------------------------------------------------------------------------------------
+def test_film_off_keeps_the_old_parameters_and_config() -> None:
+    """Bundles without the field load as before: same tensors, same default."""
+    plain = StrokeNet(NetworkConfig.lite())
+    assert plain.film is None and NetworkConfig.lite().film is False
+    old = {k: v for k, v in NetworkConfig.lite().to_dict().items() if k != "film"}
+    assert NetworkConfig.from_dict(old) == NetworkConfig.lite()
+    film = StrokeNet(NetworkConfig.lite(film=True))
+    extra = set(film.state_dict()) - set(plain.state_dict())
+    assert extra and all(k.startswith("film.") for k in extra)
+    assert set(plain.state_dict()) <= set(film.state_dict())
+    expected = 2 * sum(NetworkConfig.lite().decoder_widths) * (NetworkConfig.lite().fusion_dim + 1)
+    assert count_parameters(film) - count_parameters(plain) == expected
+    with pytest.raises(ValueError, match="imaging_only"):
+        NetworkConfig.lite(film=True, imaging_only=True)
+
+
+def test_film_from_old_weights_starts_with_exactly_the_old_output() -> None:
+    from StrokePredictorLib.network import load_weights
+
+    torch.manual_seed(6)
+    old = StrokeNet(tiny_config()).eval()
+    new = StrokeNet(tiny_config(film=True)).eval()
+    kept = load_weights(new, old.state_dict())
+    assert kept and all(k.startswith("film.") for k in kept)
+    inputs = _inputs((16, 24, 16))
+    with torch.no_grad():
+        before = old(*inputs)
+        after = new(*inputs)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    # Once FiLM is non-zero the clinical values act through it: the output moves.
+    with torch.no_grad():
+        for module in new.film:
+            module.linear.weight.normal_(0.0, 0.05)
+        moved = new(*inputs)["logits"]
+    assert not torch.allclose(moved, before["logits"])
+    # Everything else must fit exactly.
+    broken = dict(old.state_dict())
+    broken.pop("head.bias")
+    with pytest.raises(RuntimeError, match="missing head.bias"):
+        load_weights(StrokeNet(tiny_config(film=True)), broken)
+    with pytest.raises(RuntimeError, match="unexpected"):
+        load_weights(old, new.state_dict())
+
+
+def test_film_conditions_on_the_clinical_values_and_trains() -> None:
+    torch.manual_seed(7)
+    model = StrokeNet(tiny_config(film=True)).train()
+    inputs = _inputs((16, 16, 16), batch=2)
+    model(*inputs)["logits"].mean().backward()
+    # zero-initialised, yet gradients reach FiLM (the path is live from the first step)
+    assert all(float(m.linear.weight.grad.abs().sum()) > 0 for m in model.film)
+    model.eval()
+    with torch.no_grad():
+        for module in model.film:
+            module.linear.weight.normal_(0.0, 0.05)
+        image, values, missing, flair = _inputs((16, 16, 16))
+        base = model(image, values, missing, flair)["logits"]
+        later, known = values.clone(), missing.clone()
+        later[0, 3], known[0, 3] = 2.0, False  # onset time, given
+        assert not torch.allclose(model(image, later, known, flair)["logits"], base)
+
+
+def test_encode_decode_equals_features_and_keeps_the_window() -> None:
+    """The what-if split (imaging encoder cached, fusion + decoder re-run) is bit-identical."""
+    torch.manual_seed(8)
+    model = StrokeNet(tiny_config(film=True)).eval()
+    with torch.no_grad():
+        for module in model.film:
+            module.linear.weight.normal_(0.0, 0.05)
+        image, values, missing, flair = _inputs((32, 48, 32))
+        window = torch.tensor([[[16, 0, 0], [64, 48, 32]]])
+        for w in (None, window):
+            whole = model.features(image, values, missing, flair, w)
+            encoded = model.encode_image(image, flair)
+            split = model.decode(encoded, values, missing, w)
+            for key in whole:
+                assert torch.equal(whole[key], split[key]), key
+        changed = values.clone()
+        changed[0, 9] = 2.0
+        assert not torch.equal(model.decode(encoded, changed, missing)["features"],
+                               model.decode(encoded, values, missing)["features"])
