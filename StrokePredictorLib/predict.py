@@ -182,7 +182,11 @@ def _prepare_batch(args: argparse.Namespace) -> tuple[list, dict, list[Path]]:
             f"{out} holds a batch_summary.json that StrokePredictor did not write; --overwrite refused, nothing "
             "was replaced. Choose another --out."
         )
-    check_outputs_free(out, False)  # a file or a dangling link
+    if out.is_symlink() and not out.exists():
+        raise OutputExistsError(f"--out {out} is a symbolic link to a folder that does not exist; create it or pass "
+                                "another --out.")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} exists and is not a folder.")
     for case in cases:
         check_outputs_free(out / case.case_id, args.overwrite,
                            inputs=[case.dwi, case.adc, case.flair, args.clinical_csv])

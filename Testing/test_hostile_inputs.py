@@ -345,3 +345,67 @@ def test_the_command_line_and_the_library_share_the_sample_cap() -> None:
     from StrokePredictorLib import inference, predict
 
     assert predict.MAX_MC_SAMPLES == inference.MAX_MC_SAMPLES == 200
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ("case_id,sex,_note\nsub-strokecase0001,F,Müller\n".encode("latin-1"), "Latin-1"),
+    ("case_id,nihss\nsub-strokecase0001,4\n".encode("utf-16-le"), "UTF-16 text without a byte-order mark"),
+    (b"case_id,nihss,NIHSS\nsub-strokecase0001,4,40\n", "both hold the field 'nihss'"),
+    (b"case_id,systolic_bp\nsub-strokecase0001,1_50\n", "'1_50' is not a number"),
+])
+def test_hostile_clinical_csv_in_batch_mode(env: dict, capsys: pytest.CaptureFixture, tmp_path: Path,
+                                            data: bytes, expected: str) -> None:
+    isles = _isles(tmp_path)
+    table = tmp_path / "clinical.csv"
+    table.write_bytes(data)
+    out = tmp_path / "out"
+    before = _snapshot(tmp_path, out)
+    code, stdout, stderr = _run(capsys, "--isles", isles, "--clinical-csv", table, "--bundle", env["bundle"],
+                                "--device", "cpu", "--out", out)
+    assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert expected in stderr and "Traceback" not in stderr and "RESULT" not in stdout
+    assert not out.exists() and _snapshot(tmp_path, out) == before
+
+
+def _hostile_bundle(env: dict, tmp_path: Path, change: Callable[[dict, Path], None]) -> Path:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for name in ("model.json", "weights.safetensors"):
+        (bundle / name).write_bytes((env["bundle"] / name).read_bytes())
+    metadata = json.loads((bundle / "model.json").read_text())
+    change(metadata, bundle)
+    (bundle / "model.json").write_text(json.dumps(metadata))
+    return bundle
+
+
+def _weights_to_dev_zero(metadata: dict, bundle: Path) -> None:
+    (bundle / "weights.safetensors").unlink()
+    (bundle / "weights.safetensors").symlink_to("/dev/zero")
+
+
+BUNDLES: list[tuple[str, Callable[[dict, Path], None], str]] = [
+    ("NaN spacing", lambda m, b: m["grid"].__setitem__("spacing", [5.0, float("nan"), 5.0]), "NaN"),
+    ("zero spacing", lambda m, b: m["grid"].__setitem__("spacing", [5.0, 0.0, 5.0]), "grid.spacing is"),
+    ("NaN adc_scale", lambda m, b: m["normalization"].__setitem__("adc_scale", float("nan")), "NaN"),
+    ("zero adc_scale", lambda m, b: m["normalization"].__setitem__("adc_scale", 0), "normalization.adc_scale is 0"),
+    ("huge widths", lambda m, b: m["architecture"]["config"].__setitem__("widths", [4, 8, 40000]),
+     "architecture.config.widths is [4, 8, 40000]"),
+    ("zero heads", lambda m, b: m["architecture"]["config"].__setitem__("heads", 0), "architecture.config.heads is 0"),
+    ("negative widths", lambda m, b: m["architecture"]["config"].__setitem__("widths", [4, -8, 8]),
+     "architecture.config.widths is [4, -8, 8]"),
+    ("format version 'one'", lambda m, b: m.__setitem__("format_version", "one"), 'format_version is "one"'),
+    ("weights are /dev/zero", _weights_to_dev_zero, "not a regular file"),
+]
+
+
+@pytest.mark.parametrize(("label", "change", "expected"), BUNDLES, ids=[b[0] for b in BUNDLES])
+def test_hostile_bundle_ends_in_one_error_line(env: dict, capsys: pytest.CaptureFixture, tmp_path: Path,
+                                               label: str, change: Callable[[dict, Path], None],
+                                               expected: str) -> None:
+    bundle = _hostile_bundle(env, tmp_path, change)
+    out = tmp_path / "out"
+    code, stdout, stderr = _run(capsys, "--dwi", env["case"]["dwi"], "--adc", env["case"]["adc"], "--bundle", bundle,
+                                "--device", "cpu", "--out", out)
+    assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1, (label, stderr)
+    assert expected in stderr and "Traceback" not in stderr and "RESULT" not in stdout, (label, stderr)
+    assert not out.exists()
