@@ -232,3 +232,19 @@ def test_gpu_mimics_brighten_dwi_with_normal_adc(pack) -> None:  # noqa: ANN001
     assert int(bright.sum()) > 50
     assert 0.85 < float(ratio_adc[bright].median()) < 1.2
     assert float(ratio_adc.max()) > 1.5  # chronic infarcts raise the ADC
+
+
+def test_generate_records_the_new_options_only_when_on(tmp_path) -> None:  # noqa: ANN001
+    from Training.generate import GenerateConfig, generate
+
+    off = json.loads((generate(GenerateConfig(out=tmp_path / "off", cases=1, tiny=True), progress=False)
+                      / "dataset.json").read_text())
+    assert not {"scan_mimics", "showers", "small_lesions"} & (set(off["config"]) | set(off["synthesis_params"]))
+    assert "scan_mimics" not in off["models"]
+    on = json.loads((generate(GenerateConfig(out=tmp_path / "on", cases=1, tiny=True, scan_mimics=1.0, showers=0.5),
+                              progress=False) / "dataset.json").read_text())
+    assert on["config"]["scan_mimics"] == 1.0 and on["synthesis_params"]["showers"] == 0.5
+    assert [kind["name"] for kind in on["models"]["scan_mimics"]] == list(MM.KIND_NAMES)
+    assert "real_scan_mimics" in on["cases"][0]["mimics"]
+    with pytest.raises(ValueError, match="add up to more than 1"):
+        GenerateConfig(showers=0.8, small_lesions=0.5)
