@@ -43,6 +43,7 @@ from StrokePredictorLib.bundle import Bundle, load_bundle, resolve_device
 from StrokePredictorLib.clinical import FEATURE_NAMES, ClinicalRecord, encode
 from StrokePredictorLib.errors import StrokePredictorError
 from StrokePredictorLib.io import Geometry, Volume, read_volume
+from StrokePredictorLib.network import ImagingFeatures
 from StrokePredictorLib.postprocess import count_components, filter_components, volume_interval
 from StrokePredictorLib.preprocess import Normalization, PreprocessedCase, preprocess
 
@@ -59,6 +60,14 @@ MAX_SEED = 2**63 - 1
 #: A lesion larger than this share of the brain mask is flagged: no arterial territory, not even a
 #: whole hemisphere's, is half the brain.
 LESION_SHARE_WARN = 0.5
+
+#: What :attr:`Prediction.feature_effects` measures (written next to the numbers).
+EFFECT_MEANING = (
+    "effect_ml = predicted lesion volume with this feature set to missing minus the volume with the values as "
+    "given (mL; deterministic network output, dropout off, on the model grid, thresholded and post-processed as "
+    "the lesion mask; the imaging features are computed once). Negative: the given value raises the prediction. "
+    "null: the feature is missing already."
+)
 
 UNCERTAINTY_MEANING = {
     "entropy": "predictive entropy of the mean Monte-Carlo probability, in bits (0 = certain, 1 = p of 0.5)",
@@ -98,6 +107,10 @@ class Prediction:
         brain_volume_ml: volume of the brain mask found on the DWI, in mL (0 when unknown).
         input_statistics: the plausibility measurements of the inputs (see
             :func:`StrokePredictorLib.preprocess.input_statistics`), or None.
+        feature_effects: clinical feature name -> measured effect in mL: the change of the
+            predicted lesion volume when that feature alone is set to missing (see
+            :data:`EFFECT_MEANING`); None for a feature that is missing already; empty when not
+            measured.
     """
 
     probability: np.ndarray
@@ -124,12 +137,30 @@ class Prediction:
     postprocessing: dict = field(default_factory=dict)
     brain_volume_ml: float = 0.0
     input_statistics: dict | None = None
+    feature_effects: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def mean_uncertainty_in_lesion(self) -> float:
         """Mean predictive entropy (bits) inside the mask; 0 when the mask is empty."""
         inside = self.mask.astype(bool)
         return float(self.entropy[inside].mean()) if inside.any() else 0.0
+
+
+@dataclass
+class EncodedCase:
+    """A preprocessed case with its imaging encoder output (see :meth:`Predictor.encode`).
+
+    Attributes:
+        case: the preprocessed case.
+        features: :class:`~StrokePredictorLib.network.ImagingFeatures` of the image.
+        mirrored: those of the left-right mirrored image, or None without flip averaging.
+        encode_s: seconds the encoder took.
+    """
+
+    case: PreprocessedCase
+    features: ImagingFeatures
+    mirrored: ImagingFeatures | None
+    encode_s: float = 0.0
 
 
 def adc_of(case: PreprocessedCase, normalization: Normalization) -> np.ndarray:
@@ -182,6 +213,8 @@ class Predictor:
         flip_tta: average with the left-right mirrored input; None: the bundle's.
         max_component_adc: remove lesion components whose median ADC is at least this
             (10^-3 mm^2/s; 0: none); None: the bundle's.
+        feature_effects: also measure each given clinical feature's effect on the volume
+            (:attr:`Prediction.feature_effects`; one decoder pass per given feature).
 
     Raises:
         StrokePredictorError: bad device, sample count, threshold or component size; BundleError
@@ -199,6 +232,7 @@ class Predictor:
         min_component_ml: float | None = None,
         flip_tta: bool | None = None,
         max_component_adc: float | None = None,
+        feature_effects: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         if not 1 <= int(mc_samples) <= MAX_MC_SAMPLES:
@@ -226,6 +260,7 @@ class Predictor:
         except ValueError as error:
             raise StrokePredictorError(f"Invalid post-processing setting: {error}.") from None
         self.deterministic = bool(deterministic)
+        self.feature_effects = bool(feature_effects)
 
     @property
     def threshold(self) -> float:
@@ -280,32 +315,73 @@ class Predictor:
         prediction.timings["total_s"] = prediction.timings.get("total_s", 0.0) + read_s
         return prediction
 
+    def encode(self, case: PreprocessedCase) -> EncodedCase:
+        """Run the imaging encoder (no clinical input) on a preprocessed case, and on its
+        left-right mirror when the post-processing averages both views. What-if updates
+        (:mod:`StrokePredictorLib.whatif`) keep this and re-run only :meth:`predict_encoded`."""
+        tick = time.perf_counter()
+        model = self.bundle.model
+        device = self.device
+        with torch.inference_mode():
+            image = torch.from_numpy(np.ascontiguousarray(case.image))[None].to(device)
+            flair = torch.tensor([case.flair_present], device=device)
+            with self._autocast():
+                encoded = model.encode_image(image, flair)
+                # left-right mirror: the i axis of the model grid (last array axis) points left
+                mirrored = model.encode_image(image.flip(-1), flair) if self.postprocessing.flip_tta else None
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        return EncodedCase(case, encoded, mirrored, time.perf_counter() - tick)
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def _decode(self, encoded: EncodedCase, record: ClinicalRecord) -> tuple[dict, dict | None]:
+        """Fusion, decoder and expansion for ``record`` on the cached encoder output (both views)."""
+        values, missing = encode(record)
+        device = self.device
+        inputs = (torch.from_numpy(values)[None].to(device), torch.from_numpy(missing)[None].to(device))
+        model = self.bundle.model
+        with torch.inference_mode(), self._autocast():
+            out = model.decode(encoded.features, *inputs)
+            mirrored = model.decode(encoded.mirrored, *inputs) if encoded.mirrored is not None else None
+        return out, mirrored
+
     def predict_preprocessed(
         self, case: PreprocessedCase, clinical: ClinicalRecord | None = None, progress: Progress | None = None
     ) -> Prediction:
         """Run the network and the Monte-Carlo sampling on a preprocessed case."""
         report = progress or (lambda fraction, message: None)
+        report(0.45, "running the network")
+        return self.predict_encoded(self.encode(case), clinical, progress=report)
+
+    def predict_encoded(
+        self, encoded: EncodedCase, clinical: ClinicalRecord | None = None, progress: Progress | None = None,
+        effects: bool | None = None,
+    ) -> Prediction:
+        """The part of a prediction that depends on the clinical values: fusion, decoder, Monte-Carlo
+        sampling, post-processing and resampling onto the DWI grid, from :meth:`encode`'s output.
+        Identical to :meth:`predict_preprocessed` with the same ``clinical``.
+
+        ``timings["network_s"]`` counts the encoder once (as a full prediction does);
+        ``timings["decode_s"]`` is the part re-run by a what-if update. ``effects`` (default: the
+        predictor's ``feature_effects``) also measures :attr:`Prediction.feature_effects`.
+        """
+        report = progress or (lambda fraction, message: None)
+        case = encoded.case
         timings = {f"preprocess_{k}": v for k, v in case.timings.items()}
         start = time.perf_counter()
         record = clinical if clinical is not None else ClinicalRecord()
-        values, missing = encode(record)
         model = self.bundle.model
         device = self.device
-        report(0.45, "running the network")
         tick = time.perf_counter()
         post = self.postprocessing
         with torch.inference_mode():
-            image = torch.from_numpy(np.ascontiguousarray(case.image))[None].to(device)
-            clinical_inputs = (torch.from_numpy(values)[None].to(device), torch.from_numpy(missing)[None].to(device),
-                               torch.tensor([case.flair_present], device=device))
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-            with autocast:
-                out = model.features(image, *clinical_inputs)
-                # left-right mirror: the i axis of the model grid (last array axis) points left
-                mirrored = model.features(image.flip(-1), *clinical_inputs) if post.flip_tta else None
+            out, mirrored = self._decode(encoded, record)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            timings["network_s"] = time.perf_counter() - tick
+            timings["decode_s"] = time.perf_counter() - tick
+            timings["network_s"] = encoded.encode_s + timings["decode_s"]
             report(0.7, f"sampling {self.mc_samples} Monte-Carlo dropout masks")
             tick = time.perf_counter()
             generator = torch.Generator().manual_seed(self.seed)
@@ -368,7 +444,13 @@ class Predictor:
             "ci95": volume_interval(mask_ml, mc_interval, post.volume_log_margin),
             "mc_ci95": mc_interval,
         }
-        timings["inference_s"] = time.perf_counter() - start
+        effects_ml: dict[str, float | None] = {}
+        if self.feature_effects if effects is None else effects:
+            report(0.85, "measuring the clinical features' effects")
+            tick = time.perf_counter()
+            effects_ml = self._feature_effects(encoded, record, self._deterministic_volume(case, out, mirrored))
+            timings["effects_s"] = time.perf_counter() - tick
+        timings["inference_s"] = time.perf_counter() - start + encoded.encode_s
         timings["total_s"] = timings["inference_s"] + case.timings.get("total_s", 0.0)
         report(0.9, "prediction done")
         return Prediction(
@@ -396,7 +478,38 @@ class Predictor:
             postprocessing=post.to_dict(),
             brain_volume_ml=float(case.brain_volume_ml),
             input_statistics=case.statistics.to_dict() if case.statistics is not None else None,
+            feature_effects=effects_ml,
         )
+
+    def _deterministic_volume(self, case: PreprocessedCase, out: dict, mirrored: dict | None) -> float:
+        """Lesion volume (mL, model grid) of the dropout-free output: both views averaged, outside
+        the brain 0, thresholded and post-processed as the mask is."""
+        model = self.bundle.model
+        post = self.postprocessing
+        with torch.inference_mode():
+            probability = torch.sigmoid(model.sample_logits(out["features"], 1, deterministic=True)[0, 0])
+            if mirrored is not None:
+                flipped = model.sample_logits(mirrored["features"], 1, deterministic=True)[0, 0].flip(-1)
+                probability = 0.5 * (probability + torch.sigmoid(flipped))
+            above = (probability >= post.threshold).cpu().numpy() & case.brain.astype(bool)
+        voxel_ml = float(np.prod(case.mapping.model.spacing)) / 1000.0
+        if post.min_component_ml > 0 or post.max_component_adc > 0:
+            adc = adc_of(case, self.bundle.normalization) if post.max_component_adc > 0 else None
+            above = filter_components(above, voxel_ml, post.min_component_ml, adc, post.max_component_adc)
+        return float(above.sum()) * voxel_ml
+
+    def _feature_effects(self, encoded: EncodedCase, record: ClinicalRecord, baseline_ml: float
+                         ) -> dict[str, float | None]:
+        """Each given feature's effect (mL): the volume with it set to missing minus ``baseline_ml``."""
+        effects: dict[str, float | None] = {}
+        for name in FEATURE_NAMES:
+            if record.values[name] is None:
+                effects[name] = None
+                continue
+            without = ClinicalRecord({**record.values, name: None})
+            out, mirrored = self._decode(encoded, without)
+            effects[name] = self._deterministic_volume(encoded.case, out, mirrored) - baseline_ml
+        return effects
 
     def _sample_volumes(self, probs: torch.Tensor, index: torch.Tensor, shape: tuple[int, ...],
                         voxel_ml: float, adc: np.ndarray | None = None) -> np.ndarray:

@@ -9,9 +9,12 @@ Files (all volumes on the input DWI grid):
 ``lesion.nii.gz``             uint8 0/1 thresholded lesion
 ``lesion.seg.nrrd``           the lesion as a 3D Slicer segmentation (name, colour, terminology)
 ``attention_spatial.nii.gz``  float32 0..1 spatial attention of the clinical tokens
-``attention.json``/``.tsv``   one weight per clinical feature, with its value and missing flag
+``attention.json``/``.tsv``   one weight per clinical feature, with its value, missing flag and
+                              measured effect on the volume (mL, when measured)
 ``summary.json``              volumes, interval, settings, bundle, inputs, timings, versions
 ``overview.png``              DWI slices with probability and contour, uncertainty, attention bars
+``what_if.tsv``/``.json``     with ``--what-if`` only: volumes (with intervals) per clinical scenario
+``what_if.png``               with ``--what-if`` only: volume against onset time, one line per treatment
 ============================  =====================================================================
 
 The output folder is created (with ordinary permissions) and checked for writability before
@@ -44,7 +47,7 @@ from StrokePredictorLib import __version__
 from StrokePredictorLib._lazy import sitk
 from StrokePredictorLib.clinical import FEATURES
 from StrokePredictorLib.errors import OutputExistsError, StrokePredictorError
-from StrokePredictorLib.inference import UNCERTAINTY_MEANING, Prediction
+from StrokePredictorLib.inference import EFFECT_MEANING, UNCERTAINTY_MEANING, Prediction
 from StrokePredictorLib.io import (
     MARKER_FILE,
     Geometry,
@@ -72,6 +75,12 @@ OUTPUT_FILES: dict[str, str] = {
     "attention_tsv": "attention.tsv",
     "summary": "summary.json",
     "overview": "overview.png",
+}
+#: Written only when asked for (``--what-if``); an overwrite removes those of an earlier run.
+OPTIONAL_FILES: dict[str, str] = {
+    "what_if_tsv": "what_if.tsv",
+    "what_if_json": "what_if.json",
+    "what_if_plot": "what_if.png",
 }
 
 SEGMENT_NAME = "Stroke lesion (predicted)"
@@ -148,10 +157,12 @@ def write_segmentation_nrrd(
 
 
 def attention_records(prediction: Prediction) -> list[dict]:
-    """One record per clinical feature: name, label, raw value (or None), missing flag, weight."""
+    """One record per clinical feature: name, label, raw value (or None), missing flag, weight and
+    measured effect in mL (None when the feature is missing or effects were not measured)."""
     records = []
     for feature in FEATURES:
         value = prediction.clinical.values.get(feature.name)
+        effect = prediction.feature_effects.get(feature.name)
         records.append({
             "name": feature.name,
             "label": feature.label,
@@ -159,6 +170,7 @@ def attention_records(prediction: Prediction) -> list[dict]:
             "unit": feature.unit,
             "missing": value is None,
             "weight": float(prediction.feature_attention[feature.name]),
+            "effect_ml": None if effect is None else float(effect),
         })
     return records
 
@@ -238,6 +250,15 @@ def render_overview(prediction: Prediction, dwi: Volume, *, title: str = "") -> 
     axis.set_yticks(range(len(records))[::-1], labels, fontsize=8)
     axis.set_xlabel("attention weight (sums to 1)", fontsize=9)
     axis.set_title("Clinical feature attention", fontsize=9)
+    if prediction.feature_effects:
+        # the measured effect beside each bar: the volume change (mL) when the feature is set to missing
+        for row, record in zip(range(len(records))[::-1], records):  # noqa: B905
+            text = "missing" if record["effect_ml"] is None else f"effect {record['effect_ml']:+.1f} mL"
+            axis.annotate(text, (record["weight"], row), xytext=(4, 0), textcoords="offset points",
+                          va="center", fontsize=7, color="#444444")
+        axis.set_xlim(0, max(weights) * 1.45 if max(weights) > 0 else 1)
+        axis.set_title("Clinical feature attention, and measured effect (volume with the feature set to missing "
+                       "minus volume as given)", fontsize=9)
     volume = prediction.volume_ml
     figure.suptitle(
         f"{title}  lesion {volume['mask']:.1f} mL (MC median {volume['median']:.1f}, 95% interval "
@@ -336,7 +357,7 @@ def check_outputs_free(out_dir: str | os.PathLike, overwrite: bool = False,
         return
     given = [Path(p) for p in inputs if p]
     for path in given:
-        for name in OUTPUT_FILES.values():
+        for name in (*OUTPUT_FILES.values(), *OPTIONAL_FILES.values()):
             target = out_dir / name
             if target.exists() and path.exists() and os.path.samefile(path, target):
                 raise OutputExistsError(
@@ -349,7 +370,7 @@ def check_outputs_free(out_dir: str | os.PathLike, overwrite: bool = False,
                 f"--overwrite refused: input {inside[0]} lies inside the output folder {out_dir}; write the "
                 "outputs to another --out folder so that no input can be replaced."
             )
-    existing = [name for name in OUTPUT_FILES.values() if (out_dir / name).exists()]
+    existing = [name for name in (*OUTPUT_FILES.values(), *OPTIONAL_FILES.values()) if (out_dir / name).exists()]
     if not existing:
         return
     if not overwrite:
@@ -375,6 +396,7 @@ def write_outputs(
     inputs: dict | None = None,
     overwrite: bool = False,
     title: str = "",
+    extra: dict[str, bytes] | None = None,
 ) -> Path:
     """Write every output file into ``out_dir`` (see the module docstring). Returns the path of
     ``summary.json``.
@@ -386,6 +408,9 @@ def write_outputs(
         inputs: input description for the summary (file paths...).
         overwrite: replace existing output files.
         title: heading of the overview picture (e.g. the case id).
+        extra: optional outputs (names from :data:`OPTIONAL_FILES`) -> content, written and
+            replaced together with the others; with ``overwrite``, optional outputs of an
+            earlier run that are not in ``extra`` are removed (they would not match).
 
     Raises:
         OutputExistsError: an output exists and ``overwrite`` is False (checked before writing).
@@ -406,20 +431,26 @@ def write_outputs(
         write_volume(prediction.spatial_attention.astype(np.float32), geometry,
                      staging / OUTPUT_FILES["attention_spatial"])
         records = attention_records(prediction)
+        measured = bool(prediction.feature_effects)
+        keys = ("name", "label", "value", "missing", "weight") + (("effect_ml",) if measured else ())
         (staging / OUTPUT_FILES["attention_json"]).write_text(json.dumps({
-            "features": [{k: r[k] for k in ("name", "label", "value", "missing", "weight")} for r in records],
+            "features": [{k: r[k] for k in keys} for r in records],
             "spatial_attention_file": OUTPUT_FILES["attention_spatial"],
             "description": "weight = attention of the imaging tokens to each clinical token, averaged over "
                            "heads and imaging tokens; the weights sum to 1",
-        }, indent=2) + "\n")
+            **({"effect_description": EFFECT_MEANING} if measured else {}),
+        }, indent=2, allow_nan=False) + "\n")
         with (staging / OUTPUT_FILES["attention_tsv"]).open("w", newline="") as handle:
             writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-            writer.writerow(["name", "label", "value", "unit", "missing", "weight"])
+            header = ["name", "label", "value", "unit", "missing", "weight"]
+            writer.writerow(header + (["effect_ml"] if measured else []))
             for r in records:
+                effect = ([] if not measured else ["" if r["effect_ml"] is None else f"{r['effect_ml']:.3f}"])
                 writer.writerow([r["name"], r["label"], "" if r["value"] is None else r["value"], r["unit"],
-                                 str(r["missing"]).lower(), f"{r['weight']:.6f}"])
+                                 str(r["missing"]).lower(), f"{r['weight']:.6f}", *effect])
         (staging / OUTPUT_FILES["overview"]).write_bytes(render_overview(prediction, dwi, title=title))
         summary = summary_dict(prediction, bundle=bundle, inputs=inputs or {})
+        summary["files"].update({key: name for key, name in OPTIONAL_FILES.items() if name in (extra or {})})
         try:
             text = json.dumps(summary, indent=2, default=str, allow_nan=False)
         except ValueError:
@@ -428,10 +459,21 @@ def write_outputs(
                 "written; check the model bundle and the inputs."
             ) from None
         (staging / OUTPUT_FILES["summary"]).write_text(text + "\n")
+        extra = dict(extra or {})
+        unknown = sorted(set(extra) - set(OPTIONAL_FILES.values()))
+        if unknown:
+            raise ValueError(f"write_outputs: unknown optional output(s) {', '.join(unknown)}.")
+        for name, content in extra.items():
+            (staging / name).write_bytes(content)
         check_outputs_free(out_dir, overwrite)
         write_folder_marker(out_dir, "outputs", "python -m StrokePredictorLib.predict")
         for name in OUTPUT_FILES.values():
             os.replace(staging / name, out_dir / name)
+        for name in OPTIONAL_FILES.values():
+            if name in extra:
+                os.replace(staging / name, out_dir / name)
+            elif (out_dir / name).is_file() and not (out_dir / name).is_symlink():
+                (out_dir / name).unlink()  # from an earlier run (overwrite was checked): it would not match
         done = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -5,7 +5,15 @@ Single case::
     python -m StrokePredictorLib.predict --dwi DWI --adc ADC [--flair FLAIR]
         [--clinical clinical.json | --clinical nihss=12 age=71 ...] [--bundle DIR] --out DIR
         [--mc-samples 20] [--seed 0] [--device auto|cpu|cuda] [--threshold T] [--min-component-ml V]
-        [--tta | --no-tta] [--max-component-adc A] [--overwrite]
+        [--tta | --no-tta] [--max-component-adc A] [--no-effects] [--overwrite]
+        [--what-if FIELD=V1,V2,... ...]
+
+``--what-if onset_to_imaging_h=2,6,12 treatment=none,thrombectomy`` also predicts every
+combination of those values (the other clinical values as given), re-running only the
+clinical-dependent part of the network, and writes ``what_if.tsv``/``.json`` (volumes with
+intervals per scenario) and ``what_if.png`` (volume against onset time, one line per treatment).
+Each feature's measured effect on the volume (the change when it is set to missing) is written
+beside its attention weight unless ``--no-effects`` is given.
 
 ``--threshold``, ``--min-component-ml``, ``--tta`` and ``--max-component-adc`` override the post-processing that the
 bundle carries (chosen on validation data; see :mod:`StrokePredictorLib.postprocess`).
@@ -83,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-component-adc", type=float, default=None,
                         help="remove lesion components whose median ADC is at least this, in 10^-3 mm^2/s; "
                              "0 keeps all (default: the bundle's, else 0)")
+    parser.add_argument("--what-if", nargs="+", metavar="FIELD=V1,V2",
+                        help="single case: also predict every combination of these clinical values, e.g. "
+                             "onset_to_imaging_h=2,6,12 treatment=none,thrombectomy (what_if.tsv/.json/.png)")
+    parser.add_argument("--effects", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure each given clinical feature's effect on the volume (one extra decoder pass "
+                             "per feature; default on)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the output files of an earlier prediction in --out (never other files, and "
                              "never when an input lies inside --out)")
@@ -124,9 +138,10 @@ def _prepare_single(args: argparse.Namespace) -> list[Path]:
     return ensure_writable_dir(out)
 
 
-def _run_single(args: argparse.Namespace, predictor) -> Path:  # noqa: ANN001
+def _run_single(args: argparse.Namespace, predictor, what_if: dict | None = None) -> Path:  # noqa: ANN001
     from StrokePredictorLib.io import read_volume
     from StrokePredictorLib.outputs import write_outputs
+    from StrokePredictorLib.preprocess import preprocess
 
     out = Path(args.out)
     record = _clinical_from_args(args.clinical)
@@ -136,7 +151,26 @@ def _run_single(args: argparse.Namespace, predictor) -> Path:  # noqa: ANN001
     adc = read_volume(args.adc, role="ADC")
     flair = read_volume(args.flair, role="FLAIR") if args.flair else None
     read_s = time.perf_counter() - start
-    prediction = predictor.predict(dwi, adc, flair, record, progress=lambda f, m: _progress(0.02 + 0.88 * f, m))
+    span = 0.88 if not what_if else 0.6
+
+    def report(f: float, m: str) -> None:
+        _progress(0.02 + span * f, m)
+
+    report(0.0, "preprocessing")
+    case = preprocess(dwi, adc, flair, grid=predictor.bundle.grid, normalization=predictor.bundle.normalization,
+                      progress=lambda f, m: report(0.4 * f / 0.3 if f <= 0.3 else 0.4, m))
+    report(0.45, "running the network")
+    encoded = predictor.encode(case)
+    prediction = predictor.predict_encoded(encoded, record, progress=report, effects=args.effects)
+    extra = None
+    if what_if:
+        from StrokePredictorLib.whatif import WhatIf, what_if_files
+
+        _progress(0.65, "what-if scenarios")
+        session = WhatIf(predictor, encoded, prediction.clinical)
+        scenarios = session.scenarios(what_if)
+        extra = what_if_files(scenarios, what_if, base=prediction.clinical, bundle=predictor.bundle.describe(),
+                              title=Path(args.dwi).name)
     _progress(0.92, "writing outputs")
     tick = time.perf_counter()
     inputs = {"dwi": str(Path(args.dwi).resolve()), "adc": str(Path(args.adc).resolve()),
@@ -146,7 +180,7 @@ def _run_single(args: argparse.Namespace, predictor) -> Path:  # noqa: ANN001
     for warning in prediction.warnings:
         logger.warning(warning)
     summary = write_outputs(prediction, out, dwi=dwi, bundle=predictor.bundle.describe(), inputs=inputs,
-                            overwrite=args.overwrite, title=Path(args.dwi).name)
+                            overwrite=args.overwrite, title=Path(args.dwi).name, extra=extra)
     logger.info("Outputs written in %.2f s.", time.perf_counter() - tick)
     _progress(1.0, "done")
     return summary
@@ -274,6 +308,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise _ArgumentError("--clinical-csv is for batch mode (--isles); use --clinical for a single case.")
         if args.allow_unmatched and not args.clinical_csv:
             raise _ArgumentError("--allow-unmatched only applies with --clinical-csv.")
+        what_if = None
+        if args.what_if:
+            if args.isles:
+                raise _ArgumentError("--what-if is for a single case (--dwi/--adc), not for --isles batches.")
+            from StrokePredictorLib.whatif import parse_what_if
+
+            what_if = parse_what_if(args.what_if)
         if not 1 <= args.mc_samples <= MAX_MC_SAMPLES:
             raise _ArgumentError(f"--mc-samples must lie between 1 and {MAX_MC_SAMPLES}, got {args.mc_samples}.")
         if not 0 <= args.seed <= 2**63 - 1:
@@ -293,13 +334,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.bundle or default_bundle_dir("acute"), device=args.device, mc_samples=args.mc_samples,
             seed=args.seed, threshold=args.threshold, deterministic=args.deterministic,
             min_component_ml=args.min_component_ml, flip_tta=args.tta, max_component_adc=args.max_component_adc,
+            feature_effects=args.effects,
         )
         if args.isles:
             result, failures = _run_batch(args, predictor, cases, records)
             created = []
             print(f"RESULT {result}", flush=True)
             return 2 if failures else 0
-        result = _run_single(args, predictor)
+        result = _run_single(args, predictor, what_if)
         created = []
         print(f"RESULT {result}", flush=True)
         return 0
