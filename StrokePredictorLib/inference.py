@@ -521,11 +521,23 @@ class Predictor:
         if post.min_component_ml <= 0 and post.max_component_adc <= 0:
             return above.sum(dim=1).double().cpu().numpy() * voxel_ml
         flat_index = index.cpu().numpy()
-        volumes = np.empty(above.shape[0])
-        for n, row in enumerate(above.cpu().numpy()):
+        rows = above.cpu().numpy()
+        volumes = np.zeros(rows.shape[0])
+        anywhere = flat_index[rows.any(axis=0)]
+        if anywhere.size == 0:
+            return volumes
+        # Components are labelled only inside the box around every sample's lesion voxels (plus one
+        # empty voxel each side): the same components as on the whole grid, at a fraction of the cost.
+        kji = np.stack(np.unravel_index(anywhere, shape), axis=1)
+        low = np.maximum(kji.min(axis=0) - 1, 0)
+        high = np.minimum(kji.max(axis=0) + 2, shape)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(low, high))  # noqa: B905
+        adc_box = adc[box] if adc is not None else None
+        for n, row in enumerate(rows):
             grid = np.zeros(int(np.prod(shape)), dtype=bool)
             grid[flat_index[row]] = True
-            kept = filter_components(grid.reshape(shape), voxel_ml, post.min_component_ml, adc, post.max_component_adc)
+            kept = filter_components(grid.reshape(shape)[box], voxel_ml, post.min_component_ml, adc_box,
+                                     post.max_component_adc)
             volumes[n] = kept.sum() * voxel_ml
         return volumes
 

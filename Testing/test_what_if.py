@@ -190,3 +190,39 @@ def test_cli_what_if_is_refused_for_batches(setup: dict, capsys: pytest.CaptureF
     code = main(["--isles", str(setup["root"]), "--out", str(setup["root"] / "b"), "--what-if", "treatment=none"])
     captured = capsys.readouterr()
     assert code == 2 and "single case" in captured.err and captured.err.count("\n") == 1
+
+
+def test_sample_volumes_in_the_lesion_box_equal_the_whole_grid(setup: dict) -> None:
+    """The Monte-Carlo volumes label components only around the lesions: same result as the whole grid."""
+    import torch
+
+    from StrokePredictorLib.postprocess import filter_components
+
+    predictor = Predictor(setup["bundle"], device="cpu", min_component_ml=0.004, max_component_adc=0.9)
+    shape = (12, 14, 16)
+    rng = np.random.default_rng(0)
+    brain = np.zeros(shape, dtype=bool)
+    brain[1:11, 1:13, 2:15] = True
+    index = torch.from_numpy(np.flatnonzero(brain))
+    probs = torch.from_numpy(rng.random((7, index.numel())).astype(np.float32) ** 3)  # sparse, many components
+    adc = rng.uniform(0.4, 1.2, shape).astype(np.float32)
+    voxel_ml = 0.001
+    volumes = predictor._sample_volumes(probs, index, shape, voxel_ml, adc)
+    expected = []
+    for row in (probs >= predictor.threshold).numpy():
+        grid = np.zeros(brain.size, dtype=bool)
+        grid[index.numpy()[row]] = True
+        expected.append(filter_components(grid.reshape(shape), voxel_ml, 0.004, adc, 0.9).sum() * voxel_ml)
+    np.testing.assert_array_equal(volumes, expected)
+    assert 0 < min(expected) < max(expected)
+    nothing = predictor._sample_volumes(torch.zeros_like(probs), index, shape, voxel_ml, adc)
+    np.testing.assert_array_equal(nothing, np.zeros(7))
+
+
+def test_cpu_bf16_session_is_close_to_fp32(setup: dict) -> None:
+    predictor = Predictor(setup["bundle"], device="cpu", mc_samples=3)
+    exact = WhatIf(predictor, setup["case"], CLINICAL).update({"treatment": "thrombectomy"})
+    fast_session = WhatIf(predictor, setup["case"], CLINICAL, cpu_bf16=True)
+    fast = fast_session.update({"treatment": "thrombectomy"})
+    assert fast_session.cpu_bf16 and not np.array_equal(fast.probability, exact.probability)  # bf16 really ran
+    assert float(np.abs(fast.probability - exact.probability).max()) < 0.1
