@@ -215,7 +215,18 @@ def component_medians(values: np.ndarray, labels: np.ndarray, count: int) -> np.
     """Median of ``values`` over each of the ``count`` labelled components (``[n - 1]`` for label ``n``)."""
     if count == 0:
         return np.zeros(0)
-    return np.asarray(ndimage.median(values, labels, np.arange(1, count + 1)), dtype=float).reshape(count)
+    flat = np.asarray(labels).ravel()
+    inside = flat > 0
+    label, value = flat[inside], np.asarray(values, dtype=np.float64).ravel()[inside]
+    order = np.lexsort((value, label))  # by component, then by value: one sort instead of one per component
+    label, value = label[order], value[order]
+    sizes = np.bincount(label, minlength=count + 1)[1:]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    low, high = starts + (sizes - 1) // 2, starts + sizes // 2
+    safe = sizes > 0
+    medians = np.full(count, np.nan)
+    medians[safe] = 0.5 * (value[low[safe]] + value[high[safe]])
+    return medians
 
 
 def component_means(values: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:

@@ -187,8 +187,10 @@ def score_case(probability: np.ndarray, truth: np.ndarray, voxel_ml: float, sett
         labels, sizes_ml = label_components(probability >= threshold, voxel_ml)
         count = sizes_ml.size
         inside = labels > 0
-        overlap = np.bincount(labels[inside & truth], minlength=count + 1)[1:]
-        pairs = np.unique(np.stack([labels[inside & truth], labels_t[inside & truth]]), axis=1)  # (pred, true)
+        both = inside & truth
+        overlap = np.bincount(labels[both], minlength=count + 1)[1:]
+        codes = np.unique(labels[both].astype(np.int64) * (n_t + 1) + labels_t[both])
+        pairs = np.stack([codes // (n_t + 1), codes % (n_t + 1)])  # (predicted, true) labels that overlap
         chosen = [n for n, post in enumerate(settings) if post.threshold == threshold]
         needs_adc = any(settings[n].needs_adc for n in chosen)
         medians = component_medians(adc, labels, count) if needs_adc and count else (np.zeros(count) if needs_adc
