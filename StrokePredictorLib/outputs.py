@@ -15,6 +15,8 @@ Files (all volumes on the input DWI grid):
 ``overview.png``              DWI slices with probability and contour, uncertainty, attention bars
 ``what_if.tsv``/``.json``     with ``--what-if`` only: volumes (with intervals) per clinical scenario
 ``what_if.png``               with ``--what-if`` only: volume against onset time, one line per treatment
+``what_if_difference.nii.gz`` with two ``--what-if`` scenarios: float32 probability of the first minus the second
+``what_if_regions.nii.gz``    with two scenarios: uint8 1 lesion in the first only, 2 second only, 3 both
 ============================  =====================================================================
 
 The output folder is created (with ordinary permissions) and checked for writability before
@@ -81,6 +83,8 @@ OPTIONAL_FILES: dict[str, str] = {
     "what_if_tsv": "what_if.tsv",
     "what_if_json": "what_if.json",
     "what_if_plot": "what_if.png",
+    "what_if_difference": "what_if_difference.nii.gz",
+    "what_if_regions": "what_if_regions.nii.gz",
 }
 
 SEGMENT_NAME = "Stroke lesion (predicted)"
@@ -396,7 +400,7 @@ def write_outputs(
     inputs: dict | None = None,
     overwrite: bool = False,
     title: str = "",
-    extra: dict[str, bytes] | None = None,
+    extra: dict[str, bytes | np.ndarray] | None = None,
 ) -> Path:
     """Write every output file into ``out_dir`` (see the module docstring). Returns the path of
     ``summary.json``.
@@ -408,7 +412,8 @@ def write_outputs(
         inputs: input description for the summary (file paths...).
         overwrite: replace existing output files.
         title: heading of the overview picture (e.g. the case id).
-        extra: optional outputs (names from :data:`OPTIONAL_FILES`) -> content, written and
+        extra: optional outputs (names from :data:`OPTIONAL_FILES`) -> content (bytes, or an
+            array ``[k, j, i]`` written as a volume on the prediction's grid), written and
             replaced together with the others; with ``overwrite``, optional outputs of an
             earlier run that are not in ``extra`` are removed (they would not match).
 
@@ -464,7 +469,10 @@ def write_outputs(
         if unknown:
             raise ValueError(f"write_outputs: unknown optional output(s) {', '.join(unknown)}.")
         for name, content in extra.items():
-            (staging / name).write_bytes(content)
+            if isinstance(content, np.ndarray):
+                write_volume(content, geometry, staging / name)
+            else:
+                (staging / name).write_bytes(content)
         check_outputs_free(out_dir, overwrite)
         write_folder_marker(out_dir, "outputs", "python -m StrokePredictorLib.predict")
         for name in OUTPUT_FILES.values():

@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 #: Most scenarios one ``--what-if`` may ask for (each is one decoder pass and one set of samples).
 MAX_SCENARIOS = 64
 
-WHAT_IF_FILES = {"what_if_tsv": "what_if.tsv", "what_if_json": "what_if.json", "what_if_plot": "what_if.png"}
+WHAT_IF_FILES = {"what_if_tsv": "what_if.tsv", "what_if_json": "what_if.json", "what_if_plot": "what_if.png",
+                 "what_if_difference": "what_if_difference.nii.gz", "what_if_regions": "what_if_regions.nii.gz"}
 
 
 @dataclass
@@ -161,6 +162,10 @@ class WhatIf:
         runs. ``effects`` also measures each feature's effect (one decoder pass per given feature)."""
         return self._predict(self.record(changes or {}), effects)
 
+    def predict(self, record: ClinicalRecord) -> Prediction:
+        """Predict with a whole clinical ``record`` (canonical values) instead of changes to the base."""
+        return self._predict(record, False)
+
     def scenarios(self, grid: Mapping[str, Sequence[float | str | None]]) -> list[Scenario]:
         """One :class:`Scenario` per combination of ``grid`` (from :func:`parse_what_if`)."""
         results = []
@@ -183,6 +188,12 @@ def difference_map(first: Prediction, second: Prediction) -> np.ndarray:
     if not first.geometry.same_grid(second.geometry, tolerance_mm=1e-6):
         raise ValueError("The two scenarios are not on the same grid.")
     return (first.probability.astype(np.float32) - second.probability.astype(np.float32)).astype(np.float32)
+
+
+def region_map(first: Prediction, second: Prediction) -> np.ndarray:
+    """uint8 on the DWI grid: 1 where only ``first``'s mask has lesion (e.g. tissue saved by the
+    treatment of ``second``), 2 only ``second``'s, 3 both, 0 neither."""
+    return (first.mask.astype(bool) * 1 + second.mask.astype(bool) * 2).astype(np.uint8)
 
 
 def saved_volume_ml(first: Prediction, second: Prediction) -> dict[str, float]:
@@ -277,9 +288,12 @@ def render_what_if_plot(scenarios: Sequence[Scenario], grid: Mapping[str, Sequen
 
 
 def what_if_files(scenarios: Sequence[Scenario], grid: Mapping[str, Sequence[object]], *, base: ClinicalRecord,
-                  bundle: dict, title: str = "") -> dict[str, bytes]:
-    """The what-if outputs as file name -> bytes (:data:`WHAT_IF_FILES`): the TSV and JSON tables
-    and the plot. Written by :func:`StrokePredictorLib.outputs.write_outputs` with the rest."""
+                  bundle: dict, title: str = "") -> dict[str, bytes | np.ndarray]:
+    """The what-if outputs as file name -> content (:data:`WHAT_IF_FILES`): the TSV and JSON tables
+    and the plot; with exactly two scenarios also the comparison: the difference map
+    (:func:`difference_map`, first minus second) and the region map (:func:`region_map`) as
+    arrays on the DWI grid, and their volumes in the JSON (``comparison``). Written by
+    :func:`StrokePredictorLib.outputs.write_outputs` with the rest."""
     rows = scenario_rows(scenarios, grid)
     columns = list(rows[0]) if rows else list(grid)
     text = _io.StringIO()
@@ -300,7 +314,20 @@ def what_if_files(scenarios: Sequence[Scenario], grid: Mapping[str, Sequence[obj
                        "re-runs only the clinical-dependent part of the network (imaging features computed once).",
         "fields": list(FEATURE_NAMES),
     }
+    maps: dict[str, bytes | np.ndarray] = {}
+    if len(scenarios) == 2:
+        first, second = scenarios
+        data["comparison"] = {
+            "first": first.label, "second": second.label,
+            "volumes_ml": saved_volume_ml(first.prediction, second.prediction),
+            "difference_file": WHAT_IF_FILES["what_if_difference"], "regions_file": WHAT_IF_FILES["what_if_regions"],
+            "description": "difference = probability of the first scenario minus the second; regions: 1 lesion in "
+                           "the first only (e.g. tissue saved by the second's treatment), 2 in the second only, 3 both",
+        }
+        maps = {WHAT_IF_FILES["what_if_difference"]: difference_map(first.prediction, second.prediction),
+                WHAT_IF_FILES["what_if_regions"]: region_map(first.prediction, second.prediction)}
     return {
+        **maps,
         WHAT_IF_FILES["what_if_tsv"]: text.getvalue().encode(),
         WHAT_IF_FILES["what_if_json"]: (json.dumps(data, indent=2, allow_nan=False) + "\n").encode(),
         WHAT_IF_FILES["what_if_plot"]: render_what_if_plot(scenarios, grid, task=str(bundle.get("task", "")),

@@ -133,8 +133,8 @@ def test_cli_what_if_table_plot_and_effects(setup: dict, capsys: pytest.CaptureF
     code = main(_cli(setup, out, "--what-if", "onset_to_imaging_h=2,6,12", "treatment=thrombolysis,thrombectomy"))
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUT_FILES.values(), *OPTIONAL_FILES.values(),
-                                                           MARKER_FILE])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUT_FILES.values(), "what_if.tsv", "what_if.json",
+                                                           "what_if.png", MARKER_FILE])
     with (out / "what_if.tsv").open() as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     assert [(r["onset_to_imaging_h"], r["treatment"]) for r in rows] == [
@@ -226,3 +226,27 @@ def test_cpu_bf16_session_is_close_to_fp32(setup: dict) -> None:
     fast = fast_session.update({"treatment": "thrombectomy"})
     assert fast_session.cpu_bf16 and not np.array_equal(fast.probability, exact.probability)  # bf16 really ran
     assert float(np.abs(fast.probability - exact.probability).max()) < 0.1
+
+
+def test_cli_two_scenarios_write_the_comparison_maps(setup: dict, capsys: pytest.CaptureFixture) -> None:
+    out = setup["root"] / "compare"
+    code = main(_cli(setup, out, "--what-if", "treatment=thrombolysis,thrombectomy", "--no-effects"))
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUT_FILES.values(), *OPTIONAL_FILES.values(),
+                                                           MARKER_FILE])
+    dwi = read_volume(setup["paths"]["dwi"])
+    difference = read_volume(out / "what_if_difference.nii.gz")
+    regions = read_volume(out / "what_if_regions.nii.gz")
+    for volume in (difference, regions):
+        assert volume.geometry.same_grid(dwi.geometry)
+    comparison = json.loads((out / "what_if.json").read_text())["comparison"]
+    assert comparison["first"] == "treatment=thrombolysis" and comparison["second"] == "treatment=thrombectomy"
+    voxel = dwi.geometry.voxel_volume_ml
+    volumes = comparison["volumes_ml"]
+    assert volumes["saved"] == pytest.approx((regions.array == 1).sum() * voxel)
+    assert volumes["added"] == pytest.approx((regions.array == 2).sum() * voxel)
+    assert volumes["first"] == pytest.approx(np.isin(regions.array, (1, 3)).sum() * voxel)
+    rows = json.loads((out / "what_if.json").read_text())["scenarios"]
+    assert volumes["first"] == pytest.approx(rows[0]["volume_ml"], abs=1e-3)
+    assert volumes["second"] == pytest.approx(rows[1]["volume_ml"], abs=1e-3)
+    assert float(np.abs(difference.array).max()) > 0 and float(np.abs(difference.array).max()) <= 1.0
