@@ -26,6 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "interpolate": ("Training.interpolate", "weights between a model and its fine-tuned version (WiSE-FT)"),
     "campaign": ("Training.campaign", "improve the shipped bundle: train, search, decide by a fixed rule, record"),
     "ablate": ("Training.ablate", "imaging-only against fusion on the same split"),
+    "behaviour": ("Training.clinical_behaviour", "do predictions follow onset, treatment, NIHSS? (issue 16 checks)"),
     "visualize": ("Training.visualize", "figures: training curves, overlays, reliability diagram, attention"),
     "card": ("Training.model_card", "write a bundle's model card from measured evaluation results"),
     "export": ("Training.export", "export a checkpoint as a model bundle for the Slicer module"),

@@ -1,0 +1,114 @@
+"""Behaviour checks of issue 16 (Training/clinical_behaviour.py) on controllable fake predictors,
+and the acute bundle's stability on the sample case."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from StrokePredictorLib.clinical import ClinicalRecord, validate
+from Training.__main__ import main as training_main
+from Training.clinical_behaviour import check_behaviour, sweep_values
+
+BASE = validate({"age": 70, "sex": "F", "nihss": 12, "onset_to_imaging_h": 4, "systolic_bp": 150, "glucose": 7,
+                 "atrial_fibrillation": "no", "prior_stroke": "no", "prestroke_mrs": 0})
+FACTOR = {"none": 1.0, "thrombolysis": 0.8, "thrombectomy": 0.5, "both": 0.45, None: 0.75}
+
+
+def follows(record: ClinicalRecord) -> float:
+    """Core plus a penumbra that infarcts with time, less with treatment, more with NIHSS."""
+    onset = record.values["onset_to_imaging_h"]
+    growth = 1.0 - 0.9 * 2.0 ** (-(6.0 if onset is None else onset) / 6.0)
+    nihss = record.values["nihss"]
+    severity = 1.0 + 0.03 * (12.0 if nihss is None else nihss)
+    age = record.values["age"]
+    return 10.0 + 40.0 * growth * FACTOR[record.values["treatment"]] * severity + 0.001 * (age or 70.0)
+
+
+def ignores(record: ClinicalRecord) -> float:
+    """The shipped outcome model's behaviour: the volume hardly moves, and not with onset or treatment."""
+    glucose = record.values["glucose"]
+    return 48.0 + 0.05 * (7.0 if glucose is None else glucose)
+
+
+def _by_name(results: list) -> dict:
+    return {r.name: r for r in results}
+
+
+def test_a_predictor_that_follows_onset_and_treatment_passes() -> None:
+    results = _by_name(check_behaviour(follows, BASE, "outcome"))
+    assert set(results) == {"onset_monotone", "treatment_not_larger", "missing_between", "effects_top3", "growth"}
+    failed = [(r.name, r.detail) for r in results.values() if not r.passed]
+    assert not failed, failed
+    assert results["growth"].value > 1.3
+    effects = results["effects_top3"].volumes["effects_ml"]
+    assert list(effects)[:3] != [] and set(list(effects)[:3]) == {"onset_to_imaging_h", "treatment", "nihss"}
+
+
+def test_a_predictor_that_ignores_them_fails_the_effect_checks() -> None:
+    results = _by_name(check_behaviour(ignores, BASE, "outcome"))
+    assert not results["effects_top3"].passed and "glucose" in results["effects_top3"].value
+    assert not results["growth"].passed and results["growth"].value == pytest.approx(1.0)
+    # a constant in onset and treatment violates no ordering: those checks alone cannot catch it
+    assert results["onset_monotone"].passed and results["treatment_not_larger"].passed
+
+
+def test_each_ordering_check_catches_its_violation() -> None:
+    def shrinks_with_time(record: ClinicalRecord) -> float:
+        return 100.0 - follows(record)
+
+    def treatment_harms(record: ClinicalRecord) -> float:
+        return follows(record) * (2.0 if record.values["treatment"] == "thrombectomy" else 1.0)
+
+    def missing_outside(record: ClinicalRecord) -> float:
+        return follows(record) + (30.0 if record.values["treatment"] is None else 0.0)
+
+    assert not _by_name(check_behaviour(shrinks_with_time, BASE, "outcome"))["onset_monotone"].passed
+    harmed = _by_name(check_behaviour(treatment_harms, BASE, "outcome"))
+    assert not harmed["treatment_not_larger"].passed and "thrombectomy" in harmed["treatment_not_larger"].detail
+    outside = _by_name(check_behaviour(missing_outside, BASE, "outcome"))
+    assert not outside["missing_between"].passed and outside["missing_between"].value == 5
+    # within the tolerance, a voxel-sized wobble is not a violation
+    wobble = _by_name(check_behaviour(lambda r: follows(r) - (0.05 if r.values["onset_to_imaging_h"] == 24 else 0),
+                                      BASE, "outcome"))
+    assert wobble["onset_monotone"].passed
+
+
+def test_acute_stability_limit() -> None:
+    stable = check_behaviour(lambda r: 30.0 + 0.02 * (r.values["nihss"] or 0), BASE, "acute")
+    assert len(stable) == 1 and stable[0].name == "stable" and stable[0].passed
+    assert stable[0].value == pytest.approx(0.02 * 42 / (30.0 + 0.02 * 12), rel=1e-3)
+    swinging = check_behaviour(lambda r: 30.0 * (1.2 if r.values["treatment"] == "both" else 1.0), BASE, "acute")
+    assert not swinging[0].passed and swinging[0].value == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="task"):
+        check_behaviour(follows, BASE, "chronic")
+
+
+def test_sweeps_cover_each_whole_range_and_missing() -> None:
+    assert sweep_values("nihss") == [0.0, 10.0, 21.0, 32.0, 42.0, None]
+    assert sweep_values("treatment") == ["none", "thrombolysis", "thrombectomy", "both", None]
+    assert sweep_values("onset_to_imaging_h")[0] == 0.0 and sweep_values("onset_to_imaging_h")[-2] == 48.0
+
+
+def test_verb_is_registered_and_refuses_bad_input(capsys: pytest.CaptureFixture) -> None:
+    assert training_main(["behaviour", "--task", "chronic", "--bundle", "x"]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert training_main(["behaviour"]) == 2
+    assert "--bundle is required" in capsys.readouterr().err
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_shipped_acute_bundle_is_stable_across_the_clinical_range(tmp_path: Path) -> None:
+    """Issue 16: the acute volume moves by at most 10% across the whole clinical range (sample case)."""
+    out = tmp_path / "acute.json"
+    code = training_main(["behaviour", "--bundle", str(REPO / "StrokePredictor/Resources/Models/acute"),
+                          "--points", "3", "--out", str(out)])
+    report = json.loads(out.read_text())
+    check = report["checks"][0]
+    assert check["name"] == "stable" and report["task"] == "acute"
+    assert code == 0 and check["passed"] and check["value"] <= 0.10, check

@@ -1,0 +1,291 @@
+"""Does the prediction follow the clinical values as it should? Behaviour checks of issue 16.
+
+``python -m Training behaviour --bundle B [--dwi D --adc A [--flair F] --clinical C.json] [--out R.json]``
+
+Runs one case (by default the bundled sample case) through a bundle, keeps its imaging features
+(:class:`StrokePredictorLib.whatif.WhatIf`) and re-predicts the lesion volume under many clinical
+scenarios. Checks, by task:
+
+* **outcome** (final infarct)
+    * ``onset_monotone``: for every treatment (and a missing one), a later onset never gives a
+      smaller volume (beyond ``tolerance_ml``);
+    * ``treatment_not_larger``: at every onset, no treatment gives a larger volume than none;
+    * ``missing_between``: at every onset, a missing treatment lies between none and thrombectomy;
+    * ``effects_top3``: onset time, treatment and NIHSS have the three largest effects, where a
+      feature's effect is the range (largest minus smallest volume) over its whole valid range
+      and "missing", the other features as in the case's record;
+    * ``growth``: volume with no treatment at 20 h over that with thrombectomy at 1 h (NIHSS 16
+      in both) at least ``min_growth`` (1.3; the issue asks it of cases whose simulated final
+      infarct grows by 1.5x or more between those two scenarios).
+* **acute** (lesion on the acute DWI)
+    * ``stable``: over every feature's whole range, "missing" and the extreme joint scenarios,
+      the volume moves by at most ``max_acute_change`` (10%) of the case's own volume
+      (largest minus smallest).
+
+Every scenario uses canonical clinical values (treatment ``"none"`` is the category *none*, not
+"missing"). :func:`check_behaviour` takes any ``record -> volume`` function, so the checks are
+tested on controllable fake predictors and run unchanged on the next model. Prints one line per
+check; exit status 0 when all pass, 1 when any fails, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from StrokePredictorLib.clinical import FEATURES, ClinicalRecord, read_json
+from StrokePredictorLib.errors import StrokePredictorError
+from Training import config as config_mod
+
+logger = logging.getLogger(__name__)
+
+VolumeFunction = Callable[[ClinicalRecord], float]
+
+ONSETS_H = (1.0, 3.0, 6.0, 12.0, 24.0)
+TREATMENTS = ("none", "thrombolysis", "thrombectomy", "both")
+EXPECTED_TOP = ("onset_to_imaging_h", "treatment", "nihss")
+SWEEP_POINTS = 5
+
+
+@dataclass
+class CheckResult:
+    """One check: its name, whether it passed, the measured value, the limit and what was seen."""
+
+    name: str
+    passed: bool
+    value: float | str
+    limit: str
+    detail: str = ""
+    volumes: dict = field(default_factory=dict)
+
+
+def _with(record: ClinicalRecord, **values: float | str | None) -> ClinicalRecord:
+    return ClinicalRecord({**record.values, **values})
+
+
+def sweep_values(name: str, points: int = SWEEP_POINTS) -> list[float | str | None]:
+    """A feature's whole valid range (``points`` evenly spaced values, integral for ordinal
+    features, every category for categorical ones) and missing (None)."""
+    feature_ = next(f for f in FEATURES if f.name == name)
+    if feature_.kind in ("binary", "categorical"):
+        return [*feature_.categories, None]
+    assert feature_.minimum is not None and feature_.maximum is not None
+    values = np.linspace(feature_.minimum, feature_.maximum, points)
+    if feature_.kind == "ordinal":
+        values = np.unique(np.round(values))
+    return [float(v) for v in values] + [None]
+
+
+def feature_effects(volume: VolumeFunction, base: ClinicalRecord, points: int = SWEEP_POINTS
+                    ) -> tuple[dict[str, float], dict[str, dict]]:
+    """Each feature's range effect: largest minus smallest volume as it sweeps
+    :func:`sweep_values`, the others as in ``base``. Returns the effects and the volumes seen."""
+    effects, seen = {}, {}
+    for feature_ in FEATURES:
+        volumes = {("missing" if v is None else str(v)): float(volume(_with(base, **{feature_.name: v})))
+                   for v in sweep_values(feature_.name, points)}
+        effects[feature_.name] = max(volumes.values()) - min(volumes.values())
+        seen[feature_.name] = volumes
+    return effects, seen
+
+
+def _outcome_checks(volume: VolumeFunction, base: ClinicalRecord, tolerance_ml: float, min_growth: float,
+                    onsets: Sequence[float], points: int) -> list[CheckResult]:
+    results = []
+    grid: dict[str, dict[float, float]] = {}
+    for treatment in (*TREATMENTS, None):
+        key = "missing" if treatment is None else treatment
+        grid[key] = {h: float(volume(_with(base, onset_to_imaging_h=h, treatment=treatment))) for h in onsets}
+    table = {t: {f"{h:g} h": round(v, 3) for h, v in row.items()} for t, row in grid.items()}
+
+    drops = [(t, a, b, row[a] - row[b]) for t, row in grid.items() for a, b in zip(onsets, onsets[1:])  # noqa: B905
+             if row[b] < row[a] - tolerance_ml]
+    worst = max((d[3] for d in drops), default=0.0)
+    results.append(CheckResult(
+        "onset_monotone", not drops, round(worst, 3), f"no drop larger than {tolerance_ml} mL",
+        "; ".join(f"{t}: {a:g} h -> {b:g} h falls {d:.2f} mL" for t, a, b, d in drops[:4]) or
+        "a later onset never gives a smaller volume", table))
+
+    larger = [(t, h, grid[t][h] - grid["none"][h]) for t in TREATMENTS[1:] for h in onsets
+              if grid[t][h] > grid["none"][h] + tolerance_ml]
+    results.append(CheckResult(
+        "treatment_not_larger", not larger, round(max((d for *_, d in larger), default=0.0), 3),
+        f"no treatment more than {tolerance_ml} mL above none",
+        "; ".join(f"{t} at {h:g} h is {d:.2f} mL above none" for t, h, d in larger[:4]) or
+        "no treatment gives a larger volume than none", table))
+
+    outside = []
+    for h in onsets:
+        low, high = sorted((grid["none"][h], grid["thrombectomy"][h]))
+        if not low - tolerance_ml <= grid["missing"][h] <= high + tolerance_ml:
+            outside.append((h, grid["missing"][h], low, high))
+    results.append(CheckResult(
+        "missing_between", not outside, len(outside), "missing treatment within [thrombectomy, none] at every onset",
+        "; ".join(f"{h:g} h: {m:.2f} mL outside {lo:.2f}-{hi:.2f}" for h, m, lo, hi in outside[:4]) or
+        "a missing treatment lies between none and thrombectomy", table))
+
+    effects, seen = feature_effects(volume, base, points)
+    ranked = sorted(effects, key=lambda n: -effects[n])
+    top = ranked[:3]
+    results.append(CheckResult(
+        "effects_top3", set(top) == set(EXPECTED_TOP) and effects[top[2]] > 0, ", ".join(top),
+        "onset_to_imaging_h, treatment, nihss (any order), each with a non-zero effect",
+        "range effects (mL): " + ", ".join(f"{n} {effects[n]:.2f}" for n in ranked),
+        {"effects_ml": {n: round(effects[n], 3) for n in ranked}, "sweeps": seen}))
+
+    early = float(volume(_with(base, onset_to_imaging_h=1.0, treatment="thrombectomy", nihss=16.0)))
+    late = float(volume(_with(base, onset_to_imaging_h=20.0, treatment="none", nihss=16.0)))
+    ratio = (late + 1e-9) / (early + 1e-9) if early > 0 or late > 0 else 1.0
+    results.append(CheckResult(
+        "growth", ratio >= min_growth, round(ratio, 3), f">= {min_growth}x (none at 20 h over thrombectomy at 1 h)",
+        f"thrombectomy 1 h: {early:.2f} mL, none 20 h: {late:.2f} mL (NIHSS 16 in both)",
+        {"thrombectomy_1h": round(early, 3), "none_20h": round(late, 3)}))
+    return results
+
+
+def _acute_checks(volume: VolumeFunction, base: ClinicalRecord, max_change: float, points: int) -> list[CheckResult]:
+    reference = float(volume(base))
+    _, seen = feature_effects(volume, base, points)
+    extremes = {
+        "thrombectomy 1 h, NIHSS 5": _with(base, onset_to_imaging_h=1.0, treatment="thrombectomy", nihss=5.0),
+        "none 20 h, NIHSS 20": _with(base, onset_to_imaging_h=20.0, treatment="none", nihss=20.0),
+        "all missing": ClinicalRecord(),
+        "none 48 h, NIHSS 42, age 110": _with(base, onset_to_imaging_h=48.0, treatment="none", nihss=42.0, age=110.0),
+        "both 0 h, NIHSS 0, age 18": _with(base, onset_to_imaging_h=0.0, treatment="both", nihss=0.0, age=18.0),
+    }
+    joint = {label: float(volume(record)) for label, record in extremes.items()}
+    every = [reference, *joint.values(), *(v for sweep in seen.values() for v in sweep.values())]
+    spread = max(every) - min(every)
+    relative = spread / reference if reference > 0 else (0.0 if spread == 0 else math.inf)
+    return [CheckResult(
+        "stable", relative <= max_change, round(relative, 4), f"<= {max_change:.0%} of the case's volume",
+        f"case volume {reference:.2f} mL; {len(every)} scenarios range {min(every):.2f}-{max(every):.2f} mL",
+        {"reference_ml": round(reference, 3), "joint": {k: round(v, 3) for k, v in joint.items()}, "sweeps": seen})]
+
+
+def check_behaviour(volume: VolumeFunction, base: ClinicalRecord, task: str, *, tolerance_ml: float = 0.1,
+                    min_growth: float = 1.3, max_acute_change: float = 0.10, onsets: Sequence[float] = ONSETS_H,
+                    points: int = SWEEP_POINTS) -> list[CheckResult]:
+    """Run the checks of ``task`` (``outcome`` or ``acute``) on a ``record -> volume (mL)`` function.
+
+    Args:
+        volume: predicted lesion volume for a clinical record (canonical values).
+        base: the case's own record; scenarios change some of its fields.
+        task: ``outcome`` or ``acute``.
+        tolerance_ml: slack of the outcome orderings (thresholded volumes move in voxel steps).
+        min_growth: smallest ratio none-at-20-h over thrombectomy-at-1-h.
+        max_acute_change: largest relative range of the acute volume.
+        onsets: onset times (h) of the outcome orderings, increasing.
+        points: values per numeric feature in the sweeps.
+
+    Raises:
+        ValueError: unknown task or onsets not increasing.
+    """
+    if task not in ("outcome", "acute"):
+        raise ValueError(f"task must be outcome or acute, got {task!r}")
+    if list(onsets) != sorted(set(onsets)) or len(onsets) < 2:
+        raise ValueError("onsets must be at least two increasing times")
+    if task == "acute":
+        return _acute_checks(volume, base, max_acute_change, points)
+    return _outcome_checks(volume, base, tolerance_ml, min_growth, onsets, points)
+
+
+def bundle_volume_function(bundle: str | Path, dwi: str | Path, adc: str | Path, flair: str | Path | None,
+                           base: ClinicalRecord, *, cpu_bf16: bool = False, device: str = "cpu"
+                           ) -> tuple[VolumeFunction, str, dict]:
+    """``record -> volume`` of a bundle on one case (imaging features computed once; dropout off,
+    the bundle's post-processing; the thresholded volume on the DWI grid). Returns the function,
+    the bundle's task and its description."""
+    from StrokePredictorLib.inference import Predictor
+    from StrokePredictorLib.io import read_volume
+    from StrokePredictorLib.preprocess import preprocess
+    from StrokePredictorLib.whatif import WhatIf
+
+    predictor = Predictor(bundle, device=device, mc_samples=1, deterministic=True)
+    case = preprocess(read_volume(dwi, role="DWI"), read_volume(adc, role="ADC"),
+                      read_volume(flair, role="FLAIR") if flair else None,
+                      grid=predictor.bundle.grid, normalization=predictor.bundle.normalization)
+    session = WhatIf(predictor, case, base, cpu_bf16=cpu_bf16)
+    cache: dict[tuple, float] = {}
+
+    def volume(record: ClinicalRecord) -> float:
+        key = tuple(record.values[f.name] for f in FEATURES)
+        if key not in cache:
+            cache[key] = float(session.predict(record).volume_ml["mask"])
+        return cache[key]
+
+    return volume, predictor.bundle.task, predictor.bundle.describe()
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
+SAMPLE = Path(__file__).resolve().parents[1] / "StrokePredictor" / "Resources" / "SampleData"
+
+
+@dataclass(frozen=True)
+class BehaviourConfig:
+    """Options of ``python -m Training behaviour``."""
+
+    bundle: Path | None = field(default=None, metadata={"help": "bundle folder to check (required)"})
+    dwi: Path | None = field(default=None, metadata={"help": "DWI of the case (default: the bundled sample case)"})
+    adc: Path | None = field(default=None, metadata={"help": "ADC of the case (with --dwi)"})
+    flair: Path | None = field(default=None, metadata={"help": "optional FLAIR of the case"})
+    clinical: Path | None = field(default=None, metadata={"help": "clinical JSON of the case (default: the "
+                                                                  "sample case's; none: all missing)"})
+    task: str = field(default="", metadata={"help": "outcome or acute checks (default: the bundle's task)"})
+    tolerance_ml: float = field(default=0.1, metadata={"help": "slack of the outcome orderings, mL"})
+    min_growth: float = field(default=1.3, metadata={"help": "outcome: smallest ratio none 20 h / thrombectomy 1 h"})
+    max_acute_change: float = field(default=0.10, metadata={"help": "acute: largest relative range of the volume"})
+    points: int = field(default=SWEEP_POINTS, metadata={"help": "values per numeric feature in the sweeps"})
+    cpu_bf16: bool = field(default=False, metadata={"help": "re-run the decoder under bf16 autocast (faster)"})
+    out: Path | None = field(default=None, metadata={"help": "write the full results (every volume) as JSON"})
+
+    def __post_init__(self) -> None:
+        if self.task not in ("", "outcome", "acute"):
+            raise ValueError(f"task must be outcome or acute, got {self.task!r}")
+        if self.tolerance_ml < 0 or self.min_growth <= 0 or not 0 < self.max_acute_change < 10:
+            raise ValueError("tolerance_ml must be >= 0, min_growth > 0 and max_acute_change in (0, 10)")
+        if not 2 <= self.points <= 50:
+            raise ValueError(f"points must lie between 2 and 50, got {self.points}")
+
+
+def run(config: BehaviourConfig) -> tuple[list[CheckResult], dict]:
+    """Run the checks the command line asks for; returns the results and the report."""
+    if config.bundle is None:
+        raise StrokePredictorError("--bundle is required (a bundle folder).")
+    if (config.dwi is None) != (config.adc is None):
+        raise StrokePredictorError("--dwi and --adc go together (or give neither for the sample case).")
+    sample = config.dwi is None
+    dwi = config.dwi or SAMPLE / "StrokePredictorSample_dwi.nii.gz"
+    adc = config.adc or SAMPLE / "StrokePredictorSample_adc.nii.gz"
+    flair = config.flair or (SAMPLE / "StrokePredictorSample_flair.nii.gz" if sample else None)
+    clinical_path = config.clinical or (SAMPLE / "StrokePredictorSample_clinical.json" if sample else None)
+    base = read_json(clinical_path) if clinical_path else ClinicalRecord()
+    volume, task, described = bundle_volume_function(config.bundle, dwi, adc, flair, base, cpu_bf16=config.cpu_bf16)
+    task = config.task or task
+    results = check_behaviour(volume, base, task, tolerance_ml=config.tolerance_ml, min_growth=config.min_growth,
+                              max_acute_change=config.max_acute_change, points=config.points)
+    report = {"bundle": described, "task": task, "case": {"dwi": str(dwi), "clinical": base.to_dict()},
+              "passed": all(r.passed for r in results), "checks": [asdict(r) for r in results],
+              "settings": config_mod.to_dict(config)}
+    return results, report
+
+
+def main(argv: list[str]) -> int:
+    config = config_mod.parse(BehaviourConfig, argv, __doc__.split("\n")[0], prog="python -m Training behaviour")
+    results, report = run(config)
+    width = max(len(r.name) for r in results)
+    print(f"{report['bundle'].get('name', '')} ({report['task']}), {report['case']['dwi']}")
+    for r in results:
+        print(f"{'PASS' if r.passed else 'FAIL'}  {r.name:<{width}}  {r.value}  (limit: {r.limit})  {r.detail}")
+    if config.out:
+        from StrokePredictorLib.io import write_json
+
+        write_json(report, config.out, overwrite=True)
+    return 0 if report["passed"] else 1
