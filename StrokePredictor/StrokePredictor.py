@@ -508,14 +508,15 @@ class PredictionJob:
     leaves the scene unchanged. The temporary folder is removed when the job ends.
     """
 
-    def __init__(self, dwi, workdir: Path, onProgress=None, onFinished=None) -> None:
+    def __init__(self, dwi, workdir: Path, onProgress=None, onFinished=None, kind: str = "prediction") -> None:
         self.dwi = dwi
         self.workdir = workdir
+        self.kind = kind  # "prediction" (ResultNodes) or "comparison" (ComparisonNodes)
         self.state = "running"
         self.fraction = 0.0
         self.message = ""
         self.error: str | None = None
-        self.result: scene.ResultNodes | None = None
+        self.result: scene.ResultNodes | scene.ComparisonNodes | None = None
         self.log: list[str] = []
         self._summary: Path | None = None
         self._errorLine: str | None = None
@@ -561,6 +562,9 @@ class PredictionJob:
                 self.error = self._errorLine or (
                     f"The prediction process stopped with exit code {code}. Last output:\n" + "\n".join(self.log[-10:])
                 )
+            elif self.kind == "comparison":
+                self.result = scene.create_comparison_nodes(self._summary, self.dwi)
+                self.state = "succeeded"
             else:
                 self.result = scene.create_result_nodes(self._summary, self.dwi)
                 self.state = "succeeded"
@@ -627,6 +631,7 @@ class StrokePredictorLogic(ScriptedLoadableModuleLogic):
         seed: int = 0,
         onProgress: Callable[[float, str], None] | None = None,
         onFinished: Callable[[PredictionJob], None] | None = None,
+        _whatIf: list[str] | None = None,
     ) -> PredictionJob:
         """Check the inputs, write them to a temporary folder and start the prediction process.
 
@@ -658,15 +663,63 @@ class StrokePredictorLogic(ScriptedLoadableModuleLogic):
             args = cli.build_arguments(
                 self.python, dwi=paths["dwi"], adc=paths["adc"], flair=paths.get("flair"), clinical=clinical_path,
                 bundle=bundle, out=workdir / "out", mc_samples=mcSamples, seed=seed, device=device,
-                threshold=threshold,
+                threshold=threshold, what_if=_whatIf, effects=not _whatIf,
             )
-            job = PredictionJob(dwi, workdir, onProgress, onFinished)
+            job = PredictionJob(dwi, workdir, onProgress, onFinished, "comparison" if _whatIf else "prediction")
             job.handle = self.runner.start(args, env=self._environment(), cwd=str(workdir), on_line=job.onLine,
                                            on_finished=job.onProcessFinished)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
         return job
+
+    @staticmethod
+    def comparisonSpec(field: str, first: Any, second: Any) -> str:
+        """The ``--what-if`` item for two values of one clinical field, e.g.
+        ``treatment=none,thrombectomy``; the values are validated like the form's.
+
+        Raises:
+            ClinicalValueError: unknown field, invalid value, or the same value twice.
+        """
+        feature = clinical.feature(field)
+        values = [clinical.parse_value(feature, value) for value in (first, second)]
+        if values[0] == values[1]:
+            raise clinical.ClinicalValueError(
+                f"The two scenarios give '{feature.name}' the same value ({first} and {second}); choose two "
+                "different values to compare."
+            )
+        shown = ["unknown" if v is None else (f"{v:g}" if isinstance(v, float) else str(v)) for v in values]
+        return f"{feature.name}={shown[0]},{shown[1]}"
+
+    def startComparison(self, dwi, adc, flair=None, clinicalValues=None, *, field: str, first: Any, second: Any,
+                        **kwargs) -> PredictionJob:
+        """Predict two clinical scenarios that differ only in ``field`` (``first`` and ``second``;
+        the other values from ``clinicalValues``) and, when done, add the comparison to the scene:
+        the difference map (first minus second probability; with no treatment first, positive is
+        tissue the treatment is predicted to save), the region labelmap and the two volumes side
+        by side (:class:`StrokePredictorSlicer.scene.ComparisonNodes`). The imaging part of the
+        network runs once for both. Other arguments as in :meth:`startPrediction`."""
+        return self.startPrediction(dwi, adc, flair, clinicalValues,
+                                    _whatIf=[self.comparisonSpec(field, first, second)], **kwargs)
+
+    def compare(self, dwi, adc, flair=None, clinicalValues=None, *, field: str, first: Any, second: Any,
+                timeout: float | None = None, **kwargs):
+        """:meth:`startComparison` and wait (batch use and tests); returns ComparisonNodes.
+
+        Raises:
+            StrokePredictorError: bad inputs or a failed run (the scene is unchanged).
+        """
+        job = self.startComparison(dwi, adc, flair, clinicalValues, field=field, first=first, second=second, **kwargs)
+        return self._finish(job, timeout)
+
+    def _finish(self, job: PredictionJob, timeout: float | None):
+        if not job.wait(timeout):
+            job.cancel()
+            job.wait()
+            raise StrokePredictorError(f"The prediction did not finish within {timeout:g} s and was cancelled.")
+        if job.state != "succeeded":
+            raise StrokePredictorError(job.error or f"The prediction ended as {job.state}.")
+        return job.result
 
     def predict(self, dwi, adc, flair=None, clinicalValues=None, *, timeout: float | None = None, **kwargs):
         """Run a prediction and wait for it (batch use and tests).

@@ -56,8 +56,12 @@ def build_arguments(
     seed: int,
     device: str,
     threshold: float | None = None,
+    what_if: list[str] | None = None,
+    effects: bool = True,
 ) -> list[str]:
-    """The command line that runs one prediction (contract 4); ``threshold`` None: the bundle's."""
+    """The command line that runs one prediction (contract 4); ``threshold`` None: the bundle's;
+    ``what_if`` (``["treatment=none,thrombectomy"]``) adds clinical scenarios; ``effects`` False
+    skips measuring each feature's effect."""
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     args = [python, "-m", "StrokePredictorLib.predict", "--dwi", os.fspath(dwi), "--adc", os.fspath(adc)]
@@ -71,4 +75,8 @@ def build_arguments(
     ]
     if threshold is not None:
         args += ["--threshold", f"{float(threshold):g}"]
+    if what_if:
+        args += ["--what-if", *what_if]
+    if not effects:
+        args.append("--no-effects")
     return args

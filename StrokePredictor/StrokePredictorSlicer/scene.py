@@ -374,6 +374,10 @@ def create_result_nodes(result_json: Path, dwi: Any, *, prefix: str | None = Non
             ("Label", "string", [f.get("label", f["name"]) for f in features]),
             ("Value", "string", ["unknown" if f.get("missing") else f.get("value") for f in features]),
             ("Weight", "double", [float(f["weight"]) for f in features]),
+            # measured effect: volume with the feature set to missing minus the volume as given (mL);
+            # NaN where the feature is missing already or effects were not measured
+            ("Effect (mL)", "double", [float("nan") if f.get("effect_ml") is None else float(f["effect_ml"])
+                                       for f in features]),
         ])
         chart, chart_table, series = _feature_chart(prefix, features)
         post = summary.get("postprocessing") or {}
@@ -400,6 +404,97 @@ def create_result_nodes(result_json: Path, dwi: Any, *, prefix: str | None = Non
         result = ResultNodes(probability, uncertainty, spatial, segmentation, feature_table, chart, statistics,
                              summary, features, chart_table, series)
         _place_in_study([*result.nodes(), *series], dwi)
+    return result
+
+
+@dataclass
+class ComparisonNodes:
+    """The nodes made from a two-scenario what-if comparison."""
+
+    difference: Any
+    regions: Any
+    table: Any
+    comparison: dict = field(default_factory=dict)
+    scenarios: list[dict] = field(default_factory=list)
+
+    def nodes(self) -> list[Any]:
+        return [self.difference, self.regions, self.table]
+
+
+REGION_NAMES = {1: "first scenario only", 2: "second scenario only", 3: "both scenarios"}
+REGION_COLORS = {1: (0.2, 0.75, 0.3), 2: (0.85, 0.2, 0.2), 3: (0.95, 0.85, 0.2)}
+
+
+def _region_colors(prefix: str) -> Any:
+    """A four-entry colour table for the region map (0 transparent)."""
+    slicer = _slicer()
+    node = slicer.vtkMRMLColorTableNode()
+    node.SetName(f"{prefix} what-if regions colours")
+    node.SetTypeToUser()
+    node.SetNumberOfColors(4)
+    node.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
+    for value, name in REGION_NAMES.items():
+        node.SetColor(value, name, *REGION_COLORS[value], 1.0)
+    slicer.mrmlScene.AddNode(node)
+    return node
+
+
+def _diverging_colors() -> Any:
+    """Slicer's DivergingBlueRed table (blue negative, red positive) when present, else one built
+    from matplotlib's ``coolwarm``."""
+    slicer = _slicer()
+    node = slicer.mrmlScene.GetNodeByID("vtkMRMLColorTableNodeFileDivergingBlueRed.txt")
+    return node if node is not None else color_node("coolwarm")
+
+
+def create_comparison_nodes(result_json: Path, dwi: Any, *, prefix: str | None = None) -> ComparisonNodes:
+    """Turn a two-scenario what-if run of the prediction command into nodes on the DWI grid; all
+    or nothing: the difference map (probability of the first scenario minus the second; with
+    "no treatment" first, positive is tissue the treatment is predicted to save), the region
+    labelmap (1 first only, 2 second only, 3 both) and a table of both scenarios' volumes side by
+    side with the saved, added and net volumes.
+
+    Raises:
+        StrokePredictorError: the run holds no two-scenario comparison, or a file is missing or
+            not on the DWI grid (no node is added).
+    """
+    slicer = _slicer()
+    out = Path(result_json).parent
+    try:
+        what_if = json.loads((out / "what_if.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise StrokePredictorError(f"The what-if results in {out} could not be read: {error}") from None
+    comparison = what_if.get("comparison")
+    scenarios = list(what_if.get("scenarios", []))
+    if not comparison or len(scenarios) != 2:
+        raise StrokePredictorError("The what-if run holds no comparison of exactly two scenarios.")
+    dwi_geometry = node_geometry(dwi, "DWI")
+    ijk_to_ras = world_ijk_to_ras(dwi, "DWI")
+    difference = _read_on_grid(out / comparison["difference_file"], "what-if difference", dwi_geometry)
+    regions = _read_on_grid(out / comparison["regions_file"], "what-if regions", dwi_geometry)
+    prefix = prefix or dwi.GetName()
+    volumes = comparison["volumes_ml"]
+    labels = [str(comparison["first"]), str(comparison["second"])]
+    with all_or_nothing(slicer.mrmlScene):
+        difference_node = _volume_node(f"{prefix} what-if difference ({labels[0]} minus {labels[1]})", difference,
+                                       ijk_to_ras, _diverging_colors(), (-1.0, 1.0))
+        regions_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode",
+                                                          f"{prefix} what-if regions")
+        slicer.util.updateVolumeFromArray(regions_node, np.ascontiguousarray(regions, dtype=np.uint8))
+        regions_node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
+        regions_node.CreateDefaultDisplayNodes()
+        regions_node.GetDisplayNode().SetAndObserveColorNodeID(_region_colors(prefix).GetID())
+        table = _table(f"{prefix} what-if comparison", [
+            ("Scenario", "string", labels),
+            ("Lesion volume (mL)", "double", [float(s["volume_ml"]) for s in scenarios]),
+            ("MC median (mL)", "double", [float(s["median_ml"]) for s in scenarios]),
+            ("95% interval low (mL)", "double", [float(s["ci95_low_ml"]) for s in scenarios]),
+            ("95% interval high (mL)", "double", [float(s["ci95_high_ml"]) for s in scenarios]),
+            ("Only in this scenario (mL)", "double", [float(volumes["saved"]), float(volumes["added"])]),
+        ])
+        table.SetAttribute("StrokePredictor.netDifferenceMl", f"{float(volumes['net']):.6g}")
+        result = ComparisonNodes(difference_node, regions_node, table, comparison, scenarios)
+        _place_in_study(result.nodes(), dwi)
     return result
 
 
