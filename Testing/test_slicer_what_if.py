@@ -94,7 +94,8 @@ def test_comparison_nodes_difference_regions_and_volumes_side_by_side(env, modul
     low = slicer.util.arrayFromTableColumn(table, "95% interval low (mL)")
     high = slicer.util.arrayFromTableColumn(table, "95% interval high (mL)")
     for row, scenario in enumerate(result.scenarios):  # the run's own numbers, side by side
-        assert low[row] == pytest.approx(scenario["ci95_low_ml"]) and high[row] == pytest.approx(scenario["ci95_high_ml"])
+        assert low[row] == pytest.approx(scenario["ci95_low_ml"])
+        assert high[row] == pytest.approx(scenario["ci95_high_ml"])
         assert volumes[row] == pytest.approx(scenario["volume_ml"])
     assert float(table.GetAttribute("StrokePredictor.netDifferenceMl")) == pytest.approx(volumes[0] - volumes[1],
                                                                                           abs=1e-4)
