@@ -203,7 +203,8 @@ def run(config: CampaignConfig) -> dict:
     entry = {"run": out.name, "date": datetime.now(timezone.utc).date().isoformat(), "device": config.device,
              "steps": int(trained["steps"]), "training_s": float(trained["seconds"]),
              "best_synthetic_val_dice": trained.get("best_val_dice"), "seed": config.seed, "lr": config.lr,
-             "validation_sets": [Path(v).name for v in config.val], "decision": decision, "outcome": outcome}
+             "validation_sets": [Path(v).name for v in config.val], "max_cases_per_set": config.max_cases,
+             "mc_samples": config.mc_samples, "decision": decision, "outcome": outcome}
     ledger = record(config, entry)
     logger.info("campaign: %s (candidate %.3f, shipped %.3f); %.0f s", outcome, decision["candidate"]["score"],
                 decision["shipped"]["score"], time.perf_counter() - started)
