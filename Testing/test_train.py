@@ -321,3 +321,32 @@ def test_warmup_is_a_fraction_of_the_run(cache: Path, tmp_path: Path) -> None:
     result = run(_config(cache, tmp_path / "w", warmup_steps=default_warmup, epochs=2, steps_per_epoch=5, lr=1e-3))
     rows = _log(result.run_dir)
     assert float(rows[0]["lr"]) > 0.5e-3  # after half of a 10-step run, warm-up is long over
+
+
+def test_a_non_finite_gradient_is_skipped_not_applied() -> None:
+    from monai.losses import DiceCELoss
+
+    from StrokePredictorLib.network import StrokeNet
+
+    torch.manual_seed(0)
+    model = StrokeNet(trainlib.network_config(TrainConfig(network=TINY_NETWORK)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    image = torch.rand(1, 3, 16, 16, 16)
+    batch = {"image": image, "target": (torch.rand(1, 1, 16, 16, 16) > 0.9).float(),
+             "clinical_values": torch.zeros(1, 10), "clinical_missing": torch.ones(1, 10, dtype=torch.bool),
+             "flair_present": torch.ones(1, dtype=torch.bool)}
+    autocast = {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": False}
+    stats: dict = {}
+    bad = {**batch, "image": image.clone().index_fill_(2, torch.tensor([3]), float("nan"))}
+    trainlib.training_step(model, bad, optimizer, scaler, DiceCELoss(sigmoid=True), device=torch.device("cpu"),
+                           autocast=autocast, stats=stats)
+    assert stats == {"skipped": 1}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    trainlib.training_step(model, batch, optimizer, scaler, DiceCELoss(sigmoid=True), device=torch.device("cpu"),
+                           autocast=autocast, stats=stats)
+    assert stats == {"skipped": 1}
+    params = dict(model.named_parameters())
+    assert all(torch.isfinite(p).all() for p in params.values())
+    assert any(not torch.equal(before[k], p) for k, p in params.items())

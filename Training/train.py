@@ -386,9 +386,12 @@ def data_summary(cache: Path, task: str) -> dict:
 
 def training_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer, scaler: Any,
                   loss_fn: Any, *, device: torch.device, autocast: dict, grad_clip: float = 1.0,
-                  channels_last: bool = False) -> torch.Tensor:
+                  channels_last: bool = False, stats: dict | None = None) -> torch.Tensor:
     """One optimiser step on a collated batch: to the device, augmentation (when the batch
     carries ``aug_*`` parameters), forward under autocast, loss, backward, clipping, step.
+
+    A step whose loss or gradient norm is not finite is skipped (the weights stay finite; with
+    fp16 the grad scaler does this itself): counted in ``stats["skipped"]`` when ``stats`` is given.
 
     Returns:
         The loss (a detached scalar tensor; reading it synchronises the device).
@@ -404,9 +407,13 @@ def training_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Op
     loss = loss_fn(out["logits"].float(), target)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if not scaler.is_enabled() and not bool(torch.isfinite(norm) & torch.isfinite(loss.detach())):
+        optimizer.zero_grad(set_to_none=True)  # a non-finite gradient would make every weight NaN
+        if stats is not None:
+            stats["skipped"] = stats.get("skipped", 0) + 1
+        return loss.detach()
     scaler.step(optimizer)
     scaler.update()
     return loss.detach()
@@ -657,6 +664,8 @@ def _run(config: TrainConfig, info: distlib.DistInfo, StrokeNet: Any, DiceCELoss
                     f" and every {config.checkpoint_minutes:g} min" if config.checkpoint_minutes > 0 else "",
                     config.progress_seconds)
     session_start_step = step
+    step_stats: dict = {}
+    skipped_before = 0
     last_checkpoint = last_progress = time.monotonic()
     while not stopped:
         epoch_start = time.monotonic()
@@ -671,7 +680,15 @@ def _run(config: TrainConfig, info: distlib.DistInfo, StrokeNet: Any, DiceCELoss
         for batch in loader:
             loss = training_step(model_to_run, batch, optimizer, scaler, loss_fn, device=device,
                                  autocast=autocast, grad_clip=config.grad_clip,
-                                 channels_last=cuda and config.channels_last)
+                                 channels_last=cuda and config.channels_last, stats=step_stats)
+            if step_stats.get("skipped", 0) > skipped_before:
+                skipped_before = step_stats["skipped"]
+                logger.warning("step %d: the loss or gradient is not finite (%s); the update was skipped "
+                               "(%d so far).", step + 1, precision, skipped_before)
+                if skipped_before >= 20 and skipped_before > 0.2 * (step + 1 - session_start_step):
+                    raise configlib.ConfigError(
+                        f"Training diverged: {skipped_before} of {step + 1 - session_start_step} steps had a "
+                        f"non-finite loss or gradient ({precision}); try --precision fp32 or a lower --lr.")
             scheduler.step()
             step += 1
             value = float(loss)
