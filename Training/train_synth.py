@@ -89,6 +89,9 @@ class SynthTrainConfig:
     checkpoint_minutes: float = field(default=10.0, metadata={"help": "write last.pt at least this often"})
     resume: bool = field(default=False, metadata={"help": "continue OUT/<variant>/checkpoints/last.pt"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    film: bool = field(default=False, metadata={
+        "help": "FiLM-condition the decoder of the fusion variants on the clinical context (issue 16); from --init "
+                "weights without FiLM the FiLM layers start at zero, so training starts from the same output"})
 
 
 def _variant(name: str) -> tuple[str, bool]:
@@ -96,6 +99,40 @@ def _variant(name: str) -> tuple[str, bool]:
     if task not in ("acute", "outcome") or suffix not in ("", "imaging"):
         raise cfg.ConfigError(f"Unknown variant '{name}': use acute, outcome, acute-imaging or outcome-imaging.")
     return task, suffix == "imaging"
+
+
+def _initialise(model: torch.nn.Module, init: Path, name: str) -> Path:
+    """Load the starting weights of variant ``name`` into ``model`` from ``init/<name>``.
+
+    A FiLM network takes the weights of the same architecture without FiLM (FiLM layers stay at
+    zero: :func:`StrokePredictorLib.network.load_weights`). An imaging-only variant without a bundle
+    of its own (``init/<task>-imaging`` absent) starts from ``init/<task>``'s imaging weights
+    (encoder, decoder, head; the clinical branch is dropped), so that the paired ablation starts
+    from the same imaging network. Returns the bundle folder used.
+    """
+    from StrokePredictorLib.bundle import load_bundle
+    from StrokePredictorLib.network import load_weights
+
+    ours = model.config  # type: ignore[attr-defined]
+    folder = Path(init) / name
+    task, imaging_only = _variant(name)
+    fallback = imaging_only and not folder.exists()
+    if fallback:
+        folder = Path(init) / task
+        logger.warning("%s: no bundle %s; starting from the imaging weights of %s.", name, Path(init) / name, folder)
+    start_from = load_bundle(folder)
+    theirs = start_from.config
+    ignored = {"film"} | ({"imaging_only"} if fallback else set())
+    same = {k: v for k, v in ours.to_dict().items() if k not in ignored} == \
+        {k: v for k, v in theirs.to_dict().items() if k not in ignored}
+    if not same or (theirs.film and not ours.film) or (fallback and theirs.imaging_only):
+        raise cfg.ConfigError(f"Bundle {start_from.directory} has another architecture than variant '{name}' "
+                              f"(imaging_only={ours.imaging_only}, film={ours.film}).")
+    state = start_from.model.state_dict()
+    if fallback:
+        state = {k: v for k, v in state.items() if k in model.state_dict()}
+    load_weights(model, state)  # type: ignore[arg-type]
+    return Path(start_from.directory)
 
 
 def _dice_per_case(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -181,18 +218,13 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
 
     runs: dict[str, dict] = {}
     for name, (_task, imaging_only) in variants.items():
-        net_config = NetworkConfig.from_dict({**preset.to_dict(), "imaging_only": imaging_only})
+        net_config = NetworkConfig.from_dict({**preset.to_dict(), "imaging_only": imaging_only,
+                                              "film": config.film and not imaging_only})
         model = StrokeNet(net_config)
         run_dir = Path(config.out) / name
         last = run_dir / "checkpoints" / "last.pt"
         if config.init is not None and not config.resume:
-            from StrokePredictorLib.bundle import load_bundle
-
-            start_from = load_bundle(Path(config.init) / name)
-            if start_from.config.to_dict() != net_config.to_dict():
-                raise cfg.ConfigError(f"Bundle {start_from.directory} has another architecture than preset "
-                                      f"'{config.preset}' (imaging_only={imaging_only}).")
-            model.load_state_dict(start_from.model.state_dict())
+            _initialise(model, config.init, name)
         model = model.to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last_3d)

@@ -1,0 +1,79 @@
+"""train-synth --film (issue 16): FiLM variants start from non-FiLM --init weights with the same
+output; an imaging-only variant without its own bundle starts from the task bundle's imaging weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from inference_phantom import tiny_config, write_tiny_bundle
+
+from StrokePredictorLib.bundle import LITE_GRID, load_bundle, save_bundle
+from StrokePredictorLib.network import NetworkConfig, StrokeNet
+from StrokePredictorLib.preprocess import Normalization
+from Training import config as cfg
+from Training.train_synth import _initialise
+
+
+def _inputs(shape=(16, 24, 16)):
+    generator = torch.Generator().manual_seed(0)
+    values = torch.zeros(1, 10)
+    values[0, 2], values[0, 3] = 0.5, -0.5
+    missing = torch.zeros(1, 10, dtype=torch.bool)
+    return torch.rand(1, 3, *shape, generator=generator), values, missing, torch.tensor([True])
+
+
+def test_film_variant_starts_with_exactly_the_init_bundles_output(tmp_path: Path) -> None:
+    write_tiny_bundle(tmp_path / "init" / "outcome", seed=2)
+    old = load_bundle(tmp_path / "init" / "outcome").model.eval()
+    model = StrokeNet(tiny_config(film=True))
+    used = _initialise(model, tmp_path / "init", "outcome")
+    assert used == tmp_path / "init" / "outcome"
+    model.eval()
+    with torch.no_grad():
+        before, after = old(*_inputs()), model(*_inputs())
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    assert all(not bool(m.linear.weight.detach().any()) for m in model.film)
+
+
+def test_imaging_variant_falls_back_to_the_task_bundles_imaging_weights(tmp_path: Path) -> None:
+    write_tiny_bundle(tmp_path / "init" / "outcome", seed=3)
+    fusion = load_bundle(tmp_path / "init" / "outcome").model
+    imaging = StrokeNet(tiny_config(imaging_only=True))
+    assert _initialise(imaging, tmp_path / "init", "outcome-imaging") == tmp_path / "init" / "outcome"
+    shared = imaging.state_dict()
+    assert all(torch.equal(shared[k], v) for k, v in fusion.state_dict().items() if k in shared)
+    assert any(k.startswith("encoder.") for k in shared)
+
+
+def test_mismatched_architectures_are_refused(tmp_path: Path) -> None:
+    write_tiny_bundle(tmp_path / "init" / "outcome", seed=4, config=tiny_config(film=True))
+    with pytest.raises(cfg.ConfigError, match="another architecture"):  # FiLM weights into a plain network
+        _initialise(StrokeNet(tiny_config()), tmp_path / "init", "outcome")
+    with pytest.raises(cfg.ConfigError, match="another architecture"):
+        _initialise(StrokeNet(tiny_config(film=True, head_channels=4)), tmp_path / "init", "outcome")
+
+
+@pytest.mark.slow
+def test_train_synth_film_from_a_plain_lite_bundle(tmp_path: Path) -> None:
+    from test_gpu_synth import _fake_soop
+
+    from Training.gpu_synth import build_pack
+    from Training.train_synth import SynthTrainConfig, run
+
+    pack = build_pack(_fake_soop(tmp_path / "soop"), tmp_path / "pack.npz", workers=1)
+    torch.manual_seed(0)
+    save_bundle(tmp_path / "init" / "outcome", StrokeNet(NetworkConfig.lite()), task="outcome", grid=LITE_GRID,
+                normalization=Normalization(), data={"source": "test"}, metrics={})
+    config = SynthTrainConfig(pack=pack, out=tmp_path / "run", variants=("outcome", "outcome-imaging"),
+                              grid_size=(48, 64, 48), patch=(32, 32, 32), batch_size=2, max_steps=1, val_every=1,
+                              val_samples=1, pool_size=2, workers=0, device="cpu", source="pool", threads=2,
+                              val_subset="train", init=tmp_path / "init", film=True)
+    results = run(config)
+    assert set(results) == {"outcome", "outcome-imaging"}
+    networks = {name: torch.load(tmp_path / "run" / name / "checkpoints" / "last.pt", weights_only=False)["network"]
+                for name in results}
+    assert networks["outcome"]["film"] is True and networks["outcome-imaging"]["film"] is False
+    assert networks["outcome-imaging"]["imaging_only"] is True
