@@ -197,6 +197,7 @@ class StrokePredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._fields = {}  # feature name -> (panel.ClinicalField, widget)
         self._clinicalTimer = None
         self._shownDisplay = None  # (layer, overlay ID, DWI ID, opacity) last shown in the slice views
+        self._whatIfNames: list[str] = []  # feature name of each entry of the what-if field selector
 
     def setup(self) -> None:
         import qt
@@ -225,10 +226,15 @@ class StrokePredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelSelector.addItems(list(MODEL_CHOICES))
         self.ui.deviceSelector.clear()
         self.ui.deviceSelector.addItems(list(cli.DEVICES))
+        self.ui.whatIfFieldSelector.clear()
+        for label, name in panel.what_if_fields():
+            self.ui.whatIfFieldSelector.addItem(label)
+            self._whatIfNames.append(name)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.bundlePathEdit.connect("currentPathChanged(QString)", self.onBundleFolderChanged)
         for button, layer in self._overlayButtons():
@@ -299,6 +305,7 @@ class StrokePredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.validationLabel.text = "\n".join(problems)
         self.ui.validationLabel.setVisible(bool(problems))
         self.ui.applyButton.enabled = not problems and not running
+        self.ui.compareButton.enabled = not problems and not running
         self.ui.applyButton.toolTip = "\n".join(problems) if problems else _("Run the prediction.")
 
     def cleanup(self) -> None:
@@ -404,17 +411,13 @@ class StrokePredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             p = self._parameterNode
             bundle = self.logic.resolveBundle(p.model, p.bundleFolder)
-            self.ui.progressBar.setVisible(True)
-            self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = _("Starting...")
             self._job = self.logic.startPrediction(
                 p.dwi, p.adc, p.flair, panel.parse_clinical_json(p.clinicalJson), bundle=bundle, device=p.device,
                 mcSamples=p.mcSamples, threshold=None if p.modelThreshold else p.threshold,
                 onProgress=self._onProgress,
                 onFinished=self._onFinished,
             )
-            self.ui.cancelButton.setEnabled(True)
-            self._updateValidation()
+            self._showStarted()
 
     def _ensureDependencies(self) -> bool:
         absent = dependencies.missing()
@@ -465,6 +468,54 @@ class StrokePredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultsCollapsibleButton.collapsed = False
         self._showDisplayLayer()
         self.logic.showChart(result.feature_chart)
+
+    def onCompareButton(self) -> None:
+        """Start a what-if comparison of two values of one clinical field (the Logic does the work)."""
+        self._flushClinicalForm()
+        with slicer.util.tryWithErrorDisplay(_("The what-if comparison could not start."), waitCursor=True):
+            if not self._ensureDependencies():
+                return
+            p = self._parameterNode
+            bundle = self.logic.resolveBundle(p.model, p.bundleFolder)
+            field = self._whatIfNames[self.ui.whatIfFieldSelector.currentIndex]
+            self._job = self.logic.startComparison(
+                p.dwi, p.adc, p.flair, panel.parse_clinical_json(p.clinicalJson), field=field,
+                first=self.ui.whatIfFirstEdit.text.strip(), second=self.ui.whatIfSecondEdit.text.strip(),
+                bundle=bundle, device=p.device, mcSamples=p.mcSamples,
+                threshold=None if p.modelThreshold else p.threshold,
+                onProgress=self._onProgress, onFinished=self._onComparisonFinished,
+            )
+            self._showStarted()
+
+    def _showStarted(self) -> None:
+        """Progress bar, status and Cancel once a job has started (not before: a refused start
+        leaves the panel as it was)."""
+        self.ui.progressBar.setVisible(True)
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = _("Starting...")
+        self.ui.cancelButton.setEnabled(True)
+        self._updateValidation()
+
+    def _onComparisonFinished(self, job: PredictionJob) -> None:
+        self.ui.cancelButton.setEnabled(False)
+        self.ui.progressBar.setVisible(False)
+        self._updateValidation()
+        if job.state == "cancelled":
+            self.ui.statusLabel.text = _("Cancelled; the scene was left as it was.")
+            return
+        if job.state != "succeeded":
+            self.ui.statusLabel.text = _("What-if comparison failed.")
+            slicer.util.errorDisplay(_("The what-if comparison failed:") + f"\n\n{job.error}")
+            return
+        p = self._parameterNode
+        if p is None:  # the scene was closed meanwhile
+            return
+        result = job.result
+        self.ui.whatIfResultLabel.text = panel.comparison_text(result.comparison, result.scenarios)
+        self.ui.statusLabel.text = _("Comparison done.")
+        self.ui.whatIfCollapsibleButton.collapsed = False
+        scene.show_comparison(p.dwi, result.difference, result.regions, p.opacity)
+        self._shownDisplay = None  # the views show the comparison until a prediction layer is chosen again
 
     def onCancelButton(self) -> None:
         if self._job is not None:

@@ -150,3 +150,22 @@ def result_texts(summary: Mapping[str, Any], features: Sequence[Mapping[str, Any
     warnings = prediction_warnings(summary)
     texts["warnings"] = "\n".join(f"\u26a0 {w}" for w in warnings)
     return texts
+
+
+def what_if_fields() -> list[tuple[str, str]]:
+    """``(shown label, feature name)`` for the what-if comparison's field selector, in the schema's
+    order (built from ``clinical.FEATURES``, like the form)."""
+    return [(f"{feature.label} ({feature.describe_range()})", feature.name) for feature in clinical.FEATURES]
+
+
+def comparison_text(comparison: Mapping[str, Any], scenarios: Sequence[Mapping[str, Any]]) -> str:
+    """The two scenarios' volumes side by side and what differs, from a what-if comparison."""
+    lines = []
+    for scenario, label in zip(scenarios, (comparison.get("first", "first"), comparison.get("second", "second")),
+                               strict=False):
+        lines.append(f"{label}: {_number(scenario.get('volume_ml')):.1f} mL (95% interval "
+                     f"{_number(scenario.get('ci95_low_ml')):.1f}-{_number(scenario.get('ci95_high_ml')):.1f} mL)")
+    volumes = comparison.get("volumes_ml", {}) or {}
+    lines.append(f"Lesion only in the first: {_number(volumes.get('saved')):.1f} mL; only in the second: "
+                 f"{_number(volumes.get('added')):.1f} mL; difference {_number(volumes.get('net')):+.1f} mL")
+    return "\n".join(lines)

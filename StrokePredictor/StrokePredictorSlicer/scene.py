@@ -528,3 +528,16 @@ def show_layer(dwi: Any, overlay: Any, opacity: float = 0.5, segmentation: Any =
         composite.SetForegroundOpacity(float(opacity))
     if segmentation is not None and segmentation.GetDisplayNode() is not None:
         segmentation.GetDisplayNode().SetVisibility(True)
+
+
+def show_comparison(dwi: Any, difference: Any, regions: Any, opacity: float = 0.5) -> None:
+    """Show a what-if comparison in every slice view: the DWI as background, the difference map as
+    foreground and the region map as label layer."""
+    slicer = _slicer()
+    composites = slicer.mrmlScene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+    for index in range(composites.GetNumberOfItems()):
+        composite = composites.GetItemAsObject(index)
+        composite.SetBackgroundVolumeID(dwi.GetID() if dwi is not None else None)
+        composite.SetForegroundVolumeID(difference.GetID() if difference is not None else None)
+        composite.SetForegroundOpacity(float(opacity))
+        composite.SetLabelVolumeID(regions.GetID() if regions is not None else None)
