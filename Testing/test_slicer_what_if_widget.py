@@ -1,6 +1,7 @@
 """The panel's What-if comparison section under PythonQt's rules (see Testing/test_slicer_widget.py):
 the Compare button starts the Logic's comparison with the form's values and shows the result."""
 
+# ruff: noqa: F811  (the fixtures are imported from test_slicer_widget and named as test arguments)
 from __future__ import annotations
 
 import json
