@@ -161,8 +161,8 @@ def what_if_fields() -> list[tuple[str, str]]:
 def comparison_text(comparison: Mapping[str, Any], scenarios: Sequence[Mapping[str, Any]]) -> str:
     """The two scenarios' volumes side by side and what differs, from a what-if comparison."""
     lines = []
-    for scenario, label in zip(scenarios, (comparison.get("first", "first"), comparison.get("second", "second")),
-                               strict=False):
+    labels = (comparison.get("first", "first"), comparison.get("second", "second"))
+    for scenario, label in zip(scenarios, labels):  # noqa: B905 (Slicer 5.8 runs Python 3.9: no strict=)
         lines.append(f"{label}: {_number(scenario.get('volume_ml')):.1f} mL (95% interval "
                      f"{_number(scenario.get('ci95_low_ml')):.1f}-{_number(scenario.get('ci95_high_ml')):.1f} mL)")
     volumes = comparison.get("volumes_ml", {}) or {}
