@@ -57,3 +57,21 @@ def test_pool_run_checkpoints_and_resumes_with_its_own_config(pack_path: Path, t
 def test_patch_must_fit_the_network(pack_path: Path, tmp_path: Path) -> None:
     with pytest.raises(cfg.ConfigError, match="multiples of 16"):
         run(_config(pack_path, tmp_path / "bad", patch=(24, 32, 32)))
+
+
+def test_non_finite_steps_never_reach_the_weights(pack_path: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from Training.pool import SynthPool
+
+    original = SynthPool.batch
+
+    def poisoned(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        batch = original(self, *args, **kwargs)
+        batch["image"][:, 0] = float("nan")
+        return batch
+
+    monkeypatch.setattr(SynthPool, "batch", poisoned)
+    result = run(_config(pack_path, tmp_path / "nan", max_steps=2, val_every=100))["acute"]
+    assert result["skipped_steps"] == 2
+    weights = torch.load(tmp_path / "nan" / "acute" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())

@@ -360,8 +360,17 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
                 loss = loss_fn(out["logits"].float(), target)
                 state["optimizer"].zero_grad(set_to_none=True)
                 loss.backward()
-                if config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(state["model"].parameters(), config.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(state["model"].parameters(),
+                                                      config.grad_clip if config.grad_clip else float("inf"))
+                if not (torch.isfinite(loss) and torch.isfinite(norm)):  # never let a NaN reach the weights
+                    state["optimizer"].zero_grad(set_to_none=True)
+                    state["skipped"] = state.get("skipped", 0) + 1
+                    logger.warning("%s step %d: non-finite loss or gradient, step skipped (%d so far)", name, step,
+                                   state["skipped"])
+                    if step >= 10 and state["skipped"] > 0.2 * (step + 1 - first["step"]):
+                        raise cfg.ConfigError(f"{name}: more than a fifth of the steps had non-finite gradients; "
+                                              "lower --lr or use --precision fp32.")
+                    continue
                 state["optimizer"].step()
                 state["losses"].append(float(loss.detach()))
             net_seconds += time.perf_counter() - tic
@@ -401,7 +410,8 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
         state["log"].close()
         results[name] = {"run_dir": str(state["run_dir"]), "best_val_dice": state["best"], "steps": step,
                          "seconds": round(elapsed_before + time.perf_counter() - start, 1),
-                         "network_share": round(net_seconds / max(time.perf_counter() - start, 1e-9), 3)}
+                         "network_share": round(net_seconds / max(time.perf_counter() - start, 1e-9), 3),
+                         "skipped_steps": int(state.get("skipped", 0))}
     write_json(results, Path(config.out) / "summary.json", overwrite=True)
     return results
 
