@@ -64,9 +64,10 @@ LESION_SHARE_WARN = 0.5
 #: What :attr:`Prediction.feature_effects` measures (written next to the numbers).
 EFFECT_MEANING = (
     "effect_ml = predicted lesion volume with this feature set to missing minus the volume with the values as "
-    "given (mL; deterministic network output, dropout off, on the model grid, thresholded and post-processed as "
-    "the lesion mask; the imaging features are computed once). Negative: the given value raises the prediction. "
-    "null: the feature is missing already."
+    "given (mL; deterministic network output, dropout off, unmirrored view only, on the model grid, thresholded "
+    "and post-processed as the lesion mask; the imaging features are computed once, one pass of the clinical part "
+    "of the network per given feature). Negative: the given value raises the prediction. null: the feature is "
+    "missing already."
 )
 
 UNCERTAINTY_MEANING = {
@@ -336,16 +337,19 @@ class Predictor:
     def _autocast(self) -> torch.autocast:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
-    def _decode(self, encoded: EncodedCase, record: ClinicalRecord) -> tuple[dict, dict | None]:
-        """Fusion, decoder and expansion for ``record`` on the cached encoder output (both views)."""
+    def _decode(self, encoded: EncodedCase, record: ClinicalRecord, mirrored: bool = True
+                ) -> tuple[dict, dict | None]:
+        """Fusion, decoder and expansion for ``record`` on the cached encoder output (both views,
+        or only the unmirrored one with ``mirrored`` False)."""
         values, missing = encode(record)
         device = self.device
         inputs = (torch.from_numpy(values)[None].to(device), torch.from_numpy(missing)[None].to(device))
         model = self.bundle.model
         with torch.inference_mode(), self._autocast():
             out = model.decode(encoded.features, *inputs)
-            mirrored = model.decode(encoded.mirrored, *inputs) if encoded.mirrored is not None else None
-        return out, mirrored
+            flipped = (model.decode(encoded.mirrored, *inputs)
+                       if encoded.mirrored is not None and mirrored else None)
+        return out, flipped
 
     def predict_preprocessed(
         self, case: PreprocessedCase, clinical: ClinicalRecord | None = None, progress: Progress | None = None
@@ -448,7 +452,7 @@ class Predictor:
         if self.feature_effects if effects is None else effects:
             report(0.85, "measuring the clinical features' effects")
             tick = time.perf_counter()
-            effects_ml = self._feature_effects(encoded, record, self._deterministic_volume(case, out, mirrored))
+            effects_ml = self._feature_effects(encoded, record, self._deterministic_volume(case, out, None))
             timings["effects_s"] = time.perf_counter() - tick
         timings["inference_s"] = time.perf_counter() - start + encoded.encode_s
         timings["total_s"] = timings["inference_s"] + case.timings.get("total_s", 0.0)
@@ -500,15 +504,16 @@ class Predictor:
 
     def _feature_effects(self, encoded: EncodedCase, record: ClinicalRecord, baseline_ml: float
                          ) -> dict[str, float | None]:
-        """Each given feature's effect (mL): the volume with it set to missing minus ``baseline_ml``."""
+        """Each given feature's effect (mL): the volume with it set to missing minus ``baseline_ml``
+        (both from the unmirrored view only: one decoder pass per feature, also with flip averaging)."""
         effects: dict[str, float | None] = {}
         for name in FEATURE_NAMES:
             if record.values[name] is None:
                 effects[name] = None
                 continue
             without = ClinicalRecord({**record.values, name: None})
-            out, mirrored = self._decode(encoded, without)
-            effects[name] = self._deterministic_volume(encoded.case, out, mirrored) - baseline_ml
+            out, _ = self._decode(encoded, without, mirrored=False)
+            effects[name] = self._deterministic_volume(encoded.case, out, None) - baseline_ml
         return effects
 
     def _sample_volumes(self, probs: torch.Tensor, index: torch.Tensor, shape: tuple[int, ...],
