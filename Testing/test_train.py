@@ -310,6 +310,8 @@ def test_progress_lines_without_a_progress_bar(cache: Path, tmp_path: Path,
     lines = [r.getMessage() for r in caplog.records if " s/step" in r.getMessage()]
     assert [line.split(":")[0] for line in lines] == ["epoch 1 step 1/3", "epoch 1 step 2/3", "epoch 1 step 3/3"]
     assert all("min left" in line and "elapsed" in line for line in lines)
+    # and the validation at the end of the epoch says how far it has got
+    assert any(r.getMessage().startswith("validation: 0 of ") for r in caplog.records)
 
 
 def test_warmup_is_a_fraction_of_the_run(cache: Path, tmp_path: Path) -> None:

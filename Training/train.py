@@ -440,8 +440,13 @@ def validate(model: torch.nn.Module, dataset: CacheDataset, loss_fn: Any, info: 
         model = model.module  # no collective calls: ranks may hold different numbers of cases
     was_training = model.training
     model.eval()
+    start = last_line = time.monotonic()
     with torch.random.fork_rng(devices=devices), torch.no_grad():
-        for batch in loader:
+        for done, batch in enumerate(loader):
+            if info.is_main and time.monotonic() - last_line >= config.progress_seconds:
+                last_line = time.monotonic()
+                logger.info("validation: %d of %d case(s) after %.0f s", done * info.world_size, len(dataset),
+                            last_line - start)
             batch = _batch_to(batch, info.device)
             image = batch["image"]
             if config.channels_last and info.device.type == "cuda":
