@@ -257,7 +257,7 @@ def render_overview(prediction: Prediction, dwi: Volume, *, title: str = "") -> 
     if prediction.feature_effects:
         # the measured effect beside each bar: the volume change (mL) when the feature is set to missing
         for row, record in zip(range(len(records))[::-1], records):  # noqa: B905
-            text = "missing" if record["effect_ml"] is None else f"effect {record['effect_ml']:+.1f} mL"
+            text = "missing" if record["effect_ml"] is None else f"effect {record['effect_ml']:+.2f} mL"
             axis.annotate(text, (record["weight"], row), xytext=(4, 0), textcoords="offset points",
                           va="center", fontsize=7, color="#444444")
         axis.set_xlim(0, max(weights) * 1.45 if max(weights) > 0 else 1)
