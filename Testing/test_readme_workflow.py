@@ -135,7 +135,11 @@ def test_isles_workflow_chains_end_to_end(tmp_path: Path) -> None:
     evaluate = ran["evaluate"]
     assert (tmp_path / evaluate[evaluate.index("--out") + 1] / "results.md").is_file()
     ablate = ran["ablate"]
-    assert (tmp_path / ablate[ablate.index("--out") + 1] / "ablation.md").is_file()
+    report = (tmp_path / ablate[ablate.index("--out") + 1] / "ablation.md").read_text()
+    # one step per arm, one test case: beside every figure, and flagged
+    assert report.count("| acute | ") == 3 and all(
+        line.split(" | ")[2:4] == ["1", "1"] for line in report.splitlines() if line.startswith("| acute | "))
+    assert "only 1 training steps per arm" in report and "only 1 evaluated case(s)" in report
     visualize = ran["visualize"]
     assert list((tmp_path / visualize[visualize.index("--out") + 1]).glob("*.png"))
 
