@@ -89,3 +89,12 @@ def test_parse_given_names_typed_fields(tmp_path: Path) -> None:
     file.write_text("name: from_file\n")
     config, given = config_mod.parse_given(_Example, ["--config", str(file), "--rate", "0.5"], "test")
     assert config.rate == 0.5 and given == {"name", "rate"}
+
+
+def test_fit_nihss_refuses_abbreviated_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    from Training import fit_nihss
+
+    with pytest.raises(SystemExit) as stop:
+        fit_nihss.main(["--so", "somewhere"])  # a prefix of --soop
+    assert stop.value.code == 2
+    assert "unrecognized arguments: --so" in capsys.readouterr().err

@@ -127,7 +127,8 @@ def fit(features: np.ndarray, scores: np.ndarray, *, holdout: float, seed: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m Training.fit_nihss", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m Training.fit_nihss", description=__doc__.split("\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--soop", type=Path, default=DEFAULT_SOOP, help="SOOP folder (participants.tsv, lesions/)")
     parser.add_argument("--out", type=Path, default=nihss.DEFAULT_MODEL_PATH, help="coefficients JSON to write")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="feature cache (.npz); 'none' disables")
