@@ -11,6 +11,12 @@ Command line (writes docs/slicer_screenshot.png from the sample case when presen
 phantom with a tiny random bundle)::
 
     PYTHONPATH=. .venv/bin/python Testing/render_screenshot.py [--out docs/slicer_screenshot.png]
+
+A what-if comparison instead (the Logic's ``compare`` on the sample case with the bundled outcome
+model: difference map as foreground, region map as label layer)::
+
+    PYTHONPATH=. .venv/bin/python Testing/render_screenshot.py --compare treatment none thrombectomy \
+        --out docs/slicer_what_if.png
 """
 
 from __future__ import annotations
@@ -115,18 +121,52 @@ def build_demo_scene(work: Path, bundle: Path | None = None) -> tuple[Any, Any, 
     return env, dwi, result
 
 
+def build_comparison_scene(work: Path, field: str, first: str, second: str,
+                           bundle: Path | None = None) -> tuple[Any, Any, Any]:
+    """A scene with a what-if comparison (the sample case with its clinical values and the bundled
+    outcome model when present, else the test phantom with a tiny random bundle). Returns (env, dwi
+    node, comparison nodes)."""
+    import inference_phantom
+    import slicer
+    import slicer_env
+    from StrokePredictorSlicer.runner import SubprocessRunner
+
+    from StrokePredictorLib import clinical
+
+    module = slicer_env.import_module()
+    env = slicer_env.make_scene()
+    files = module.sampleDataFiles()
+    values: dict = {}
+    if files is not None and bundle is None and (module.MODELS_DIR / "outcome" / "model.json").is_file():
+        bundle = module.MODELS_DIR / "outcome"
+        if "clinical" in files:
+            values = {k: v for k, v in clinical.read_json(files["clinical"]).values.items() if v is not None}
+    else:
+        files = inference_phantom.write_case(work / "case", flair=False)
+        bundle = bundle or inference_phantom.write_tiny_bundle(work / "bundle")
+    dwi = slicer.util.loadVolume(str(files["dwi"]), {"name": "DWI"})
+    adc = slicer.util.loadVolume(str(files["adc"]), {"name": "ADC"})
+    env.add_slice_views(("Red",))
+    logic = module.StrokePredictorLogic(runner=SubprocessRunner(), python=sys.executable)
+    result = logic.compare(dwi, adc, None, values, field=field, first=first, second=second, bundle=bundle,
+                           mcSamples=4, timeout=900)
+    module.scene.show_comparison(dwi, result.difference, result.regions, 0.7)
+    return env, dwi, result
+
+
 def lesion_center_ras(result: Any) -> tuple[float, float, float]:
     """RAS position of the centre of mass of the predicted lesion (probability >= 0.5)."""
     import slicer
     import vtk
 
-    array = slicer.util.arrayFromVolume(result.probability)
+    node = getattr(result, "probability", None) or result.regions  # a prediction or a what-if comparison
+    array = slicer.util.arrayFromVolume(node)
     kji = np.argwhere(array >= 0.5)
     if len(kji) == 0:
         kji = np.argwhere(array == array.max())
     ijk = kji.mean(axis=0)[::-1]
     matrix = vtk.vtkMatrix4x4()
-    result.probability.GetIJKToRASMatrix(matrix)
+    node.GetIJKToRASMatrix(matrix)
     return tuple(float(v) for v in slicer.util.arrayFromVTKMatrix(matrix) @ np.append(ijk, 1.0))[:3]
 
 
@@ -134,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "docs" / "slicer_screenshot.png"))
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--compare", nargs=3, metavar=("FIELD", "FIRST", "SECOND"),
+                        help="render a what-if comparison of two values of one clinical field instead")
     args = parser.parse_args(argv)
     import matplotlib
 
@@ -141,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     from matplotlib import pyplot as plt
 
     with tempfile.TemporaryDirectory() as work:
-        env, dwi, result = build_demo_scene(Path(work))
+        if args.compare:
+            env, dwi, result = build_comparison_scene(Path(work), *args.compare)
+        else:
+            env, dwi, result = build_demo_scene(Path(work))
         pixels = render_slice_view(env, "Red", (args.size, args.size), lesion_center_ras(result))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

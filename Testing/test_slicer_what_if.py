@@ -139,3 +139,26 @@ def test_feature_table_carries_the_measured_effects(env, module, case_dir):
             assert value == pytest.approx(listed[name], abs=1e-9), name
     assert {n for n, v in effects.items() if not np.isnan(v)} == {"age", "sex", "nihss", "onset_to_imaging_h"}
     assert json.dumps(listed)  # plain numbers and None
+
+
+@pytest.mark.slow
+def test_comparison_is_rendered_in_the_slice_view(env, module, case_dir, tmp_path):
+    """The region map (label layer) and the difference map (foreground) reach Slicer's own slice
+    view, rendered offscreen; the script behind docs' what-if screenshot."""
+    import render_screenshot
+
+    env, dwi, result = render_screenshot.build_comparison_scene(tmp_path, "treatment", "thrombolysis",
+                                                                 "thrombectomy", bundle=case_dir["bundle"])
+    composite = env.scene.GetNodesByClass("vtkMRMLSliceCompositeNode").GetItemAsObject(0)
+    assert composite.GetLabelVolumeID() == result.regions.GetID()
+    assert composite.GetForegroundVolumeID() == result.difference.GetID()
+    pixels = render_screenshot.render_slice_view(env, "Red", (256, 256), render_screenshot.lesion_center_ras(result))
+    assert pixels.shape == (256, 256, 3) and pixels.std() > 5
+    colours = {value: np.round(np.asarray(module.scene.REGION_COLORS[value]) * 255) for value in (1, 2, 3)}
+    import slicer
+
+    present = [v for v in (1, 2, 3) if (slicer.util.arrayFromVolume(result.regions) == v).any()]
+    assert present
+    # a label colour blends with the DWI underneath (label opacity): look for pixels close to its hue
+    found = any((np.abs(pixels.astype(float) - colours[v]).max(axis=-1) < 60).sum() > 10 for v in present)
+    assert found, present
