@@ -162,6 +162,10 @@ def parse_value(feature_: Feature, value: object, *, where: str = "", unit: str 
     Raises:
         ClinicalValueError: malformed or out of range, with the field, value and valid range.
     """
+    if feature_.kind in ("binary", "categorical") and isinstance(value, str):
+        for category in feature_.categories:  # a category first: treatment "none" is a value, not a missing one
+            if value.strip().lower() == category.lower():
+                return category
     if _is_missing(value):
         return None
     prefix = where or f"Clinical field '{feature_.name}': "

@@ -199,3 +199,14 @@ def test_csv_columns_holding_one_field_twice_are_refused(tmp_path: Path) -> None
     path.write_text("case_id,nihss\nsub-1,4,40\n")
     with pytest.raises(ClinicalValueError, match="row 1: 1 more value.s. than columns"):
         clinical.read_csv(path)
+
+
+def test_treatment_none_is_a_category_not_a_missing_value() -> None:
+    record = clinical.parse_key_values(["treatment=none", "sex=none"])
+    assert record.values["treatment"] == "none"  # no reperfusion treatment was given
+    assert record.values["sex"] is None  # 'none' is no category of sex: missing
+    assert clinical.validate({"treatment": "None"}).values["treatment"] == "none"
+    assert clinical.validate({"treatment": "unknown"}).values["treatment"] is None
+    values, missing = clinical.encode(clinical.validate({"treatment": "none"}))
+    index = clinical.FEATURE_NAMES.index("treatment")
+    assert not missing[index] and values[index] == 0.0
