@@ -10,23 +10,39 @@
 # evaluates the new settings on every test set and the real validation case (which is never searched on),
 # the earlier settings on the new mimic test sets and the real case (their other results are in the cards):
 # DATA/pp/<task> (the search tables), DATA/eval/<task>_{before,after} (evaluate outputs).
-# Stages can be skipped: STAGES="search after before" (default all three).
+# Stages can be skipped: STAGES="search after before" (default all three); TASKS="acute outcome" (default both).
+# On a CPU shared with training jobs (2 cores, registration and prediction ~80 s per case), BUDGET=1 runs the
+# variant that was run for the shipped bundles: validation on the four sets with mimics, regional mimics and
+# physical cases, at most 12 cases each; flip averaging fixed on (as shipped before); test sets at most 16
+# cases each, only the new mimic sets and the real case; the earlier settings measured on the same cases.
 set -euo pipefail
 DATA=${1:-data}
 REAL=${2:-../shared/data/isles22_case0009/ISLES-2022}
 PY=${PYTHON:-python}
 STAGES=${STAGES:-search after before}
+TASKS=${TASKS:-acute outcome}
 MODELS=StrokePredictor/Resources/Models
 VAL=(--data "$DATA/val_phys" --data "$DATA/val_rand" --data "$DATA/val_skull" --data "$DATA/val_regional"
      --data "$DATA/val_ood" --data "$DATA/val_mimics" --data "$DATA/val_mimic_only"
      --label val-physical --label val-randomized --label val-skull --label val-regional --label val-ood
      --label val-mimics --label val-mimic-only)
+LIMIT=()
+if [ "${BUDGET:-0}" = 1 ]; then
+    VAL=(--data "$DATA/val_mimics" --data "$DATA/val_mimic_only" --data "$DATA/val_regional" --data "$DATA/val_phys"
+         --label val-mimics --label val-mimic-only --label val-regional --label val-physical
+         --max-cases 12 --flip-tta true)
+    LIMIT=(--max-cases 16)
+fi
 SIMULATED=(--data "$DATA/test" --data "$DATA/test_regional" --data "$DATA/test_ood" --data "$DATA/test_mimics"
            --data "$DATA/test_mimic_only"
            --label simulated-test --label simulated-regional-mimics --label simulated-OOD --label simulated-mimics
            --label simulated-mimic-only)
-for task in acute outcome; do
+for task in $TASKS; do
     TEST=("${SIMULATED[@]}")
+    if [ "${BUDGET:-0}" = 1 ]; then  # the new mimic sets only, as the earlier settings
+        TEST=(--data "$DATA/test_mimics" --data "$DATA/test_mimic_only" --label simulated-mimics
+              --label simulated-mimic-only)
+    fi
     if [ "$task" = acute ]; then  # the real case has no follow-up (outcome) mask
         TEST+=(--data "$REAL" --label real-ISLES22)
     fi
@@ -42,8 +58,8 @@ for task in acute outcome; do
     fi
     if [[ " $STAGES " == *" after "* ]]; then
         start=$SECONDS
-        "$PY" -m Training evaluate --bundle "$MODELS/$task" "${TEST[@]}" --out "$DATA/eval/${task}_after" \
-            --device cpu --no-progress --overwrite
+        "$PY" -m Training evaluate --bundle "$MODELS/$task" "${TEST[@]}" ${LIMIT[@]+"${LIMIT[@]}"} \
+            --out "$DATA/eval/${task}_after" --device cpu --no-progress --overwrite --no-save-predictions
         echo "evaluated $task (new post-processing) in $((SECONDS - start)) s"
     fi
     if [[ " $STAGES " == *" before "* ]]; then  # the earlier settings on the new sets (the others are in the cards)
@@ -53,7 +69,7 @@ for task in acute outcome; do
             BEFORE+=(--data "$REAL" --label real-ISLES22)
         fi
         start=$SECONDS
-        "$PY" -m Training evaluate --bundle "$DATA/bundles_before/$task" "${BEFORE[@]}" \
+        "$PY" -m Training evaluate --bundle "$DATA/bundles_before/$task" "${BEFORE[@]}" ${LIMIT[@]+"${LIMIT[@]}"} \
             --out "$DATA/eval/${task}_before" --device cpu --no-progress --overwrite --no-save-predictions
         echo "evaluated $task (earlier post-processing) in $((SECONDS - start)) s"
     fi
