@@ -113,3 +113,26 @@ def test_bad_arguments_are_named(tmp_path: Path) -> None:
     (tmp_path / "val").mkdir()
     with pytest.raises(cfg.ConfigError, match="holds no bundle"):
         campaign.run(CampaignConfig(val=(tmp_path / "val",), out=tmp_path / "r", models=tmp_path))
+
+
+def test_a_matching_earlier_search_of_the_shipped_bundle_is_reused(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    models = _models(tmp_path)
+    (tmp_path / "val").mkdir()
+    earlier = tmp_path / "pp"
+    earlier.mkdir()
+    (earlier / "postprocess.json").write_text(json.dumps(_result(0.5, 0.5, 0.3)))
+    (earlier / "postprocess_config.json").write_text(json.dumps(
+        {"data": [str(tmp_path / "val")], "max_cases": 12, "mc_samples": 20, "flip_tta": [True]}))
+    calls: list = []
+    _fake_verbs(monkeypatch, {"candidate": 0.6, "shipped": 0.0}, calls)
+    config = CampaignConfig(pack=tmp_path / "p.npz", val=(tmp_path / "val",), out=tmp_path / "run3", models=models,
+                            max_cases=12, flip_tta="true", shipped_search=earlier / "postprocess.json")
+    result = campaign.run(config)
+    assert calls.count("Training.postprocess") == 1  # only the candidate was searched
+    assert result["decision"]["shipped"]["score"] == 0.5 and result["outcome"] == "would ship (run without --ship)"
+
+    other = CampaignConfig(pack=tmp_path / "p.npz", val=(tmp_path / "val",), out=tmp_path / "run4", models=models,
+                           max_cases=16, flip_tta="true", shipped_search=earlier / "postprocess.json")
+    with pytest.raises(cfg.ConfigError, match="other max_cases"):
+        campaign.run(other)

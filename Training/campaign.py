@@ -66,6 +66,11 @@ class CampaignConfig:
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
     mc_samples: int = field(default=20, metadata={"help": "Monte-Carlo samples of the post-processing search"})
     max_cases: int = field(default=0, metadata={"help": "at most this many cases per validation folder (0: all)"})
+    flip_tta: str = field(default="", metadata={
+        "help": "flip averaging values the searches try (e.g. true); empty: the search's default"})
+    shipped_search: Path | None = field(default=None, metadata={
+        "help": "reuse this postprocess.json of the shipped bundle when it was searched on the same sets with "
+                "the same --max-cases, --flip-tta and --mc-samples (checked)"})
     ship: bool = field(default=False, metadata={"help": "replace the shipped bundle when the rule says so"})
 
 
@@ -151,6 +156,25 @@ def _card_table(card: Path, ledger: dict) -> None:
     card.write_text(text)
 
 
+def _check_same_search(config: CampaignConfig, path: Path) -> None:
+    """Refuse a shipped-bundle search made on other sets or with other settings than this run's."""
+    saved_config = path.with_name("postprocess_config.json")
+    if not path.is_file() or not saved_config.is_file():
+        raise cfg.ConfigError(f"--shipped-search: {path} and its postprocess_config.json must both exist.")
+    saved = json.loads(saved_config.read_text())
+    wanted = {"data": sorted(str(Path(v).resolve()) for v in config.val), "max_cases": config.max_cases,
+              "mc_samples": config.mc_samples}
+    found = {"data": sorted(str(Path(v).resolve()) for v in saved.get("data", [])),
+             "max_cases": saved.get("max_cases"), "mc_samples": saved.get("mc_samples")}
+    if config.flip_tta:
+        wanted["flip_tta"] = [v.strip().lower() == "true" for v in config.flip_tta.split(",")]
+        found["flip_tta"] = saved.get("flip_tta")
+    differ = [key for key in wanted if wanted[key] != found[key]]
+    if differ:
+        raise cfg.ConfigError(f"--shipped-search: {path} was searched with other {', '.join(differ)} "
+                              f"({', '.join(f'{k}={found[k]}' for k in differ)}) than this run.")
+
+
 def run(config: CampaignConfig) -> dict:
     if not config.val:
         raise cfg.ConfigError("--val: give the fixed validation folders (Training/recipes/make_eval_sets.sh).")
@@ -160,6 +184,8 @@ def run(config: CampaignConfig) -> dict:
     shipped_bundle = Path(config.models) / config.task
     if not (shipped_bundle / "model.json").is_file():
         raise cfg.ConfigError(f"--models: {shipped_bundle} holds no bundle.")
+    if config.shipped_search is not None:  # before hours of training, not after
+        _check_same_search(config, Path(config.shipped_search))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     train_dir = out / "train"
@@ -185,12 +211,16 @@ def run(config: CampaignConfig) -> dict:
         shutil.copytree(shipped_bundle, shipped_copy, dirs_exist_ok=True)
     val = ",".join(str(v) for v in config.val)
     results = {}
+    if config.shipped_search is not None:
+        search = out / "search_shipped"
+        search.mkdir(exist_ok=True)
+        shutil.copy2(config.shipped_search, search / "postprocess.json")
     for name, bundle in (("candidate", candidate), ("shipped", shipped_copy)):
         search = out / f"search_{name}"
         if _stage(f"post-processing search ({name})", search / "postprocess.json"):
-            _run_verb("Training.postprocess", ["--bundle", bundle, "--data", val, "--out", search, "--write",
-                                               "--mc-samples", config.mc_samples, "--max-cases", config.max_cases,
-                                               "--device", config.device, "--force"])
+            argv = ["--bundle", bundle, "--data", val, "--out", search, "--write", "--mc-samples", config.mc_samples,
+                    "--max-cases", config.max_cases, "--device", config.device, "--force"]
+            _run_verb("Training.postprocess", argv + (["--flip-tta", config.flip_tta] if config.flip_tta else []))
         results[name] = json.loads((search / "postprocess.json").read_text())
     decision = decide(results["candidate"], results["shipped"])
     shipped_now = False
