@@ -75,7 +75,7 @@ def training_curves(run: Path, out: Path, *, dpi: int = 110, overwrite: bool = F
 
     plt = _pyplot()
     step = column("step")
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")  # no label over the next panel
     axes[0].plot(step, column("train_loss"), label="train loss")
     axes[0].plot(step, column("val_loss"), label="validation loss")
     axes[0].set_xlabel("step")
@@ -286,8 +286,13 @@ def run(config: VisualizeConfig) -> list[Path]:
     if config.out is None or (config.run is None and config.eval is None):
         raise StrokePredictorError("Give --out and at least one of --run RUN or --eval EVAL_DIR.")
     out = Path(config.out)
-    if out.is_dir() and any(out.glob("*.png")) and not config.overwrite:
-        raise OutputExistsError(f"{out} holds figures already; pass --overwrite to replace them.")
+    # only figures this verb writes count: a folder holding other pictures (the generator's montage) is fine
+    ours = (["training_curves.png"] if config.run is not None else []) + (
+        ["reliability_*.png", "overlay_*.png", "attention_*.png"] if config.eval is not None else [])
+    existing = sorted(p.name for pattern in ours for p in out.glob(pattern)) if out.is_dir() else []
+    if existing and not config.overwrite:
+        raise OutputExistsError(f"{out} holds figures of an earlier run ({', '.join(existing[:3])}"
+                                f"{', ...' if len(existing) > 3 else ''}); pass --overwrite to replace them.")
     written: list[Path] = []
     if config.run is not None:
         written.append(training_curves(config.run, out, dpi=config.dpi, overwrite=config.overwrite))
