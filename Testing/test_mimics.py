@@ -208,6 +208,13 @@ def test_label_sampler_draws_mimics_and_showers_on_their_own_stream(pack) -> Non
         assert b["mimic_table"].shape == (len(MM.KINDS) + 1, 4)
         components.append(ndimage.label(c["lesion"] >= 0.5, structure=np.ones((3, 3, 3)))[1])
     assert max(components) >= 3
+    from Training.gpu_synth import GpuSynthesizer
+
+    synth = GpuSynthesizer(pack, (48, 56, 48), "cpu")
+    batch = torch.utils.data.default_collate([off[0], off[1]])
+    without_keys = {k: v for k, v in batch.items() if not k.startswith("mimic_")}
+    torch.testing.assert_close(synth(batch, torch.Generator().manual_seed(1))["image"],
+                               synth(without_keys, torch.Generator().manual_seed(1))["image"], rtol=0, atol=0)
 
 
 @pytest.mark.slow

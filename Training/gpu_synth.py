@@ -222,8 +222,8 @@ class LabelSampler(torch.utils.data.Dataset):
     lacunes, white-matter hyperintensities) as the ``mimic_kind``/``mimic_weight`` maps and the
     ``mimic_table`` of multipliers that :class:`GpuSynthesizer` renders. The shower, small-lesion and
     mimic draws use their own random stream ``[seed, index, 7]``: with the three probabilities at 0
-    every item equals the one of the earlier sampler (whose defaults were 0), apart from the added
-    (empty) mimic keys.
+    every item equals the one of the earlier sampler, apart from the added (all-zero) mimic keys, and
+    :class:`GpuSynthesizer` renders such a batch exactly as it did before the mimics existed.
     """
 
     def __init__(self, pack: Pack, *, subset: str = "train", seed: int = 0, length: int = 10_000,
@@ -478,7 +478,9 @@ class GpuSynthesizer:
             clinical_values (n, 10), clinical_missing (n, 10), flair_present (n,).
         """
         c, dev = self.config, self.device
-        with_mimics = "mimic_kind" in labels  # label batches of older samplers have no mimic maps
+        # label batches of older samplers have no mimic maps; a batch without any mimic renders (and draws
+        # from the generator) exactly as before the mimics existed
+        with_mimics = "mimic_kind" in labels and bool(labels["mimic_weight"].any())
         names = ("lesion", "severity", "outcome") + (("mimic_weight",) if with_mimics else ())
         per_case = torch.stack([labels[name].to(dev, non_blocking=True).float() for name in names], dim=1)
         n = per_case.shape[0]
