@@ -102,6 +102,26 @@ def test_qform_is_used_when_qform_and_sform_differ(tmp_path: Path) -> None:
     np.testing.assert_allclose(volume.geometry.ijk_to_ras, qform, atol=1e-5)
 
 
+def test_float32_quaternion_rounding_is_no_disagreement(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A generated case's header (SimpleITK): qform and sform of one flipped, slightly rotated grid differ
+    by 1.6e-3 in the matrix, about 0.1 voxel at the corners: no message. 1 mm apart is one."""
+    sform = np.array([[-1.99998, -0.0089, 0.00156, 110.347], [-0.0089, 1.99998, 0.00393, -140.338],
+                      [0.00158, -0.00392, 2.0, -59.929], [0, 0, 0, 1]])
+    qform = sform.copy()
+    qform[0, 2], qform[2, 0] = -1e-5, 1e-5
+    moved = qform.copy()
+    moved[:3, 3] += 1.0
+    for name, q in (("rounded", qform), ("moved", moved)):
+        image = nib.Nifti1Image(np.zeros((112, 112, 73), dtype=np.float32), None)
+        image.set_qform(q, code=1)
+        image.set_sform(sform, code=1)
+        nib.save(image, str(tmp_path / f"{name}.nii.gz"))
+        caplog.clear()
+        with caplog.at_level("INFO", logger="StrokePredictorLib.io"):
+            read_volume(tmp_path / f"{name}.nii.gz")
+        assert ("qform and sform differ" in caplog.text) is (name == "moved")
+
+
 def test_sform_only_file_uses_sform(tmp_path: Path) -> None:
     sform = np.diag([-1.5, -1.5, 3.0, 1.0])
     sform[:3, 3] = (4.0, 5.0, 6.0)
