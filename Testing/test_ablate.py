@@ -19,7 +19,7 @@ def _stats(mean: float, lo: float, hi: float, fusion: float = 0.5, imaging: floa
 
 
 def test_verdict_says_no_difference_when_the_interval_includes_zero() -> None:
-    # the case: +0.056 [+0.000, +0.159] after 4 steps was declared "Better: fusion"
+    # a reported case: +0.056 [+0.000, +0.159] after 4 steps was declared "Better: fusion"
     assert ablate.verdict(_stats(0.056, 0.00004, 0.159), higher_better=True) == "no difference"
     assert ablate.verdict(_stats(0.056, 0.0, 0.159), higher_better=True) == "no difference"
     assert ablate.verdict(_stats(-0.02, -0.06, 0.02), higher_better=True) == "no difference"

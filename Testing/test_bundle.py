@@ -138,7 +138,7 @@ def test_devices() -> None:
             resolve_device("cuda")
 
 
-# ---- issue 17: model.json is validated before anything is allocated ---------------------------------
+# ---- model.json is validated before anything is allocated ---------------------------------
 def _edit(bundle_dir: Path, change) -> None:  # noqa: ANN001
     metadata = json.loads((bundle_dir / "model.json").read_text())
     change(metadata)
@@ -294,7 +294,7 @@ def test_a_killed_export_leaves_nothing_the_next_one_does_not_remove(tmp_path: P
 
 
 def test_film_bundles_round_trip_and_the_field_is_checked(tmp_path: Path, bundle_dir: Path) -> None:
-    """Issue 16: ``film`` is a bundle field like any other; bundles without it load unchanged."""
+    """``film`` is a bundle field like any other; bundles without it load unchanged."""
     torch.manual_seed(4)
     model = StrokeNet(tiny_config(film=True))
     with torch.no_grad():

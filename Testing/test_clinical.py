@@ -128,7 +128,7 @@ def test_csv_column_mapping_and_units(tmp_path: Path) -> None:
     assert records["A"]["glucose"] == pytest.approx(126 / 18.016)
 
 
-# ---- issue 17: nothing dropped or misread silently, every encoding named -------------------------------
+# ---- nothing dropped or misread silently, every encoding named -------------------------------
 @pytest.mark.parametrize(("items", "message"), [
     (["nihss=12", "nihss=40"], "'nihss' is given twice ('nihss=12' and 'nihss=40')"),
     (["nihss=12", "NIHSS=40"], "'nihss' is given twice ('nihss=12' and 'NIHSS=40')"),

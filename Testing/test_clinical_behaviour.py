@@ -1,4 +1,4 @@
-"""Behaviour checks of issue 16 (Training/clinical_behaviour.py) on controllable fake predictors,
+"""Behaviour checks (Training/clinical_behaviour.py) on controllable fake predictors,
 and the acute bundle's stability on the sample case."""
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_shipped_acute_bundle_is_stable_across_the_clinical_range(tmp_path: Path) -> None:
-    """Issue 16: the acute volume moves by at most 10% across the whole clinical range (sample case)."""
+    """the acute volume moves by at most 10% across the whole clinical range (sample case)."""
     out = tmp_path / "acute.json"
     code = training_main(["behaviour", "--bundle", str(REPO / "StrokePredictor/Resources/Models/acute"),
                           "--points", "3", "--out", str(out)])

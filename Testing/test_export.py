@@ -72,7 +72,7 @@ def test_prediction_cli_runs_with_the_exported_bundle(trained: tuple[Path, Path]
 
 
 def test_export_overwrite_replaces_only_a_bundle(trained: tuple[Path, Path], tmp_path: Path) -> None:
-    """Issue 17, finding 1: ``export --overwrite --out FOLDER`` deleted any folder, thesis included."""
+    """Finding 1 of the adversarial review: ``export --overwrite --out FOLDER`` deleted any folder, thesis included."""
     from Training.__main__ import main as training_main
 
     _, run_dir = trained

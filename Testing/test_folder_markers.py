@@ -1,4 +1,4 @@
-"""Issue 17, finding 1: no verb deletes a folder it did not write.
+"""Finding 1 of the adversarial review: no verb deletes a folder it did not write.
 
 ``generate --overwrite`` used to wipe any folder holding a ``dataset.json`` (an nnU-Net dataset, for
 instance) and ``interpolate --overwrite`` any folder at all. Every folder a verb writes now carries a

@@ -1,4 +1,4 @@
-"""A hostile-input corpus for the prediction command line (issue 17).
+"""A hostile-input corpus for the prediction command line.
 
 Every case is built in ``tmp_path`` from the tiny phantom and the tiny random bundle, and ends in
 one of two ways: exit status 2 with exactly one ``error:`` line that names the problem, or a

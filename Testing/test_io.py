@@ -296,7 +296,7 @@ def test_find_case_files_by_name(tmp_path: Path) -> None:
     assert find_case_files(tmp_path / "missing") == {}
 
 
-# ---- issue 17: orientation quirks, output folders --------------------------------------------------
+# ---- orientation quirks, output folders --------------------------------------------------
 def _nifti(tmp_path: Path, affine: np.ndarray, qcode: int, scode: int, name: str) -> Path:
     image = nib.Nifti1Image(np.random.default_rng(0).random((10, 9, 8)).astype(np.float32), None)
     image.set_qform(affine, code=qcode)

@@ -251,7 +251,7 @@ def test_choice_rules_plausibility_small_lesions_and_ties() -> None:
 
 
 def test_search_never_picks_a_threshold_that_marks_the_whole_brain() -> None:
-    """The degenerate case of issue 18: at threshold 0.4 the model marks the whole brain as one
+    """The degenerate case: at threshold 0.4 the model marks the whole brain as one
     component, which touches the lesion (lesion F1 = 1) and so won the old (Dice + F1) / 2."""
     from Training.postprocess import build_table, choose
 

@@ -267,7 +267,7 @@ def test_unregistrable_flair_is_left_out_with_a_warning(monkeypatch: pytest.Monk
                              "The prediction was made without FLAIR."]
 
 
-# ---- issue 17: plausibility of the inputs -------------------------------------------------------------
+# ---- plausibility of the inputs -------------------------------------------------------------
 def _plausibility(dwi: Volume, adc: Volume):  # noqa: ANN202
     from StrokePredictorLib.preprocess import brain_mask, detect_adc_unit, input_statistics
 

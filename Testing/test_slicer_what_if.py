@@ -1,4 +1,4 @@
-"""The Slicer Logic's what-if comparison and measured feature effects (issue 16), on a real MRML
+"""The Slicer Logic's what-if comparison and measured feature effects, on a real MRML
 scene (slicer-core) with the real prediction CLI in a subprocess and a tiny random bundle."""
 
 from __future__ import annotations

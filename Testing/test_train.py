@@ -228,7 +228,7 @@ def test_cli_flags_override_config_file(tmp_path: Path) -> None:
         configlib.parse(TrainConfig, ["--task", "chronic"], "t")
 
 
-# ---- resume, elapsed time, time-based checkpoints, progress, warm-up (issue 18) -----------------
+# ---- resume, elapsed time, time-based checkpoints, progress, warm-up -----------------
 def _cli(cache: Path, run_dir: Path, *extra: str) -> list[str]:
     return ["--cache", str(cache), "--out", str(run_dir), "--network", TINY_NETWORK, "--device", "cpu",
             "--workers", "0", "--no-progress", "--no-tensorboard", "--lr", "0.003", *extra]

@@ -1,4 +1,4 @@
-"""train-synth --film (issue 16): FiLM variants start from non-FiLM --init weights with the same
+"""train-synth --film: FiLM variants start from non-FiLM --init weights with the same
 output; an imaging-only variant without its own bundle starts from the task bundle's imaging weights."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What-if (issue 16): cached imaging features, updates identical to fresh predictions, measured
+"""What-if: cached imaging features, updates identical to fresh predictions, measured
 feature effects, the --what-if command line and its files."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Does the prediction follow the clinical values as it should? Behaviour checks of issue 16.
+"""Does the prediction follow the clinical values as it should? Behaviour checks.
 
 ``python -m Training behaviour --bundle B [--dwi D --adc A [--flair F] --clinical C.json] [--out R.json]``
 
@@ -15,7 +15,7 @@ scenarios. Checks, by task:
       feature's effect is the range (largest minus smallest volume) over its whole valid range
       and "missing", the other features as in the case's record;
     * ``growth``: volume with no treatment at 20 h over that with thrombectomy at 1 h (NIHSS 16
-      in both) at least ``min_growth`` (1.3; the issue asks it of cases whose simulated final
+      in both) at least ``min_growth`` (1.3; asked of cases whose simulated final
       infarct grows by 1.5x or more between those two scenarios).
 * **acute** (lesion on the acute DWI)
     * ``stable``: over every feature's whole range, "missing" and the extreme joint scenarios,

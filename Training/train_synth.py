@@ -90,7 +90,7 @@ class SynthTrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue OUT/<variant>/checkpoints/last.pt"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
     film: bool = field(default=False, metadata={
-        "help": "FiLM-condition the decoder of the fusion variants on the clinical context (issue 16); from --init "
+        "help": "FiLM-condition the decoder of the fusion variants on the clinical context; from --init "
                 "weights without FiLM the FiLM layers start at zero, so training starts from the same output"})
 
 

@@ -1,4 +1,4 @@
-"""What-if benchmark (issue 16): one clinical update on the sample case with a shipped bundle.
+"""What-if benchmark: one clinical update on the sample case with a shipped bundle.
 
     PYTHONPATH=. .venv/bin/python Testing/benchmarks/bench_what_if.py [--bundle outcome|acute|DIR]
         [--threads 2] [--repeats 5] [--mc-samples 20] [--json OUT]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fixed evaluation sets with real-scan mimics, embolic showers and small lesions (issue 14), from
+# Fixed evaluation sets with real-scan mimics, embolic showers and small lesions, from
 # held-out SOOP lesions only (the 5% validation and 10% test participants of
 # Training.gpu_synth.participant_split, never used for training), with fixed seeds:
 #

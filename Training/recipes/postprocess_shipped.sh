@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Re-search the shipped bundles' post-processing on validation sets that hold real-scan mimics, embolic
-# showers and small lesions (issue 14), and measure old against new settings on the test sets.
+# showers and small lesions, and measure old against new settings on the test sets.
 #
 #   bash Training/recipes/postprocess_shipped.sh [DATA=data] [REAL=../shared/data/isles22_case0009/ISLES-2022]
 #
