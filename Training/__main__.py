@@ -20,7 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "synthpack": ("Training.synthpack", "build the GPU synthesis pack (MNI anatomy + SOOP lesions) for training"),
     "preprocess": ("Training.cache", "preprocess an ISLES-layout folder once into a training cache and split"),
     "train": ("Training.train", "train the multimodal network (CPU, CUDA, torchrun)"),
-    "train-synth": ("Training.train_synth", "train on synthesised data (per step, or a CPU pool), variants in lockstep"),
+    "train-synth": ("Training.train_synth", "train on synthesised data (per step or a CPU pool), variants in lockstep"),
     "evaluate": ("Training.evaluate", "evaluate a checkpoint or bundle with the ISLES 2022 metrics"),
     "postprocess": ("Training.postprocess", "choose threshold, flip averaging, smallest lesion on validation data"),
     "interpolate": ("Training.interpolate", "weights between a model and its fine-tuned version (WiSE-FT)"),
