@@ -56,9 +56,23 @@ class _Parser(argparse.ArgumentParser):
         raise _ArgumentError(f"{message} (see --help)")
 
 
+def _describe(summary_path: Path) -> str:
+    """One line for a person: the lesion volume with its interval, the warnings, where the outputs are."""
+    import json
+
+    summary = json.loads(summary_path.read_text())
+    volume = summary.get("lesion_volume_ml", {})
+    low, high = volume.get("ci95", (float("nan"), float("nan")))
+    warnings = summary.get("warnings") or []
+    text = (f"Lesion volume {volume.get('mask', float('nan')):.1f} mL (95% interval {low:.1f}-{high:.1f} mL); "
+            f"outputs in {summary_path.parent}")
+    return text + (f"; {len(warnings)} warning(s): " + " | ".join(map(str, warnings)) if warnings else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m StrokePredictorLib.predict",
+        allow_abbrev=False,
         description="Predict the acute stroke lesion (probability, Monte-Carlo uncertainty, lesion volume with "
                     "interval, clinical attention) from DWI, ADC, optional FLAIR and clinical values.",
     )
@@ -343,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2 if failures else 0
         result = _run_single(args, predictor, what_if)
         created = []
+        print(_describe(Path(result)), flush=True)
         print(f"RESULT {result}", flush=True)
         return 0
     except StrokePredictorError as error:

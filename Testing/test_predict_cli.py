@@ -50,6 +50,7 @@ def test_end_to_end_outputs(setup: dict, capsys: pytest.CaptureFixture) -> None:
     assert code == 0, stderr
     lines = stdout.strip().splitlines()
     assert lines[-1] == f"RESULT {out / 'summary.json'}"
+    assert lines[-2].startswith("Lesion volume ") and " mL (95% interval " in lines[-2] and str(out) in lines[-2]
     fractions = [float(line.split()[1]) for line in lines if line.startswith("PROGRESS")]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) >= 5
     assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUT_FILES.values(), MARKER_FILE])
@@ -185,6 +186,8 @@ def test_usage_errors(setup: dict, capsys: pytest.CaptureFixture) -> None:
     assert code == 2 and stderr.startswith("error: ") and "--adc" in stderr and stderr.count("\n") == 1
     code, _, stderr = _run(capsys, "--dwi", "x")
     assert code == 2 and "--out" in stderr and stderr.count("\n") == 1
+    code, _, stderr = _run(capsys, "--out", str(setup["root"] / "abbrev"), "--dw", "x")  # no prefix of --dwi
+    assert code == 2 and "unrecognized arguments: --dw" in stderr and not (setup["root"] / "abbrev").exists()
     for flag, value, named in (("--max-component-adc", "-0.5", "max_component_adc"),
                                ("--min-component-ml", "-1", "min_component_ml"), ("--threshold", "1.5", "threshold")):
         out = setup["root"] / "bad_post"
