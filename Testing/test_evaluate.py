@@ -153,3 +153,19 @@ def test_ablation_end_to_end(tmp_path: Path) -> None:
 def _model_rows(path: Path) -> dict[str, float]:
     with path.open() as handle:
         return {r["case_id"]: float(r["dice"]) for r in csv.DictReader(handle) if r["method"] == "model"}
+
+
+def test_data_folders_are_checked_before_the_weights_are_read(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import StrokePredictorLib.bundle as bundle_module
+    from StrokePredictorLib.bundle import default_bundle_dir
+    from StrokePredictorLib.errors import StrokePredictorError
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the bundle was loaded before the data folders were checked")
+
+    monkeypatch.setattr(bundle_module, "load_bundle", refuse)
+    config = evaluate.EvaluateConfig(bundle=default_bundle_dir("acute"), data=(tmp_path / "missing",),
+                                     out=tmp_path / "eval")
+    with pytest.raises(StrokePredictorError, match="missing"):
+        evaluate.run(config)

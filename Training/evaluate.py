@@ -295,18 +295,20 @@ def run(config: EvaluateConfig) -> dict:
     """Evaluate; returns the summary dict (also written to ``OUT/summary.json``)."""
     from tqdm import tqdm
 
-    from StrokePredictorLib.bundle import load_bundle
+    from StrokePredictorLib.bundle import load_bundle, read_metadata
     from StrokePredictorLib.inference import Predictor
 
     if config.bundle is None or config.out is None:
         raise StrokePredictorError("--bundle and --out are required.")
     out = Path(config.out)
     _check_outputs(out, config.overwrite)
+    # the data folders are checked before the bundle's weights are read (model.json alone names the task)
+    bundle_task = str(read_metadata(Path(config.bundle) / "model.json").get("task", ""))
+    task = config.task or bundle_task
+    datasets = collect(config, task)
     bundle = load_bundle(config.bundle)
-    task = config.task or bundle.task
     if task != bundle.task:
         logger.warning("Evaluating a '%s' bundle on the '%s' task.", bundle.task, task)
-    datasets = collect(config, task)
     predictor = Predictor(bundle, device=config.device, mc_samples=config.mc_samples, seed=config.seed,
                           threshold=config.threshold)
     rows: list[dict] = []
