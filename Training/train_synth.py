@@ -146,6 +146,11 @@ def _dice_per_case(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 RESUMABLE = ("time_limit", "max_steps", "val_every", "checkpoint_minutes", "threads", "workers")
 
 
+def _recent_mean(values: list[float], count: int) -> float:
+    """Mean of the last ``count`` values; NaN when there are none (every step skipped)."""
+    return float(np.mean(values[-count:])) if values else float("nan")
+
+
 def _resolved_source(config: SynthTrainConfig, device: torch.device) -> str:
     source = config.source if config.source != "auto" else ("gpu" if device.type == "cuda" else "pool")
     if source not in ("gpu", "pool"):
@@ -383,12 +388,12 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
                 last_progress = now
                 logger.info("step %d, %.0f s, %.2f s/step, network %.0f%% of the time, loss %s%s", step, elapsed,
                             (now - start) / max(step - first["step"], 1), 100 * net_seconds / max(now - start, 1e-9),
-                            ", ".join(f"{n} {np.mean(s['losses'][-20:]):.3f}" for n, s in runs.items()),
+                            ", ".join(f"{n} {_recent_mean(s['losses'], 20):.3f}" for n, s in runs.items()),
                             f", pool refreshed {pool.refreshed}" if pool is not None else "")
             if step % config.val_every == 0 or done:
                 dice = validate()
                 for name, state in runs.items():
-                    mean_loss = float(np.mean(state["losses"][-config.val_every:]))
+                    mean_loss = _recent_mean(state["losses"], config.val_every)
                     state["writer"].writerow([step, round(elapsed, 1), config.lr * factor, mean_loss, dice[name]])
                     state["log"].flush()
                     if dice[name] > state["best"]:
