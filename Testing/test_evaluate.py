@@ -169,3 +169,19 @@ def test_data_folders_are_checked_before_the_weights_are_read(tmp_path: Path,
                                      out=tmp_path / "eval")
     with pytest.raises(StrokePredictorError, match="missing"):
         evaluate.run(config)
+
+
+def test_sanity_flags_name_impossible_results() -> None:
+    def row(dataset: str, dice: float, f1: float, true: float, pred: float, hi: float | None) -> dict:
+        return {"dataset": dataset, "method": "model", "dice": dice, "lesion_f1": f1, "volume_true_ml": true,
+                "volume_pred_ml": pred, "volume_ci_hi_ml": hi}
+
+    sound = [row("good", 0.6, 0.7, 10.0, 12.0, 40.0), row("good", 0.5, 0.5, 5.0, 4.0, 20.0)]
+    assert evaluate.sanity_flags(sound) == []
+    blob = [row("blob", 0.01, 1.0, 5.0, 1900.0, 851_629.0), row("blob", 0.02, 1.0, 8.0, 1850.0, 3000.0)]
+    flags = evaluate.sanity_flags(sound + blob)
+    assert len(flags) == 3 and all(flag.startswith("blob, model") for flag in flags)
+    assert "implausible" in flags[0] and "far above Dice" in flags[1] and "2 of 2 volume intervals" in flags[2]
+    text = evaluate.results_markdown({"bundle": {"name": "b", "sha256": "0" * 64}, "task": "acute", "mc_samples": 1,
+                                      "postprocessing": {"threshold": 0.5}, "datasets": {}, "sanity_flags": flags})
+    assert "## Sanity flags" in text and "- blob, model: lesion F1 1.000 far above Dice 0.015" in text

@@ -234,6 +234,8 @@ def results_markdown(summary: dict, *, title: str = "Evaluation") -> str:
               "voxel is predicted), a predicted component touching no true lesion counted as a false positive in "
               "the bin of its own volume. FP volume: mL of such components per case.", "",
               size_table(summary)]
+    flags = summary.get("sanity_flags", [])
+    lines += ["", "## Sanity flags", ""] + ([f"- {flag}" for flag in flags] or ["None."])
     lines += ["", "## Uncertainty (model)", "",
               "| Data set | ECE (per case) | ECE (pooled) | Error-detection AUROC | 95% volume-interval coverage |",
               "|---|---|---|---|---|"]
@@ -276,6 +278,42 @@ def size_table(summary: dict) -> str:
             lines.append(f"| {label} | {name} | " + " | ".join(dice_cells + lesion_cells)
                          + f" | {fp['mean']:.2f} ({fp['median']:.2f}) |")
     return "\n".join(lines)
+
+
+#: Sanity bounds of every report (:func:`sanity_flags`).
+VOLUME_RATIO = 10.0  # (mean predicted mL + 1) / (mean true mL + 1) above this: implausible volumes
+F1_OVER_DICE = 0.3  # mean lesion F1 this far above mean Dice: blobs that touch lesions, not segment them
+BRAIN_ML = 1800.0  # no adult brain is larger: an interval reaching beyond it says nothing
+
+
+def sanity_flags(rows: list[dict]) -> list[str]:
+    """Warnings about results that cannot be right, per data set and method (empty: none).
+
+    Args:
+        rows: the per-case rows (``dataset``, ``method``, ``dice``, ``lesion_f1``, ``volume_true_ml``,
+            ``volume_pred_ml`` and, for the model, ``volume_ci_hi_ml``).
+    """
+    flags = []
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["method"]), []).append(row)
+    for (label, method), group in groups.items():
+        name = "model" if method == "model" else "classical rule"
+        true = float(np.mean([r["volume_true_ml"] for r in group]))
+        pred = float(np.mean([r["volume_pred_ml"] for r in group]))
+        if (pred + 1.0) / (true + 1.0) > VOLUME_RATIO:
+            flags.append(f"{label}, {name}: mean predicted volume {pred:.1f} mL against {true:.1f} mL true "
+                         f"(more than {VOLUME_RATIO:g}x): implausible")
+        dice = float(np.mean([r["dice"] for r in group]))
+        f1 = float(np.mean([r["lesion_f1"] for r in group]))
+        if f1 - dice > F1_OVER_DICE:
+            flags.append(f"{label}, {name}: lesion F1 {f1:.3f} far above Dice {dice:.3f} (components that touch "
+                         "lesions without segmenting them)")
+        wide = [r for r in group if float(r.get("volume_ci_hi_ml") or 0.0) > BRAIN_ML]
+        if wide:
+            flags.append(f"{label}, {name}: {len(wide)} of {len(group)} volume intervals reach beyond "
+                         f"{BRAIN_ML:g} mL, more than a whole brain")
+    return flags
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:
@@ -337,6 +375,9 @@ def run(config: EvaluateConfig) -> dict:
         summary["datasets"][dataset.label] = {
             method: accumulators[method].aggregate() for method in METHODS if accumulators[method].rows}
         summary["datasets"][dataset.label]["root"] = str(dataset.root)
+    summary["sanity_flags"] = sanity_flags(rows)
+    for flag in summary["sanity_flags"]:
+        logger.warning("sanity: %s", flag)
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(rows, out / "per_case.csv")
     write_json(summary, out / "summary.json", overwrite=True)
