@@ -4,9 +4,10 @@ Measures on this machine, batch 2 x 3 x 64^3 patches of the lite network (a fine
 forward, Dice + BCE, backward, AdamW):
 
 1. **model only**, four ways: fp32, fp32 channels-last-3d, bf16 autocast, bf16 + channels-last;
-2. **pool step**: the real loop's data path (:class:`Training.pool.SynthPool` with its background
-   renderer, lesion-centred patches, cheap re-augmentation) feeding the bf16 step; reports the
-   share of step time spent in the network (goal: at least 85% on 2 cores);
+2. **pool step**: the real loop's data path (:class:`Training.pool.SynthPool` with its paced
+   background renderer, lesion-centred patches, cheap re-augmentation) feeding the bf16 +
+   channels-last step; reports the share of step time spent in the network (goal: at least 85% on
+   2 cores) and the step against the model-only one (the renderer competes for the cores);
 3. **inference**: one whole-grid forward pass (80 x 112 x 96), fp32 against bf16.
 
 Prints the machine, the command and per-step medians, and writes them as JSON.
@@ -65,6 +66,7 @@ def main() -> int:
     parser.add_argument("--pack", required=True, help="synthesis pack (python -m Training synthpack)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default="bench_cpu_train.json")
+    parser.add_argument("--pause", type=float, default=6.0, help="the pool renderer's pause (train-synth --pool-pause)")
     args = parser.parse_args()
     from monai.losses import DiceCELoss
 
@@ -73,7 +75,7 @@ def main() -> int:
     torch.manual_seed(0)
     loss_fn = DiceCELoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
     patch = (64, 64, 64)
-    pool = SynthPool(args.pack, (96, 112, 80), size=8, seed=0, background=True)
+    pool = SynthPool(args.pack, (96, 112, 80), size=8, seed=0, background=True, pause=args.pause)
     try:
         fixed = pool.batch(2, patch)
         results: dict = {"model_only_s": {}}
@@ -87,9 +89,9 @@ def main() -> int:
             results["model_only_s"][name] = round(_median_time(step, [fixed] * (args.steps // 2 + 2)), 3)
             print(f"model only, {name}: {results['model_only_s'][name]:.3f} s/step", flush=True)
 
-        model = StrokeNet(NetworkConfig.lite()).train()
+        model = StrokeNet(NetworkConfig.lite()).train().to(memory_format=torch.channels_last_3d)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        step = _step_fn(model, optimizer, loss_fn, True, False)
+        step = _step_fn(model, optimizer, loss_fn, True, True)  # the recipe: bf16 + channels-last
         totals, nets = [], []
         for n in range(args.steps + 2):
             tic = time.perf_counter()
