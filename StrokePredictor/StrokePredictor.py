@@ -438,21 +438,25 @@ class StrokePredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = int(round(100 * fraction))
         self.ui.statusLabel.text = message
 
-    def _onFinished(self, job: PredictionJob) -> None:
+    def _jobEnded(self, job: PredictionJob, status: str, error: str) -> bool:
+        """Panel state after a job; True when it succeeded and the scene is still there."""
         self.ui.cancelButton.setEnabled(False)
         self.ui.progressBar.setVisible(False)
         self._updateValidation()
         if job.state == "cancelled":
             self.ui.statusLabel.text = _("Cancelled; the scene was left as it was.")
-            return
+            return False
         if job.state != "succeeded":
-            self.ui.statusLabel.text = _("Prediction failed.")
-            slicer.util.errorDisplay(_("Stroke prediction failed:") + f"\n\n{job.error}")
+            self.ui.statusLabel.text = status
+            slicer.util.errorDisplay(error + f"\n\n{job.error}")
+            return False
+        return self._parameterNode is not None  # None: the scene was closed meanwhile
+
+    def _onFinished(self, job: PredictionJob) -> None:
+        if not self._jobEnded(job, _("Prediction failed."), _("Stroke prediction failed:")):
             return
         result = job.result
         p = self._parameterNode
-        if p is None:  # the scene was closed meanwhile
-            return
         with slicer.util.NodeModify(p):
             p.probability, p.uncertainty, p.attention = result.probability, result.uncertainty, result.attention
             p.segmentation, p.statistics = result.segmentation, result.statistics_table
@@ -497,19 +501,9 @@ class StrokePredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateValidation()
 
     def _onComparisonFinished(self, job: PredictionJob) -> None:
-        self.ui.cancelButton.setEnabled(False)
-        self.ui.progressBar.setVisible(False)
-        self._updateValidation()
-        if job.state == "cancelled":
-            self.ui.statusLabel.text = _("Cancelled; the scene was left as it was.")
-            return
-        if job.state != "succeeded":
-            self.ui.statusLabel.text = _("What-if comparison failed.")
-            slicer.util.errorDisplay(_("The what-if comparison failed:") + f"\n\n{job.error}")
+        if not self._jobEnded(job, _("What-if comparison failed."), _("The what-if comparison failed:")):
             return
         p = self._parameterNode
-        if p is None:  # the scene was closed meanwhile
-            return
         result = job.result
         self.ui.whatIfResultLabel.text = panel.comparison_text(result.comparison, result.scenarios)
         self.ui.statusLabel.text = _("Comparison done.")
