@@ -84,6 +84,13 @@ def test_evaluate_end_to_end(tiny: dict[str, Path]) -> None:
     names = {p.name for p in figures}
     assert {"reliability_id_test.png", "attention_all.png", "overlay_all_sub-strokecase0001.png"} <= names
     assert all(p.stat().st_size > 1000 for p in figures)
+    # the report and the model card carry the sanity flags (an untrained tiny model earns some)
+    from Training import model_card
+
+    assert "## Sanity flags" in (out / "results.md").read_text()
+    card = model_card.build(model_card.CardConfig(bundle=tiny["bundle"], eval=out))
+    expected = "; ".join(summary["sanity_flags"]) or "none"
+    assert f"intervals beyond a whole brain): {expected}." in card
 
 
 def test_evaluate_without_flair(tiny: dict[str, Path]) -> None:

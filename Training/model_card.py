@@ -142,6 +142,9 @@ def build(config: CardConfig) -> str:
         "",
         metrics_table(summary),
         "",
+        "Sanity flags (`python -m Training evaluate`: volumes over 10x the truth, lesion F1 far above Dice, volume "
+        "intervals beyond a whole brain): " + ("; ".join(summary.get("sanity_flags", [])) or "none") + ".",
+        "",
         "### By lesion size",
         "",
         "Dice of the cases grouped by their total lesion volume (cases without lesion left out); lesion-wise F1 "
