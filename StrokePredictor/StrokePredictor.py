@@ -405,18 +405,22 @@ class StrokePredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             scene.show_layer(p.dwi, overlay, p.opacity, p.segmentation)
 
     def onApplyButton(self) -> None:
+        def start(p, bundle):  # noqa: ANN001, ANN202
+            return self.logic.startPrediction(
+                p.dwi, p.adc, p.flair, panel.parse_clinical_json(p.clinicalJson), bundle=bundle, device=p.device,
+                mcSamples=p.mcSamples, threshold=None if p.modelThreshold else p.threshold,
+                onProgress=self._onProgress, onFinished=self._onFinished,
+            )
+        self._startJob(_("Stroke prediction could not start."), start)
+
+    def _startJob(self, failure: str, start) -> None:  # noqa: ANN001
+        """Flush the form, make sure the dependencies are there, then ``start(parameterNode, bundle)``."""
         self._flushClinicalForm()
-        with slicer.util.tryWithErrorDisplay(_("Stroke prediction could not start."), waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(failure, waitCursor=True):
             if not self._ensureDependencies():
                 return
             p = self._parameterNode
-            bundle = self.logic.resolveBundle(p.model, p.bundleFolder)
-            self._job = self.logic.startPrediction(
-                p.dwi, p.adc, p.flair, panel.parse_clinical_json(p.clinicalJson), bundle=bundle, device=p.device,
-                mcSamples=p.mcSamples, threshold=None if p.modelThreshold else p.threshold,
-                onProgress=self._onProgress,
-                onFinished=self._onFinished,
-            )
+            self._job = start(p, self.logic.resolveBundle(p.model, p.bundleFolder))
             self._showStarted()
 
     def _ensureDependencies(self) -> bool:
@@ -475,21 +479,16 @@ class StrokePredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCompareButton(self) -> None:
         """Start a what-if comparison of two values of one clinical field (the Logic does the work)."""
-        self._flushClinicalForm()
-        with slicer.util.tryWithErrorDisplay(_("The what-if comparison could not start."), waitCursor=True):
-            if not self._ensureDependencies():
-                return
-            p = self._parameterNode
-            bundle = self.logic.resolveBundle(p.model, p.bundleFolder)
-            field = self._whatIfNames[self.ui.whatIfFieldSelector.currentIndex]
-            self._job = self.logic.startComparison(
-                p.dwi, p.adc, p.flair, panel.parse_clinical_json(p.clinicalJson), field=field,
+        def start(p, bundle):  # noqa: ANN001, ANN202
+            return self.logic.startComparison(
+                p.dwi, p.adc, p.flair, panel.parse_clinical_json(p.clinicalJson),
+                field=self._whatIfNames[self.ui.whatIfFieldSelector.currentIndex],
                 first=self.ui.whatIfFirstEdit.text.strip(), second=self.ui.whatIfSecondEdit.text.strip(),
                 bundle=bundle, device=p.device, mcSamples=p.mcSamples,
                 threshold=None if p.modelThreshold else p.threshold,
                 onProgress=self._onProgress, onFinished=self._onComparisonFinished,
             )
-            self._showStarted()
+        self._startJob(_("The what-if comparison could not start."), start)
 
     def _showStarted(self) -> None:
         """Progress bar, status and Cancel once a job has started (not before: a refused start

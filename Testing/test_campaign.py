@@ -130,6 +130,7 @@ def test_a_matching_earlier_search_of_the_shipped_bundle_is_reused(tmp_path: Pat
                             max_cases=12, flip_tta="true", shipped_search=earlier / "postprocess.json")
     result = campaign.run(config)
     assert calls.count("Training.postprocess") == 1  # only the candidate was searched
+    assert not (tmp_path / "run3" / "shipped").exists()  # so the shipped bundle was not copied either
     assert result["decision"]["shipped"]["score"] == 0.5 and result["outcome"] == "would ship (run without --ship)"
 
     other = CampaignConfig(pack=tmp_path / "p.npz", val=(tmp_path / "val",), out=tmp_path / "run4", models=models,

@@ -206,9 +206,7 @@ def run(config: CampaignConfig) -> dict:
     if _stage("export", candidate / "model.json"):
         _run_verb("Training.export", ["--run", train_dir / config.task, "--out", candidate,
                                       "--name", f"strokepredictor-{config.task}", "--checkpoint", "best"])
-    shipped_copy = out / "shipped"
-    if not (shipped_copy / "model.json").is_file():
-        shutil.copytree(shipped_bundle, shipped_copy, dirs_exist_ok=True)
+    shipped_copy = out / "shipped"  # searched as a copy, so that --write never touches the shipped bundle
     val = ",".join(str(v) for v in config.val)
     results = {}
     if config.shipped_search is not None:
@@ -218,6 +216,8 @@ def run(config: CampaignConfig) -> dict:
     for name, bundle in (("candidate", candidate), ("shipped", shipped_copy)):
         search = out / f"search_{name}"
         if _stage(f"post-processing search ({name})", search / "postprocess.json"):
+            if name == "shipped" and not (shipped_copy / "model.json").is_file():
+                shutil.copytree(shipped_bundle, shipped_copy, dirs_exist_ok=True)
             argv = ["--bundle", bundle, "--data", val, "--out", search, "--write", "--mc-samples", config.mc_samples,
                     "--max-cases", config.max_cases, "--device", config.device, "--force"]
             _run_verb("Training.postprocess", argv + (["--flip-tta", config.flip_tta] if config.flip_tta else []))

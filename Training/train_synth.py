@@ -210,7 +210,7 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
         raise cfg.ConfigError(f"The synthesis pack is at 2 mm; preset '{config.preset}' needs {grid.spacing} mm.")
     grid_kji = tuple(grid.size[::-1])
     patch = tuple(config.patch) or ((64, 64, 64) if source == "pool" else grid_kji)
-    divisor = StrokeNet(preset).size_divisor
+    divisor = preset.size_divisor
     if len(patch) != 3 or any(p % divisor or p > g or p <= 0 for p, g in zip(patch, grid_kji, strict=False)):
         raise cfg.ConfigError(f"--patch {','.join(map(str, patch))} must be three sizes k,j,i, multiples of "
                               f"{divisor}, within the grid {','.join(map(str, grid_kji))}.")
