@@ -14,11 +14,12 @@ Outputs (all resampled by world position onto the input DWI grid):
 * ``probability``: mean over the samples of the voxel probability (0..1);
 * ``entropy``: **predictive entropy** of that mean probability, in bits (0..1): total uncertainty;
 * ``std``: **Monte-Carlo standard deviation** of the probability over the samples (model uncertainty);
-* ``mask``: ``probability >= threshold`` (uint8 0/1), without components smaller than the
-  bundle's ``min_component_ml`` or with a median ADC at or above its ``max_component_adc``;
+* ``mask``: ``probability >= threshold`` (uint8 0/1) after every component rule of the bundle's
+  post-processing (:meth:`~StrokePredictorLib.postprocess.PostProcessing.apply`): size, ADC gate,
+  mean probability and the stricter ADC gate of small components;
 * ``samples_volume_ml``: lesion volume of each sample (voxels with ``p >= threshold`` on the model
-  grid, components removed the same way, times the model voxel volume), giving the median
-  and the 95% interval;
+  grid, components removed by the same rules, the mean-probability rule reading that sample's
+  probabilities, times the model voxel volume), giving the median and the 95% interval;
 * ``feature_attention`` and ``spatial_attention``: see :mod:`StrokePredictorLib.network`.
 
 Predictions outside the brain mask found by preprocessing are set to 0. The threshold, the
@@ -44,10 +45,14 @@ from StrokePredictorLib.clinical import FEATURE_NAMES, ClinicalRecord, encode
 from StrokePredictorLib.errors import StrokePredictorError
 from StrokePredictorLib.io import Geometry, Volume, read_volume
 from StrokePredictorLib.network import ImagingFeatures
-from StrokePredictorLib.postprocess import count_components, filter_components, volume_interval
+from StrokePredictorLib.postprocess import PostProcessing, count_components, volume_interval
 from StrokePredictorLib.preprocess import Normalization, PreprocessedCase, preprocess
 
 logger = logging.getLogger(__name__)
+
+#: This Predictor applies every rule of :class:`PostProcessing` (``apply``), including the combined
+#: component rules; ``python -m Training postprocess`` reads this before it writes such a setting.
+COMPONENT_RULE = True
 
 Progress = Callable[[float, str], None]
 
@@ -410,7 +415,7 @@ class Predictor:
             mean = mean.reshape(case.brain.shape)
             std = std.reshape(case.brain.shape)
             voxel_ml = float(np.prod(case.mapping.model.spacing)) / 1000.0
-            adc_model = adc_of(case, self.bundle.normalization) if post.max_component_adc > 0 else None
+            adc_model = adc_of(case, self.bundle.normalization) if post.needs_adc else None
             sample_volumes = self._sample_volumes(probs, index, case.brain.shape, voxel_ml, adc_model)
             if n_computed != self.mc_samples:
                 sample_volumes = np.repeat(sample_volumes, self.mc_samples)
@@ -434,8 +439,7 @@ class Predictor:
         spatial = np.clip(mapping.to_source(spatial_np, order=1), 0.0, 1.0).astype(np.float32)
         entropy = binary_entropy_bits(probability)
         adc_source = None if adc_model is None else mapping.to_source(adc_model, order=1)
-        mask = filter_components(probability >= post.threshold, mapping.source.voxel_volume_ml, post.min_component_ml,
-                                 adc_source, post.max_component_adc).astype(np.uint8)
+        mask = post.apply(probability, mapping.source.voxel_volume_ml, adc_source).astype(np.uint8)
         n_components = count_components(mask)
         timings["resample_s"] = time.perf_counter() - tick
         weights = weights / weights.sum()
@@ -495,12 +499,10 @@ class Predictor:
             if mirrored is not None:
                 flipped = model.sample_logits(mirrored["features"], 1, deterministic=True)[0, 0].flip(-1)
                 probability = 0.5 * (probability + torch.sigmoid(flipped))
-            above = (probability >= post.threshold).cpu().numpy() & case.brain.astype(bool)
+            probability = probability.float().cpu().numpy() * case.brain.astype(bool)
         voxel_ml = float(np.prod(case.mapping.model.spacing)) / 1000.0
-        if post.min_component_ml > 0 or post.max_component_adc > 0:
-            adc = adc_of(case, self.bundle.normalization) if post.max_component_adc > 0 else None
-            above = filter_components(above, voxel_ml, post.min_component_ml, adc, post.max_component_adc)
-        return float(above.sum()) * voxel_ml
+        adc = adc_of(case, self.bundle.normalization) if post.needs_adc else None
+        return float(post.apply(probability, voxel_ml, adc).sum()) * voxel_ml
 
     def _feature_effects(self, encoded: EncodedCase, record: ClinicalRecord, baseline_ml: float
                          ) -> dict[str, float | None]:
@@ -519,14 +521,15 @@ class Predictor:
     def _sample_volumes(self, probs: torch.Tensor, index: torch.Tensor, shape: tuple[int, ...],
                         voxel_ml: float, adc: np.ndarray | None = None) -> np.ndarray:
         """Lesion volume (mL) of every Monte-Carlo sample on the model grid, post-processed as
-        the mask is: ``p >= threshold``, components under ``min_component_ml`` removed and, with
-        ``adc`` (model grid, 10^-3 mm^2/s), those with a median ADC of ``max_component_adc`` or more."""
-        post = self.postprocessing
+        the mask is (:meth:`PostProcessing.apply` on each sample's probabilities; ``adc``: model
+        grid, 10^-3 mm^2/s, needed when a rule reads it)."""
+        post: PostProcessing = self.postprocessing
         above = probs >= post.threshold  # (N, Vb)
-        if post.min_component_ml <= 0 and post.max_component_adc <= 0:
+        if not (post.min_component_ml > 0 or post.needs_adc or post.component_rule):
             return above.sum(dim=1).double().cpu().numpy() * voxel_ml
         flat_index = index.cpu().numpy()
         rows = above.cpu().numpy()
+        values = probs.float().cpu().numpy()
         volumes = np.zeros(rows.shape[0])
         anywhere = flat_index[rows.any(axis=0)]
         if anywhere.size == 0:
@@ -539,10 +542,8 @@ class Predictor:
         box = tuple(slice(int(a), int(b)) for a, b in zip(low, high))  # noqa: B905
         adc_box = adc[box] if adc is not None else None
         for n, row in enumerate(rows):
-            grid = np.zeros(int(np.prod(shape)), dtype=bool)
-            grid[flat_index[row]] = True
-            kept = filter_components(grid.reshape(shape)[box], voxel_ml, post.min_component_ml, adc_box,
-                                     post.max_component_adc)
-            volumes[n] = kept.sum() * voxel_ml
+            grid = np.zeros(int(np.prod(shape)), dtype=np.float32)
+            grid[flat_index[row]] = values[n, row]  # below the threshold stays 0: the same components
+            volumes[n] = post.apply(grid.reshape(shape)[box], voxel_ml, adc_box).sum() * voxel_ml
         return volumes
 

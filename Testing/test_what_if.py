@@ -220,6 +220,38 @@ def test_sample_volumes_in_the_lesion_box_equal_the_whole_grid(setup: dict) -> N
     np.testing.assert_array_equal(nothing, np.zeros(7))
 
 
+
+def test_sample_volumes_apply_the_combined_component_rules(setup: dict) -> None:
+    """Mean probability and the small-component ADC gate act on every Monte-Carlo sample as on the mask:
+    each sample's volume equals ``PostProcessing.apply`` of that sample on the whole grid."""
+    import torch
+
+    from StrokePredictorLib import inference
+
+    assert inference.COMPONENT_RULE
+    predictor = Predictor(setup["bundle"], device="cpu")
+    predictor.postprocessing = predictor.postprocessing.replace(
+        threshold=0.3, min_component_ml=0.0, max_component_adc=0.0, min_component_probability=0.6,
+        small_component_ml=0.003, small_component_adc=0.8)
+    shape = (12, 14, 16)
+    rng = np.random.default_rng(1)
+    brain = np.zeros(shape, dtype=bool)
+    brain[1:11, 1:13, 2:15] = True
+    index = torch.from_numpy(np.flatnonzero(brain))
+    probs = torch.from_numpy(rng.random((5, index.numel())).astype(np.float32) ** 16)  # sparse components
+    adc = rng.uniform(0.4, 1.2, shape).astype(np.float32)
+    voxel_ml = 0.001
+    volumes = predictor._sample_volumes(probs, index, shape, voxel_ml, adc)
+    expected, thresholded = [], []
+    for row in probs.numpy():
+        grid = np.zeros(brain.size, dtype=np.float32)
+        grid[index.numpy()] = row
+        expected.append(predictor.postprocessing.apply(grid.reshape(shape), voxel_ml, adc).sum() * voxel_ml)
+        thresholded.append((grid >= 0.3).sum() * voxel_ml)
+    np.testing.assert_allclose(volumes, expected)
+    assert all(e < t for e, t in zip(expected, thresholded))  # the rules removed something in every sample
+
+
 def test_cpu_bf16_session_is_close_to_fp32(setup: dict) -> None:
     predictor = Predictor(setup["bundle"], device="cpu", mc_samples=3)
     exact = WhatIf(predictor, setup["case"], CLINICAL).update({"treatment": "thrombectomy"})
