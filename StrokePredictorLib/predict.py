@@ -5,15 +5,17 @@ Single case::
     python -m StrokePredictorLib.predict --dwi DWI --adc ADC [--flair FLAIR]
         [--clinical clinical.json | --clinical nihss=12 age=71 ...] [--bundle DIR] --out DIR
         [--mc-samples 20] [--seed 0] [--device auto|cpu|cuda] [--threshold T] [--min-component-ml V]
-        [--tta | --no-tta] [--max-component-adc A] [--no-effects] [--overwrite]
+        [--tta | --no-tta] [--max-component-adc A] [--effects] [--overwrite]
         [--what-if FIELD=V1,V2,... ...]
 
 ``--what-if onset_to_imaging_h=2,6,12 treatment=none,thrombectomy`` also predicts every
 combination of those values (the other clinical values as given), re-running only the
 clinical-dependent part of the network, and writes ``what_if.tsv``/``.json`` (volumes with
 intervals per scenario) and ``what_if.png`` (volume against onset time, one line per treatment).
-Each feature's measured effect on the volume (the change when it is set to missing) is written
-beside its attention weight unless ``--no-effects`` is given.
+With ``--effects``, each given feature's measured effect on the volume (the change when it alone is
+set to missing) is written beside its attention weight. It costs one extra decoder pass per given
+feature (about 0.7 s each on 2 CPU cores), so it is off by default to keep a prediction within 10 s;
+the Slicer panel asks for it.
 
 ``--threshold``, ``--min-component-ml``, ``--tta`` and ``--max-component-adc`` override the post-processing that the
 bundle carries (chosen on validation data; see :mod:`StrokePredictorLib.postprocess`).
@@ -108,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--what-if", nargs="+", metavar="FIELD=V1,V2",
                         help="single case: also predict every combination of these clinical values, e.g. "
                              "onset_to_imaging_h=2,6,12 treatment=none,thrombectomy (what_if.tsv/.json/.png)")
-    parser.add_argument("--effects", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--effects", action=argparse.BooleanOptionalAction, default=False,
                         help="measure each given clinical feature's effect on the volume (one extra decoder pass "
-                             "per feature; default on)")
+                             "per given feature, about 0.7 s each on 2 CPU cores; default off)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the output files of an earlier prediction in --out (never other files, and "
                              "never when an input lies inside --out)")

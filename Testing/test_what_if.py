@@ -131,7 +131,8 @@ def _cli(setup: dict, out: Path, *extra: str) -> list[str]:
 
 def test_cli_what_if_table_plot_and_effects(setup: dict, capsys: pytest.CaptureFixture) -> None:
     out = setup["root"] / "out"
-    code = main(_cli(setup, out, "--what-if", "onset_to_imaging_h=2,6,12", "treatment=thrombolysis,thrombectomy"))
+    code = main(_cli(setup, out, "--what-if", "onset_to_imaging_h=2,6,12", "treatment=thrombolysis,thrombectomy",
+                    "--effects"))
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUT_FILES.values(), "what_if.tsv", "what_if.json",
@@ -164,8 +165,9 @@ def test_cli_what_if_table_plot_and_effects(setup: dict, capsys: pytest.CaptureF
         tsv = {r["name"]: r for r in csv.DictReader(handle, delimiter="\t")}
     assert tsv["treatment"]["effect_ml"] == "" and float(tsv["nihss"]["effect_ml"]) == pytest.approx(
         by_name["nihss"]["effect_ml"], abs=1e-3)
-    # an overwrite without --what-if removes the earlier table: it would not match the new prediction
-    code = main(_cli(setup, out, "--overwrite", "--no-effects"))
+    # an overwrite without --what-if removes the earlier table: it would not match the new prediction;
+    # without --effects (the default: a prediction stays within 10 s) no effect is measured
+    code = main(_cli(setup, out, "--overwrite"))
     assert code == 0, capsys.readouterr().err
     assert not any((out / name).exists() for name in OPTIONAL_FILES.values())
     assert "effect_ml" not in json.loads((out / "attention.json").read_text())["features"][0]

@@ -77,6 +77,5 @@ def build_arguments(
         args += ["--threshold", f"{float(threshold):g}"]
     if what_if:
         args += ["--what-if", *what_if]
-    if not effects:
-        args.append("--no-effects")
+    args.append("--effects" if effects else "--no-effects")  # explicit: the CLI's default is off
     return args
