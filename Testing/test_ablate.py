@@ -1,4 +1,4 @@
-"""Training/ablate.py: honest verdicts ("no difference" when the interval includes 0), steps and
+"""Training/evaluation/ablate.py: honest verdicts ("no difference" when the interval includes 0), steps and
 cases beside every figure, sanity flags, and tasks without targets refused before any training."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from training_fixtures import build_test_cache, write_isles_phantom
 
-from Training import ablate
+from Training.evaluation import ablate
 
 
 def _stats(mean: float, lo: float, hi: float, fusion: float = 0.5, imaging: float = 0.45) -> dict:
@@ -79,9 +79,9 @@ def test_tasks_without_targets_are_refused_before_any_training(tmp_path: Path, m
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("training started before the targets were checked")
 
-    import Training.train
+    import Training.training.train
 
-    monkeypatch.setattr(Training.train, "run", no_training)
+    monkeypatch.setattr(Training.training.train, "run", no_training)
     from Training.__main__ import main
 
     code = main(["ablate", "--cache", str(cache), "--data", str(data), "--out", str(tmp_path / "ablation"),

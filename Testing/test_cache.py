@@ -1,4 +1,4 @@
-"""Training/cache.py: the preprocessed training cache and the deterministic split."""
+"""Training/data/cache.py: the preprocessed training cache and the deterministic split."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from training_fixtures import TEST_GRID_SIZE, build_test_cache, write_isles_phan
 
 from StrokePredictorLib import clinical
 from StrokePredictorLib.io import read_volume
-from Training.cache import extend_split, make_split, preset_grid
+from Training.data.cache import extend_split, make_split, preset_grid
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_preset_grids_fit_the_network() -> None:
 
 def test_cli_writes_config_and_refuses_other_grid(phantom: tuple[Path, Path], tmp_path: Path) -> None:
     from StrokePredictorLib.errors import OutputExistsError
-    from Training.cache import main
+    from Training.data.cache import main
 
     data, cache = phantom
     saved = json.loads((cache / "preprocess_config.json").read_text())

@@ -54,15 +54,15 @@ def _fake_verbs(monkeypatch: pytest.MonkeyPatch, scores: dict[str, float], calls
         argv = [str(a) for a in argv]
         calls.append(module)
         out = Path(argv[argv.index("--out") + 1])
-        if module == "Training.train_synth":
+        if module == "Training.training.train_synth":
             (out / "acute" / "checkpoints").mkdir(parents=True)
             (out / "summary.json").write_text(json.dumps({"acute": {"steps": 1200, "seconds": 3600.0,
                                                                     "best_val_dice": 0.6}}))
-        elif module == "Training.export":
+        elif module == "Training.training.export":
             out.mkdir(parents=True)
             (out / "model.json").write_text('{"new": true}')
             (out / "weights.safetensors").write_bytes(b"new")
-        elif module == "Training.postprocess":
+        elif module == "Training.evaluation.postprocess":
             out.mkdir(parents=True)
             name = "candidate" if "candidate" in argv[argv.index("--bundle") + 1] else "shipped"
             (out / "postprocess.json").write_text(json.dumps(_result(scores[name], 0.5, 0.3)))
@@ -80,7 +80,8 @@ def test_a_winning_run_ships_records_and_resumes_without_redoing(tmp_path: Path,
     result = campaign.run(config)
     assert result["outcome"] == "shipped"
     assert (models / "acute" / "weights.safetensors").read_bytes() == b"new"
-    assert calls == ["Training.train_synth", "Training.export", "Training.postprocess", "Training.postprocess"]
+    assert calls == ["Training.training.train_synth", "Training.training.export",
+                     "Training.evaluation.postprocess", "Training.evaluation.postprocess"]
     ledger = json.loads((models / "acute" / "campaign.json").read_text())
     assert [r["run"] for r in ledger["runs"]] == ["run1"] and ledger["cumulative"]["cpu_training_s"] == 3600.0
     card = (models / "acute" / "README.md").read_text()
@@ -129,7 +130,7 @@ def test_a_matching_earlier_search_of_the_shipped_bundle_is_reused(tmp_path: Pat
     config = CampaignConfig(pack=tmp_path / "p.npz", val=(tmp_path / "val",), out=tmp_path / "run3", models=models,
                             max_cases=12, flip_tta="true", shipped_search=earlier / "postprocess.json")
     result = campaign.run(config)
-    assert calls.count("Training.postprocess") == 1  # only the candidate was searched
+    assert calls.count("Training.evaluation.postprocess") == 1  # only the candidate was searched
     assert not (tmp_path / "run3" / "shipped").exists()  # so the shipped bundle was not copied either
     assert result["decision"]["shipped"]["score"] == 0.5 and result["outcome"] == "would ship (run without --ship)"
 

@@ -1,4 +1,4 @@
-"""Behaviour checks (Training/clinical_behaviour.py) on controllable fake predictors,
+"""Behaviour checks (Training/evaluation/clinical_behaviour.py) on controllable fake predictors,
 and the acute bundle's stability on the sample case."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from StrokePredictorLib.clinical import ClinicalRecord, validate
 from Training.__main__ import main as training_main
-from Training.clinical_behaviour import check_behaviour, sweep_values
+from Training.evaluation.clinical_behaviour import check_behaviour, sweep_values
 
 BASE = validate({"age": 70, "sex": "F", "nihss": 12, "onset_to_imaging_h": 4, "systolic_bp": 150, "glucose": 7,
                  "atrial_fibrillation": "no", "prior_stroke": "no", "prestroke_mrs": 0})

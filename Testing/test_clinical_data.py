@@ -11,12 +11,12 @@ import pytest
 
 from StrokePredictorLib import clinical
 from StrokePredictorLib.errors import ClinicalValueError, OutputExistsError
-from Training import clinical_data, nihss
+from Training.clinical import clinical_data, nihss
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from Training.generate import write_tiny_dataset
+    from Training.synthesis.generate import write_tiny_dataset
 
     root = write_tiny_dataset(tmp_path_factory.mktemp("clinical") / "data", n_cases=3, seed=1)
     # Sidecar of case 1: age and sex observed; the other cases have none (removed if present).

@@ -46,7 +46,7 @@ def test_effective_config_saved_and_errors(tmp_path: Path) -> None:
 
 
 def test_verb_saves_effective_config_next_to_outputs(tmp_path: Path) -> None:
-    from Training import clinical_data
+    from Training.clinical import clinical_data
 
     theirs = tmp_path / "t.csv"
     theirs.write_text("case_id,age\nA,70\n")
@@ -64,12 +64,12 @@ def test_shipped_configs_load(name: str, repo_root: Path) -> None:
     path = repo_root / "Training" / "configs" / name
     values = config_mod.load_file(path)
     if name.startswith("train_"):
-        from Training.train import TrainConfig
+        from Training.training.train import TrainConfig
 
         config = config_mod.build(TrainConfig, values, source=str(path))
         assert config.device in ("cpu", "cuda") and str(config.cache) == values["cache"]
     else:
-        from Training.evaluate import EvaluateConfig
+        from Training.evaluation.evaluate import EvaluateConfig
 
         config = config_mod.build(EvaluateConfig, values, source=str(path))
         assert len(config.data) == len(config.label) == 3
@@ -92,7 +92,7 @@ def test_parse_given_names_typed_fields(tmp_path: Path) -> None:
 
 
 def test_fit_nihss_refuses_abbreviated_flags(capsys: pytest.CaptureFixture[str]) -> None:
-    from Training import fit_nihss
+    from Training.clinical import fit_nihss
 
     with pytest.raises(SystemExit) as stop:
         fit_nihss.main(["--so", "somewhere"])  # a prefix of --soop

@@ -13,15 +13,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from StrokePredictorLib.io import read_volume  # noqa: E402
-from Training import ablate, baseline, evaluate  # noqa: E402
-from Training import metrics as M  # noqa: E402
+from Training.evaluation import ablate, baseline, evaluate  # noqa: E402
+from Training.evaluation import metrics as M  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from inference_phantom import write_tiny_bundle
 
-    from Training.generate import write_tiny_dataset
+    from Training.synthesis.generate import write_tiny_dataset
 
     root = tmp_path_factory.mktemp("evaluate")
     data = write_tiny_dataset(root / "data", n_cases=2, seed=0)
@@ -78,14 +78,14 @@ def test_evaluate_end_to_end(tiny: dict[str, Path]) -> None:
     with pytest.raises(OutputExistsError):
         evaluate.main(argv)
     # Figures from the evaluation.
-    from Training import visualize
+    from Training.evaluation import visualize
 
     figures = visualize.run(visualize.VisualizeConfig(eval=out, out=tiny["root"] / "fig"))
     names = {p.name for p in figures}
     assert {"reliability_id_test.png", "attention_all.png", "overlay_all_sub-strokecase0001.png"} <= names
     assert all(p.stat().st_size > 1000 for p in figures)
     # the report and the model card carry the sanity flags (an untrained tiny model earns some)
-    from Training import model_card
+    from Training.evaluation import model_card
 
     assert "## Sanity flags" in (out / "results.md").read_text()
     card = model_card.build(model_card.CardConfig(bundle=tiny["bundle"], eval=out))

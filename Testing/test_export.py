@@ -1,4 +1,4 @@
-"""Training/export.py: checkpoint -> bundle that StrokePredictorLib loads and predicts with."""
+"""Training/training/export.py: checkpoint -> bundle that StrokePredictorLib loads and predicts with."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from training_fixtures import TINY_NETWORK, build_test_cache, write_isles_phanto
 
 from StrokePredictorLib.bundle import load_bundle
 from StrokePredictorLib.errors import OutputExistsError
-from Training.data import CacheError
-from Training.export import ExportConfig, export
-from Training.train import TrainConfig, load_checkpoint, run
+from Training.data.dataset import CacheError
+from Training.training.export import ExportConfig, export
+from Training.training.train import TrainConfig, load_checkpoint, run
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from inference_phantom import write_tiny_bundle
 from StrokePredictorLib.errors import OutputExistsError
 from StrokePredictorLib.io import MARKER_FILE, discover_isles, read_volume, recognised_kind
 from Training.__main__ import main as training_main
-from Training.generate import main as generate_main
+from Training.synthesis.generate import main as generate_main
 
 
 def _nnunet(root: Path) -> Path:

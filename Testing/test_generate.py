@@ -1,4 +1,4 @@
-"""Tests of the physical-mode generator and the ISLES-layout writer (Training.generate)."""
+"""Tests of the physical-mode generator and the ISLES-layout writer (Training.synthesis.generate)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from StrokePredictorLib import clinical
 from StrokePredictorLib.errors import OutputExistsError
 from StrokePredictorLib.io import Volume, discover_isles, read_volume
 from StrokePredictorLib.preprocess import detect_adc_unit, register_rigid
-from Training.generate import main, write_case, write_tiny_dataset
-from Training.synth.anatomy import load_template
-from Training.synth.case import ADC_SCALES, SynthesisParams, synthesize_case
-from Training.synth.lesions import procedural_lesion, smooth_noise
-from Training.synth.outcome import outcome_fraction
+from Training.synthesis.anatomy import load_template
+from Training.synthesis.case import ADC_SCALES, SynthesisParams, synthesize_case
+from Training.synthesis.generate import main, write_case, write_tiny_dataset
+from Training.synthesis.lesions import procedural_lesion, smooth_noise
+from Training.synthesis.outcome import outcome_fraction
 
 TINY = SynthesisParams(tiny=True, lesion_kind="territorial", empty_fraction=0.0)
 

@@ -1,4 +1,4 @@
-"""Training.gpu_synth: the synthesis pack, label samples and domain-randomised images (on CPU)."""
+"""Training.synthesis.gpu_synth: the synthesis pack, label samples and domain-randomised images (on CPU)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from Training.gpu_synth import GpuSynthesizer, LabelSampler, Pack, build_pack, participant_split
+from Training.synthesis.gpu_synth import GpuSynthesizer, LabelSampler, Pack, build_pack, participant_split
 
 SOOP_AFFINE = np.array([[-1.0, 0, 0, 78], [0, 1, 0, -112], [0, 0, 1, -50], [0, 0, 0, 1]])
 
@@ -90,7 +90,7 @@ def test_cerebellar_cortex_has_its_own_lower_adc(pack: Pack) -> None:
     """Real cerebellar cortex has an ADC near white matter's (0.6-0.8 x10^-3 mm^2/s), far below the
     cerebral cortex's 0.9, and so is bright on DWI: the synthesis must show it, or the network learns
     that bright DWI with a low-normal ADC in the posterior fossa is a lesion."""
-    from Training.synth.anatomy import POSTERIOR_FOSSA, TERRITORIES
+    from Training.synthesis.anatomy import POSTERIOR_FOSSA, TERRITORIES
 
     assert all("posterior fossa" in TERRITORIES[label] for label in POSTERIOR_FOSSA)
     sampler = LabelSampler(pack, subset="all", seed=0, empty_probability=1.0)  # no lesion: tissue only

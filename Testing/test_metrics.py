@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from Training import metrics as M
+from Training.evaluation import metrics as M
 
 
 def _masks() -> tuple[np.ndarray, np.ndarray]:

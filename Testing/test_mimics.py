@@ -1,4 +1,4 @@
-"""Training.synth.mimics: real-scan mimics and embolic showers, shared by the CPU generator and the
+"""Training.synthesis.mimics: real-scan mimics and embolic showers, shared by the CPU generator and the
 GPU synthesiser (both tested here on the CPU)."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from Training.synth import mimics as MM
-from Training.synth.anatomy import load_template
-from Training.synth.case import SynthesisParams, synthesize_case
+from Training.synthesis import mimics as MM
+from Training.synthesis.anatomy import load_template
+from Training.synthesis.case import SynthesisParams, synthesize_case
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_showers_and_small_lesions_in_the_generator() -> None:
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     from Testing.test_gpu_synth import _fake_soop
-    from Training.gpu_synth import Pack, build_pack
+    from Training.synthesis.gpu_synth import Pack, build_pack
 
     root = tmp_path_factory.mktemp("soop_mimics")
     return Pack.load(build_pack(_fake_soop(root / "soop"), root / "pack.npz", workers=1))
@@ -191,7 +191,7 @@ def pack(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 
 @pytest.mark.slow
 def test_label_sampler_draws_mimics_and_showers_on_their_own_stream(pack) -> None:  # noqa: ANN001
-    from Training.gpu_synth import LabelSampler
+    from Training.synthesis.gpu_synth import LabelSampler
 
     off = LabelSampler(pack, subset="all", seed=2, empty_probability=0.0, shower_probability=0.0,
                        small_probability=0.0, mimic_probability=0.0)
@@ -208,7 +208,7 @@ def test_label_sampler_draws_mimics_and_showers_on_their_own_stream(pack) -> Non
         assert b["mimic_table"].shape == (len(MM.KINDS) + 1, 4)
         components.append(ndimage.label(c["lesion"] >= 0.5, structure=np.ones((3, 3, 3)))[1])
     assert max(components) >= 3
-    from Training.gpu_synth import GpuSynthesizer
+    from Training.synthesis.gpu_synth import GpuSynthesizer
 
     synth = GpuSynthesizer(pack, (48, 56, 48), "cpu")
     batch = torch.utils.data.default_collate([off[0], off[1]])
@@ -219,7 +219,7 @@ def test_label_sampler_draws_mimics_and_showers_on_their_own_stream(pack) -> Non
 
 @pytest.mark.slow
 def test_gpu_mimics_brighten_dwi_with_normal_adc(pack) -> None:  # noqa: ANN001
-    from Training.gpu_synth import GpuSynthesizer, LabelSampler
+    from Training.synthesis.gpu_synth import GpuSynthesizer, LabelSampler
 
     sampler = LabelSampler(pack, subset="all", seed=4, empty_probability=1.0, mimic_probability=1.0)
     items = [sampler[i] for i in range(2)]
@@ -242,7 +242,7 @@ def test_gpu_mimics_brighten_dwi_with_normal_adc(pack) -> None:  # noqa: ANN001
 
 
 def test_generate_records_the_new_options_only_when_on(tmp_path) -> None:  # noqa: ANN001
-    from Training.generate import GenerateConfig, generate
+    from Training.synthesis.generate import GenerateConfig, generate
 
     off = json.loads((generate(GenerateConfig(out=tmp_path / "off", cases=1, tiny=True), progress=False)
                       / "dataset.json").read_text())

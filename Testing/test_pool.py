@@ -1,4 +1,4 @@
-"""Training.pool: pre-rendered volumes, lesion-centred patches with their grid windows, refresh."""
+"""Training.synthesis.pool: pre-rendered volumes, lesion-centred patches with their grid windows, refresh."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_gpu_synth import _fake_soop
 
-from Training.gpu_synth import build_pack
-from Training.pool import SynthPool, _components, augment_patch
+from Training.synthesis.gpu_synth import build_pack
+from Training.synthesis.pool import SynthPool, _components, augment_patch
 
 GRID = (48, 64, 48)  # i, j, k
 PATCH = (32, 32, 32)  # k, j, i

@@ -26,7 +26,7 @@ from StrokePredictorLib.postprocess import (
     volume_interval,
 )
 from StrokePredictorLib.preprocess import GridMapping, PreprocessedCase
-from Training.postprocess import score_case, write_into_bundle
+from Training.evaluation.postprocess import score_case, write_into_bundle
 
 
 def test_postprocessing_block_validates() -> None:
@@ -195,8 +195,8 @@ def _row(flip: bool, threshold: float, min_ml: float, gate: float, score: float,
 
 
 def test_search_scores_every_rule_like_the_metrics_on_the_final_mask() -> None:
-    from Training import metrics as M
-    from Training.postprocess import CASE_FIELDS
+    from Training.evaluation import metrics as M
+    from Training.evaluation.postprocess import CASE_FIELDS
 
     truth = np.zeros((12, 12, 12), bool)
     truth[2:6, 2:6, 2:6] = True  # 64 voxels = 6.4 mL at 0.1 mL per voxel
@@ -232,7 +232,7 @@ def test_search_scores_every_rule_like_the_metrics_on_the_final_mask() -> None:
 
 
 def test_choice_rules_plausibility_small_lesions_and_ties() -> None:
-    from Training.postprocess import choose
+    from Training.evaluation.postprocess import choose
 
     table = [_row(True, 0.4, 0.0, 0.0, 0.8), _row(False, 0.4, 0.0, 0.0, 0.8), _row(False, 0.4, 0.0, 0.8, 0.8),
              _row(False, 0.5, 0.0, 0.0, 0.6)]
@@ -253,7 +253,7 @@ def test_choice_rules_plausibility_small_lesions_and_ties() -> None:
 def test_search_never_picks_a_threshold_that_marks_the_whole_brain() -> None:
     """The degenerate case: at threshold 0.4 the model marks the whole brain as one
     component, which touches the lesion (lesion F1 = 1) and so won the old (Dice + F1) / 2."""
-    from Training.postprocess import build_table, choose
+    from Training.evaluation.postprocess import build_table, choose
 
     shape = (30, 30, 30)
     k, j, i = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
@@ -282,14 +282,14 @@ def test_search_never_picks_a_threshold_that_marks_the_whole_brain() -> None:
 
 @pytest.fixture(scope="module")
 def search_data(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from Training.generate import write_tiny_dataset
+    from Training.synthesis.generate import write_tiny_dataset
 
     root = tmp_path_factory.mktemp("search")
     return {"data": write_tiny_dataset(root / "data", n_cases=2, seed=0), "root": root}
 
 
 def test_postprocess_verb_end_to_end(search_data: dict, tmp_path: Path) -> None:
-    from Training.postprocess import main
+    from Training.evaluation.postprocess import main
 
     bundle = write_tiny_bundle(tmp_path / "bundle", seed=1)
     out = tmp_path / "search"
@@ -318,7 +318,7 @@ def test_search_refuses_to_write_a_whole_brain_model_without_force(search_data: 
     refuses to store the choice unless forced."""
     from types import SimpleNamespace
 
-    from Training.postprocess import DegenerateChoiceError, main
+    from Training.evaluation.postprocess import DegenerateChoiceError, main
 
     def whole_brain(self, case, clinical=None, progress=None):  # noqa: ANN001, ANN202, ARG001
         brain = case.mapping.to_source(case.brain.astype(np.float32), order=1) > 0.5
@@ -346,7 +346,7 @@ def test_interpolate_verb_mixes_weights_of_the_same_model(tmp_path: Path) -> Non
     from inference_phantom import tiny_config
 
     from StrokePredictorLib.errors import StrokePredictorError
-    from Training.interpolate import InterpolateConfig, interpolate
+    from Training.training.interpolate import InterpolateConfig, interpolate
 
     a = write_tiny_bundle(tmp_path / "a", seed=1)
     b = write_tiny_bundle(tmp_path / "b", seed=2)

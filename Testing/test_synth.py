@@ -1,12 +1,12 @@
-"""Tests of the domain-randomised and out-of-distribution synthesis modes (Training.synth)."""
+"""Tests of the domain-randomised and out-of-distribution synthesis modes (Training.synthesis)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from Training.synth import acquisition
-from Training.synth.case import SynthesisParams, synthesize_case
+from Training.synthesis import acquisition
+from Training.synthesis.case import SynthesisParams, synthesize_case
 
 RANDOM = SynthesisParams(mode="randomized", tiny=True, lesion_kind="territorial", empty_fraction=0.0)
 

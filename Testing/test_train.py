@@ -1,4 +1,4 @@
-"""Training/train.py and Training/data.py: loss goes down, exact resume, DDP equals one process."""
+"""Training/training/train.py and Training/data/dataset.py: loss goes down, exact resume, DDP equals one process."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ from training_fixtures import TINY_NETWORK, TINY_NETWORK_NO_DROPOUT, build_test_
 
 from StrokePredictorLib.errors import OutputExistsError
 from Training import config as configlib
-from Training import train as trainlib
-from Training.data import (
+from Training.data.dataset import (
     AugmentConfig,
     CacheDataset,
     StreamSampler,
@@ -24,7 +23,8 @@ from Training.data import (
     identity_augmentation,
     sample_augmentation,
 )
-from Training.train import TrainConfig, run
+from Training.training import train as trainlib
+from Training.training.train import TrainConfig, run
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(cache: Path, tmp_path:
 
 @pytest.mark.slow
 def test_two_process_gloo_run_equals_one_process(cache: Path, tmp_path: Path) -> None:
-    from Training.distributed import spawn_local
+    from Training.training.distributed import spawn_local
 
     # Adam's first steps are sign-like (g / |g|) for tiny gradients, which turns float rounding of
     # the gradient all-reduce into visible differences; a large epsilon makes the update linear
@@ -239,7 +239,7 @@ def test_resume_reads_the_runs_own_config_and_only_extends_the_budget(
     run_dir = tmp_path / "run"
     trainlib.main(_cli(cache, run_dir, "--epochs", "1", "--steps-per-epoch", "2"))
     monkeypatch.chdir(tmp_path)  # no folder named "cache" here: the default must not be used on resume
-    with caplog.at_level(logging.INFO, logger="Training.train"):
+    with caplog.at_level(logging.INFO, logger="Training.training.train"):
         trainlib.main(["--out", str(run_dir), "--resume", "--epochs", "2"])
     assert "resume: --epochs 1 -> 2 (budget extended)" in caplog.text
     assert [int(r["step"]) for r in _log(run_dir)] == [2, 4]
@@ -256,7 +256,7 @@ def test_resume_reads_the_runs_own_config_and_only_extends_the_budget(
         trainlib.main(["--out", str(run_dir), "--resume", "--task", "outcome"])
     # the same values typed again, and a changed operational flag, are fine; nothing is left to train
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="Training.train"):
+    with caplog.at_level(logging.INFO, logger="Training.training.train"):
         trainlib.main(_cli(cache, run_dir, "--epochs", "2", "--steps-per-epoch", "2", "--resume",
                            "--checkpoint-minutes", "5"))
     assert "Nothing to train" in caplog.text and len(_log(run_dir)) == 2
@@ -305,7 +305,7 @@ def test_time_checkpoints_within_an_epoch_resume_exactly_and_time_adds_up(
 def test_progress_lines_without_a_progress_bar(cache: Path, tmp_path: Path,
                                                caplog: pytest.LogCaptureFixture) -> None:
     assert TrainConfig().progress_seconds <= 30.0
-    with caplog.at_level(logging.INFO, logger="Training.train"):
+    with caplog.at_level(logging.INFO, logger="Training.training.train"):
         run(_config(cache, tmp_path / "p", epochs=1, steps_per_epoch=3, progress=False, progress_seconds=0.0))
     lines = [r.getMessage() for r in caplog.records if " s/step" in r.getMessage()]
     assert [line.split(":")[0] for line in lines] == ["epoch 1 step 1/3", "epoch 1 step 2/3", "epoch 1 step 3/3"]

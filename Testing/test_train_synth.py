@@ -11,8 +11,8 @@ import torch
 from test_gpu_synth import _fake_soop
 
 from Training import config as cfg
-from Training.gpu_synth import build_pack
-from Training.train_synth import SynthTrainConfig, run
+from Training.synthesis.gpu_synth import build_pack
+from Training.training.train_synth import SynthTrainConfig, run
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def test_patch_must_fit_the_network(pack_path: Path, tmp_path: Path) -> None:
 
 def test_non_finite_steps_never_reach_the_weights(pack_path: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from Training.pool import SynthPool
+    from Training.synthesis.pool import SynthPool
 
     original = SynthPool.batch
 

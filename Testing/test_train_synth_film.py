@@ -13,7 +13,7 @@ from StrokePredictorLib.bundle import LITE_GRID, load_bundle, save_bundle
 from StrokePredictorLib.network import NetworkConfig, StrokeNet
 from StrokePredictorLib.preprocess import Normalization
 from Training import config as cfg
-from Training.train_synth import _initialise
+from Training.training.train_synth import _initialise
 
 
 def _inputs(shape=(16, 24, 16)):
@@ -60,8 +60,8 @@ def test_mismatched_architectures_are_refused(tmp_path: Path) -> None:
 def test_train_synth_film_from_a_plain_lite_bundle(tmp_path: Path) -> None:
     from test_gpu_synth import _fake_soop
 
-    from Training.gpu_synth import build_pack
-    from Training.train_synth import SynthTrainConfig, run
+    from Training.synthesis.gpu_synth import build_pack
+    from Training.training.train_synth import SynthTrainConfig, run
 
     pack = build_pack(_fake_soop(tmp_path / "soop"), tmp_path / "pack.npz", workers=1)
     torch.manual_seed(0)

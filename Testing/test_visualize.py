@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from StrokePredictorLib.errors import OutputExistsError
-from Training import visualize
+from Training.evaluation import visualize
 
 
 def _run_folder(tmp_path: Path) -> Path:

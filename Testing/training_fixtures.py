@@ -66,7 +66,7 @@ def write_isles_phantom(root: Path, n_cases: int = 5, seed: int = 0, *, flair_ev
 
 def build_test_cache(data: Path, out: Path, **overrides: object) -> Path:
     """Preprocess ``data`` into ``out`` on the small test grid; returns ``out``."""
-    from Training.cache import CacheConfig, build_cache
+    from Training.data.cache import CacheConfig, build_cache
 
     config = CacheConfig(data=data, out=out, grid_size=TEST_GRID_SIZE, grid_spacing=TEST_GRID_SPACING,
                          progress=False, **overrides)  # type: ignore[arg-type]

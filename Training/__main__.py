@@ -1,7 +1,9 @@
 """``python -m Training <verb> [options]``: the research command line.
 
 Each verb lives in its own module exposing ``main(argv: list[str]) -> int`` and is imported
-only when used, so that a verb's heavy dependencies do not slow the others down.
+only when used, so that a verb's heavy dependencies do not slow the others down. The modules lie
+in the pipeline's stages (synthesis, clinical, data, training, evaluation; the map is in
+:mod:`Training`), and :data:`VERBS` names each verb's module.
 """
 
 from __future__ import annotations
@@ -15,21 +17,26 @@ from StrokePredictorLib.errors import StrokePredictorError
 
 VERBS: dict[str, tuple[str, str]] = {
     "demo": ("Training.demo", "the main job on the bundled defaults: sample case -> prediction -> files and PNG"),
-    "generate": ("Training.generate", "generate a semi-synthetic dataset in the ISLES 2022 layout"),
-    "clinical": ("Training.clinical_data", "write a clinical CSV for an ISLES 2022 folder (observed + simulated)"),
-    "synthpack": ("Training.synthpack", "build the GPU synthesis pack (MNI anatomy + SOOP lesions) for training"),
-    "preprocess": ("Training.cache", "preprocess an ISLES-layout folder once into a training cache and split"),
-    "train": ("Training.train", "train the multimodal network (CPU, CUDA, torchrun)"),
-    "train-synth": ("Training.train_synth", "train on synthesised data (per step or a CPU pool), variants in lockstep"),
-    "evaluate": ("Training.evaluate", "evaluate a checkpoint or bundle with the ISLES 2022 metrics"),
-    "postprocess": ("Training.postprocess", "choose threshold, flip averaging, smallest lesion on validation data"),
-    "interpolate": ("Training.interpolate", "weights between a model and its fine-tuned version (WiSE-FT)"),
+    "generate": ("Training.synthesis.generate", "generate a semi-synthetic dataset in the ISLES 2022 layout"),
+    "clinical": ("Training.clinical.clinical_data",
+                 "write a clinical CSV for an ISLES 2022 folder (observed + simulated)"),
+    "synthpack": ("Training.synthesis.synthpack",
+                  "build the GPU synthesis pack (MNI anatomy + SOOP lesions) for training"),
+    "preprocess": ("Training.data.cache", "preprocess an ISLES-layout folder once into a training cache and split"),
+    "train": ("Training.training.train", "train the multimodal network (CPU, CUDA, torchrun)"),
+    "train-synth": ("Training.training.train_synth",
+                    "train on synthesised data (per step or a CPU pool), variants in lockstep"),
+    "evaluate": ("Training.evaluation.evaluate", "evaluate a checkpoint or bundle with the ISLES 2022 metrics"),
+    "postprocess": ("Training.evaluation.postprocess",
+                    "choose threshold, flip averaging, smallest lesion on validation data"),
+    "interpolate": ("Training.training.interpolate", "weights between a model and its fine-tuned version (WiSE-FT)"),
     "campaign": ("Training.campaign", "improve the shipped bundle: train, search, decide by a fixed rule, record"),
-    "ablate": ("Training.ablate", "imaging-only against fusion on the same split"),
-    "behaviour": ("Training.clinical_behaviour", "do predictions follow onset, treatment, NIHSS?"),
-    "visualize": ("Training.visualize", "figures: training curves, overlays, reliability diagram, attention"),
-    "card": ("Training.model_card", "write a bundle's model card from measured evaluation results"),
-    "export": ("Training.export", "export a checkpoint as a model bundle for the Slicer module"),
+    "ablate": ("Training.evaluation.ablate", "imaging-only against fusion on the same split"),
+    "behaviour": ("Training.evaluation.clinical_behaviour", "do predictions follow onset, treatment, NIHSS?"),
+    "visualize": ("Training.evaluation.visualize",
+                  "figures: training curves, overlays, reliability diagram, attention"),
+    "card": ("Training.evaluation.model_card", "write a bundle's model card from measured evaluation results"),
+    "export": ("Training.training.export", "export a checkpoint as a model bundle for the Slicer module"),
 }
 
 

@@ -6,7 +6,7 @@ time-stamped checkpoint):
 
 1. **train**: ``train-synth`` from the shipped bundle (``--init``) on the CPU recipe: the
    pre-rendered, background-refreshed pool of domain-randomised volumes with real-scan mimics,
-   embolic showers and small lesions (:mod:`Training.pool`, :mod:`Training.synth.mimics`),
+   embolic showers and small lesions (:mod:`Training.synthesis.pool`, :mod:`Training.synthesis.mimics`),
    lesion-centred 64^3 patches, bf16, for ``--minutes`` of wall time;
 2. **export** the best checkpoint (whole-volume Dice on synthetic held-out validation lesions);
 3. **search** the post-processing of the candidate and of a copy of the shipped bundle with the same
@@ -21,7 +21,7 @@ Rule (fixed before the first run's results were seen; change it only between run
 the candidate ships when, on the fixed validation sets, with each bundle's own searched
 post-processing,
 
-a. its search score (:mod:`Training.postprocess`, rule 3) is at least the shipped bundle's + 0.01;
+a. its search score (:mod:`Training.evaluation.postprocess`, rule 3) is at least the shipped bundle's + 0.01;
 b. its mean Dice over the sets is at least the shipped bundle's - 0.01 (no trading overlap for counts);
 c. its lesion-wise F1 on lesions under 1 mL, pooled, is at least the shipped bundle's - 0.02;
 d. its chosen setting is plausible and not degenerate.
@@ -200,11 +200,11 @@ def run(config: CampaignConfig) -> dict:
         if config.device == "cpu":  # the CPU recipe: 2 lesion-centred 64^3 patches per step from a 48-volume pool
             argv += ["--batch-size", 2, "--patch", "64,64,64", "--pool-size", 48]
         argv += ["--resume"] if resume else ["--init", config.models]
-        _run_verb("Training.train_synth", argv)
+        _run_verb("Training.training.train_synth", argv)
     trained = json.loads(summary.read_text())[config.task]
     candidate = out / "candidate"
     if _stage("export", candidate / "model.json"):
-        _run_verb("Training.export", ["--run", train_dir / config.task, "--out", candidate,
+        _run_verb("Training.training.export", ["--run", train_dir / config.task, "--out", candidate,
                                       "--name", f"strokepredictor-{config.task}", "--checkpoint", "best"])
     shipped_copy = out / "shipped"  # searched as a copy, so that --write never touches the shipped bundle
     val = ",".join(str(v) for v in config.val)
@@ -220,7 +220,8 @@ def run(config: CampaignConfig) -> dict:
                 shutil.copytree(shipped_bundle, shipped_copy, dirs_exist_ok=True)
             argv = ["--bundle", bundle, "--data", val, "--out", search, "--write", "--mc-samples", config.mc_samples,
                     "--max-cases", config.max_cases, "--device", config.device, "--force"]
-            _run_verb("Training.postprocess", argv + (["--flip-tta", config.flip_tta] if config.flip_tta else []))
+            flip = ["--flip-tta", config.flip_tta] if config.flip_tta else []
+            _run_verb("Training.evaluation.postprocess", argv + flip)
         results[name] = json.loads((search / "postprocess.json").read_text())
     decision = decide(results["candidate"], results["shipped"])
     shipped_now = False

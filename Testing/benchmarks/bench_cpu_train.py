@@ -4,7 +4,7 @@ Measures on this machine, batch 2 x 3 x 64^3 patches of the lite network (a fine
 forward, Dice + BCE, backward, AdamW):
 
 1. **model only**, four ways: fp32, fp32 channels-last-3d, bf16 autocast, bf16 + channels-last;
-2. **pool step**: the real loop's data path (:class:`Training.pool.SynthPool` with its paced
+2. **pool step**: the real loop's data path (:class:`Training.synthesis.pool.SynthPool` with its paced
    background renderer, lesion-centred patches, cheap re-augmentation) feeding the bf16 +
    channels-last step; reports the share of step time spent in the network (goal: at least 85% on
    2 cores) and the step against the model-only one (the renderer competes for the cores);
@@ -70,7 +70,7 @@ def main() -> int:
     args = parser.parse_args()
     from monai.losses import DiceCELoss
 
-    from Training.pool import SynthPool
+    from Training.synthesis.pool import SynthPool
 
     torch.manual_seed(0)
     loss_fn = DiceCELoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)

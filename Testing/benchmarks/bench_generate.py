@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from Training.generate import GenerateConfig, generate
-from Training.synth.anatomy import load_template
+from Training.synthesis.anatomy import load_template
+from Training.synthesis.generate import GenerateConfig, generate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ Measures, on the current CUDA device (or the CPU with ``--device cpu``, for a dr
 1. inference of the ``lite`` network on the ISLES-sized model grid (96x112x80 at 2 mm): one
    deterministic pass against the pass plus 20 Monte-Carlo samples (bf16 autocast);
 2. training steps per second, model only (batch already on the device) against the full data
-   path (label workers + GPU synthesis, :mod:`Training.gpu_synth`), and MONAI's DynUNet at the
+   path (label workers + GPU synthesis, :mod:`Training.synthesis.gpu_synth`), and MONAI's DynUNet at the
    same input size, model only.
 
 Prints medians and writes them as JSON.
@@ -112,7 +112,7 @@ def main() -> int:
     model_only = _time(lambda: step(batch_image, target, b_values, b_missing, b_present), device, args.repeats)
     results["train_model_only_steps_per_s"] = 1 / statistics.median(model_only)
 
-    from Training.gpu_synth import GpuSynthesizer, LabelSampler, Pack
+    from Training.synthesis.gpu_synth import GpuSynthesizer, LabelSampler, Pack
 
     pack = Pack.load(args.pack)
     synth = GpuSynthesizer(pack, size, device)

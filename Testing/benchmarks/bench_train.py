@@ -2,7 +2,7 @@
 
 Measures on one machine, with the same batch size and input size:
 
-1. **model only**: :func:`Training.train.training_step` on one batch already on the device;
+1. **model only**: :func:`Training.training.train.training_step` on one batch already on the device;
 2. **loader**: the real path of ``python -m Training train`` (memory-mapped cache, DataLoader
    workers, pinned memory, replayable stream sampler, augmentation on the device) feeding the
    same step;
@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "Testing")]
 
-from Training.train import TrainConfig, network_config, training_step  # noqa: E402
+from Training.training.train import TrainConfig, network_config, training_step  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -64,7 +64,7 @@ def _step_times(step, device: torch.device, steps: int, warmup: int) -> list[flo
 def _dataset(args: argparse.Namespace, work: Path) -> Path:
     from training_fixtures import write_isles_phantom
 
-    from Training.cache import CacheConfig, build_cache
+    from Training.data.cache import CacheConfig, build_cache
 
     if args.cache:
         return Path(args.cache)
@@ -72,7 +72,7 @@ def _dataset(args: argparse.Namespace, work: Path) -> Path:
     if data is None:
         data = work / "data"
         if args.generator:
-            from Training.generate import write_tiny_dataset
+            from Training.synthesis.generate import write_tiny_dataset
 
             write_tiny_dataset(data, n_cases=args.cases, seed=0)
         else:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid-spacing", type=lambda s: [float(v) for v in s.split(",")], default=[2.0, 2.0, 2.0])
     parser.add_argument("--data", help="ISLES-layout folder (default: a generated phantom)")
     parser.add_argument("--cache", help="existing training cache (skips preprocessing)")
-    parser.add_argument("--generator", action="store_true", help="use Training.generate.write_tiny_dataset")
+    parser.add_argument("--generator", action="store_true", help="use Training.synthesis.generate.write_tiny_dataset")
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     from monai.losses import DiceCELoss
 
     from StrokePredictorLib.network import StrokeNet
-    from Training.data import AugmentConfig, CacheDataset, StreamSampler, load_split, make_loader
+    from Training.data.dataset import AugmentConfig, CacheDataset, StreamSampler, load_split, make_loader
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fixed evaluation sets with real-scan mimics, embolic showers and small lesions, from
 # held-out SOOP lesions only (the 5% validation and 10% test participants of
-# Training.gpu_synth.participant_split, never used for training), with fixed seeds:
+# Training.synthesis.gpu_synth.participant_split, never used for training), with fixed seeds:
 #
 #   bash Training/recipes/make_eval_sets.sh [SOOP_DIR=../shared/data/soop] [OUT=data] [WORKERS=2]
 #

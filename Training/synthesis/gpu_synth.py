@@ -4,7 +4,7 @@ Training images are synthesised from label maps every step instead of being read
 the network never sees the same image twice and cannot rely on one simulator's look:
 
 * **Pack** (built once on the CPU, :func:`build_pack`): the MNI152 2009 tissue maps (GM, WM,
-  CSF, brain) and arterial territories of :func:`Training.synth.anatomy.load_template` at 2 mm,
+  CSF, brain) and arterial territories of :func:`Training.synthesis.anatomy.load_template` at 2 mm,
   and every SOOP lesion mask (real acute lesions in MNI space) as a partial-volume fraction on the
   same grid, with its participant's real age, sex, NIHSS and prior stroke. 15% of the
   participants (by a hash of their id, :func:`participant_split`) are held out: 5% for
@@ -12,8 +12,8 @@ the network never sees the same image twice and cannot rely on one simulator's l
 * **Labels** (CPU workers, :class:`LabelSampler`): one lesion (sometimes several small ones,
   sometimes none, a single small one or a cardio-embolic shower of 0.02-0.5 mL foci), its
   depth-dependent severity, the real-scan mimic maps, the simulated clinical record and the outcome
-  infarct from the data generator's models (:mod:`Training.synth.clinical_sim`,
-  :mod:`Training.synth.outcome`), so that the outcome depends on clinical values the image lacks.
+  infarct from the data generator's models (:mod:`Training.synthesis.clinical_sim`,
+  :mod:`Training.synthesis.outcome`), so that the outcome depends on clinical values the image lacks.
 * **Images** (GPU, :func:`synthesize`): a random affine plus smooth elastic deformation maps the
   labels onto the model grid; MR physics with randomised parameters: per-class S0 (T2) and ADC
   with scanner-to-scanner variability (the cerebellar cortex below the tentorium with its own, lower
@@ -24,7 +24,7 @@ the network never sees the same image twice and cannot rely on one simulator's l
   lesion contrast from barely visible to strong with a core-to-rim gradient, T2 shine-through
   mimics (bright on DWI, normal ADC), FLAIR with random contrast whose lesion signal appears with
   time since onset and a random gain below the tentorium, FLAIR missing in 30% of cases; the
-  real-scan mimics of :mod:`Training.synth.mimics` (drawn by the sampler as template-space kind and
+  real-scan mimics of :mod:`Training.synthesis.mimics` (drawn by the sampler as template-space kind and
   weight maps with per-kind S0, ADC, FLAIR and ADC-noise multipliers, rendered here with the same
   formula as the CPU generator) and embolic showers and small lesions in the labels. The
   result is normalised exactly like :func:`StrokePredictorLib.preprocess.normalize_channels` (DWI
@@ -48,8 +48,8 @@ import torch.nn.functional as F
 
 from StrokePredictorLib.clinical import encode
 from StrokePredictorLib.preprocess import Normalization
-from Training.synth.anatomy import posterior_fossa_weight
-from Training.synth.mimics import factors as mimic_factors
+from Training.synthesis.anatomy import posterior_fossa_weight
+from Training.synthesis.mimics import factors as mimic_factors
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ def build_pack(soop_dir: str | Path, out: str | Path, *, workers: int = 2) -> Pa
     from concurrent.futures import ProcessPoolExecutor
 
     from StrokePredictorLib.io import atomic_path
-    from Training.synth.anatomy import load_template
-    from Training.synth.lesions import load_soop
+    from Training.synthesis.anatomy import load_template
+    from Training.synthesis.lesions import load_soop
 
     template = load_template(2)
     library = load_soop(soop_dir)
@@ -131,8 +131,8 @@ def _lesion_on_template(path: str) -> tuple[tuple[int, ...], np.ndarray]:
     import nibabel as nib
     from scipy import ndimage
 
-    from Training.synth.anatomy import load_template
-    from Training.synth.lesions import resample_to_template
+    from Training.synthesis.anatomy import load_template
+    from Training.synthesis.lesions import resample_to_template
 
     template = load_template(2)
     image = nib.load(path)
@@ -188,9 +188,9 @@ class Pack:
         out[k0:k0 + dk, j0:j0 + dj, i0:i0 + di] = crop
         return out
 
-    def template(self):  # noqa: ANN201 - Training.synth.anatomy.Template, imported lazily
+    def template(self):  # noqa: ANN201 - Training.synthesis.anatomy.Template, imported lazily
         from StrokePredictorLib.io import Geometry
-        from Training.synth.anatomy import Template
+        from Training.synthesis.anatomy import Template
 
         lps = self.affine_lps.copy()
         ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
@@ -210,7 +210,7 @@ class LabelSampler(torch.utils.data.Dataset):
     Item ``n`` is deterministic for a given ``seed`` (so a run can be replayed); ``length`` only
     sets the epoch size of the DataLoader.
 
-    Lesions and mimics (:mod:`Training.synth.mimics`, shared with the CPU generator): a case is empty
+    Lesions and mimics (:mod:`Training.synthesis.mimics`, shared with the CPU generator): a case is empty
     with ``empty_probability``, else it holds a real SOOP lesion of the ``subset`` (plus, with
     ``multi_probability``, one or two small SOOP lesions elsewhere). Of the non-empty cases, a
     fraction ``small_probability`` has a single small lesion of 0.02-1 mL instead, and a fraction
@@ -245,10 +245,10 @@ class LabelSampler(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        from Training.synth.clinical_sim import simulate_clinical
-        from Training.synth.lesions import severity_map, smooth_noise
-        from Training.synth.mimics import draw_mimic_maps, embolic_shower, empty_maps, small_lesion
-        from Training.synth.outcome import outcome_fraction
+        from Training.synthesis.clinical_sim import simulate_clinical
+        from Training.synthesis.lesions import severity_map, smooth_noise
+        from Training.synthesis.mimics import draw_mimic_maps, embolic_shower, empty_maps, small_lesion
+        from Training.synthesis.outcome import outcome_fraction
 
         if self._template is None:
             self._template = self.pack.template()

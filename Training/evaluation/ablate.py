@@ -1,9 +1,9 @@
 """``python -m Training ablate``: imaging-only against clinical-imaging fusion on the same split.
 
 For each task (acute, outcome) and each seed, the network is trained twice on the same cache
-and split (:func:`Training.train.run` with ``imaging_only`` False and True, everything else
+and split (:func:`Training.training.train.run` with ``imaging_only`` False and True, everything else
 equal), each best checkpoint is exported as a bundle, and both bundles are evaluated end to end
-on the same test cases of the raw data (:func:`Training.evaluate.run`). The effect of the
+on the same test cases of the raw data (:func:`Training.evaluation.evaluate.run`). The effect of the
 clinical features is the paired per-case difference fusion - imaging-only of each metric: mean
 +- sd over the (case, seed) pairs, a bootstrap 95 % confidence interval (cases resampled with
 replacement), and, with several seeds, the sd of the per-seed mean differences. A difference
@@ -232,7 +232,7 @@ def check_targets(config: AblateConfig) -> dict[str, dict[str, int]]:
     Raises:
         StrokePredictorError: a task without targets (named, with the counts and a fix).
     """
-    from Training.data import task_cases
+    from Training.data.dataset import task_cases
 
     counts: dict[str, dict[str, int]] = {}
     missing = []
@@ -260,11 +260,11 @@ def _volumes(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, floa
 
 def run(config: AblateConfig) -> dict:
     """Train, export and evaluate both arms per task and seed; returns the statistics."""
-    from Training.evaluate import EvaluateConfig
-    from Training.evaluate import run as evaluate_run
-    from Training.export import ExportConfig, export
-    from Training.train import TrainConfig
-    from Training.train import run as train_run
+    from Training.evaluation.evaluate import EvaluateConfig
+    from Training.evaluation.evaluate import run as evaluate_run
+    from Training.training.export import ExportConfig, export
+    from Training.training.train import TrainConfig
+    from Training.training.train import run as train_run
 
     if config.cache is None or config.out is None or config.data is None:
         raise StrokePredictorError("--cache, --data and --out are required.")

@@ -11,7 +11,7 @@ pseudo-normalising after 24 h) and raises S0 with time (T2 shine-through); FLAIR
 and a lesion signal that appears only after about 3.5 h (DWI-FLAIR mismatch). Mimics: T2
 shine-through blobs (bright DWI, normal ADC), white-matter hyperintensities, an old infarct,
 and susceptibility-like artefacts; with ``scan_mimics``, the real-scan mimics of
-:mod:`Training.synth.mimics` (the same kinds, places and multipliers as the GPU synthesiser's)
+:mod:`Training.synthesis.mimics` (the same kinds, places and multipliers as the GPU synthesiser's)
 multiply S0 (both b-values), the tissue ADC (with extra noise) and FLAIR.
 
 ``randomized`` (training; SynthSeg / SynthStroke-style domain randomisation): DWI and FLAIR
@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from Training.synth.anatomy import Template
-from Training.synth.clinical_sim import HiddenState
-from Training.synth.lesions import Lesion, Mimics, smooth_noise
+from Training.synthesis.anatomy import Template
+from Training.synthesis.clinical_sim import HiddenState
+from Training.synthesis.lesions import Lesion, Mimics, smooth_noise
 
 #: Literature/ISLES tissue ADC (mm^2/s) and DWI ratio targets of the physical mode.
 PHYSICS: dict = {
@@ -85,7 +85,7 @@ def _effective(lesion: Lesion) -> np.ndarray:
 
 def _tissue_adc(adc: dict, tissue: str, mimics: Mimics, scanner: float) -> float | np.ndarray:
     """A tissue's ADC (mm^2/s): a number, or for grey matter with the cerebellar cortex's own value
-    (:func:`Training.synth.lesions.draw_cerebellar`) a map."""
+    (:func:`Training.synthesis.lesions.draw_cerebellar`) a map."""
     if tissue == "gm" and mimics.cerebellar is not None:
         return mimics.cerebellar.gm_adc(adc["gm"], scanner)
     return adc[tissue]
@@ -123,7 +123,7 @@ def physical_images(template: Template, lesion: Lesion, mimics: Mimics, hidden: 
     regional = 1.0 if mimics.regional is None else 1.0 + mimics.regional  # DWI bright, ADC unchanged
     adc_gain = (1 + 0.05 * mimics.shine + 0.25 * mimics.wmh) * adc_texture
     chronic = mimics.chronic
-    scan = mimics.scan_factors()  # real-scan mimics (Training.synth.mimics): S0, ADC, FLAIR multipliers
+    scan = mimics.scan_factors()  # real-scan mimics (Training.synthesis.mimics): S0, ADC, FLAIR multipliers
     lesion_s0 = 1 + shine * eff
     lesion_adc = 1 - r * np.clip(eff, 0, 1)
     s0_img = np.zeros(template.shape, np.float32)
@@ -213,7 +213,7 @@ def randomized_images(template: Template, lesion: Lesion, mimics: Mimics, hidden
     flair, flair_means = gmm(q["flair_means_relative_to_wm"], flair_contrast, flair_mimic)
     if mimics.cerebellar is not None:
         flair = mimics.cerebellar.flair(flair)
-    scan = mimics.scan_factors()  # real-scan mimics (Training.synth.mimics): S0, ADC, FLAIR multipliers
+    scan = mimics.scan_factors()  # real-scan mimics (Training.synthesis.mimics): S0, ADC, FLAIR multipliers
     if scan is not None:
         flair = flair * scan[2]
     # physical ADC with scanner variability, S0 contrasts random

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from Training.synth.anatomy import Template
+from Training.synthesis.anatomy import Template
 
 TREATMENT_BENEFIT = {"none": 0.0, "thrombolysis": 0.55, "thrombectomy": 0.8, "both": 0.88}
 TREATMENT_TAU_H = {"none": 1.0, "thrombolysis": 4.5, "thrombectomy": 8.0, "both": 8.0}

@@ -1,6 +1,6 @@
 """A pool of pre-rendered synthetic volumes for training on the CPU, refreshed in the background.
 
-Synthesising a full domain-randomised volume (:class:`Training.gpu_synth.GpuSynthesizer`) costs
+Synthesising a full domain-randomised volume (:class:`Training.synthesis.gpu_synth.GpuSynthesizer`) costs
 far more on a CPU than a training step does, so the CPU recipe does not synthesise per step:
 
 * the pool holds ``size`` whole model-grid volumes (image float16, acute and outcome targets,
@@ -81,7 +81,7 @@ class Renderer:
 
     def __init__(self, pack_path: str | Path, grid_size: tuple[int, int, int], *, subset: str = "train",
                  seed: int = 0) -> None:
-        from Training.gpu_synth import GpuSynthesizer, LabelSampler, Pack
+        from Training.synthesis.gpu_synth import GpuSynthesizer, LabelSampler, Pack
 
         pack = Pack.load(pack_path)
         self.labels = LabelSampler(pack, subset=subset, seed=seed, length=2**62)

@@ -1,15 +1,15 @@
 """One synthetic case, in memory: anatomy + lesion + clinical -> warped -> scanner grids -> signal.
 
 :func:`synthesize_case` is the whole generator for one case and returns arrays (no files), so a
-training loop can synthesise on the fly; ``Training.generate`` writes its result in the ISLES
+training loop can synthesise on the fly; ``Training.synthesis.generate`` writes its result in the ISLES
 2022 layout. Steps (every random choice is drawn from ``np.random.default_rng([seed, index])``
 and recorded in :attr:`SyntheticCase.metadata`, so a case is reproducible on its own):
 
-1. template anatomy (MNI152 2009c, :mod:`Training.synth.anatomy`) at the working spacing;
+1. template anatomy (MNI152 2009c, :mod:`Training.synthesis.anatomy`) at the working spacing;
 2. acute lesion: a real SOOP mask (with its participant's age, sex, NIHSS, prior stroke) or a
    procedural lesion in an arterial territory; mimics; clinical record and hidden state;
-3. simulated follow-up infarct (:mod:`Training.synth.outcome`);
-4. noise-free template-space images (:mod:`Training.synth.physics`, physical or randomised);
+3. simulated follow-up infarct (:mod:`Training.synthesis.outcome`);
+4. noise-free template-space images (:mod:`Training.synthesis.physics`, physical or randomised);
 5. random affine + smooth non-rigid deformation (subject anatomy);
 6. head pose and scanner grids: DWI/ADC/masks on one grid, FLAIR on its own grid with a random
    rigid offset from the DWI (``flair_transform``: DWI point -> FLAIR point, LPS mm);
@@ -28,10 +28,10 @@ from scipy import ndimage
 
 from StrokePredictorLib.clinical import ClinicalRecord
 from StrokePredictorLib.io import Geometry, Volume
-from Training.synth import acquisition as acq
-from Training.synth.anatomy import Template, brain_center_lps, load_template
-from Training.synth.clinical_sim import simulate_clinical
-from Training.synth.lesions import (
+from Training.synthesis import acquisition as acq
+from Training.synthesis.anatomy import Template, brain_center_lps, load_template
+from Training.synthesis.clinical_sim import simulate_clinical
+from Training.synthesis.lesions import (
     Lesion,
     draw_cerebellar,
     draw_mimics,
@@ -42,9 +42,9 @@ from Training.synth.lesions import (
     soop_lesion,
     territory_name,
 )
-from Training.synth.mimics import draw_mimic_maps, embolic_shower, small_lesion
-from Training.synth.outcome import outcome_fraction
-from Training.synth.physics import physical_images, randomized_images
+from Training.synthesis.mimics import draw_mimic_maps, embolic_shower, small_lesion
+from Training.synthesis.outcome import outcome_fraction
+from Training.synthesis.physics import physical_images, randomized_images
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class SynthesisParams:
     mimic_rate: float = 1.0                # scales how often mimics occur
     regional_mimics: float = 0.0           # probability of a broad regional DWI hyperintensity (normal ADC)
     cerebellar_adc: float = 0.0            # probability of the cerebellar cortex's own (lower) ADC
-    scan_mimics: float = 0.0               # probability of the real-scan mimics (Training.synth.mimics)
+    scan_mimics: float = 0.0               # probability of the real-scan mimics (Training.synthesis.mimics)
     showers: float = 0.0                   # probability that a lesion gains (or becomes) an embolic shower
     small_lesions: float = 0.0             # probability that a lesion becomes a single small one (0.02-1 mL)
     adc_unit: str | None = None            # force one ADC unit scale (None: random of three)
@@ -278,7 +278,7 @@ def _lesion(params: SynthesisParams, template: Template, rng: np.random.Generato
 def _shower_or_small(params: SynthesisParams, template: Template, lesion: Lesion,
                      rng: np.random.Generator) -> tuple[Lesion, dict]:
     """With ``small_lesions``, replace a non-empty lesion by a single small one; with ``showers``,
-    give it a cardio-embolic shower (:mod:`Training.synth.mimics`), which replaces it in half of the
+    give it a cardio-embolic shower (:mod:`Training.synthesis.mimics`), which replaces it in half of the
     cases. The source lesion's own small components may serve as shower foci."""
     if not (lesion.fraction >= 0.5).any():
         return lesion, {}

@@ -54,7 +54,7 @@ def load_index(cache: str | Path) -> dict:
 
 def load_split(cache: str | Path) -> dict[str, list[str]]:
     """Read ``CACHE/split.json``."""
-    from Training.cache import read_split
+    from Training.data.cache import read_split
 
     path = Path(cache) / "split.json"
     if not path.is_file():

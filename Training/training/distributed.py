@@ -120,14 +120,14 @@ def _spawned(rank: int, world_size: int, port: int, config: object, results: obj
     import torch as _torch
 
     _torch.set_num_threads(1)
-    from Training.train import run
+    from Training.training.train import run
 
     result = run(config)  # type: ignore[arg-type]
     results[rank] = result.best_val_dice  # type: ignore[index]
 
 
 def spawn_local(config: object, world_size: int = 2) -> list[float]:
-    """Run :func:`Training.train.run` in ``world_size`` local processes (gloo on CPU), as torchrun
+    """Run :func:`Training.training.train.run` in ``world_size`` local processes (gloo on CPU), as torchrun
     would; returns each rank's best validation Dice. Used by the tests; on GPUs prefer torchrun."""
     import torch.multiprocessing as mp
 

@@ -2,7 +2,7 @@
 
     python -m Training synthpack --soop ../shared/data/soop --out pack.npz [--heldout-dir DIR]
 
-The pack (:mod:`Training.gpu_synth`) holds the 2 mm MNI tissue maps and every SOOP lesion with
+The pack (:mod:`Training.synthesis.gpu_synth`) holds the 2 mm MNI tissue maps and every SOOP lesion with
 its participant's clinical values; 15% of the participants (by a hash of their id) are held out
 (5% validation, 10% test).
 ``--heldout-dir`` writes a SOOP-shaped folder (links to the held-out lesion files of
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from Training import config as cfg
-from Training.gpu_synth import build_pack, participant_split
+from Training.synthesis.gpu_synth import build_pack, participant_split
 
 logger = logging.getLogger(__name__)
 

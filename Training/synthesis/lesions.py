@@ -23,8 +23,8 @@ import numpy as np
 from scipy import ndimage
 
 from StrokePredictorLib.errors import InputImageError
-from Training.synth.anatomy import TERRITORIES, Template, posterior_fossa_weight
-from Training.synth.mimics import MimicMaps
+from Training.synthesis.anatomy import TERRITORIES, Template, posterior_fossa_weight
+from Training.synthesis.mimics import MimicMaps
 
 logger = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ class Mimics:
         regional: broad regional DWI hyperintensity (relative S0 gain >= 0: DWI bright, ADC
             unchanged), or None; see :func:`draw_regional`.
         cerebellar: the posterior fossa's own tissue values, or None; see :func:`draw_cerebellar`.
-        scan: the real-scan mimics of :mod:`Training.synth.mimics` (kind and weight maps and their
+        scan: the real-scan mimics of :mod:`Training.synthesis.mimics` (kind and weight maps and their
             multipliers), or None.
         scan_noise: unit-sd smooth field for the extra ADC noise of ``scan`` (or None).
     """

@@ -10,8 +10,8 @@ Writes, directly under ``--out``::
     clinical.csv      case_id + the ten clinical schema fields (empty = missing)
     dataset.json      seed, package versions, every parameter, and per case every drawn value
 
-The images come from :func:`Training.synth.case.synthesize_case` (see there and
-:mod:`Training.synth.physics` for the models). The output is byte-identical for the same seed
+The images come from :func:`Training.synthesis.case.synthesize_case` (see there and
+:mod:`Training.synthesis.physics` for the models). The output is byte-identical for the same seed
 and parameters, whatever ``--workers`` is. The dataset is built in a temporary sibling folder and
 renamed into place at the end, so an interrupted run leaves nothing half-written.
 
@@ -41,7 +41,7 @@ from StrokePredictorLib._lazy import sitk
 from StrokePredictorLib.errors import OutputExistsError, StrokePredictorError
 from StrokePredictorLib.io import Geometry, atomic_path, write_json
 from Training import config as config_lib
-from Training.synth.case import MODES, OPT_IN, SynthesisParams, SyntheticCase, synthesize_case
+from Training.synthesis.case import MODES, OPT_IN, SynthesisParams, SyntheticCase, synthesize_case
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +79,10 @@ class GenerateConfig:
                 "scans; else the cerebral cortex's) and a FLAIR gain below the tentorium; own random stream, so 0 "
                 "reproduces earlier datasets"})
     scan_mimics: float = field(default=0.0, metadata={
-        "help": "probability per case of the real-scan mimics (Training/synth/mimics.py): susceptibility at air-bone "
-                "interfaces, bright cortical ribbon, T2 shine-through, midline and choroid-plexus spots, chronic "
-                "infarcts and lacunes, white-matter hyperintensities; own random stream, 0 reproduces earlier "
-                "datasets"})
+        "help": "probability per case of the real-scan mimics (Training/synthesis/mimics.py): susceptibility at "
+                "air-bone interfaces, bright cortical ribbon, T2 shine-through, midline and choroid-plexus spots, "
+                "chronic infarcts and lacunes, white-matter hyperintensities; own random stream, 0 reproduces "
+                "earlier datasets"})
     showers: float = field(default=0.0, metadata={
         "help": "probability per non-empty case of a cardio-embolic shower (3-40 foci of 0.02-0.5 mL over 1-3 "
                 "territories), which replaces the lesion in half of those cases; own random stream"})
@@ -193,7 +193,7 @@ def _work(args: tuple[int, int, SynthesisParams, str]) -> tuple[str, dict, dict]
 
 def _init_worker(template_mm: int) -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    from Training.synth.anatomy import load_template
+    from Training.synthesis.anatomy import load_template
 
     load_template(template_mm)
 
@@ -235,12 +235,12 @@ def generate(config: GenerateConfig, *, progress: bool = True) -> Path:
     """
     from tqdm import tqdm
 
-    from Training.synth import outcome as outcome_model
-    from Training.synth.anatomy import load_template
-    from Training.synth.clinical_sim import MISSING_RATES
-    from Training.synth.lesions import LESION_MIX, load_soop
-    from Training.synth.mimics import KINDS, SHOWER_COUNT, SHOWER_FOCUS_ML, SMALL_LESION_ML
-    from Training.synth.physics import PHYSICS, RANDOMIZED
+    from Training.synthesis import outcome as outcome_model
+    from Training.synthesis.anatomy import load_template
+    from Training.synthesis.clinical_sim import MISSING_RATES
+    from Training.synthesis.lesions import LESION_MIX, load_soop
+    from Training.synthesis.mimics import KINDS, SHOWER_COUNT, SHOWER_FOCUS_ML, SMALL_LESION_ML
+    from Training.synthesis.physics import PHYSICS, RANDOMIZED
 
     out = Path(config.out)
     _prepare_out(out, config.overwrite)
@@ -383,7 +383,7 @@ def montage(root: str | os.PathLike, png: str | os.PathLike, *, n_cases: int = 4
 
     from StrokePredictorLib.io import discover_isles, read_volume
     from StrokePredictorLib.preprocess import resample
-    from Training.synth.acquisition import euler_transform
+    from Training.synthesis.acquisition import euler_transform
 
     root = Path(root)
     cases = discover_isles(root)[:n_cases]

@@ -1,21 +1,21 @@
 """``python -m Training train-synth``: train on GPU-synthesised data, several variants in lockstep.
 
-Every step draws label samples (CPU workers, :class:`Training.gpu_synth.LabelSampler`) and
-synthesises a domain-randomised image batch on the device (:class:`Training.gpu_synth.GpuSynthesizer`);
+Every step draws label samples (CPU workers, :class:`Training.synthesis.gpu_synth.LabelSampler`) and
+synthesises a domain-randomised image batch on the device (:class:`Training.synthesis.gpu_synth.GpuSynthesizer`);
 the same batch trains every variant, so a fusion model and its imaging-only ablation see exactly
 the same data and steps (a paired ablation at the cost of one data stream). A variant is
 ``<task>`` or ``<task>-imaging`` (``acute``, ``outcome``, ``acute-imaging``, ...).
 
 Each variant gets a run folder ``OUT/<variant>/`` with ``checkpoints/best.pt`` (best validation
 Dice on synthesised cases from held-out validation lesions) and ``last.pt`` in the format of
-:mod:`Training.train`, so ``python -m Training export --run OUT/acute --out BUNDLE`` works, plus
+:mod:`Training.training.train`, so ``python -m Training export --run OUT/acute --out BUNDLE`` works, plus
 ``log.csv`` and the effective config. The learning-rate schedule (linear warm-up, cosine decay)
 follows the elapsed fraction of ``--time-limit`` when one is given, so a run fits a fixed budget.
 
     python -m Training train-synth --pack pack.npz --out runs/synth --device cuda --time-limit 300
 
 On the CPU (``--source pool``, the default there), synthesis per step would cost many times the
-network's step, so volumes come from :class:`Training.pool.SynthPool`: pre-rendered whole
+network's step, so volumes come from :class:`Training.synthesis.pool.SynthPool`: pre-rendered whole
 volumes, refreshed by a background process, cut into lesion-centred patches (``--patch``) that
 are re-augmented cheaply; bf16 autocast on the CPU (about 1.9x faster than fp32 there). Patches
 carry their place in the model grid, so the fusion's position embedding means the same as at
@@ -191,8 +191,8 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
     from StrokePredictorLib.io import write_json
     from StrokePredictorLib.network import NetworkConfig, StrokeNet
     from StrokePredictorLib.preprocess import ModelGrid, Normalization
-    from Training.gpu_synth import GpuSynthesizer, LabelSampler, Pack
-    from Training.train import load_checkpoint, lr_factor, save_checkpoint
+    from Training.synthesis.gpu_synth import GpuSynthesizer, LabelSampler, Pack
+    from Training.training.train import load_checkpoint, lr_factor, save_checkpoint
 
     if config.resume:
         config = _resume_config(config)
@@ -276,7 +276,7 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
     pool = None
     loader_iter = None
     if source == "pool":
-        from Training.pool import SynthPool
+        from Training.synthesis.pool import SynthPool
 
         logger.info("rendering %d pool volumes ...", config.pool_size)
         pool = SynthPool(config.pack, grid.size, size=config.pool_size, seed=config.seed + 1_000_003 * step,
@@ -326,7 +326,7 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
             "network": state["config"].to_dict(), "task": task, "grid": grid.to_dict(),
             "normalization": Normalization().to_dict(),
             "data": {
-                "source": "domain-randomised synthesis (Training.gpu_synth) from MNI152 2009 anatomy and "
+                "source": "domain-randomised synthesis (Training.synthesis.gpu_synth) from MNI152 2009 anatomy and "
                           "real SOOP acute lesion masks with their participants' clinical values"
                           + (", pre-rendered pool of whole volumes cut into lesion-centred patches"
                              if source == "pool" else ""),

@@ -7,7 +7,7 @@ Two modes:
   other value is simulated (marked ``simulated``) consistently with the case's ground-truth
   lesion, and some are left missing at realistic rates (marked ``missing``). The marks go to a
   companion ``<output stem>_sources.json``. The NIHSS is drawn from the model fitted on the
-  real SOOP pairs (:mod:`Training.nihss`, lesion volume and location); the other features follow
+  real SOOP pairs (:mod:`Training.clinical.nihss`, lesion volume and location); the other features follow
   published distributions (sources in :data:`_DISTRIBUTIONS`'s comments). Deterministic for a
   seed: each case has its own random stream seeded by (seed, case id), so adding a case leaves
   the others unchanged.
@@ -34,7 +34,7 @@ from StrokePredictorLib import clinical
 from StrokePredictorLib.errors import ClinicalValueError, InputImageError, OutputExistsError
 from StrokePredictorLib.io import CaseRecord, discover_isles, read_volume, write_json
 from Training import config as config_mod
-from Training import nihss
+from Training.clinical import nihss
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def simulate_dataset(config: ClinicalConfig) -> tuple[dict[str, clinical.Clinica
         }
     document = {
         "description": "Provenance of every value in the clinical CSV: observed (JSON sidecar), "
-                       "simulated (Training.clinical_data) or missing.",
+                       "simulated (Training.clinical.clinical_data) or missing.",
         "seed": config.seed,
         "nihss_model": {"path": str(config.nihss_model or "Training/resources/nihss_model.json"),
                         "pearson_r_test": model.info.get("pearson_r_test")},

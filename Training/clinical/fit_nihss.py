@@ -2,11 +2,11 @@
 
 Usage::
 
-    python -m Training.fit_nihss [--soop ../shared/data/soop] [--out Training/resources/nihss_model.json]
+    python -m Training.clinical.fit_nihss [--soop ../shared/data/soop] [--out Training/resources/nihss_model.json]
                                  [--holdout 0.2] [--seed 0] [--workers 2] [--overwrite]
 
 Reads ``participants.tsv`` (admission NIHSS) and the lesion masks ``lesions/bwsrsub-<ID>_lesion.nii.gz``
-(MNI space, 1 mm), computes the features of :mod:`Training.nihss` (the brain reference is the
+(MNI space, 1 mm), computes the features of :mod:`Training.clinical.nihss` (the brain reference is the
 arterial territory atlas's non-zero region), caches them (``--cache``, default
 ``~/.cache/strokepredictor/soop_nihss_features.npz``) so a refit takes seconds, fits on a random
 ``1 - holdout`` of the rows and reports the Pearson R of expected vs observed NIHSS on the held-out
@@ -28,10 +28,10 @@ import numpy as np
 
 from StrokePredictorLib.errors import StrokePredictorError
 from StrokePredictorLib.io import write_json
-from Training import nihss
+from Training.clinical import nihss
 
 logger = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SOOP = Path(os.environ.get("STROKEPREDICTOR_SHARED_DATA", REPO_ROOT.parent / "shared" / "data")) / "soop"
 DEFAULT_CACHE = Path.home() / ".cache" / "strokepredictor" / "soop_nihss_features.npz"
 
@@ -127,7 +127,7 @@ def fit(features: np.ndarray, scores: np.ndarray, *, holdout: float, seed: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m Training.fit_nihss", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m Training.clinical.fit_nihss", description=__doc__.split("\n")[0],
                                      allow_abbrev=False)
     parser.add_argument("--soop", type=Path, default=DEFAULT_SOOP, help="SOOP folder (participants.tsv, lesions/)")
     parser.add_argument("--out", type=Path, default=nihss.DEFAULT_MODEL_PATH, help="coefficients JSON to write")

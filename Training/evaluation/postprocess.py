@@ -74,8 +74,8 @@ from StrokePredictorLib.postprocess import (
     label_components,
 )
 from Training import config as config_mod
-from Training import metrics as M
-from Training.evaluate import EvaluateConfig, _clinical_of, collect, ground_truth_path, read_case
+from Training.evaluation import metrics as M
+from Training.evaluation.evaluate import EvaluateConfig, _clinical_of, collect, ground_truth_path, read_case
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def score_case(probability: np.ndarray, truth: np.ndarray, voxel_ml: float, sett
     setting then keeps a subset of the predicted components, and Dice, the lesion-wise counts (ISLES
     matching: a true lesion is found when any voxel is predicted), the counts per lesion-size bin and
     the false-positive volume follow from the components' sizes and overlaps exactly as
-    :mod:`Training.metrics` computes them on the final mask (removing whole components merges
+    :mod:`Training.evaluation.metrics` computes them on the final mask (removing whole components merges
     nothing). ``adc`` (10^-3 mm^2/s, the probability's grid) is needed when a setting has an ADC rule.
     """
     truth = np.asarray(truth, bool)

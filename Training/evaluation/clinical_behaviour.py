@@ -225,7 +225,7 @@ def bundle_volume_function(bundle: str | Path, dwi: str | Path, adc: str | Path,
 # ----------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------
-SAMPLE = Path(__file__).resolve().parents[1] / "StrokePredictor" / "Resources" / "SampleData"
+SAMPLE = Path(__file__).resolve().parents[2] / "StrokePredictor" / "Resources" / "SampleData"
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 * AdamW, linear warm-up then cosine decay (per optimiser step), gradient clipping.
 * Loss: MONAI ``DiceCELoss`` with a sigmoid (Dice per case, plus binary cross-entropy).
-* Augmentation (:mod:`Training.data`): left-right flips, small rotations/scaling/shifts,
+* Augmentation (:mod:`Training.data.dataset`): left-right flips, small rotations/scaling/shifts,
   optional elastic deformation, gamma/contrast/noise per channel, FLAIR drop-out and
   clinical-feature drop-out, picked per sample from the sample's stream position (replayable).
 * bf16 autocast and channels-last on CUDA; optional deterministic mode.
@@ -51,8 +51,7 @@ from StrokePredictorLib.errors import OutputExistsError
 from StrokePredictorLib.io import atomic_path
 from StrokePredictorLib.preprocess import ModelGrid, Normalization
 from Training import config as configlib
-from Training import distributed as distlib
-from Training.data import (
+from Training.data.dataset import (
     AugmentConfig,
     CacheDataset,
     CacheError,
@@ -63,6 +62,7 @@ from Training.data import (
     steps_per_pass,
     task_cases,
 )
+from Training.training import distributed as distlib
 
 logger = logging.getLogger(__name__)
 
@@ -367,7 +367,7 @@ def _batch_to(batch: dict, device: torch.device) -> dict:
 def data_summary(cache: Path, task: str) -> dict:
     """Training-data description for the checkpoint and the bundle (from the cache index)."""
     index = load_index(cache)
-    from Training.data import load_split
+    from Training.data.dataset import load_split
 
     split = load_split(cache)
     with_task = {m["case_id"] for m in index["cases"] if task in m["targets"]}

@@ -1,11 +1,11 @@
 """Real-scan lesion mimics and embolic showers in template (MNI) space, for BOTH synthesisers.
 
-One implementation, consumed by the GPU/torch training synthesiser (:mod:`Training.gpu_synth`, via
-:class:`Training.gpu_synth.LabelSampler`) and by the CPU generator of test sets
-(:func:`Training.synth.case.synthesize_case`, :mod:`Training.synth.physics`):
+One implementation, consumed by the GPU/torch training synthesiser (:mod:`Training.synthesis.gpu_synth`, via
+:class:`Training.synthesis.gpu_synth.LabelSampler`) and by the CPU generator of test sets
+(:func:`Training.synthesis.case.synthesize_case`, :mod:`Training.synthesis.physics`):
 
 * **Where** mimics go: :func:`mimic_regions` derives one placement-weight map per kind from the
-  MNI template anatomy (:mod:`Training.synth.anatomy`): tissue fractions, the brain surface and
+  MNI template anatomy (:mod:`Training.synthesis.anatomy`): tissue fractions, the brain surface and
   MNI coordinates (cached per template).
 * **What** each kind does: :data:`KINDS` gives, per kind, its size, shape and the ranges of its
   multipliers of S0 (the b=0 / T2 signal, so b0 and b-image rise together), of the tissue ADC, of
@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from Training.synth.anatomy import Template
+from Training.synthesis.anatomy import Template
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ COLUMNS: tuple[str, ...] = ("s0", "adc", "flair", "adc_noise")
 SHOWER_FOCUS_ML = (0.02, 0.5)
 SHOWER_COUNT = (3, 40)
 SMALL_LESION_ML = (0.02, 1.0)
-#: Territory weights of shower foci (labels of :data:`Training.synth.anatomy.TERRITORIES`, left side;
+#: Territory weights of shower foci (labels of :data:`Training.synthesis.anatomy.TERRITORIES`, left side;
 #: the hemisphere is drawn separately): MCA, ACA, PCA, posterior fossa, deep.
 _SHOWER_TERRITORIES = {1: 0.55, 3: 0.1, 5: 0.15, 7: 0.12, 9: 0.08}
 

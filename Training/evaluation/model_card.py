@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from Training import config as cfg
-from Training.evaluate import postprocessing_text, size_table
+from Training.evaluation.evaluate import postprocessing_text, size_table
 
 METRICS = (("dice", "Dice"), ("iou", "IoU"), ("sensitivity", "Sensitivity"), ("specificity", "Specificity"),
            ("precision", "Precision"), ("lesion_f1", "Lesion F1"), ("lesion_precision", "Lesion precision"),
@@ -78,7 +78,7 @@ def _per_case(folder: Path, dataset: str) -> dict[str, float]:
 
 def ablation_row(task: str, fusion: Path, imaging: Path, dataset: str) -> str:
     """Paired per-case Dice difference (fusion - imaging-only) with a bootstrap 95% CI."""
-    from Training.ablate import paired_statistics
+    from Training.evaluation.ablate import paired_statistics
 
     a, b = _per_case(fusion, dataset), _per_case(imaging, dataset)
     cases = sorted(set(a) & set(b))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from Training import config as configlib
-from Training.data import CacheError
+from Training.data.dataset import CacheError
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def export(config: ExportConfig) -> Path:
     from StrokePredictorLib.bundle import save_bundle
     from StrokePredictorLib.network import NetworkConfig, StrokeNet
     from StrokePredictorLib.preprocess import ModelGrid, Normalization
-    from Training.train import load_checkpoint
+    from Training.training.train import load_checkpoint
 
     path = _checkpoint_path(config)
     if not path.is_file():

@@ -1,7 +1,7 @@
 """Admission NIHSS from lesion volume and location: features, the fitted model, sampling.
 
 The model is fitted on the real SOOP pairs (1,449 acute lesion masks in MNI space with their
-admission NIHSS; Absher et al., Scientific Data 2024) by ``Training/fit_nihss.py`` and stored in
+admission NIHSS; Absher et al., Scientific Data 2024) by ``Training/clinical/fit_nihss.py`` and stored in
 ``Training/resources/nihss_model.json``. It is a Poisson regression (log link, small ridge
 penalty) on standardised lesion features, with a negative-binomial dispersion estimated on the
 training rows, so that simulated scores scatter around the expected score as real ones do.
@@ -35,7 +35,7 @@ from scipy import ndimage
 FEATURE_NAMES: tuple[str, ...] = (
     "log_volume", "left_fraction", "left_x_log_volume", "lateral", "anterior", "superior", "log_components",
 )
-DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "resources" / "nihss_model.json"
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[1] / "resources" / "nihss_model.json"
 NIHSS_MAX = 42
 
 

@@ -93,7 +93,7 @@ def training_curves(run: Path, out: Path, *, dpi: int = 110, overwrite: bool = F
 
 
 def reliability_diagram(reliability: dict, path: Path, *, title: str, dpi: int = 110, overwrite: bool = False) -> Path:
-    """Plot a reliability diagram from :meth:`Training.metrics.ReliabilityBins.to_dict` data."""
+    """Plot a reliability diagram from :meth:`Training.evaluation.metrics.ReliabilityBins.to_dict` data."""
     plt = _pyplot()
     edges = np.asarray(reliability["edges"])
     centers = (edges[:-1] + edges[1:]) / 2
@@ -203,7 +203,7 @@ def evaluation_figures(evaluation: Path, out: Path, *, max_cases: int = 6, dpi: 
 def _mimic_case(index: int, seed: int, **options: float) -> tuple:  # noqa: ANN001
     """A physical case with the real-scan mimics and its twin without them (same seed, so the same
     anatomy, lesion and noise draws): their ratio shows where the mimics changed DWI and ADC."""
-    from Training.synth.case import SynthesisParams, synthesize_case
+    from Training.synthesis.case import SynthesisParams, synthesize_case
 
     base = {"lesion_kind": "territorial", "empty_fraction": 0.0, "adc_unit": "mm2/s", "cerebellar_adc": 1.0,
             **options}
@@ -214,14 +214,14 @@ def _mimic_case(index: int, seed: int, **options: float) -> tuple:  # noqa: ANN0
 
 def mimics_montage(png: Path, *, seed: int = 14, dpi: int = 110, overwrite: bool = False) -> Path:
     """Montage of synthetic cases of the generator (``python -m Training generate`` with
-    ``--scan-mimics 1``, :mod:`Training.synth.mimics`): rows show a skull-base slice with
+    ``--scan-mimics 1``, :mod:`Training.synthesis.mimics`): rows show a skull-base slice with
     susceptibility artefacts, an embolic shower, a slice with high-ADC mimics (chronic infarcts,
     lacunes, white-matter hyperintensities) and a single small lesion; columns DWI, ADC, FLAIR
     (registered onto the DWI grid) and DWI with the acute lesion (red), the mimics that brighten DWI
     with a normal ADC (yellow: DWI x1.25 or more, ADC within 15%) and those that raise the ADC (cyan:
     x1.4 or more). Cases are procedural (no lesion library needed) and reproducible from ``seed``."""
     from StrokePredictorLib.preprocess import resample
-    from Training.synth.acquisition import euler_transform
+    from Training.synthesis.acquisition import euler_transform
 
     plt = _pyplot()
     rows = [("skull base: susceptibility (bright DWI, normal ADC)", 1, {}, "inferior"),

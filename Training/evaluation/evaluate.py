@@ -2,9 +2,9 @@
 
 For every case of every ``--data`` folder (ISLES 2022 layout), the bundle runs through
 :class:`StrokePredictorLib.inference.Predictor` on the raw files exactly as a user's prediction
-would (outputs on the DWI grid), and the classical threshold rule (:mod:`Training.baseline`) runs
+would (outputs on the DWI grid), and the classical threshold rule (:mod:`Training.evaluation.baseline`) runs
 on the same files. Both are compared with the ground truth (``--task acute``: ``*_msk``;
-``outcome``: ``*_outcome``) with the ISLES 2022 metrics and more (:mod:`Training.metrics`); the
+``outcome``: ``*_outcome``) with the ISLES 2022 metrics and more (:mod:`Training.evaluation.metrics`); the
 model's uncertainty is judged by its calibration (ECE over brain voxels, reliability diagram),
 the AUROC of voxel-wise error detection by the predictive entropy, and the coverage of the
 95 % lesion-volume interval.
@@ -35,9 +35,9 @@ import numpy as np
 from StrokePredictorLib import clinical
 from StrokePredictorLib.errors import InputImageError, OutputExistsError, StrokePredictorError
 from StrokePredictorLib.io import CaseRecord, Volume, discover_isles, read_volume, write_json, write_volume
-from Training import baseline as baseline_mod
 from Training import config as config_mod
-from Training import metrics as M
+from Training.evaluation import baseline as baseline_mod
+from Training.evaluation import metrics as M
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def ground_truth_path(record: CaseRecord, root: Path, task: str) -> Path | None:
     """The ground-truth mask of a case: ``*_msk`` (acute) or ``*_outcome`` (outcome)."""
     if task == "acute":
         return record.mask
-    from Training.cache import outcome_path
+    from Training.data.cache import outcome_path
 
     return outcome_path(record, root)
 
@@ -123,7 +123,7 @@ def collect(config: EvaluateConfig, task: str) -> list[DatasetCases]:
         root = Path(root)
         records = discover_isles(root)
         if index == 0 and config.split is not None:
-            from Training.cache import read_split
+            from Training.data.cache import read_split
 
             wanted = set(read_split(config.split)[config.subset])
             records = [r for r in records if r.case_id in wanted]
