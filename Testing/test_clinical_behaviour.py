@@ -112,3 +112,60 @@ def test_shipped_acute_bundle_is_stable_across_the_clinical_range(tmp_path: Path
     check = report["checks"][0]
     assert check["name"] == "stable" and report["task"] == "acute"
     assert code == 0 and check["passed"] and check["value"] <= 0.10, check
+
+
+# ----------------------------------------------------------------------------------------
+# Growth on simulated cases (--data)
+# ----------------------------------------------------------------------------------------
+def _growing(factor: float):
+    """A volume function whose none-at-20-h volume is ``factor`` times its thrombectomy-at-1-h volume."""
+    def volume(record: ClinicalRecord) -> float:
+        return 10.0 * (factor if record.values["treatment"] == "none" else 1.0)
+    return volume
+
+
+def test_growth_check_asks_only_cases_that_grow_in_the_simulation() -> None:
+    from Training.evaluation.clinical_behaviour import check_simulated_growth
+
+    def never(record: ClinicalRecord) -> float:
+        raise AssertionError("a case whose simulated infarct barely grows must not be predicted")
+
+    cases = [("a", 2.0, _growing(1.6), BASE), ("b", 1.8, _growing(1.35), BASE), ("c", 1.2, never, BASE)]
+    result = check_simulated_growth(iter(cases), "outcome")[0]
+    assert result.name == "growth_cases" and result.passed and result.value == "2/2"
+    assert set(result.volumes) == {"a", "b"} and result.volumes["a"]["ratio"] == pytest.approx(1.6)
+    failing = check_simulated_growth([("a", 2.0, _growing(1.6), BASE), ("b", 1.9, _growing(1.1), BASE)], "outcome")[0]
+    assert not failing.passed and failing.value == "1/2"
+    assert not check_simulated_growth([("c", 1.2, never, BASE)], "outcome")[0].passed  # nothing checked: no pass
+
+
+def test_growth_check_of_an_acute_bundle_asks_for_stability() -> None:
+    from Training.evaluation.clinical_behaviour import check_simulated_growth
+
+    stable = check_simulated_growth([("a", 1.0, _growing(1.05), BASE), ("b", 3.0, _growing(0.97), BASE)], "acute")[0]
+    assert stable.name == "stable_cases" and stable.passed
+    moved = check_simulated_growth([("a", 2.0, _growing(1.25), BASE)], "acute")[0]
+    assert not moved.passed and moved.volumes["a"]["ratio"] == pytest.approx(0.2)
+
+
+def test_generated_cases_record_their_simulated_growth(tmp_path: Path) -> None:
+    """The generator records the two scenarios' simulated infarcts, and --data reads them end to end."""
+    from inference_phantom import write_tiny_bundle
+
+    from Training.synthesis.generate import write_tiny_dataset
+    from Training.synthesis.outcome import GROWTH_SCENARIOS
+
+    folder = write_tiny_dataset(tmp_path / "tiny", n_cases=2, seed=3)
+    for meta in json.loads((folder / "dataset.json").read_text())["cases"]:
+        scenarios = meta["outcome"]["scenarios_template_ml"]
+        early, late = (scenarios[name] for name in GROWTH_SCENARIOS)
+        assert late >= early > 0 and scenarios["growth"] == pytest.approx(late / early)
+    bundle = write_tiny_bundle(tmp_path / "bundle")
+    out = tmp_path / "growth.json"
+    code = training_main(["behaviour", "--bundle", str(bundle), "--data", str(folder), "--task", "acute",
+                          "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["checks"][0]["name"] == "stable_cases" and set(report["checks"][0]["volumes"]) == {
+        "sub-strokecase0001", "sub-strokecase0002"}
+    assert code == (0 if report["passed"] else 1)
+    assert training_main(["behaviour", "--bundle", str(bundle), "--data", str(tmp_path)]) == 2  # not generated

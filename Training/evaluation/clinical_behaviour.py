@@ -1,6 +1,7 @@
 """Does the prediction follow the clinical values as it should? Behaviour checks.
 
 ``python -m Training behaviour --bundle B [--dwi D --adc A [--flair F] --clinical C.json] [--out R.json]``
+``python -m Training behaviour --bundle B --data GENERATED_FOLDER [--max-cases N] [--out R.json]``
 
 Runs one case (by default the bundled sample case) through a bundle, keeps its imaging features
 (:class:`StrokePredictorLib.whatif.WhatIf`) and re-predicts the lesion volume under many clinical
@@ -22,6 +23,15 @@ scenarios. Checks, by task:
       the volume moves by at most ``max_acute_change`` (10%) of the case's own volume
       (largest minus smallest).
 
+**Simulated growth** (``--data``, a folder written by ``python -m Training generate``, whose
+``dataset.json`` holds each case's simulated final infarct under the two growth scenarios,
+:data:`Training.synthesis.outcome.GROWTH_SCENARIOS`): on every case whose simulated infarct grows by
+``min_simulated_growth`` (1.5x) or more from thrombectomy at 1 h to no treatment at 20 h (NIHSS 16 in
+both, the case's other clinical values as recorded), an outcome bundle's predicted volume must grow
+by ``min_growth`` (1.3x) or more (``growth_cases``: every such case, the median beside it); an acute
+bundle's volume must move by at most ``max_acute_change`` between the same two scenarios
+(``stable_cases``).
+
 Every scenario uses canonical clinical values (treatment ``"none"`` is the category *none*, not
 "missing"). :func:`check_behaviour` takes any ``record -> volume`` function, so the checks are
 tested on controllable fake predictors and run unchanged on the next model. Prints one line per
@@ -32,7 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -195,18 +205,20 @@ def check_behaviour(volume: VolumeFunction, base: ClinicalRecord, task: str, *, 
     return _outcome_checks(volume, base, tolerance_ml, min_growth, onsets, points)
 
 
-def bundle_volume_function(bundle: str | Path, dwi: str | Path, adc: str | Path, flair: str | Path | None,
+def bundle_volume_function(bundle: str | Path | object, dwi: str | Path, adc: str | Path, flair: str | Path | None,
                            base: ClinicalRecord, *, cpu_bf16: bool = False, device: str = "cpu"
                            ) -> tuple[VolumeFunction, str, dict]:
     """``record -> volume`` of a bundle on one case (imaging features computed once; dropout off,
-    the bundle's post-processing; the thresholded volume on the DWI grid). Returns the function,
-    the bundle's task and its description."""
+    the bundle's post-processing; the thresholded volume on the DWI grid). ``bundle`` is a bundle
+    folder or a deterministic :class:`~StrokePredictorLib.inference.Predictor` (reused over cases).
+    Returns the function, the bundle's task and its description."""
     from StrokePredictorLib.inference import Predictor
     from StrokePredictorLib.io import read_volume
     from StrokePredictorLib.preprocess import preprocess
     from StrokePredictorLib.whatif import WhatIf
 
-    predictor = Predictor(bundle, device=device, mc_samples=1, deterministic=True)
+    predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle, device=device, mc_samples=1,
+                                                                        deterministic=True)
     case = preprocess(read_volume(dwi, role="DWI"), read_volume(adc, role="ADC"),
                       read_volume(flair, role="FLAIR") if flair else None,
                       grid=predictor.bundle.grid, normalization=predictor.bundle.normalization)
@@ -220,6 +232,107 @@ def bundle_volume_function(bundle: str | Path, dwi: str | Path, adc: str | Path,
         return cache[key]
 
     return volume, predictor.bundle.task, predictor.bundle.describe()
+
+
+def scenario_record(base: ClinicalRecord, scenario: dict) -> ClinicalRecord:
+    """``base`` with a growth scenario's NIHSS, onset time and treatment."""
+    return _with(base, nihss=float(scenario["nihss"]), onset_to_imaging_h=float(scenario["onset_h"]),
+                 treatment=str(scenario["treatment"]))
+
+
+def check_simulated_growth(cases: Iterable[tuple[str, float, VolumeFunction, ClinicalRecord]], task: str, *,
+                           min_simulated_growth: float = 1.5, min_growth: float = 1.3,
+                           max_acute_change: float = 0.10) -> list[CheckResult]:
+    """The growth check over simulated cases (module docstring).
+
+    Args:
+        cases: ``(case id, simulated growth, record -> volume, the case's record)`` per case (consumed
+            one at a time: a volume function is called only for the cases that are checked).
+        task: ``outcome`` (``growth_cases``) or ``acute`` (``stable_cases``).
+    """
+    from Training.synthesis.outcome import GROWTH_SCENARIOS
+
+    early_scenario, late_scenario = GROWTH_SCENARIOS.values()
+    rows, ratios = {}, []
+    for case_id, simulated, volume, base in cases:
+        if task == "outcome" and not simulated >= min_simulated_growth:
+            continue
+        early = float(volume(scenario_record(base, early_scenario)))
+        late = float(volume(scenario_record(base, late_scenario)))
+        if task == "outcome":
+            ratio = late / early if early > 0 else (math.inf if late > 0 else 1.0)
+        else:
+            reference = max(early, late)
+            ratio = abs(late - early) / reference if reference > 0 else 0.0
+        ratios.append(ratio)
+        rows[case_id] = {"simulated_growth": round(simulated, 3), "early_ml": round(early, 3),
+                         "late_ml": round(late, 3), "ratio": round(ratio, 4)}
+    if not rows:
+        return [CheckResult("growth_cases" if task == "outcome" else "stable_cases", False, "no case",
+                            f"cases whose simulated infarct grows >= {min_simulated_growth}x",
+                            "no case qualifies: nothing was checked", {})]
+    median = float(np.median(ratios))
+    if task == "outcome":
+        passing = sum(r >= min_growth for r in ratios)
+        return [CheckResult(
+            "growth_cases", passing == len(ratios), f"{passing}/{len(ratios)}",
+            f"every case >= {min_growth}x (simulated growth >= {min_simulated_growth}x)",
+            f"predicted growth none 20 h / thrombectomy 1 h: median {median:.2f}x, "
+            f"range {min(ratios):.2f}-{max(ratios):.2f}x over {len(ratios)} case(s)", rows)]
+    passing = sum(r <= max_acute_change for r in ratios)
+    return [CheckResult(
+        "stable_cases", passing == len(ratios), f"{passing}/{len(ratios)}",
+        f"every case within {max_acute_change:.0%} between the two scenarios",
+        f"relative change median {median:.1%}, largest {max(ratios):.1%} over {len(ratios)} case(s)", rows)]
+
+
+def dataset_cases(bundle: str | Path, folder: str | Path, *, max_cases: int = 0, cpu_bf16: bool = False,
+                  device: str = "cpu") -> tuple[Iterator[tuple[str, float, VolumeFunction, ClinicalRecord]], int, str,
+                                                dict]:
+    """The cases of a generated folder for :func:`check_simulated_growth` (lazily: a case is read and
+    encoded only when its volume is first asked for), their number, the bundle's task and description.
+
+    Raises:
+        StrokePredictorError: not a generated folder, or one written before the scenarios were recorded.
+    """
+    import json
+
+    from StrokePredictorLib.clinical import read_csv
+    from StrokePredictorLib.inference import Predictor
+    from Training.synthesis.generate import case_paths
+
+    folder = Path(folder)
+    description = folder / "dataset.json"
+    if not description.is_file() or not (folder / "clinical.csv").is_file():
+        raise StrokePredictorError(f"--data {folder}: not a folder written by 'python -m Training generate' "
+                                   "(dataset.json and clinical.csv expected).")
+    metadata = json.loads(description.read_text())
+    records = read_csv(folder / "clinical.csv")
+    cases = metadata.get("cases", [])
+    if cases and "scenarios_template_ml" not in cases[0].get("outcome", {}):
+        raise StrokePredictorError(f"--data {folder}: its dataset.json has no simulated growth scenarios (written by "
+                                   "an older generator); generate it again with the same seed.")
+    predictor = Predictor(bundle, device=device, mc_samples=1, deterministic=True)
+    chosen = cases[: max_cases or None]
+
+    def lazy(paths: dict[str, Path], base: ClinicalRecord) -> VolumeFunction:
+        made: list[VolumeFunction] = []
+
+        def volume(record: ClinicalRecord) -> float:
+            if not made:
+                made.append(bundle_volume_function(predictor, paths["dwi"], paths["adc"],
+                                                   paths["flair"] if paths["flair"].is_file() else None, base,
+                                                   cpu_bf16=cpu_bf16)[0])
+            return made[0](record)
+        return volume
+
+    def generate() -> Iterator[tuple[str, float, VolumeFunction, ClinicalRecord]]:
+        for meta in chosen:
+            base = records.get(meta["case_id"], ClinicalRecord())
+            yield (meta["case_id"], float(meta["outcome"]["scenarios_template_ml"]["growth"]),
+                   lazy(case_paths(folder, meta["case_id"]), base), base)
+
+    return generate(), len(chosen), predictor.bundle.task, predictor.bundle.describe()
 
 
 # ----------------------------------------------------------------------------------------
@@ -245,6 +358,12 @@ class BehaviourConfig:
     points: int = field(default=SWEEP_POINTS, metadata={"help": "values per numeric feature in the sweeps"})
     cpu_bf16: bool = field(default=False, metadata={"help": "re-run the decoder under bf16 autocast (faster)"})
     out: Path | None = field(default=None, metadata={"help": "write the full results (every volume) as JSON"})
+    data: Path | None = field(default=None, metadata={
+        "help": "a generated folder (python -m Training generate): check the growth between the two scenarios on "
+                "its simulated cases instead of the sweeps on one case"})
+    max_cases: int = field(default=0, metadata={"help": "with --data: at most this many cases (0: all)"})
+    min_simulated_growth: float = field(default=1.5, metadata={
+        "help": "with --data: outcome cases whose simulated infarct grows at least this much are checked"})
 
     def __post_init__(self) -> None:
         if self.task not in ("", "outcome", "acute"):
@@ -259,6 +378,18 @@ def run(config: BehaviourConfig) -> tuple[list[CheckResult], dict]:
     """Run the checks the command line asks for; returns the results and the report."""
     if config.bundle is None:
         raise StrokePredictorError("--bundle is required (a bundle folder).")
+    if config.data is not None:
+        if config.dwi is not None or config.clinical is not None:
+            raise StrokePredictorError("--data checks a generated folder: give no --dwi, --adc or --clinical with it.")
+        cases, count, task, described = dataset_cases(config.bundle, config.data, max_cases=config.max_cases,
+                                                      cpu_bf16=config.cpu_bf16)
+        task = config.task or task
+        results = check_simulated_growth(cases, task, min_simulated_growth=config.min_simulated_growth,
+                                         min_growth=config.min_growth, max_acute_change=config.max_acute_change)
+        report = {"bundle": described, "task": task, "case": {"dwi": f"{config.data} ({count} cases)"},
+                  "passed": all(r.passed for r in results), "checks": [asdict(r) for r in results],
+                  "settings": config_mod.to_dict(config)}
+        return results, report
     if (config.dwi is None) != (config.adc is None):
         raise StrokePredictorError("--dwi and --adc go together (or give neither for the sample case).")
     sample = config.dwi is None

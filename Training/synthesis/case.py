@@ -43,7 +43,7 @@ from Training.synthesis.lesions import (
     territory_name,
 )
 from Training.synthesis.mimics import draw_mimic_maps, embolic_shower, small_lesion
-from Training.synthesis.outcome import outcome_fraction
+from Training.synthesis.outcome import outcome_fraction, scenario_volumes
 from Training.synthesis.physics import physical_images, randomized_images
 
 logger = logging.getLogger(__name__)
@@ -348,9 +348,13 @@ def synthesize_case(index: int, seed: int, params: SynthesisParams | None = None
             mimics.scan = draw_mimic_maps(template, scan_rng, avoid=lesion.fraction)
             mimics.scan_noise = smooth_noise(scan_rng, template.shape, 0.7)
             mimics.description["real_scan_mimics"] = mimics.scan.description
+    outcome_noise = smooth_noise(rng, template.shape, 1.5)
     outcome_frac, outcome_info = outcome_fraction(
         template, lesion.fraction, nihss=hidden.nihss, onset_h=hidden.onset_h, treatment=hidden.treatment,
-        collateral=hidden.collateral, glucose=hidden.glucose, noise=smooth_noise(rng, template.shape, 1.5))
+        collateral=hidden.collateral, glucose=hidden.glucose, noise=outcome_noise)
+    # the growth check's reference scenarios (no random draw: every other value is unchanged)
+    scenarios = scenario_volumes(template, lesion.fraction, collateral=hidden.collateral, glucose=hidden.glucose,
+                                 noise=outcome_noise)
     # -- images in template space --------------------------------------------------------
     make = physical_images if params.mode == "physical" else randomized_images
     images, signal_info = make(template, lesion, mimics, hidden, irng, skull=skull, ood=params.ood)
@@ -453,7 +457,8 @@ def synthesize_case(index: int, seed: int, params: SynthesisParams | None = None
         "lesion": {"source": lesion.source, "kind": lesion.kind, "territory": territory_name(lesion.territory),
                    "template_volume_ml": volume, "components_template": lesion.n_components(),
                    "volume_ml": float(mask.sum() * dwi_geom.voxel_volume_ml), **lesion_extra},
-        "outcome": {**outcome_info.to_dict(), "volume_ml_dwi_grid": float(outcome.sum() * dwi_geom.voxel_volume_ml)},
+        "outcome": {**outcome_info.to_dict(), "volume_ml_dwi_grid": float(outcome.sum() * dwi_geom.voxel_volume_ml),
+                    "scenarios_template_ml": scenarios},
         "hidden": hidden.to_dict(),
         "mimics": mimics.description,
         "signal": signal_info,

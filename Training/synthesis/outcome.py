@@ -113,3 +113,25 @@ def outcome_fraction(template: Template, core: np.ndarray, *, nihss: float, onse
     result = np.maximum(core, grown_frac).astype(np.float32)
     info = OutcomeInfo(ratio, radius, n_pen * voxel_ml, q, float((result >= 0.5).sum() * voxel_ml))
     return result, info
+
+
+#: The growth check's two clinical scenarios (``python -m Training behaviour``): thrombectomy 1 h after
+#: onset against no treatment at 20 h, both with NIHSS 16.
+GROWTH_SCENARIOS = {
+    "thrombectomy_1h": {"onset_h": 1.0, "treatment": "thrombectomy", "nihss": 16.0},
+    "none_20h": {"onset_h": 20.0, "treatment": "none", "nihss": 16.0},
+}
+
+
+def scenario_volumes(template: Template, core: np.ndarray, *, collateral: float, glucose: float,
+                     noise: np.ndarray) -> dict[str, float]:
+    """Simulated final infarct (mL, template grid) of one case under each of :data:`GROWTH_SCENARIOS`
+    (the case's own core, collateral status, glucose and random field; the scenario's NIHSS, onset
+    and treatment), and ``growth``: the second over the first (1 when both are empty)."""
+    volumes = {name: outcome_fraction(template, core, nihss=values["nihss"], onset_h=values["onset_h"],
+                                      treatment=str(values["treatment"]), collateral=collateral, glucose=glucose,
+                                      noise=noise)[1].outcome_ml
+               for name, values in GROWTH_SCENARIOS.items()}
+    early, late = (volumes[name] for name in GROWTH_SCENARIOS)
+    volumes["growth"] = late / early if early > 0 else 1.0
+    return volumes
