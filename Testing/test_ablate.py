@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from training_fixtures import build_test_cache, write_isles_phantom
 
+from StrokePredictorLib.errors import StrokePredictorError
 from Training.evaluation import ablate
 
 
@@ -93,3 +94,27 @@ def test_tasks_without_targets_are_refused_before_any_training(tmp_path: Path, m
     assert not (tmp_path / "ablation").exists()
     counts = ablate.check_targets(ablate.AblateConfig(cache=cache, data=data, out=tmp_path / "x", tasks=("acute",)))
     assert counts["acute"]["train"] >= 1 and counts["acute"]["test"] >= 1
+
+
+def test_trained_twins_are_compared_without_training(tmp_path: Path) -> None:
+    """--bundles evaluates a fusion bundle and its imaging-only twin on every case of --data, paired."""
+    import json
+
+    from inference_phantom import tiny_config, write_tiny_bundle
+
+    from Training.evaluation.ablate import AblateConfig, run
+    from Training.synthesis.generate import write_tiny_dataset
+
+    data = write_tiny_dataset(tmp_path / "data", n_cases=2, seed=0)
+    fusion = write_tiny_bundle(tmp_path / "fusion", seed=1)
+    imaging = write_tiny_bundle(tmp_path / "imaging", seed=2, config=tiny_config(imaging_only=True))
+    out = tmp_path / "ablation"
+    results = run(AblateConfig(bundles=(fusion, imaging), data=data, out=out, device="cpu", mc_samples=2,
+                               bootstrap=100))
+    acute = results["acute"]
+    assert acute["n_cases"] == 2 and acute["dice"]["n"] == 2
+    assert acute["steps"] == {"fusion": {0: 0}, "imaging_only": {0: 0}}
+    assert any("training steps" in flag for flag in acute["flags"])  # a random bundle is flagged, not trusted
+    assert "(fusion)" in (out / "ablation.md").read_text() and json.loads((out / "ablation.json").read_text())
+    with pytest.raises(StrokePredictorError, match="fusion bundle first"):
+        run(AblateConfig(bundles=(imaging, fusion), data=data, out=tmp_path / "again", device="cpu"))

@@ -17,6 +17,11 @@ Before any training, every task is checked to have targets in the cache (trainin
 evaluated cases); ISLES 2022 has acute lesion masks only, so ``--tasks outcome`` is refused there
 up front.
 
+Already trained twins (``--bundles FUSION,IMAGING_ONLY``, e.g. the ``outcome`` and ``outcome-imaging``
+variants that ``train-synth`` trains in lockstep on the same batches): no training; both bundles are
+evaluated on every case of ``--data`` (a folder with ground truth, no split) and compared the same
+way, with the steps each bundle's checkpoint was trained for.
+
 Outputs in ``--out``: ``runs/``, ``bundles/``, ``eval/`` (one folder per task, seed and arm),
 ``ablation.json``, ``ablation.md`` and ``ablate_config.json``. Training options common to every
 run come from ``--train-config FILE`` (YAML/JSON of TrainConfig fields); the flags here win.
@@ -66,8 +71,13 @@ class AblateConfig:
     mc_samples: int = field(default=10, metadata={"help": "Monte-Carlo samples of the evaluation"})
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples of the confidence interval"})
     overwrite: bool = field(default=False, metadata={"help": "replace an earlier ablation in --out"})
+    bundles: tuple[Path, ...] = field(default=(), metadata={
+        "help": "compare two trained bundles instead of training: FUSION,IMAGING_ONLY (same task); --data is then "
+                "the evaluated folder (ground truth, no split)"})
 
     def __post_init__(self) -> None:
+        if self.bundles and len(self.bundles) != 2:
+            raise ValueError(f"--bundles takes two bundle folders (fusion, imaging only), got {len(self.bundles)}")
         bad = [t for t in self.tasks if t not in ("acute", "outcome")]
         if bad or not self.tasks:
             raise ValueError(f"tasks must be acute and/or outcome, got {', '.join(self.tasks) or 'none'}")
@@ -195,9 +205,10 @@ def _steps_text(task_result: dict) -> str:
     return "/".join(map(str, steps)) if steps else "n/a"
 
 
-def ablation_markdown(results: dict, seeds: tuple[int, ...]) -> str:
+def ablation_markdown(results: dict, seeds: tuple[int, ...], source: str = "") -> str:
+    source = source or f"Same cache, split and training settings; seeds {', '.join(map(str, seeds))}."
     lines = ["# Ablation: clinical-imaging fusion against imaging only", "",
-             f"Same cache, split and training settings; seeds {', '.join(map(str, seeds))}. Difference = fusion "
+             f"{source} Difference = fusion "
              "- imaging only, paired per case (and seed); CI: bootstrap over cases, 95 %. \"No difference\": the "
              "interval includes 0. Steps: optimiser steps per arm and seed; cases: evaluated cases per arm.", "",
              "| Task | Metric | Steps per arm | Cases | Fusion | Imaging only | Difference mean ± sd | 95% CI "
@@ -266,6 +277,8 @@ def run(config: AblateConfig) -> dict:
     from Training.training.train import TrainConfig
     from Training.training.train import run as train_run
 
+    if config.bundles:
+        return run_bundles(config)
     if config.cache is None or config.out is None or config.data is None:
         raise StrokePredictorError("--cache, --data and --out are required.")
     out = Path(config.out)
@@ -307,22 +320,77 @@ def run(config: AblateConfig) -> dict:
                                             baseline=False, save_predictions=False, overwrite=config.overwrite,
                                             progress=False))
                 per_arm[arm][seed] = _read_rows(evaluation / "per_case.csv")
-        results[task] = compare(per_arm, n_bootstrap=config.bootstrap)
-        results[task]["steps"] = steps
-        results[task]["n_cases"] = len(set.intersection(*(set(cases) for arm in per_arm.values()
-                                                          for cases in arm.values())))
-        results[task]["volumes_ml"] = {arm: _volumes(per_arm[arm]) for arm, _ in ARMS}
-        results[task]["flags"] = sanity_flags(results[task])
-        for metric, _, higher_better in ABLATION_METRICS:
-            results[task][metric]["verdict"] = verdict(results[task][metric], higher_better)
+        results[task] = _task_result(per_arm, steps, config.bootstrap)
+    return _write(config, out, results, config.seeds)
+
+
+def _task_result(per_arm: dict, steps: dict, n_bootstrap: int) -> dict:
+    result = compare(per_arm, n_bootstrap=n_bootstrap)
+    result["steps"] = steps
+    result["n_cases"] = len(set.intersection(*(set(cases) for arm in per_arm.values() for cases in arm.values())))
+    result["volumes_ml"] = {arm: _volumes(per_arm[arm]) for arm, _ in ARMS}
+    result["flags"] = sanity_flags(result)
+    for metric, _, higher_better in ABLATION_METRICS:
+        result[metric]["verdict"] = verdict(result[metric], higher_better)
+    return result
+
+
+def _write(config: AblateConfig, out: Path, results: dict, seeds: tuple[int, ...]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    write_json({"seeds": list(config.seeds), "subset": config.subset, "results": results}, out / "ablation.json",
-               overwrite=True)
+    write_json({"seeds": list(seeds), "subset": config.subset if not config.bundles else "all of --data",
+                "bundles": [str(b) for b in config.bundles], "results": results}, out / "ablation.json", overwrite=True)
     markdown = out / "ablation.md"
-    markdown.with_suffix(".md.tmp").write_text(ablation_markdown(results, config.seeds))
+    source = (f"Trained bundles {config.bundles[0]} (fusion) and {config.bundles[1]} (imaging only), every case of "
+              f"{config.data}." if config.bundles else "")
+    markdown.with_suffix(".md.tmp").write_text(ablation_markdown(results, seeds, source))
     markdown.with_suffix(".md.tmp").replace(markdown)
     config_mod.save(config, out / "ablate_config.json")
     return results
+
+
+def _bundle_facts(bundle: Path) -> tuple[str, bool, int]:
+    """A bundle's task, whether it is imaging-only, and the training steps of its checkpoint."""
+    import json
+
+    path = Path(bundle) / "model.json"
+    if not path.is_file():
+        raise StrokePredictorError(f"--bundles: {bundle} is not a model bundle (no model.json).")
+    metadata = json.loads(path.read_text())
+    imaging_only = bool(metadata.get("architecture", {}).get("config", {}).get("imaging_only", False))
+    step = metadata.get("data", {}).get("training", {}).get("step")
+    return str(metadata.get("task")), imaging_only, int(step) if isinstance(step, (int, float)) else 0
+
+
+def run_bundles(config: AblateConfig) -> dict:
+    """Evaluate two trained bundles (fusion, imaging only) on ``--data`` and compare them per case."""
+    from Training.evaluation.evaluate import EvaluateConfig
+    from Training.evaluation.evaluate import run as evaluate_run
+
+    if config.out is None or config.data is None:
+        raise StrokePredictorError("--bundles needs --data (the evaluated folder, with ground truth) and --out.")
+    out = Path(config.out)
+    if (out / "ablation.json").exists() and not config.overwrite:
+        raise OutputExistsError(f"{out} holds an earlier ablation; pass --overwrite to replace it.")
+    if not Path(config.data).is_dir():
+        raise StrokePredictorError(f"--data {config.data} is not a folder.")
+    facts = {arm: _bundle_facts(bundle) for (arm, _), bundle in zip(ARMS, config.bundles, strict=True)}
+    tasks = {task for task, _, _ in facts.values()}
+    if len(tasks) != 1:
+        raise StrokePredictorError(f"--bundles: the two bundles have different tasks ({', '.join(sorted(tasks))}).")
+    if facts["fusion"][1] or not facts["imaging_only"][1]:
+        raise StrokePredictorError("--bundles: give the fusion bundle first and the imaging-only bundle second "
+                                   f"(imaging_only: {facts['fusion'][1]}, {facts['imaging_only'][1]}).")
+    task = tasks.pop()
+    per_arm: dict = {arm: {} for arm, _ in ARMS}
+    steps: dict = {arm: {0: facts[arm][2]} for arm, _ in ARMS}
+    for (arm, _), bundle in zip(ARMS, config.bundles, strict=True):
+        evaluation = out / "eval" / f"{task}_{arm}"
+        evaluate_run(EvaluateConfig(bundle=Path(bundle), data=(Path(config.data),), label=(task,), split=None,
+                                    out=evaluation, task=task, mc_samples=config.mc_samples, seed=0,
+                                    device=config.device, baseline=False, save_predictions=False,
+                                    overwrite=config.overwrite, progress=False))
+        per_arm[arm][0] = _read_rows(evaluation / "per_case.csv")
+    return _write(config, out, {task: _task_result(per_arm, steps, config.bootstrap)}, (0,))
 
 
 def main(argv: list[str]) -> int:
