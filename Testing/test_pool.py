@@ -58,6 +58,9 @@ def test_patches_cut_where_their_window_says(pack_path: Path) -> None:
         expected = volume.image[(slice(None), *region)].astype(np.float32)
         np.testing.assert_array_equal(batch["image"][n].numpy(), expected)
         np.testing.assert_array_equal(batch["target"][n, 0].numpy() > 0.5, volume.acute[region])
+        # both tasks' targets of the same patch, so that acute and outcome variants share a batch
+        np.testing.assert_array_equal(batch["outcome"][n, 0].numpy() > 0.5, volume.outcome[region])
+    assert torch.equal(batch["acute"], batch["target"])
 
 
 @pytest.mark.slow
@@ -73,9 +76,12 @@ def test_mirrored_patches_are_cuts_of_the_mirrored_grid_and_lesions_are_centred(
         start, _ = batch["window"][n].tolist()
         region = tuple(slice(s, s + p) for s, p in zip(start, PATCH, strict=True))
         target = batch["target"][n, 0].numpy() > 0.5
+        outcome = batch["outcome"][n, 0].numpy() > 0.5
         if np.array_equal(target, volume.acute[region]) and not np.array_equal(target, mirrored[region]):
+            np.testing.assert_array_equal(outcome, volume.outcome[region])
             continue
         np.testing.assert_array_equal(target, mirrored[region])
+        np.testing.assert_array_equal(outcome, volume.outcome[..., ::-1][region])  # mirrored with the image
         flips += 1
         assert target.any()  # every patch is centred on a lesion component
     assert 0 < flips < 16

@@ -23,6 +23,7 @@ from Training.data.dataset import (
     identity_augmentation,
     sample_augmentation,
 )
+from Training.training import loop as looplib
 from Training.training import train as trainlib
 from Training.training.train import TrainConfig, run
 
@@ -155,7 +156,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(cache: Path, tmp_path:
     full = run(config)
 
     calls = {"n": 0}
-    real_save = trainlib.save_checkpoint
+    real_save = looplib.save_checkpoint
 
     def save_then_die(state: dict, path: Path) -> Path:  # the process is killed after epoch 2's checkpoint
         real_save(state, path)
@@ -165,10 +166,10 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(cache: Path, tmp_path:
         return path
 
     interrupted = replace(config, out=tmp_path / "resumed", workers=1)
-    monkeypatch.setattr(trainlib, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(looplib, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(interrupted)
-    monkeypatch.setattr(trainlib, "save_checkpoint", real_save)
+    monkeypatch.setattr(looplib, "save_checkpoint", real_save)
     assert trainlib.load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["step"] == 4
     resumed = run(replace(interrupted, resume=True))
     assert resumed.steps == full.steps == 8
@@ -270,7 +271,7 @@ def test_time_checkpoints_within_an_epoch_resume_exactly_and_time_adds_up(
     config = _config(cache, tmp_path / "full", epochs=1, steps_per_epoch=6, deterministic=True)
     full = run(config)
     saved_steps: list[int] = []
-    real_save = trainlib.save_checkpoint
+    real_save = looplib.save_checkpoint
 
     def save_then_die(state: dict, path: Path) -> Path:  # Ctrl-C right after the step-3 checkpoint
         real_save(state, path)
@@ -280,10 +281,10 @@ def test_time_checkpoints_within_an_epoch_resume_exactly_and_time_adds_up(
         return path
 
     interrupted = replace(config, out=tmp_path / "resumed", checkpoint_minutes=1e-9)
-    monkeypatch.setattr(trainlib, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(looplib, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(interrupted)
-    monkeypatch.setattr(trainlib, "save_checkpoint", real_save)
+    monkeypatch.setattr(looplib, "save_checkpoint", real_save)
     assert saved_steps == [1, 2, 3]  # written within the epoch, not only at its end
     last = tmp_path / "resumed" / "checkpoints" / "last.pt"
     state = trainlib.load_checkpoint(last)

@@ -12,6 +12,7 @@ from test_gpu_synth import _fake_soop
 
 from Training import config as cfg
 from Training.synthesis.gpu_synth import build_pack
+from Training.training.loop import LOG_COLUMNS
 from Training.training.train_synth import SynthTrainConfig, run
 
 pytestmark = pytest.mark.slow
@@ -38,12 +39,20 @@ def test_pool_run_checkpoints_and_resumes_with_its_own_config(pack_path: Path, t
     last = torch.load(out / "acute" / "checkpoints" / "last.pt", weights_only=False)
     assert last["step"] == 3 and last["optimizer"] is not None and last["elapsed_s"] > 0
     assert last["config"]["source"] == "pool" and "pool" in last["data"]["source"]
+    # the checkpoint format of train (one loop): epochs are --val-every steps, validated at 2 and 3
+    assert {"scaler", "rng", "epoch", "best_epoch", "bad_epochs", "epoch_loss_sum", "epoch_steps", "val_loss",
+            "world_size", "network", "grid", "normalization"} <= set(last)
+    assert last["epoch"] == 2 and last["world_size"] == 1
+    best = torch.load(out / "acute" / "checkpoints" / "best.pt", weights_only=False)
+    assert best["optimizer"] is not None and best["val_dice"] == last["best_val_dice"]
 
     # resume: the saved config wins; only the budget may grow, and time and steps add up
     resumed = run(_config(pack_path, out, resume=True, max_steps=5, patch=(), grid_size=()))["acute"]
     assert resumed["steps"] == 5 and resumed["seconds"] > last["elapsed_s"]
     rows = list(csv.DictReader((out / "acute" / "log.csv").open()))
     assert [int(r["step"]) for r in rows] == [2, 3, 4, 5]
+    assert tuple(rows[0]) == LOG_COLUMNS and [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert float(rows[-1]["elapsed_s"]) > float(rows[1]["elapsed_s"]) >= last["elapsed_s"] - 1.0
     assert json.loads((out / "acute" / "train_synth_config.json").read_text())["max_steps"] == 5
 
     with pytest.raises(cfg.ConfigError, match="extend"):

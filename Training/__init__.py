@@ -7,7 +7,8 @@ parses every module's imports to keep it so)::
                     synthpack + gpu_synth (domain-randomised rendering), pool (CPU recipe)
     clinical/    2  clinical values: NIHSS model (nihss, fit_nihss), clinical CSV (clinical_data)
     data/        3  preprocess into the training cache (cache), datasets + augmentation (dataset)
-    training/    4  train (cached data), train_synth (synthesised data), distributed, export
+    training/    4  loop (the one training engine) with its data sources (cache, pool, GPU
+                    synthesis); train and train_synth, its two front ends; distributed, export
                     (checkpoint -> model bundle), interpolate (WiSE-FT)
     evaluation/  5  evaluate, metrics, baseline, postprocess, ablate, clinical_behaviour,
                     visualize, model_card

@@ -33,6 +33,8 @@ from scipy import ndimage
 
 logger = logging.getLogger(__name__)
 
+TASKS = ("acute", "outcome")
+
 
 @dataclass
 class PoolVolume:
@@ -203,8 +205,13 @@ class SynthPool:
 
     def batch(self, n: int, patch: tuple[int, int, int], *, task: str = "acute", lesion_fraction: float = 1 / 3,
               augment: bool = True) -> dict[str, torch.Tensor]:
-        """``n`` patches (k, j, i sizes ``patch``, multiples of the divisor) with targets and windows."""
-        images, targets, values, missing, flair, windows = [], [], [], [], [], []
+        """``n`` patches (k, j, i sizes ``patch``, multiples of the divisor) with targets and windows.
+
+        A ``lesion_fraction`` of the patches is centred on a component of ``task``'s target, which
+        is ``target``; ``acute`` and ``outcome`` hold both tasks' targets of the same patches (so
+        that variants of either task can train on one batch)."""
+        images, values, missing, flair, windows = [], [], [], [], []
+        targets: dict[str, list[np.ndarray]] = {name: [] for name in TASKS}
         for _ in range(n):
             volume = self.volumes[int(self.rng.integers(len(self.volumes)))]
             components = volume.components[task]
@@ -215,22 +222,26 @@ class SynthPool:
             start = self._start(centre, patch)
             region = tuple(slice(int(s), int(s) + p) for s, p in zip(start, patch, strict=True))
             image = volume.image[(slice(None), *region)].astype(np.float32)
-            target = getattr(volume, task)[region]
+            cut = {name: getattr(volume, name)[region] for name in TASKS}
             mirrored = self.grid_kji[2] - start[2] - patch[2]  # where the cut lies in the mirrored grid
             if augment and mirrored % self.divisor == 0 and self.rng.random() < 0.5:
-                image, target = image[..., ::-1], target[..., ::-1]  # left-right mirror of the whole grid
+                image = image[..., ::-1]  # left-right mirror of the whole grid
+                cut = {name: mask[..., ::-1] for name, mask in cut.items()}
                 start = np.array([start[0], start[1], mirrored])
             if augment:
                 image = augment_patch(image, self.rng)
             images.append(np.ascontiguousarray(image))
-            targets.append(np.ascontiguousarray(target, dtype=np.float32)[None])
+            for name, mask in cut.items():
+                targets[name].append(np.ascontiguousarray(mask, dtype=np.float32)[None])
             values.append(volume.clinical_values)
             missing.append(volume.clinical_missing)
             flair.append(volume.flair_present)
             windows.append([list(start), list(self.grid_kji)])
+        stacked = {name: torch.from_numpy(np.stack(masks)) for name, masks in targets.items()}
         return {
             "image": torch.from_numpy(np.stack(images)),
-            "target": torch.from_numpy(np.stack(targets)),
+            "target": stacked[task],
+            **stacked,
             "clinical_values": torch.from_numpy(np.stack(values)),
             "clinical_missing": torch.from_numpy(np.stack(missing)),
             "flair_present": torch.tensor(flair, dtype=torch.bool),

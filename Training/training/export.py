@@ -48,7 +48,7 @@ def export(config: ExportConfig) -> Path:
     from StrokePredictorLib.bundle import save_bundle
     from StrokePredictorLib.network import NetworkConfig, StrokeNet
     from StrokePredictorLib.preprocess import ModelGrid, Normalization
-    from Training.training.train import load_checkpoint
+    from Training.training.loop import load_checkpoint
 
     path = _checkpoint_path(config)
     if not path.is_file():

@@ -1,19 +1,22 @@
 """``python -m Training train``: train StrokeNet on a preprocessed cache (CPU, CUDA, torchrun).
 
-* AdamW, linear warm-up then cosine decay (per optimiser step), gradient clipping.
+The front end of the shared training loop (:mod:`Training.training.loop`) for the cache
+(:class:`Training.training.sources.CacheSource`):
+
+* AdamW, linear warm-up then cosine decay, gradient clipping, non-finite steps skipped.
 * Loss: MONAI ``DiceCELoss`` with a sigmoid (Dice per case, plus binary cross-entropy).
 * Augmentation (:mod:`Training.data.dataset`): left-right flips, small rotations/scaling/shifts,
   optional elastic deformation, gamma/contrast/noise per channel, FLAIR drop-out and
   clinical-feature drop-out, picked per sample from the sample's stream position (replayable).
-* bf16 autocast and channels-last on CUDA; optional deterministic mode.
+* bf16 autocast and channels-last on CUDA (``--precision auto``); optional deterministic mode.
 * Several processes with DistributedDataParallel when started by ``torchrun``; the global batch
   of a step is the same whatever the number of processes.
 * Every epoch: validation Dice on the ``val`` split, an atomically written checkpoint
-  (``RUN/checkpoints/last.pt``: model, optimiser, scheduler, scaler, RNG states of every
-  process, epoch, step, cumulative elapsed time, config), ``best.pt`` when the validation Dice
-  improves, a CSV row (``RUN/log.csv``) and TensorBoard scalars (``RUN/tensorboard``).
-  ``last.pt`` is also written every ``--checkpoint-minutes`` within an epoch, so an interruption
-  loses minutes, not an epoch. Early stopping after ``patience`` epochs without gain.
+  (``RUN/checkpoints/last.pt``: model, optimiser, scaler, RNG states of every process, epoch,
+  step, cumulative elapsed time, config), ``best.pt`` when the validation Dice improves, a CSV
+  row (``RUN/log.csv``) and TensorBoard scalars (``RUN/tensorboard``). ``last.pt`` is also
+  written every ``--checkpoint-minutes`` within an epoch, so an interruption loses minutes, not
+  an epoch. Early stopping after ``patience`` epochs without gain.
 * ``--resume`` continues ``last.pt`` exactly where it stopped, with the run's own saved config
   (``RUN/train_config.json``): ``--out RUN --resume`` is enough. Flags given again may only
   extend the budget (``--epochs``, ``--max-steps``, ``--time-limit``; logged) or change how the
@@ -21,7 +24,8 @@
   differs from the saved one is refused by name. Elapsed time and steps add up across resumes
   (``elapsed_s`` in ``log.csv``, ``--time-limit`` counts the whole run).
 * ``--max-steps``, ``--steps-per-epoch`` and ``--time-limit`` (seconds) fit a run into a budget;
-  warm-up is a fraction of the run (``--warmup``), so it never outlasts a short one.
+  warm-up is a fraction of the run (``--warmup``), so it never outlasts a short one, and when the
+  time limit ends the run the cosine follows the elapsed fraction of it.
 * A progress line (step, loss, learning rate, seconds per step, time left) is logged at least
   every ``--progress-seconds`` (30 s), also with ``--no-progress``.
 
@@ -31,15 +35,12 @@ folder; the model bundle (``python -m Training export``) is the safetensors file
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
-import math
 import os
 import random
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,6 @@ import numpy as np
 import torch
 
 from StrokePredictorLib.errors import OutputExistsError
-from StrokePredictorLib.io import atomic_path
 from StrokePredictorLib.preprocess import ModelGrid, Normalization
 from Training import config as configlib
 from Training.data.dataset import (
@@ -56,18 +56,21 @@ from Training.data.dataset import (
     CacheDataset,
     CacheError,
     StreamSampler,
-    apply_augmentation,
     load_index,
     make_loader,
     steps_per_pass,
     task_cases,
 )
 from Training.training import distributed as distlib
+from Training.training import loop
+from Training.training.loop import LOG_COLUMNS as LOG_COLUMNS
+from Training.training.loop import load_checkpoint as load_checkpoint
+from Training.training.loop import lr_factor as lr_factor
+from Training.training.loop import save_checkpoint as save_checkpoint
+from Training.training.sources import CacheSource, cache_batch
+from Training.training.sources import dice_score as dice_score
 
 logger = logging.getLogger(__name__)
-
-LOG_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "val_dice", "best_val_dice", "elapsed_s",
-               "samples_per_s")
 # Fields that must not change between a run and its resumption (checked against the checkpoint too).
 RESUME_FIXED = ("task", "imaging_only", "preset", "network", "batch_size", "seed", "lr", "weight_decay",
                 "warmup", "warmup_steps", "augment")
@@ -189,67 +192,10 @@ def network_config(config: TrainConfig) -> Any:
         raise configlib.ConfigError(f"Invalid network configuration: {error}") from None
 
 
-def lr_factor(step: int, warmup: int, horizon: int, min_ratio: float) -> float:
-    """Learning-rate multiplier: linear warm-up over ``warmup`` steps, then cosine to ``min_ratio``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min((step - warmup) / max(horizon - warmup, 1), 1.0)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def warmup_length(config: TrainConfig, horizon: int) -> int:
     """Warm-up steps of a run of ``horizon`` steps: ``warmup`` x horizon, or a fixed
     ``warmup_steps`` capped at a fifth of the run (a fixed count must not outlast a short run)."""
-    if config.warmup_steps:
-        return max(1, min(config.warmup_steps, horizon // 5))
-    return max(1, round(config.warmup * horizon))
-
-
-def dice_score(prediction: np.ndarray, target: np.ndarray) -> float:
-    """Dice of two boolean arrays; 1.0 when both are empty."""
-    total = int(prediction.sum()) + int(target.sum())
-    if total == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(prediction, target).sum()) / total
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(state: dict, path: Path) -> Path:
-    """``torch.save`` to a temporary file, then rename (never a half-written checkpoint)."""
-    with atomic_path(path, overwrite=True) as temporary:
-        torch.save(state, temporary)
-    return path
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a TRAINING checkpoint written by this module (pickle: only from your own run folder)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CacheError(f"Checkpoint {path} does not exist.")
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        (decay if parameter.ndim > 1 and "embedding" not in name else no_decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return loop.warmup_length(horizon, config.warmup, config.warmup_steps)
 
 
 def _prepare_run_dir(config: TrainConfig, info: distlib.DistInfo) -> Path:
@@ -359,11 +305,6 @@ def resume_config(config: TrainConfig, given: frozenset[str] | None = None) -> T
     return dataclasses.replace(saved, out=config.out, resume=True, overwrite=False, **changes)
 
 
-def _batch_to(batch: dict, device: torch.device) -> dict:
-    non_blocking = device.type == "cuda"
-    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def data_summary(cache: Path, task: str) -> dict:
     """Training-data description for the checkpoint and the bundle (from the cache index)."""
     index = load_index(cache)
@@ -387,8 +328,9 @@ def data_summary(cache: Path, task: str) -> dict:
 def training_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer, scaler: Any,
                   loss_fn: Any, *, device: torch.device, autocast: dict, grad_clip: float = 1.0,
                   channels_last: bool = False, stats: dict | None = None) -> torch.Tensor:
-    """One optimiser step on a collated batch: to the device, augmentation (when the batch
-    carries ``aug_*`` parameters), forward under autocast, loss, backward, clipping, step.
+    """One optimiser step on a collated cache batch, as the loop takes it: to the device,
+    augmentation (when the batch carries ``aug_*`` parameters), then :func:`loop.optimise`
+    (forward under autocast, loss, backward, clipping, update).
 
     A step whose loss or gradient norm is not finite is skipped (the weights stay finite; with
     fp16 the grad scaler does this itself): counted in ``stats["skipped"]`` when ``stats`` is given.
@@ -396,70 +338,13 @@ def training_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Op
     Returns:
         The loss (a detached scalar tensor; reading it synchronises the device).
     """
-    batch = _batch_to(batch, device)
-    image, target = batch["image"], batch["target"]
-    if "aug_theta" in batch:
-        image, target = apply_augmentation(image, target, batch["brain"], batch)
-    if channels_last:
-        image = image.contiguous(memory_format=torch.channels_last_3d)
-    with torch.autocast(**autocast):
-        out = model(image, batch["clinical_values"], batch["clinical_missing"], batch["flair_present"])
-    loss = loss_fn(out["logits"].float(), target)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    if not scaler.is_enabled() and not bool(torch.isfinite(norm) & torch.isfinite(loss.detach())):
-        optimizer.zero_grad(set_to_none=True)  # a non-finite gradient would make every weight NaN
-        if stats is not None:
-            stats["skipped"] = stats.get("skipped", 0) + 1
-        return loss.detach()
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.detach()
-
-
-# ----------------------------------------------------------------------------------------
-# Validation
-# ----------------------------------------------------------------------------------------
-def validate(model: torch.nn.Module, dataset: CacheDataset, loss_fn: Any, info: distlib.DistInfo,
-             config: TrainConfig, autocast: dict) -> tuple[float, float]:
-    """Mean validation loss and Dice over the ``val`` split (sharded over processes).
-
-    Runs under a forked RNG, so validation never changes the training random stream.
-    """
-    if len(dataset) == 0:
-        return float("nan"), float("nan")
-    indices = list(range(info.rank, len(dataset), info.world_size))
-    subset = torch.utils.data.Subset(dataset, indices)
-    loader = make_loader(subset, batch_size=1, workers=min(config.workers, len(indices)),
-                         pin_memory=info.device.type == "cuda", prefetch=2)
-    loss_sum = dice_sum = 0.0
-    devices = [info.device] if info.device.type == "cuda" else []
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module  # no collective calls: ranks may hold different numbers of cases
-    was_training = model.training
-    model.eval()
-    start = last_line = time.monotonic()
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        for done, batch in enumerate(loader):
-            if info.is_main and time.monotonic() - last_line >= config.progress_seconds:
-                last_line = time.monotonic()
-                logger.info("validation: %d of %d case(s) after %.0f s", done * info.world_size, len(dataset),
-                            last_line - start)
-            batch = _batch_to(batch, info.device)
-            image = batch["image"]
-            if config.channels_last and info.device.type == "cuda":
-                image = image.contiguous(memory_format=torch.channels_last_3d)
-            with torch.autocast(**autocast):
-                out = model(image, batch["clinical_values"], batch["clinical_missing"], batch["flair_present"])
-            logits = out["logits"].float()
-            loss_sum += float(loss_fn(logits, batch["target"]))
-            prediction = (torch.sigmoid(logits) > config.val_threshold).cpu().numpy()
-            dice_sum += dice_score(prediction, batch["target"].cpu().numpy() > 0.5)
-    model.train(was_training)
-    loss_total, dice_total, count = distlib.all_sum([loss_sum, dice_sum, float(len(indices))], info)
-    return loss_total / max(count, 1), dice_total / max(count, 1)
+    batch = cache_batch(batch, device)
+    image = batch["image"].contiguous(memory_format=torch.channels_last_3d) if channels_last else batch["image"]
+    loss, applied = loop.optimise(model, image, batch, batch["target"], optimizer, scaler, loss_fn,
+                                  autocast=autocast, grad_clip=grad_clip)
+    if not applied and stats is not None:
+        stats["skipped"] = stats.get("skipped", 0) + 1
+    return loss
 
 
 # ----------------------------------------------------------------------------------------
@@ -478,7 +363,6 @@ def run(config: TrainConfig, given: frozenset[str] | None = None) -> TrainResult
         ConfigError: invalid options, or options that a resumed run may not change.
     """
     from monai.losses import DiceCELoss
-    from tqdm import tqdm
 
     from StrokePredictorLib.network import StrokeNet
 
@@ -488,13 +372,12 @@ def run(config: TrainConfig, given: frozenset[str] | None = None) -> TrainResult
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     info = distlib.setup(config.device)
     try:
-        return _run(config, info, StrokeNet, DiceCELoss, tqdm)
+        return _run(config, info, StrokeNet, DiceCELoss)
     finally:
         distlib.cleanup(info)
 
 
-def _run(config: TrainConfig, info: distlib.DistInfo, StrokeNet: Any, DiceCELoss: Any, tqdm: Any) -> TrainResult:  # noqa: N803
-    start_time = time.monotonic()
+def _run(config: TrainConfig, info: distlib.DistInfo, StrokeNet: Any, DiceCELoss: Any) -> TrainResult:  # noqa: N803
     device = info.device
     cuda = device.type == "cuda"
     run_dir = _prepare_run_dir(config, info)
@@ -533,12 +416,14 @@ def _run(config: TrainConfig, info: distlib.DistInfo, StrokeNet: Any, DiceCELoss
                             seed=config.seed)
     loader = make_loader(train_set, sampler=sampler, batch_size=sampler.local_batch, workers=config.workers,
                          pin_memory=cuda, prefetch=config.prefetch, seed=config.seed)
+    source = CacheSource(train_set, val_set, sampler, loader, info, workers=config.workers,
+                         val_threshold=config.val_threshold, progress_seconds=config.progress_seconds, log=logger)
     steps_per_epoch = config.steps_per_epoch or steps_per_pass(len(train_set), config.batch_size)
     planned = config.epochs * steps_per_epoch
     if config.max_steps:
         planned = min(planned, config.max_steps)
 
-    # -- model, optimiser, schedule -------------------------------------------------------------
+    # -- the network --------------------------------------------------------------------------
     net_config = network_config(config)
     model = StrokeNet(net_config)
     bad = [s for s in grid.size if s % model.size_divisor]
@@ -547,255 +432,32 @@ def _run(config: TrainConfig, info: distlib.DistInfo, StrokeNet: Any, DiceCELoss
             f"The cache's model grid {grid.size} is not divisible by the network's size divisor "
             f"{model.size_divisor}; preprocess again with --preset {config.preset} or a matching --grid-size."
         )
-    model.to(device)
-    if cuda and config.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, eps=config.adam_eps,
-                                  fused=cuda and not config.deterministic)
-    horizon = [planned]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup_length(config, horizon[0]), horizon[0], config.min_lr_ratio))
-    if config.precision == "auto":
-        precision = "bf16" if cuda else "fp32"
-    else:
-        precision = config.precision
-    autocast = {"device_type": device.type, "dtype": torch.float16 if precision == "fp16" else torch.bfloat16,
-                "enabled": precision in ("bf16", "fp16")}
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def wrap(network: torch.nn.Module) -> torch.nn.Module:
+        runner = torch.compile(network) if config.compile else network
+        if info.distributed:
+            runner = torch.nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if cuda else None)
+        return runner  # type: ignore[return-value]
+
+    meta = {"config": configlib.to_dict(config), "network": net_config.to_dict(), "task": config.task,
+            "grid": grid.to_dict(), "normalization": normalization.to_dict(),
+            "data": data_summary(Path(config.cache), config.task)}
+    member = loop.Member(config.task, config.task, model, run_dir, meta, checkpoint=checkpoint, wrap=wrap)
+    options = loop.LoopOptions(
+        schedule=loop.Schedule(config.lr, config.min_lr_ratio, config.warmup, config.warmup_steps, steps=planned,
+                               seconds=config.time_limit),
+        epoch_steps=steps_per_epoch, batch_size=config.batch_size,
+        steps_reason="max_steps" if config.max_steps and config.max_steps <= config.epochs * steps_per_epoch
+        else "epochs",
+        patience=config.patience, weight_decay=config.weight_decay, adam_eps=config.adam_eps,
+        fused=cuda and not config.deterministic, grad_clip=config.grad_clip,
+        checkpoint_minutes=config.checkpoint_minutes, progress_seconds=config.progress_seconds,
+        progress_bar=config.progress, tensorboard=config.tensorboard, log_every=config.log_every)
     loss_fn = DiceCELoss(sigmoid=True, batch=False, lambda_dice=config.lambda_dice, lambda_ce=config.lambda_ce)
-
-    step = epoch = 0
-    best_dice = -1.0
-    best_epoch = 0
-    bad_epochs = 0
-    calibrated = False
-    elapsed_before = 0.0  # seconds of earlier sessions of this run (resume)
-    loss_sum, count = 0.0, 0  # the current epoch's training loss so far
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        step, epoch = int(checkpoint["step"]), int(checkpoint["epoch"])
-        best_dice, best_epoch = float(checkpoint["best_val_dice"]), int(checkpoint["best_epoch"])
-        bad_epochs = int(checkpoint["bad_epochs"])
-        horizon[0] = int(checkpoint.get("horizon", planned)) if not config.max_steps else planned
-        calibrated = bool(checkpoint.get("calibrated", False))
-        if int(checkpoint.get("planned", planned)) != planned:  # budget extended: a new cosine over the whole run
-            horizon[0], calibrated = planned, False
-            logger.info("Budget extended: the learning-rate schedule now spans %d steps.", planned)
-        elapsed_before = float(checkpoint.get("elapsed_s", 0.0))
-        if step % steps_per_epoch:  # written within an epoch: that epoch's loss so far
-            loss_sum, count = float(checkpoint.get("epoch_loss_sum", 0.0)), int(checkpoint.get("epoch_steps", 0))
-        states = checkpoint["rng"]
-        if len(states) == info.world_size:
-            set_rng_state(states[info.rank])
-        else:
-            logger.warning("Checkpoint saved by %d process(es), resumed by %d: RNG states not restored.",
-                           len(states), info.world_size)
-        logger.info("Resumed %s at epoch %d, step %d, after %.0f s of training.", run_dir, epoch, step,
-                    elapsed_before)
-    if config.compile:
-        model_to_run: torch.nn.Module = torch.compile(model)  # type: ignore[assignment]
-    else:
-        model_to_run = model
-    if info.distributed:
-        model_to_run = torch.nn.parallel.DistributedDataParallel(
-            model_to_run, device_ids=[device.index] if cuda else None)
-
-    writer = None
-    if info.is_main and config.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step if step else None)
-    log_path = run_dir / "log.csv"
-    if info.is_main and not log_path.is_file():
-        with log_path.open("w", newline="") as handle:
-            csv.writer(handle).writerow(LOG_COLUMNS)
-    summary = data_summary(Path(config.cache), config.task)
-
-    def elapsed_total() -> float:
-        """Seconds of this run, earlier sessions included."""
-        return elapsed_before + time.monotonic() - start_time
-
-    def make_state(val_loss: float, val_dice: float) -> dict:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": distlib.gather_objects(rng_state(), info),
-            "epoch": epoch,
-            "step": step,
-            "best_val_dice": best_dice,
-            "best_epoch": best_epoch,
-            "bad_epochs": bad_epochs,
-            "horizon": horizon[0],
-            "planned": planned,
-            "calibrated": calibrated,
-            "elapsed_s": elapsed_total(),
-            "epoch_loss_sum": loss_sum,
-            "epoch_steps": count,
-            "val_loss": val_loss,
-            "val_dice": val_dice,
-            "config": configlib.to_dict(config),
-            "network": net_config.to_dict(),
-            "task": config.task,
-            "grid": grid.to_dict(),
-            "normalization": normalization.to_dict(),
-            "data": summary,
-            "world_size": info.world_size,
-            "torch_version": torch.__version__,
-        }
-
-    # -- loop ---------------------------------------------------------------------------------
-    stopped = ""
-    last_train_loss = float("nan")
-    val_seconds = 0.0
-    model_to_run.train()
-    if step >= planned:
-        stopped = "max_steps" if config.max_steps and step >= config.max_steps else "epochs"
-    elif config.time_limit > 0 and elapsed_before >= config.time_limit:
-        stopped = "time_limit"
-    if stopped and checkpoint is not None:
-        logger.info("Nothing to train: the run has used its budget (%s). Extend --epochs, --max-steps or "
-                    "--time-limit to continue it.", stopped)
-    elif info.is_main:
-        budget = f"{planned} steps ({steps_per_epoch} per epoch)"
-        if config.time_limit > 0:
-            budget += f" or {config.time_limit:.0f} s in all"
-        logger.info("Training %s from step %d; warm-up %d steps; last.pt every epoch%s; progress every %.0f s.",
-                    budget, step, warmup_length(config, horizon[0]),
-                    f" and every {config.checkpoint_minutes:g} min" if config.checkpoint_minutes > 0 else "",
-                    config.progress_seconds)
-    session_start_step = step
-    step_stats: dict = {}
-    skipped_before = 0
-    last_checkpoint = last_progress = time.monotonic()
-    while not stopped:
-        epoch_start = time.monotonic()
-        epoch_first_step = step
-        stop_step = min(step + steps_per_epoch - (step % steps_per_epoch), planned)
-        if step % steps_per_epoch == 0:
-            loss_sum, count = 0.0, 0
-        sampler.set_range(step, stop_step)
-        bar = tqdm(total=stop_step - step, desc=f"epoch {epoch + 1}", unit="step", leave=False,
-                   disable=not (config.progress and info.is_main))
-        time_up = False
-        for batch in loader:
-            loss = training_step(model_to_run, batch, optimizer, scaler, loss_fn, device=device,
-                                 autocast=autocast, grad_clip=config.grad_clip,
-                                 channels_last=cuda and config.channels_last, stats=step_stats)
-            if step_stats.get("skipped", 0) > skipped_before:
-                skipped_before = step_stats["skipped"]
-                logger.warning("step %d: the loss or gradient is not finite (%s); the update was skipped "
-                               "(%d so far).", step + 1, precision, skipped_before)
-                if skipped_before >= 20 and skipped_before > 0.2 * (step + 1 - session_start_step):
-                    raise configlib.ConfigError(
-                        f"Training diverged: {skipped_before} of {step + 1 - session_start_step} steps had a "
-                        f"non-finite loss or gradient ({precision}); try --precision fp32 or a lower --lr.")
-            scheduler.step()
-            step += 1
-            value = float(loss)
-            loss_sum += value
-            count += 1
-            bar.update()
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if writer is not None and step % max(config.log_every, 1) == 0:
-                writer.add_scalar("train/loss_step", value, step)
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-            now = time.monotonic()
-            if info.is_main and now - last_progress >= config.progress_seconds:
-                last_progress = now
-                per_step = (now - start_time) / max(step - session_start_step, 1)
-                left = per_step * (min(planned, horizon[0]) - step)
-                if config.time_limit > 0:
-                    left = min(left, max(config.time_limit - elapsed_total(), 0.0))
-                message = (f"epoch {epoch + 1} step {step}/{planned}: loss {value:.4f} (epoch mean "
-                           f"{loss_sum / count:.4f}), lr {scheduler.get_last_lr()[0]:.2e}, {per_step:.2f} s/step, "
-                           f"{elapsed_total():.0f} s elapsed, about {left / 60:.0f} min left")
-                if bar.disable:
-                    logger.info(message)
-                else:
-                    bar.write(message)
-            if config.time_limit > 0:
-                time_up = distlib.broadcast_flag(elapsed_total() + 1.5 * val_seconds + 2.0 > config.time_limit, info)
-                if time_up:
-                    break
-            if config.checkpoint_minutes > 0 and step < stop_step and distlib.broadcast_flag(
-                    now - last_checkpoint >= 60.0 * config.checkpoint_minutes, info):
-                state = make_state(float("nan"), float("nan"))  # collective in DDP: every rank
-                if info.is_main:
-                    save_checkpoint(state, run_dir / "checkpoints" / "last.pt")
-                    logger.info("step %d: wrote %s (%.0f s elapsed).", step, run_dir / "checkpoints" / "last.pt",
-                                elapsed_total())
-                last_checkpoint = time.monotonic()
-        bar.close()
-        epoch += 1
-        loss_total, count_total = distlib.all_sum([loss_sum, float(count)], info)
-        last_train_loss = loss_total / max(count_total, 1)
-        tick = time.monotonic()
-        val_loss, val_dice = validate(model_to_run, val_set, loss_fn, info, config, autocast)
-        val_seconds = time.monotonic() - tick
-        improved = (not val_ids) or val_dice > best_dice + 1e-6
-        if improved:
-            best_dice, best_epoch, bad_epochs = (val_dice if val_ids else float("nan")), epoch, 0
-        else:
-            bad_epochs += 1
-        session_steps = step - epoch_first_step
-        if config.time_limit > 0 and not config.max_steps and not time_up:
-            # Fit the cosine schedule to the time left, at the rate of the latest epoch
-            # (validation included); refitted every epoch, as the first one includes warm-up costs.
-            rate = session_steps / max(time.monotonic() - epoch_start, 1e-6)
-            remaining = config.time_limit - elapsed_total()
-            horizon[0] = max(min(planned, step + int(0.97 * remaining * rate)), step + 1)
-            if not calibrated:
-                logger.info("Time limit %.0f s: cosine schedule fitted to about %d steps.", config.time_limit,
-                            horizon[0])
-            calibrated = True
-        if time_up:
-            stopped = "time_limit"
-        elif config.max_steps and step >= config.max_steps:
-            stopped = "max_steps"
-        elif step >= planned:
-            stopped = "epochs"
-        elif config.patience and bad_epochs >= config.patience:
-            stopped = "early_stopping"
-        state = make_state(val_loss, val_dice)
-        if info.is_main:
-            save_checkpoint(state, run_dir / "checkpoints" / "last.pt")
-            if improved:
-                shutil.copyfile(run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / ".best.tmp")
-                os.replace(run_dir / "checkpoints" / ".best.tmp", run_dir / "checkpoints" / "best.pt")
-            samples = session_steps * config.batch_size
-            row = [epoch, step, scheduler.get_last_lr()[0], last_train_loss, val_loss, val_dice, best_dice,
-                   round(elapsed_total(), 2), samples / max(time.monotonic() - epoch_start, 1e-6)]
-            with log_path.open("a", newline="") as handle:
-                csv.writer(handle).writerow(row)
-            if writer is not None:
-                writer.add_scalar("train/loss", last_train_loss, step)
-                writer.add_scalar("val/loss", val_loss, step)
-                writer.add_scalar("val/dice", val_dice, step)
-                writer.flush()
-            logger.info("epoch %d step %d: train loss %.4f, val loss %.4f, val Dice %.4f (best %.4f, epoch %d), "
-                        "%.0f s elapsed", epoch, step, last_train_loss, val_loss, val_dice, best_dice, best_epoch,
-                        elapsed_total())
-        last_checkpoint = time.monotonic()
-        distlib.barrier(info)
-
-    best_path = run_dir / "checkpoints" / "best.pt"
-    result = TrainResult(run_dir, best_path, best_dice, step, epoch, stopped, last_train_loss)
-    if info.is_main:
-        from StrokePredictorLib.io import write_json
-
-        write_json({"best_checkpoint": str(best_path), "best_val_dice": best_dice, "best_epoch": best_epoch,
-                    "steps": step, "epochs": epoch, "stopped": stopped, "final_train_loss": last_train_loss,
-                    "device": str(device), "world_size": info.world_size, "seconds": elapsed_total(),
-                    "session_seconds": time.monotonic() - start_time}, run_dir / "result.json", overwrite=True)
-        logger.info("Stopped (%s) after %d steps; best val Dice %.4f -> %s", stopped, step, best_dice, best_path)
-    if writer is not None:
-        writer.close()
-    return result
+    precision = loop.Precision.resolve(config.precision, device, config.channels_last)
+    result = loop.run_loop([member], source, loss_fn, precision, options, info=info, log=logger)[member.name]
+    return TrainResult(run_dir, Path(result["best_checkpoint"]), result["best_val_dice"], result["steps"],
+                       result["epochs"], result["stopped"], result["final_train_loss"])
 
 
 def main(argv: list[str]) -> int:

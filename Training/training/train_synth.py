@@ -1,39 +1,43 @@
-"""``python -m Training train-synth``: train on GPU-synthesised data, several variants in lockstep.
+"""``python -m Training train-synth``: train on synthesised data, several variants in lockstep.
 
-Every step draws label samples (CPU workers, :class:`Training.synthesis.gpu_synth.LabelSampler`) and
-synthesises a domain-randomised image batch on the device (:class:`Training.synthesis.gpu_synth.GpuSynthesizer`);
-the same batch trains every variant, so a fusion model and its imaging-only ablation see exactly
+The front end of the shared training loop (:mod:`Training.training.loop`) for synthetic data.
+The same batch trains every variant, so a fusion model and its imaging-only ablation see exactly
 the same data and steps (a paired ablation at the cost of one data stream). A variant is
 ``<task>`` or ``<task>-imaging`` (``acute``, ``outcome``, ``acute-imaging``, ...).
 
-Each variant gets a run folder ``OUT/<variant>/`` with ``checkpoints/best.pt`` (best validation
-Dice on synthesised cases from held-out validation lesions) and ``last.pt`` in the format of
-:mod:`Training.training.train`, so ``python -m Training export --run OUT/acute --out BUNDLE`` works, plus
-``log.csv`` and the effective config. The learning-rate schedule (linear warm-up, cosine decay)
-follows the elapsed fraction of ``--time-limit`` when one is given, so a run fits a fixed budget.
+Two data sources (:mod:`Training.training.sources`):
+
+* ``--source gpu`` (the default on CUDA): every step draws label samples (CPU workers,
+  :class:`Training.synthesis.gpu_synth.LabelSampler`) and synthesises a domain-randomised image
+  batch on the device (:class:`Training.synthesis.gpu_synth.GpuSynthesizer`);
+* ``--source pool`` (the default on the CPU, where synthesis per step would cost many times the
+  network's step): volumes come from :class:`Training.synthesis.pool.SynthPool`, pre-rendered
+  whole volumes refreshed by a background process, cut into lesion-centred patches (``--patch``)
+  that are re-augmented cheaply; bf16 autocast on the CPU (about 1.9x faster than fp32 there).
+  Patches carry their place in the model grid, so the fusion's position embedding means the
+  same as at inference.
+
+Each variant gets a run folder ``OUT/<variant>/`` in the format of ``train``: ``checkpoints/``
+``best.pt`` (best validation Dice on whole volumes synthesised from held-out validation lesions)
+and ``last.pt``, so ``python -m Training export --run OUT/acute --out BUNDLE`` works, plus
+``log.csv``, ``result.json`` and the effective config; ``OUT/summary.json`` sums the variants
+up. An epoch is ``--val-every`` steps. The learning-rate schedule (linear warm-up, cosine decay)
+follows the elapsed fraction of ``--time-limit`` (or the steps of ``--max-steps``, which replaces
+the time limit), so a run fits a fixed budget. Checkpoints are written every
+``--checkpoint-minutes`` as well as at validation, and ``--resume`` continues a run from its own
+saved config (flags given again may only extend ``--time-limit``/``--max-steps``); elapsed time
+and steps add up across resumes.
 
     python -m Training train-synth --pack pack.npz --out runs/synth --device cuda --time-limit 300
-
-On the CPU (``--source pool``, the default there), synthesis per step would cost many times the
-network's step, so volumes come from :class:`Training.synthesis.pool.SynthPool`: pre-rendered whole
-volumes, refreshed by a background process, cut into lesion-centred patches (``--patch``) that
-are re-augmented cheaply; bf16 autocast on the CPU (about 1.9x faster than fp32 there). Patches
-carry their place in the model grid, so the fusion's position embedding means the same as at
-inference; validation is on whole volumes. Checkpoints are written every ``--checkpoint-minutes``
-as well as at validation, and ``--resume`` continues a run from its own saved config (flags given
-again may only extend ``--time-limit``/``--max-steps``); elapsed time and steps add up across resumes.
-
     python -m Training train-synth --pack pack.npz --out runs/cpu --device cpu --source pool \
         --variants acute --init StrokePredictor/Resources/Models --time-limit 3600
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +45,7 @@ import numpy as np
 import torch
 
 from Training import config as cfg
+from Training.training import loop
 
 logger = logging.getLogger(__name__)
 
@@ -138,20 +143,7 @@ def _initialise(model: torch.nn.Module, init: Path, name: str) -> Path:
     return Path(start_from.directory)
 
 
-def _dice_per_case(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    prediction = logits > 0
-    truth = target > 0.5
-    inter = (prediction & truth).flatten(1).sum(1).float()
-    total = prediction.flatten(1).sum(1).float() + truth.flatten(1).sum(1).float()
-    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
-
-
 RESUMABLE = ("time_limit", "max_steps", "val_every", "checkpoint_minutes", "threads", "workers")
-
-
-def _recent_mean(values: list[float], count: int) -> float:
-    """Mean of the last ``count`` values; NaN when there are none (every step skipped)."""
-    return float(np.mean(values[-count:])) if values else float("nan")
 
 
 def _resolved_source(config: SynthTrainConfig, device: torch.device) -> str:
@@ -184,15 +176,16 @@ def _resume_config(config: SynthTrainConfig) -> SynthTrainConfig:
 
 
 def run(config: SynthTrainConfig) -> dict[str, dict]:
-    """Train every variant; returns {variant: {"run_dir", "best_val_dice", "steps", "seconds"}}."""
+    """Train every variant; returns {variant: {"run_dir", "best_val_dice", "steps", "seconds",
+    "network_share", "skipped_steps"}} (also written to ``OUT/summary.json``)."""
     from monai.losses import DiceCELoss
 
     from StrokePredictorLib.bundle import recommended_grid, resolve_device
     from StrokePredictorLib.io import write_json
     from StrokePredictorLib.network import NetworkConfig, StrokeNet
     from StrokePredictorLib.preprocess import ModelGrid, Normalization
-    from Training.synthesis.gpu_synth import GpuSynthesizer, LabelSampler, Pack
-    from Training.training.train import load_checkpoint, lr_factor, save_checkpoint
+    from Training.synthesis.gpu_synth import GpuSynthesizer, Pack
+    from Training.training.sources import GpuSynthSource, PoolSource, synthetic_validation
 
     if config.resume:
         config = _resume_config(config)
@@ -201,6 +194,10 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
     variants = {name: _variant(name) for name in config.variants}
     device = resolve_device(config.device)
     source = _resolved_source(config, device)
+    if config.precision not in ("bf16", "fp32"):
+        raise cfg.ConfigError(f"--precision must be bf16 or fp32, not '{config.precision}'.")
+    if not config.max_steps and config.time_limit <= 0:
+        raise cfg.ConfigError("Give the run a budget: --max-steps or --time-limit.")
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     pack = Pack.load(config.pack)
@@ -214,214 +211,71 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
     if len(patch) != 3 or any(p % divisor or p > g or p <= 0 for p, g in zip(patch, grid_kji, strict=False)):
         raise cfg.ConfigError(f"--patch {','.join(map(str, patch))} must be three sizes k,j,i, multiples of "
                               f"{divisor}, within the grid {','.join(map(str, grid_kji))}.")
+    if source == "gpu" and patch != grid_kji:
+        raise cfg.ConfigError("--patch needs --source pool.")
+    if config.val_subset not in ("val", "train") or not len(pack.indices(config.val_subset)):
+        raise cfg.ConfigError(f"--val-subset {config.val_subset}: the pack {config.pack} has no such lesions.")
     synth = GpuSynthesizer(pack, grid.size, device)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    loss_fn = DiceCELoss(sigmoid=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=config.batch_dice)
     cuda = device.type == "cuda"
-    if config.precision not in ("bf16", "fp32"):
-        raise cfg.ConfigError(f"--precision must be bf16 or fp32, not '{config.precision}'.")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16"
-                else torch.autocast(device.type, enabled=False))
-    # channels-last: faster on CUDA, and with bf16 on a CPU with AVX-512 BF16 (0.46 against 0.71 s per step
-    # of 2 x 64^3 here; Testing/benchmarks/bench_cpu_train.py)
-    channels_last = config.channels_last and (cuda or config.precision == "bf16")
+    # channels-last: faster on CUDA, and with bf16 on a CPU with AVX-512 BF16 (loop.Precision)
+    precision = loop.Precision.resolve(config.precision, device, config.channels_last)
 
-    runs: dict[str, dict] = {}
-    for name, (_task, imaging_only) in variants.items():
+    data = {
+        "source": "domain-randomised synthesis (Training.synthesis.gpu_synth) from MNI152 2009 anatomy and "
+                  "real SOOP acute lesion masks with their participants' clinical values"
+                  + (", pre-rendered pool of whole volumes cut into lesion-centred patches"
+                     if source == "pool" else ""),
+        "pack": Path(config.pack).name,
+        "n_cases": {"train": int(len(pack.indices("train"))), "val": config.val_samples},
+        "lesions": {s: int(len(pack.indices(s))) for s in ("train", "val", "test")},
+    }
+    members = []
+    for name, (task, imaging_only) in variants.items():
         net_config = NetworkConfig.from_dict({**preset.to_dict(), "imaging_only": imaging_only,
                                               "film": config.film and not imaging_only})
         model = StrokeNet(net_config)
         run_dir = Path(config.out) / name
-        last = run_dir / "checkpoints" / "last.pt"
         if config.init is not None and not config.resume:
             _initialise(model, config.init, name)
-        model = model.to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last_3d)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        state: dict = {"best": -1.0, "step": 0, "elapsed": 0.0}
+        checkpoint = None
         if config.resume:
-            saved = load_checkpoint(last)
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            state.update(best=float(saved["best_val_dice"]), step=int(saved["step"]),
-                         elapsed=float(saved["elapsed_s"]))
+            checkpoint = loop.load_checkpoint(run_dir / "checkpoints" / "last.pt")
         elif (run_dir / "checkpoints" / "best.pt").exists() and not config.overwrite:
             raise cfg.ConfigError(f"Run folder {run_dir} holds a trained run; pass --resume to continue it or "
                                   "--overwrite to replace it.")
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         cfg.save(config, run_dir / "train_synth_config.json")
-        log_path = run_dir / "log.csv"
-        new_log = not (config.resume and log_path.is_file())
-        log = log_path.open("w" if new_log else "a", newline="")
-        writer = csv.writer(log)
-        if new_log:
-            writer.writerow(["step", "seconds", "lr", "train_loss", "val_dice"])
-        runs[name] = {"model": model, "optimizer": optimizer, "config": net_config, "run_dir": run_dir,
-                      "log": log, "writer": writer, "losses": [], **state}
-    first = next(iter(runs.values()))
-    step, elapsed_before = first["step"], first["elapsed"]
+        meta = {"network": net_config.to_dict(), "task": task, "grid": grid.to_dict(),
+                "normalization": Normalization().to_dict(), "data": data,
+                "config": {**cfg.to_dict(config), "imaging_only": imaging_only, "val_threshold": 0.5,
+                           "augment": "gpu_synth" + ("+pool" if source == "pool" else "")}}
+        members.append(loop.Member(name, task, model, run_dir, meta, checkpoint=checkpoint))
 
     # fixed validation cases from held-out validation lesions (never trained on), whole volumes
-    if config.val_subset not in ("val", "train") or not len(pack.indices(config.val_subset)):
-        raise cfg.ConfigError(f"--val-subset {config.val_subset}: the pack {config.pack} has no such lesions.")
-    val_labels = LabelSampler(pack, subset=config.val_subset, seed=config.seed + 10_000, length=config.val_samples)
-    val_batches = []
-    val_generator = torch.Generator(device=device).manual_seed(config.seed + 20_000)
-    val_batch = config.batch_size if cuda else 1
-    for start in range(0, config.val_samples, val_batch):
-        items = [val_labels[i] for i in range(start, min(start + val_batch, config.val_samples))]
-        val_batches.append(synth(torch.utils.data.default_collate(items), val_generator))
-
-    pool = None
-    loader_iter = None
+    shared = {"val_batches": synthetic_validation(pack, synth, subset=config.val_subset, seed=config.seed,
+                                                  count=config.val_samples,
+                                                  batch_size=config.batch_size if cuda else 1, device=device),
+              "generator": torch.Generator(device=device).manual_seed(config.seed),
+              "clinical_drop_p": config.clinical_drop_p, "device": device}
     if source == "pool":
-        from Training.synthesis.pool import SynthPool
-
-        logger.info("rendering %d pool volumes ...", config.pool_size)
-        pool = SynthPool(config.pack, grid.size, size=config.pool_size, seed=config.seed + 1_000_003 * step,
-                         divisor=divisor, pause=config.pool_pause)
+        data_source: loop.DataSource = PoolSource(
+            config.pack, grid.size, patch=patch, task=members[0].task, batch_size=config.batch_size,
+            lesion_fraction=config.lesion_fraction, size=config.pool_size, refresh=config.pool_refresh,
+            pause=config.pool_pause, seed=config.seed, divisor=divisor, **shared)
     else:
-        sampler = LabelSampler(pack, subset="train", seed=config.seed + 1_000_003 * step, length=10_000_000)
-        per_step = max(1, config.batch_size // max(config.reuse, 1))
-        loader = torch.utils.data.DataLoader(
-            sampler, batch_size=per_step, shuffle=False, num_workers=config.workers, pin_memory=cuda,
-            persistent_workers=config.workers > 0, prefetch_factor=4 if config.workers > 0 else None,
-        )
-        loader_iter = iter(loader)
-
-    def next_batch() -> dict[str, torch.Tensor]:
-        if pool is not None:
-            pool.refresh(config.pool_refresh)
-            task = next(iter(variants.values()))[0]
-            batch = pool.batch(config.batch_size, patch, task=task, lesion_fraction=config.lesion_fraction)
-            return {k: v.to(device) for k, v in batch.items()}
-        labels = next(loader_iter)
-        labels = {k: v.repeat_interleave(config.reuse, dim=0) if torch.is_tensor(v) else v for k, v in labels.items()}
-        batch = synth(labels, generator)
-        if patch != grid_kji:
-            raise cfg.ConfigError("--patch needs --source pool.")
-        return batch
-
-    def validate() -> dict[str, float]:
-        scores: dict[str, list[torch.Tensor]] = {name: [] for name in runs}
-        for state in runs.values():
-            state["model"].eval()
-        with torch.no_grad(), autocast:
-            for batch in val_batches:
-                for name, (task, _) in variants.items():
-                    out = runs[name]["model"](batch["image"], batch["clinical_values"], batch["clinical_missing"],
-                                              batch["flair_present"])
-                    scores[name].append(_dice_per_case(out["logits"].float(), batch[task]))
-        for state in runs.values():
-            state["model"].train()
-        return {name: float(torch.cat(values).mean()) for name, values in scores.items()}
-
-    def checkpoint(name: str, val_dice: float, file: str) -> None:
-        state = runs[name]
-        task, imaging_only = variants[name]
-        save_checkpoint({
-            "model": {k: v.detach().cpu() for k, v in state["model"].state_dict().items()},
-            "optimizer": state["optimizer"].state_dict() if file == "last.pt" else None,
-            "network": state["config"].to_dict(), "task": task, "grid": grid.to_dict(),
-            "normalization": Normalization().to_dict(),
-            "data": {
-                "source": "domain-randomised synthesis (Training.synthesis.gpu_synth) from MNI152 2009 anatomy and "
-                          "real SOOP acute lesion masks with their participants' clinical values"
-                          + (", pre-rendered pool of whole volumes cut into lesion-centred patches"
-                             if source == "pool" else ""),
-                "pack": Path(config.pack).name, "n_cases": {"train": int(len(pack.indices("train"))),
-                                                           "val": config.val_samples},
-                "lesions": {s: int(len(pack.indices(s))) for s in ("train", "val", "test")},
-            },
-            "config": {**cfg.to_dict(config), "imaging_only": imaging_only, "val_threshold": 0.5,
-                       "augment": "gpu_synth" + ("+pool" if source == "pool" else "")},
-            "val_dice": val_dice, "val_loss": None, "best_val_dice": state["best"],
-            "epoch": 0, "step": step, "elapsed_s": elapsed_before + (time.perf_counter() - start),
-            "world_size": 1, "torch_version": torch.__version__,
-        }, state["run_dir"] / "checkpoints" / file)
-
-    start = time.perf_counter()
-    last_checkpoint = last_progress = start
-    net_seconds = 0.0
-    done = (config.max_steps and step >= config.max_steps) or (
-        not config.max_steps and elapsed_before >= config.time_limit)
-    try:
-        while not done:
-            batch = next_batch()
-            tic = time.perf_counter()
-            drop = torch.rand(batch["clinical_missing"].shape, generator=generator, device=device)
-            missing = batch["clinical_missing"] | (drop < config.clinical_drop_p)
-            values = batch["clinical_values"] * ~missing
-            image = batch["image"].contiguous(memory_format=torch.channels_last_3d) if channels_last else batch["image"]
-            window = batch.get("window")
-            elapsed = elapsed_before + time.perf_counter() - start
-            progress = step / config.max_steps if config.max_steps else elapsed / max(config.time_limit, 1e-9)
-            # the shared schedule on a 10,000-tick clock, so that it can follow elapsed time
-            factor = lr_factor(int(progress * 10_000), max(int(config.warmup * 10_000), 1), 10_000,
-                               config.min_lr_ratio)
-            for name, (task, _) in variants.items():
-                state = runs[name]
-                for group in state["optimizer"].param_groups:
-                    group["lr"] = config.lr * factor
-                target = batch["target"] if pool is not None else batch[task]
-                with autocast:
-                    out = state["model"](image, values, missing, batch["flair_present"], window)
-                loss = loss_fn(out["logits"].float(), target)
-                state["optimizer"].zero_grad(set_to_none=True)
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(state["model"].parameters(),
-                                                      config.grad_clip if config.grad_clip else float("inf"))
-                if not (torch.isfinite(loss) and torch.isfinite(norm)):  # never let a NaN reach the weights
-                    state["optimizer"].zero_grad(set_to_none=True)
-                    state["skipped"] = state.get("skipped", 0) + 1
-                    logger.warning("%s step %d: non-finite loss or gradient, step skipped (%d so far)", name, step,
-                                   state["skipped"])
-                    if step >= 10 and state["skipped"] > 0.2 * (step + 1 - first["step"]):
-                        raise cfg.ConfigError(f"{name}: more than a fifth of the steps had non-finite gradients; "
-                                              "lower --lr or use --precision fp32.")
-                    continue
-                state["optimizer"].step()
-                state["losses"].append(float(loss.detach()))
-            net_seconds += time.perf_counter() - tic
-            step += 1
-            now = time.perf_counter()
-            elapsed = elapsed_before + now - start
-            limit_reached = step >= config.max_steps if config.max_steps else elapsed >= config.time_limit
-            done = bool(limit_reached)
-            if now - last_progress >= 30 or done:
-                last_progress = now
-                logger.info("step %d, %.0f s, %.2f s/step, network %.0f%% of the time, loss %s%s", step, elapsed,
-                            (now - start) / max(step - first["step"], 1), 100 * net_seconds / max(now - start, 1e-9),
-                            ", ".join(f"{n} {_recent_mean(s['losses'], 20):.3f}" for n, s in runs.items()),
-                            f", pool refreshed {pool.refreshed}" if pool is not None else "")
-            if step % config.val_every == 0 or done:
-                dice = validate()
-                for name, state in runs.items():
-                    mean_loss = _recent_mean(state["losses"], config.val_every)
-                    state["writer"].writerow([step, round(elapsed, 1), config.lr * factor, mean_loss, dice[name]])
-                    state["log"].flush()
-                    if dice[name] > state["best"]:
-                        state["best"] = dice[name]
-                        checkpoint(name, dice[name], "best.pt")
-                    checkpoint(name, dice[name], "last.pt")
-                last_checkpoint = time.perf_counter()
-                logger.info("step %d (%.0f s): %s", step, elapsed,
-                            ", ".join(f"{n} val Dice {d:.3f}" for n, d in dice.items()))
-            elif now - last_checkpoint >= 60 * config.checkpoint_minutes:
-                for name in runs:
-                    checkpoint(name, float("nan"), "last.pt")
-                last_checkpoint = time.perf_counter()
-    finally:
-        if pool is not None:
-            pool.close()
-    results = {}
-    for name, state in runs.items():
-        state["log"].close()
-        results[name] = {"run_dir": str(state["run_dir"]), "best_val_dice": state["best"], "steps": step,
-                         "seconds": round(elapsed_before + time.perf_counter() - start, 1),
-                         "network_share": round(net_seconds / max(time.perf_counter() - start, 1e-9), 3),
-                         "skipped_steps": int(state.get("skipped", 0))}
+        data_source = GpuSynthSource(pack, synth, batch_size=config.batch_size, reuse=config.reuse,
+                                     workers=config.workers, seed=config.seed, **shared)
+    options = loop.LoopOptions(
+        schedule=loop.Schedule(config.lr, config.min_lr_ratio, config.warmup, steps=config.max_steps,
+                               seconds=0.0 if config.max_steps else config.time_limit),
+        epoch_steps=config.val_every, batch_size=config.batch_size, weight_decay=config.weight_decay,
+        fused=cuda, grad_clip=config.grad_clip, checkpoint_minutes=config.checkpoint_minutes)
+    loss_fn = DiceCELoss(sigmoid=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=config.batch_dice)
+    trained = loop.run_loop(members, data_source, loss_fn, precision, options, log=logger)
+    results = {name: {"run_dir": r["run_dir"], "best_val_dice": r["best_val_dice"], "steps": r["steps"],
+                      "seconds": round(r["seconds"], 1), "network_share": round(r["network_share"], 3),
+                      "skipped_steps": r["skipped_steps"]}
+               for name, r in trained.items()}
     write_json(results, Path(config.out) / "summary.json", overwrite=True)
     return results
 
