@@ -130,7 +130,10 @@ def _fingerprint(case) -> str:  # noqa: ANN001
     digest = hashlib.sha256()
     for array in (case.dwi.array, case.adc.array, case.flair.array, case.mask, case.outcome):
         digest.update(np.ascontiguousarray(array).tobytes())
-    digest.update(json.dumps(case.metadata, sort_keys=True, default=str).encode())
+    # the growth scenarios were recorded later, without a random draw: every earlier byte must stay
+    metadata = {**case.metadata, "outcome": {k: v for k, v in case.metadata["outcome"].items()
+                                             if k != "scenarios_template_ml"}}
+    digest.update(json.dumps(metadata, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 

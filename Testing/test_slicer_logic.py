@@ -365,7 +365,7 @@ def test_output_line_parsing(module):
                                bundle=Path("b"), out=Path("o"), mc_samples=7, seed=1, device="cpu", threshold=0.4)
     assert args == ["py", "-m", "StrokePredictorLib.predict", "--dwi", "d", "--adc", "a", "--clinical", "c.json",
                     "--bundle", "b", "--out", "o", "--mc-samples", "7", "--seed", "1", "--device", "cpu",
-                    "--threshold", "0.4"]
+                    "--threshold", "0.4", "--effects"]  # the panel asks for the effects: the CLI's default is off
     default = cli.build_arguments("py", dwi=Path("d"), adc=Path("a"), flair=None, clinical=None, bundle=Path("b"),
                                   out=Path("o"), mc_samples=7, seed=1, device="cpu")
     assert "--threshold" not in default  # the bundle's post-processing decides

@@ -251,7 +251,7 @@ def test_sample_volumes_apply_the_combined_component_rules(setup: dict) -> None:
         expected.append(predictor.postprocessing.apply(grid.reshape(shape), voxel_ml, adc).sum() * voxel_ml)
         thresholded.append((grid >= 0.3).sum() * voxel_ml)
     np.testing.assert_allclose(volumes, expected)
-    assert all(e < t for e, t in zip(expected, thresholded))  # the rules removed something in every sample
+    assert all(e < t for e, t in zip(expected, thresholded, strict=True))  # the rules removed something in every sample
 
 
 def test_cpu_bf16_session_is_close_to_fp32(setup: dict) -> None:
