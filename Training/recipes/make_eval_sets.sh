@@ -11,6 +11,7 @@
 #                                    proportions (below)
 #   val_mimic_only, test_mimic_only  32 cases each: real-scan mimics with no lesion (half the cases)
 #                                    or a single small lesion of 0.02-1 mL
+#   test_growth                      12 cases: the clinical growth check of outcome bundles (below)
 # With EARLIER=1 it also rebuilds the earlier validation and test sets of the README
 # ("Reproducing the bundled models") with their committed seeds. Each set's wall time is printed.
 #
@@ -50,6 +51,10 @@ if [ "${EARLIER:-0}" = 1 ]; then
     generate val_ood 16 5009 soop_val --ood
 fi
 generate test_mimics 32 6101 soop_test "${MIX[@]}"
+# the first 12 cases of the earlier test set (byte-identical images and masks: same seed), whose dataset.json
+# records each case's simulated final infarct under thrombectomy at 1 h and no treatment at 20 h, for
+# python -m Training behaviour --data OUT/test_growth
+generate test_growth 12 1001 soop_test
 generate test_mimic_only 32 6102 soop_test "${ONLY[@]}"
 if [ "${EARLIER:-0}" = 1 ]; then
     generate test 30 1001 soop_test
