@@ -15,7 +15,8 @@ from StrokePredictorLib.bundle import load_bundle
 from StrokePredictorLib.errors import OutputExistsError
 from Training.data.dataset import CacheError
 from Training.training.export import ExportConfig, export
-from Training.training.train import TrainConfig, load_checkpoint, run
+from Training.training.loop import load_checkpoint
+from Training.training.train import TrainConfig, run
 
 
 @pytest.fixture(scope="module")

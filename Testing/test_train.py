@@ -24,6 +24,7 @@ from Training.data.dataset import (
     sample_augmentation,
 )
 from Training.training import loop as looplib
+from Training.training import sources
 from Training.training import train as trainlib
 from Training.training.train import TrainConfig, run
 
@@ -48,7 +49,7 @@ def _log(run_dir: Path) -> list[dict]:
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return trainlib.load_checkpoint(path)["model"]
+    return looplib.load_checkpoint(path)["model"]
 
 
 # ---- data pieces ------------------------------------------------------------------------------
@@ -112,20 +113,20 @@ def test_clinical_dropout_rate(cache: Path) -> None:
 
 
 def test_lr_schedule_warmup_and_cosine() -> None:
-    assert trainlib.lr_factor(0, 10, 110, 0.0) == pytest.approx(0.1)
-    assert trainlib.lr_factor(9, 10, 110, 0.0) == pytest.approx(1.0)
-    assert trainlib.lr_factor(60, 10, 110, 0.0) == pytest.approx(0.5)
-    assert trainlib.lr_factor(500, 10, 110, 0.1) == pytest.approx(0.1)
+    assert looplib.lr_factor(0, 10, 110, 0.0) == pytest.approx(0.1)
+    assert looplib.lr_factor(9, 10, 110, 0.0) == pytest.approx(1.0)
+    assert looplib.lr_factor(60, 10, 110, 0.0) == pytest.approx(0.5)
+    assert looplib.lr_factor(500, 10, 110, 0.1) == pytest.approx(0.1)
 
 
 def test_dice_score() -> None:
     a = np.zeros(10, bool)
-    assert trainlib.dice_score(a, a) == 1.0
+    assert sources.dice_score(a, a) == 1.0
     b = a.copy()
     b[:4] = True
     c = a.copy()
     c[2:6] = True
-    assert trainlib.dice_score(b, c) == pytest.approx(0.5)
+    assert sources.dice_score(b, c) == pytest.approx(0.5)
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -139,7 +140,7 @@ def test_tiny_run_lowers_the_loss_and_writes_its_files(cache: Path, tmp_path: Pa
     assert last < first - 0.05, (first, last)
     assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"])
     assert result.best_checkpoint.is_file() and result.stopped == "epochs"
-    best = trainlib.load_checkpoint(result.best_checkpoint)
+    best = looplib.load_checkpoint(result.best_checkpoint)
     assert best["val_dice"] == pytest.approx(result.best_val_dice)
     assert best["val_dice"] == max(float(r["val_dice"]) for r in rows)
     saved = json.loads((result.run_dir / "train_config.json").read_text())
@@ -170,7 +171,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(cache: Path, tmp_path:
     with pytest.raises(KeyboardInterrupt):
         run(interrupted)
     monkeypatch.setattr(looplib, "save_checkpoint", real_save)
-    assert trainlib.load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["step"] == 4
+    assert looplib.load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["step"] == 4
     resumed = run(replace(interrupted, resume=True))
     assert resumed.steps == full.steps == 8
     a = _weights(full.run_dir / "checkpoints" / "last.pt")
@@ -196,7 +197,7 @@ def test_two_process_gloo_run_equals_one_process(cache: Path, tmp_path: Path) ->
     assert dice[0] == dice[1]
     single = run(replace(config, out=tmp_path / "single"))
     assert single.best_val_dice == pytest.approx(dice[0], abs=1e-6)
-    ddp = trainlib.load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
+    ddp = looplib.load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
     assert ddp["world_size"] == 2 and ddp["step"] == 3 and len(ddp["rng"]) == 2
     one = _weights(tmp_path / "single" / "checkpoints" / "last.pt")
     initial = _initial_weights(config)
@@ -287,7 +288,7 @@ def test_time_checkpoints_within_an_epoch_resume_exactly_and_time_adds_up(
     monkeypatch.setattr(looplib, "save_checkpoint", real_save)
     assert saved_steps == [1, 2, 3]  # written within the epoch, not only at its end
     last = tmp_path / "resumed" / "checkpoints" / "last.pt"
-    state = trainlib.load_checkpoint(last)
+    state = looplib.load_checkpoint(last)
     assert state["step"] == 3 and state["epoch"] == 0 and state["elapsed_s"] > 0
     assert not list(last.parent.glob("*.tmp*")) and not list(last.parent.glob(".*"))  # atomic
     state["elapsed_s"] = 5000.0  # as if the first session had trained for 5000 s
@@ -316,10 +317,10 @@ def test_progress_lines_without_a_progress_bar(cache: Path, tmp_path: Path,
 
 
 def test_warmup_is_a_fraction_of_the_run(cache: Path, tmp_path: Path) -> None:
-    assert trainlib.warmup_length(TrainConfig(), 20) == 1
-    assert trainlib.warmup_length(TrainConfig(), 2000) == 100
-    assert trainlib.warmup_length(TrainConfig(warmup_steps=50), 20) == 4  # a fixed count is capped
-    assert trainlib.warmup_length(TrainConfig(warmup_steps=50), 2000) == 50
+    assert looplib.warmup_length(20, TrainConfig().warmup, TrainConfig().warmup_steps) == 1
+    assert looplib.warmup_length(2000, TrainConfig().warmup, TrainConfig().warmup_steps) == 100
+    assert looplib.warmup_length(20, TrainConfig().warmup, 50) == 4  # a fixed count is capped
+    assert looplib.warmup_length(2000, TrainConfig().warmup, 50) == 50
     default_warmup = TrainConfig().warmup_steps
     result = run(_config(cache, tmp_path / "w", warmup_steps=default_warmup, epochs=2, steps_per_epoch=5, lr=1e-3))
     rows = _log(result.run_dir)

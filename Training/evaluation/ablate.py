@@ -349,13 +349,11 @@ def _write(config: AblateConfig, out: Path, results: dict, seeds: tuple[int, ...
 
 
 def _bundle_facts(bundle: Path) -> tuple[str, bool, int]:
-    """A bundle's task, whether it is imaging-only, and the training steps of its checkpoint."""
-    import json
+    """A bundle's task, whether it is imaging-only, and the training steps of its checkpoint (from its
+    validated ``model.json``; the weights are read when the bundle is evaluated)."""
+    from StrokePredictorLib.bundle import read_metadata
 
-    path = Path(bundle) / "model.json"
-    if not path.is_file():
-        raise StrokePredictorError(f"--bundles: {bundle} is not a model bundle (no model.json).")
-    metadata = json.loads(path.read_text())
+    metadata = read_metadata(Path(bundle) / "model.json")
     imaging_only = bool(metadata.get("architecture", {}).get("config", {}).get("imaging_only", False))
     step = metadata.get("data", {}).get("training", {}).get("step")
     return str(metadata.get("task")), imaging_only, int(step) if isinstance(step, (int, float)) else 0

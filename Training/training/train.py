@@ -63,12 +63,8 @@ from Training.data.dataset import (
 )
 from Training.training import distributed as distlib
 from Training.training import loop
-from Training.training.loop import LOG_COLUMNS as LOG_COLUMNS
-from Training.training.loop import load_checkpoint as load_checkpoint
-from Training.training.loop import lr_factor as lr_factor
-from Training.training.loop import save_checkpoint as save_checkpoint
+from Training.training.loop import load_checkpoint
 from Training.training.sources import CacheSource, cache_batch
-from Training.training.sources import dice_score as dice_score
 
 logger = logging.getLogger(__name__)
 # Fields that must not change between a run and its resumption (checked against the checkpoint too).
@@ -190,12 +186,6 @@ def network_config(config: TrainConfig) -> Any:
         return getattr(NetworkConfig, config.preset)(**overrides)
     except (TypeError, ValueError) as error:
         raise configlib.ConfigError(f"Invalid network configuration: {error}") from None
-
-
-def warmup_length(config: TrainConfig, horizon: int) -> int:
-    """Warm-up steps of a run of ``horizon`` steps: ``warmup`` x horizon, or a fixed
-    ``warmup_steps`` capped at a fifth of the run (a fixed count must not outlast a short run)."""
-    return loop.warmup_length(horizon, config.warmup, config.warmup_steps)
 
 
 def _prepare_run_dir(config: TrainConfig, info: distlib.DistInfo) -> Path:
