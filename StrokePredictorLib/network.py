@@ -34,16 +34,30 @@ Architecture (shapes for a batch of ``B`` cases on a ``D x H x W`` model grid, i
   draws the lesion's border, which is where onset time and treatment act (how far the infarct
   grows into the tissue around the core).
 
-  Why FiLM and not an explicit growth head (imaging predicts the core and a ranking of the
-  surrounding tissue, a clinical branch predicts what fraction of it infarcts): (1) FiLM layers
-  are zero-initialised, so a FiLM network built from the shipped weights starts with *exactly*
-  their output (:func:`load_weights`) and fine-tuning on the CPU starts from a working model
-  instead of a new head; (2) it keeps the output a per-voxel probability, so the Monte-Carlo
-  tail, post-processing, volumes and all outputs stay as they are; (3) it does not impose one
-  growth mechanism: the decoder can learn where (penumbra-like tissue) and by how much the
-  clinical values move the boundary, while a growth head fixes a ranking learned without them;
-  (4) it costs ``2 * sum(decoder_widths) * fusion_dim`` parameters (61k for lite). The growth
-  head stays the fall-back if FiLM fails to learn the onset/treatment effects.
+  FiLM was tried first for the outcome task (zero-initialised, so it starts from the shipped
+  weights' exact output, and it imposes no growth mechanism). Measured on the CPU (outcome model
+  card, run film2): the clinical values moved the volume by 12-19 mL, but the growth between
+  "no treatment at 20 h" and "thrombectomy at 1 h" stayed near 1.05x on the sample case and the
+  orderings failed: 1,000 CPU steps do not teach a free-form conditioning of 61k parameters a
+  monotone time and treatment effect.
+* **Growth head (``growth=True``, the outcome model).** Imaging predicts the core and a ranking
+  of the tissue around it; the clinical branch predicts how much of that tissue infarcts. Two
+  1x1x1 heads read the same (Monte-Carlo dropped-out) features: ``core`` (the existing head) and
+  ``risk``; the outcome logit is ``logaddexp(core, risk + s)``, where ``s`` is one number per
+  case from :class:`_GrowthHead`: an additive model of the other clinical tokens plus a function
+  of onset time that never decreases, minus the tissue saved by treatment, which is >= 0 and
+  never increases with onset time. So, by construction and whatever the training, a later onset
+  never lowers the outcome probability of any voxel, treatment never raises it, and the voxel
+  probabilities move monotonically with ``s`` (the predicted volume follows, up to the component
+  rules of the post-processing). Why this over FiLM: it states as structure what is known about
+  infarct growth (it spreads from the core into tissue at risk; treatment saves tissue, less the
+  later it comes), it has a few hundred clinical parameters instead of a conditioning of every
+  decoder channel, and the offset ``s`` is an interpretable per-case number. It is built from
+  weights without it with the risk head a copy of the old head minus 2 logits
+  (:func:`load_weights`), i.e. starting within 0.13 logits of the old output. The imaging-only
+  twin has the same heads with a learned constant ``s``. ``s`` reaches
+  :meth:`StrokeNet.sample_logits` as one more (constant) channel of ``features``, so the
+  Monte-Carlo tail, the what-if cache and the post-processing are unchanged.
   The cross-attention and its maps are unchanged and remain the explanation.
 * **Head and Monte-Carlo dropout.** The last decoder features go through a 1x1x1 expansion
   (``head_channels``), **channel-wise dropout** (``nn.Dropout3d``, probability ``mc_dropout``) and
@@ -107,6 +121,7 @@ class NetworkConfig:
     feature_dropout: float = 0.0  # training only: probability of marking a clinical feature missing
     imaging_only: bool = False  # ablation: clinical tokens ignored, fusion skipped
     film: bool = False  # FiLM: the fused clinical context scales/shifts every decoder level (zero-initialised)
+    growth: bool = False  # growth head: a tissue-at-risk map shifted by a per-case clinical growth offset
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
@@ -402,6 +417,72 @@ class _FiLM(nn.Module):
         return x * (1.0 + gamma[:, :, None, None, None]) + beta[:, :, None, None, None]
 
 
+#: Knots (hours from onset to imaging) of the growth head's monotone time functions.
+GROWTH_KNOTS_H = (0.5, 1.0, 2.0, 3.0, 4.5, 6.0, 9.0, 12.0, 18.0, 24.0, 36.0)
+#: Gain of the growth head's scalar parameters: AdamW moves a parameter by about ``lr`` per step
+#: whatever its gradient, so a handful of scalars that must travel several logits in a few
+#: thousand CPU steps are stored divided by this gain.
+GROWTH_GAIN = 10.0
+_ONSET = next(i for i, f in enumerate(FEATURES) if f.name == "onset_to_imaging_h")
+_TREATMENT = next(i for i, f in enumerate(FEATURES) if f.name == "treatment")
+
+
+class _GrowthHead(nn.Module):
+    """Per-case growth offset ``s`` (logits) of the outcome, from the clinical values.
+
+    ``s = bias + sum_f g(token_f) + u(t) - b_T(t)`` with
+
+    * ``g``: one small MLP applied to the token of every clinical feature other than onset time
+      and treatment, summed over features (an additive model: each feature's share is its own);
+    * ``u(t) = sum_k softplus(a_k) * sigma_k(t)``: growth with onset-to-imaging time ``t``,
+      non-decreasing by construction (``sigma_k`` are logistic steps in log time at
+      :data:`GROWTH_KNOTS_H`);
+    * ``b_T(t) = sum_k softplus(c_Tk) * (1 - sigma_k(t))``: the tissue saved by treatment ``T``,
+      >= 0 and non-increasing in ``t`` (treatment saves less the later it comes), 0 for "none";
+      a missing treatment gets the average of the four, with learned weights (so it lies
+      between no treatment and the most effective one); a missing onset time a learned one.
+
+    Without clinical input (the imaging-only twin) ``s`` is the learned ``bias`` alone.
+    """
+
+    def __init__(self, dim: int, clinical: bool) -> None:
+        super().__init__()
+        knots = len(GROWTH_KNOTS_H)
+        self.bias = nn.Parameter(torch.zeros(()))
+        self.clinical = clinical
+        if clinical:
+            self.additive = nn.Sequential(nn.Linear(dim, 64), nn.GELU(), nn.Linear(64, 1))
+            nn.init.zeros_(self.additive[2].weight)
+            nn.init.zeros_(self.additive[2].bias)
+            start = -3.0 / GROWTH_GAIN  # softplus(-3) = 0.05 logits per knot: a near-neutral start
+            self.untreated = nn.Parameter(torch.full((knots,), start))
+            self.benefit = nn.Parameter(torch.full((3, knots), start))
+            self.missing_onset = nn.Parameter(torch.tensor(math.log(math.expm1(4.0)) / GROWTH_GAIN))
+            self.missing_treatment = nn.Parameter(torch.zeros(4))
+            self.register_buffer("log_knots", torch.log(torch.tensor(GROWTH_KNOTS_H) + 0.25), persistent=False)
+            self.others = [i for i in range(N_CLINICAL) if i not in (_ONSET, _TREATMENT)]
+            feature_ = FEATURES[_ONSET]
+            self.onset_center, self.onset_scale = float(feature_.center), float(feature_.scale)
+
+    def forward(self, tokens: torch.Tensor | None, values: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+        bias = GROWTH_GAIN * self.bias.float()
+        if not self.clinical or tokens is None:
+            return bias.expand(values.shape[0])
+        gain = GROWTH_GAIN
+        additive = self.additive(tokens[:, self.others].float()).squeeze(-1).sum(dim=1)
+        onset = (values[:, _ONSET].float() * self.onset_scale + self.onset_center).clamp(min=0.0)
+        onset = torch.where(missing[:, _ONSET], F.softplus(gain * self.missing_onset.float()).expand_as(onset), onset)
+        later = torch.sigmoid((torch.log(onset + 0.25)[:, None] - self.log_knots) / 0.3)  # (B, K), rises with t
+        growth = (F.softplus(gain * self.untreated.float()) * later).sum(dim=1)
+        saved = (F.softplus(gain * self.benefit.float())[None] * (1.0 - later)[:, None]).sum(dim=-1)  # (B, 3)
+        saved = torch.cat([torch.zeros_like(saved[:, :1]), saved], dim=1)  # (B, 4): none saves nothing
+        index = torch.round(values[:, _TREATMENT]).long().clamp(0, 3)
+        chosen = saved.gather(1, index[:, None])[:, 0]
+        mixed = (torch.softmax(self.missing_treatment.float(), dim=0) * saved).sum(dim=1)
+        saved = torch.where(missing[:, _TREATMENT], mixed, chosen)
+        return bias + additive + growth - saved
+
+
 class _DecoderLevel(nn.Module):
     """Upsample x2, concatenate the skip, convolve."""
 
@@ -468,6 +549,9 @@ class StrokeNet(nn.Module):
         self.expand = nn.Sequential(nn.Conv3d(in_ch, c.head_channels, 1), nn.LeakyReLU(0.01, inplace=True))
         self.mc_dropout = nn.Dropout3d(c.mc_dropout)
         self.head = nn.Conv3d(c.head_channels, 1, 1)
+        # growth head: a second 1x1x1 head (tissue at risk) and the per-case offset from the clinical values
+        self.risk = nn.Conv3d(c.head_channels, 1, 1) if c.growth else None
+        self.growth = _GrowthHead(c.fusion_dim, clinical=not c.imaging_only) if c.growth else None
 
     # -- pieces ------------------------------------------------------------------------------
     def check_input(self, image: torch.Tensor) -> None:
@@ -514,8 +598,9 @@ class StrokeNet(nn.Module):
         batch = bottleneck.shape[0]
         device = bottleneck.device
         context = None
+        tokens = None
+        missing = clinical_missing.to(device=device, dtype=torch.bool)
         if self.fusion is not None and self.clinical is not None:
-            missing = clinical_missing.to(device=device, dtype=torch.bool)
             if self.training and self.config.feature_dropout > 0:
                 drop = torch.rand(missing.shape, device=missing.device) < self.config.feature_dropout
                 missing = missing | drop
@@ -541,8 +626,13 @@ class StrokeNet(nn.Module):
             h = level(h, skip)
             if self.film is not None and context is not None:
                 h = self.film[index](h, context)
+        features = self.expand(h)
+        if self.growth is not None:  # the case's growth offset rides along as a last, constant channel
+            offset = self.growth(tokens, clinical_values.to(device=device, dtype=torch.float32), missing)
+            features = torch.cat([features, offset.to(features.dtype).reshape(batch, 1, 1, 1, 1)
+                                  .expand(-1, 1, *features.shape[2:])], dim=1)
         return {
-            "features": self.expand(h),
+            "features": features,
             "feature_attention": feature_attention,
             "spatial_attention": spatial.clamp(0.0, 1.0),
         }
@@ -570,8 +660,12 @@ class StrokeNet(nn.Module):
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
         """The re-sampled tail: dropout (active in training mode) and the 1x1x1 head.
-        (B, head_channels, D, H, W) -> (B, 1, D, H, W)."""
-        return self.head(self.mc_dropout(features))
+        (B, head_channels, D, H, W) -> (B, 1, D, H, W). With the growth head, ``features`` has one
+        more channel (the growth offset ``s``) and the logit is ``logaddexp(core, risk + s)``."""
+        if self.risk is None:
+            return self.head(self.mc_dropout(features))
+        dropped = self.mc_dropout(features[:, :-1])
+        return torch.logaddexp(self.head(dropped), self.risk(dropped) + features[:, -1:])
 
     def sample_logits(
         self, features: torch.Tensor, n_samples: int, generator: torch.Generator | None = None,
@@ -592,18 +686,26 @@ class StrokeNet(nn.Module):
         Returns:
             float32 logits (N, B, D, H, W).
         """
+        offset = None
+        if self.risk is not None:
+            offset = features[:, -1].float().flatten(1)  # (B, V)
+            features = features[:, :-1]
         batch, channels = features.shape[:2]
         p = self.config.mc_dropout
-        weight = self.head.weight.reshape(1, 1, channels).float()
         flat = features.float().flatten(2)  # (B, C, V)
+        heads = [self.head] if self.risk is None else [self.head, self.risk]
         if deterministic or p == 0.0:  # one evaluation, repeated: exactly zero spread
-            logits = torch.einsum("nbc,bcv->nbv", weight.expand(1, batch, -1), flat) + self.head.bias.float()
-            return logits.expand(n_samples, -1, -1).reshape(n_samples, batch, *features.shape[2:])
-        keep = torch.full((n_samples, batch, channels), 1.0 - p)
-        masks = torch.bernoulli(keep, generator=generator) / (1.0 - p)
-        effective = masks.to(features.device) * weight  # (N, B, C)
-        logits = torch.einsum("nbc,bcv->nbv", effective, flat) + self.head.bias.float()
-        return logits.reshape(n_samples, batch, *features.shape[2:])
+            masks = torch.ones(1, batch, channels)
+        else:
+            keep = torch.full((n_samples, batch, channels), 1.0 - p)
+            masks = torch.bernoulli(keep, generator=generator) / (1.0 - p)
+        masks = masks.to(features.device)
+        logits = [torch.einsum("nbc,bcv->nbv", masks * head.weight.reshape(1, 1, channels).float(), flat)
+                  + head.bias.float() for head in heads]
+        result = logits[0] if offset is None else torch.logaddexp(logits[0], logits[1] + offset)
+        if masks.shape[0] == 1:
+            result = result.expand(n_samples, -1, -1)
+        return result.reshape(n_samples, batch, *features.shape[2:])
 
     # -- the contract ------------------------------------------------------------------------
     def forward(
@@ -644,19 +746,28 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def load_weights(model: StrokeNet, state: dict[str, torch.Tensor]) -> list[str]:
-    """Load ``state`` into ``model``, strictly except that FiLM parameters absent from ``state``
-    keep their zero initialisation: weights of a network without FiLM load into one with FiLM,
-    which then computes exactly the old network's output.
+    """Load ``state`` into ``model``, strictly except that FiLM and growth-head parameters absent
+    from ``state`` start from their initialisation: weights of a network without FiLM load into one
+    with FiLM, which then computes exactly the old network's output; into a growth network, whose
+    risk head then starts as a copy of the old head (minus 2 logits), so that it computes the old
+    output plus at most 0.13 logits.
 
     Returns:
-        The names of the parameters left at their initial value (FiLM only).
+        The names of the parameters left at (or derived from) their initial value (FiLM, growth head).
 
     Raises:
         RuntimeError: any other missing, unexpected or differently shaped tensor.
     """
     result = model.load_state_dict(state, strict=False)
-    kept = [key for key in result.missing_keys if key.startswith("film.")]
-    others = [key for key in result.missing_keys if not key.startswith("film.")]
+    new = ("film.", "growth.", "risk.")
+    kept = [key for key in result.missing_keys if key.startswith(new)]
+    others = [key for key in result.missing_keys if not key.startswith(new)]
+    if model.risk is not None and "risk.weight" in kept:
+        # the risk map starts as the old head's logits minus 2: logaddexp(core, core - 2) = core + 0.13,
+        # so the growth network starts (almost exactly) at the old output, with a ranking to shift
+        with torch.no_grad():
+            model.risk.weight.copy_(model.head.weight)
+            model.risk.bias.copy_(model.head.bias - 2.0)
     if others or result.unexpected_keys:
         details = []
         if others:

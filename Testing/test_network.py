@@ -261,3 +261,91 @@ def test_encode_decode_equals_features_and_keeps_the_window() -> None:
         changed[0, 9] = 2.0
         assert not torch.equal(model.decode(encoded, changed, missing)["features"],
                                model.decode(encoded, values, missing)["features"])
+
+
+# ----------------------------------------------------------------------------------------
+# Growth head
+# ----------------------------------------------------------------------------------------
+def _offset(model: StrokeNet, **clinical: object) -> float:
+    values, missing = encode(validate(clinical))
+    values_t, missing_t = torch.from_numpy(values)[None], torch.from_numpy(missing)[None]
+    with torch.no_grad():
+        tokens = model.clinical(values_t, missing_t)
+        return float(model.growth(tokens, values_t, missing_t)[0])
+
+
+def test_growth_head_from_old_weights_starts_near_the_old_output() -> None:
+    from StrokePredictorLib.network import load_weights
+
+    torch.manual_seed(8)
+    old = StrokeNet(tiny_config()).eval()
+    new = StrokeNet(tiny_config(growth=True)).eval()
+    kept = load_weights(new, old.state_dict())
+    assert {"risk.weight", "risk.bias"} <= set(kept) and all(k.startswith(("risk.", "growth.")) for k in kept)
+    torch.testing.assert_close(new.risk.weight, new.head.weight)
+    inputs = _inputs((16, 16, 16))
+    with torch.no_grad():
+        before, after = old(*inputs)["logits"], new(*inputs)["logits"]
+    # logaddexp(core, core - 2 + s) with s near 0 at the start: a small, positive shift only
+    shift = after - before
+    assert float(shift.min()) > 0.0 and float(shift.max()) < 0.5
+    # the old network does not take the growth head's weights
+    with pytest.raises(RuntimeError, match="unexpected"):
+        load_weights(old, new.state_dict())
+
+
+def test_growth_offset_is_monotone_in_onset_and_treatment_for_any_weights() -> None:
+    """The structural guarantees of the growth head hold whatever the (random) parameters."""
+    for seed in range(5):
+        torch.manual_seed(seed)
+        model = StrokeNet(tiny_config(growth=True)).eval()
+        with torch.no_grad():
+            for parameter in model.growth.parameters():
+                parameter.normal_(0.0, 0.3)
+        base = {"age": 70, "nihss": 14, "sex": "M"}
+        treatments = ("none", "thrombolysis", "thrombectomy", "both")
+        table = {t: [_offset(model, **base, treatment=t, onset_to_imaging_h=h) for h in (0.5, 2, 4.5, 9, 20, 40)]
+                 for t in treatments}
+        for name, row in table.items():
+            assert all(b >= a - 1e-5 for a, b in zip(row, row[1:], strict=False)), (seed, name, row)
+        for name in treatments[1:]:
+            assert all(t <= n + 1e-5 for t, n in zip(table[name], table["none"], strict=True)), (seed, name)
+        for column, hours in enumerate((0.5, 2, 4.5, 9, 20, 40)):
+            unknown = _offset(model, **base, onset_to_imaging_h=hours)  # treatment missing
+            values = [table[t][column] for t in treatments]
+            assert min(values) - 1e-5 <= unknown <= table["none"][column] + 1e-5
+
+
+def test_growth_offset_moves_the_outcome_and_sampling_matches_the_head() -> None:
+    torch.manual_seed(9)
+    model = StrokeNet(tiny_config(growth=True)).eval()
+    with torch.no_grad():
+        model.growth.untreated.fill_(0.2)  # softplus(2) = 2.1 logits per knot: strong growth with time
+    image, _, _, flair = _inputs((16, 16, 16))
+
+    def clinical(hours: float):
+        values, missing = encode(validate({"onset_to_imaging_h": hours, "treatment": "none"}))
+        return torch.from_numpy(values)[None], torch.from_numpy(missing)[None]
+
+    with torch.no_grad():
+        early = model(image, *clinical(1.0), flair)["logits"]
+        late = model(image, *clinical(20.0), flair)["logits"]
+        assert bool((late >= early - 1e-5).all()) and float((late - early).max()) > 0.5
+        features = model.features(image, *clinical(20.0), flair)["features"]
+        assert features.shape[1] == tiny_config().head_channels + 1  # the offset rides along
+        samples = model.sample_logits(features, 3, deterministic=True)
+        torch.testing.assert_close(samples[0], late[:, 0], rtol=1e-5, atol=1e-5)
+        first = model.sample_logits(features, 64, torch.Generator().manual_seed(1))
+    assert float(first.std(dim=0).mean()) > 0  # the dropout masks act on both heads
+
+
+def test_imaging_only_growth_twin_has_a_constant_offset() -> None:
+    torch.manual_seed(10)
+    model = StrokeNet(tiny_config(growth=True, imaging_only=True)).eval()
+    assert model.clinical is None and set(dict(model.growth.named_parameters())) == {"bias"}
+    image, values, missing, flair = _inputs((16, 16, 16))
+    other, other_missing = _inputs((16, 16, 16), age=40, nihss=2, treatment="none", onset_to_imaging_h=20)[1:3]
+    with torch.no_grad():
+        a = model(image, values, missing, flair)["logits"]
+        b = model(image, other, other_missing, flair)["logits"]
+    assert torch.equal(a, b)

@@ -100,6 +100,10 @@ class SynthTrainConfig:
     film: bool = field(default=False, metadata={
         "help": "FiLM-condition the decoder of the fusion variants on the clinical context; from --init "
                 "weights without FiLM the FiLM layers start at zero, so training starts from the same output"})
+    growth: bool = field(default=False, metadata={
+        "help": "growth head (outcome): a tissue-at-risk map shifted by a per-case offset from the clinical values, "
+                "monotone in onset time and treatment; from --init weights without it the risk map starts as the "
+                "old head's logits minus 2 (the imaging-only twin gets the same head with a constant offset)"})
 
 
 def _variant(name: str) -> tuple[str, bool]:
@@ -130,10 +134,11 @@ def _initialise(model: torch.nn.Module, init: Path, name: str) -> Path:
         logger.warning("%s: no bundle %s; starting from the imaging weights of %s.", name, Path(init) / name, folder)
     start_from = load_bundle(folder)
     theirs = start_from.config
-    ignored = {"film"} | ({"imaging_only"} if fallback else set())
+    ignored = {"film", "growth"} | ({"imaging_only"} if fallback else set())
     same = {k: v for k, v in ours.to_dict().items() if k not in ignored} == \
         {k: v for k, v in theirs.to_dict().items() if k not in ignored}
-    if not same or (theirs.film and not ours.film) or (fallback and theirs.imaging_only):
+    if not same or (theirs.film and not ours.film) or (theirs.growth and not ours.growth) \
+            or (fallback and theirs.imaging_only):
         raise cfg.ConfigError(f"Bundle {start_from.directory} has another architecture than variant '{name}' "
                               f"(imaging_only={ours.imaging_only}, film={ours.film}).")
     state = start_from.model.state_dict()
@@ -232,7 +237,8 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
     members = []
     for name, (task, imaging_only) in variants.items():
         net_config = NetworkConfig.from_dict({**preset.to_dict(), "imaging_only": imaging_only,
-                                              "film": config.film and not imaging_only})
+                                              "film": config.film and not imaging_only,
+                                              "growth": config.growth and task == "outcome"})
         model = StrokeNet(net_config)
         run_dir = Path(config.out) / name
         if config.init is not None and not config.resume:
