@@ -77,3 +77,30 @@ def test_train_synth_film_from_a_plain_lite_bundle(tmp_path: Path) -> None:
                 for name in results}
     assert networks["outcome"]["film"] is True and networks["outcome-imaging"]["film"] is False
     assert networks["outcome-imaging"]["imaging_only"] is True
+
+
+def test_growth_variants_start_from_plain_weights_and_round_trip_as_bundles(tmp_path: Path) -> None:
+    """--growth: both twins take the plain bundle's weights (risk head = old head - 2); a growth network
+    saved as a bundle loads back strictly, with the same output."""
+    write_tiny_bundle(tmp_path / "init" / "outcome", seed=5)
+    old = load_bundle(tmp_path / "init" / "outcome").model.eval()
+    fusion = StrokeNet(tiny_config(growth=True))
+    imaging = StrokeNet(tiny_config(growth=True, imaging_only=True))
+    _initialise(fusion, tmp_path / "init", "outcome")
+    _initialise(imaging, tmp_path / "init", "outcome-imaging")
+    for model in (fusion, imaging):
+        torch.testing.assert_close(model.risk.bias, model.head.bias - 2.0)
+        assert torch.equal(model.encoder.stem[0].weight, old.encoder.stem[0].weight)
+    fusion.eval()
+    with torch.no_grad():
+        start = fusion(*_inputs())["logits"] - old(*_inputs())["logits"]
+        fusion.growth.untreated.fill_(0.1)
+    assert 0.0 < float(start.min()) and float(start.max()) < 0.5
+    save_bundle(tmp_path / "saved" / "outcome", fusion, task="outcome", grid=LITE_GRID, normalization=Normalization(),
+                data={"source": "test"}, metrics={})
+    loaded = load_bundle(tmp_path / "saved" / "outcome").model.eval()
+    assert loaded.config.growth is True
+    with torch.no_grad():
+        assert torch.equal(loaded(*_inputs())["logits"], fusion(*_inputs())["logits"])
+    with pytest.raises(cfg.ConfigError, match="another architecture"):  # growth weights into a plain network
+        _initialise(StrokeNet(tiny_config()), tmp_path / "saved", "outcome")
