@@ -11,7 +11,7 @@ import torch
 from test_gpu_synth import _fake_soop
 
 from Training.synthesis.gpu_synth import build_pack
-from Training.synthesis.pool import SynthPool, _components, augment_patch
+from Training.synthesis.pool import SynthPool, _components, augment_patch, bright_normal_adc
 
 GRID = (48, 64, 48)  # i, j, k
 PATCH = (32, 32, 32)  # k, j, i
@@ -42,6 +42,37 @@ def test_augment_patch_keeps_adc_quantitative_and_background_zero() -> None:
     ratio = out[1][inside].mean() / 0.8
     assert 0.9 < ratio < 1.1  # ADC only scaled by scanner variability (plus noise)
     assert not np.array_equal(out, image)
+
+
+def test_hard_negatives_are_bright_on_dwi_with_a_normal_adc_away_from_lesions() -> None:
+    image = np.zeros((3, 12, 12, 12), np.float32)
+    image[0], image[1] = 1.0, 0.8  # normal tissue
+    brain = np.ones((12, 12, 12), bool)
+    lesion = np.zeros_like(brain)
+    image[0, 2, 2, 2], image[1, 2, 2, 2] = 2.0, 0.85  # a mimic: bright, normal ADC
+    image[0, 2, 9, 9], image[1, 2, 9, 9] = 2.0, 0.55  # restricted diffusion: a lesion, not a mimic
+    image[0, 9, 9, 9], image[1, 9, 9, 9] = 2.0, 0.9  # a mimic, but next to a lesion
+    lesion[9, 9, 7] = True
+    assert bright_normal_adc(image, brain, lesion).tolist() == [[2, 2, 2]]
+    assert bright_normal_adc(image, np.zeros_like(brain), lesion).shape == (0, 3)
+
+
+def test_mimic_fraction_centres_the_other_patches_on_hard_negatives() -> None:
+    from Training.synthesis.pool import PoolVolume
+
+    pool = SynthPool.__new__(SynthPool)  # no rendering: one hand-made volume
+    pool.grid_kji, pool.divisor, pool.rng = (64, 64, 64), 16, np.random.default_rng(0)
+    image = np.zeros((3, 64, 64, 64), np.float16)
+    empty = np.zeros((64, 64, 64), bool)
+    spot = np.array([[40, 20, 50]])
+    pool.volumes = [PoolVolume(image, empty, empty, ~empty, np.zeros(10, np.float32), np.ones(10, bool), True,
+                               {"acute": [], "outcome": []}, spot)]
+    windows = pool.batch(24, (32, 32, 32), mimic_fraction=1.0, augment=False)["window"][:, 0].numpy()
+    inside = [(w <= spot[0]) & (spot[0] < w + 32) for w in windows]
+    assert all(bool(i.all()) for i in inside)  # every patch holds the hard negative
+    pool.rng = np.random.default_rng(0)
+    uniform = pool.batch(24, (32, 32, 32), augment=False)["window"][:, 0].numpy()
+    assert len({tuple(w) for w in uniform}) > 1
 
 
 @pytest.mark.slow

@@ -63,6 +63,8 @@ class CampaignConfig:
     device: str = field(default="cpu", metadata={"help": "cpu|cuda (the GPU recipe uses --source gpu)"})
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate of the fine-tune"})
     seed: int = field(default=0, metadata={"help": "seed of this run (use a new one per run)"})
+    mimic_fraction: float = field(default=0.0, metadata={
+        "help": "CPU pool: share of the non-lesion patches centred on hard negatives (DWI bright, ADC normal)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
     mc_samples: int = field(default=20, metadata={"help": "Monte-Carlo samples of the post-processing search"})
     max_cases: int = field(default=0, metadata={"help": "at most this many cases per validation folder (0: all)"})
@@ -198,7 +200,8 @@ def run(config: CampaignConfig) -> dict:
                 "--threads", config.threads, "--val-samples", 16, "--val-every", 300, "--checkpoint-minutes", 10,
                 "--source", "pool" if config.device == "cpu" else "gpu"]
         if config.device == "cpu":  # the CPU recipe: 2 lesion-centred 64^3 patches per step from a 48-volume pool
-            argv += ["--batch-size", 2, "--patch", "64,64,64", "--pool-size", 48]
+            argv += ["--batch-size", 2, "--patch", "64,64,64", "--pool-size", 48,
+                     "--mimic-fraction", config.mimic_fraction]
         argv += ["--resume"] if resume else ["--init", config.models]
         _run_verb("Training.training.train_synth", argv)
     trained = json.loads(summary.read_text())[config.task]
@@ -234,6 +237,7 @@ def run(config: CampaignConfig) -> dict:
     entry = {"run": out.name, "date": datetime.now(timezone.utc).date().isoformat(), "device": config.device,
              "steps": int(trained["steps"]), "training_s": float(trained["seconds"]),
              "best_synthetic_val_dice": trained.get("best_val_dice"), "seed": config.seed, "lr": config.lr,
+             "mimic_fraction": config.mimic_fraction,
              "validation_sets": [Path(v).name for v in config.val], "max_cases_per_set": config.max_cases,
              "mc_samples": config.mc_samples, "decision": decision, "outcome": outcome}
     ledger = record(config, entry)

@@ -12,7 +12,10 @@ far more on a CPU than a training step does, so the CPU recipe does not synthesi
   (:func:`augment_patch`: left-right mirror, DWI/FLAIR gain and gamma, small ADC scale and
   noise), a third of them (``lesion_fraction``) centred on a lesion component chosen uniformly
   among the volume's components, so that small lesions and embolic foci are seen as often as
-  large infarcts (nnU-Net's foreground oversampling, per component).
+  large infarcts (nnU-Net's foreground oversampling, per component); with ``mimic_fraction``,
+  that share of the other patches is centred on a *hard negative*: a voxel that is bright on DWI
+  with a normal or raised ADC away from any lesion (:func:`bright_normal_adc`), which is what the
+  real-scan mimics (susceptibility, T2 shine-through, cortical ribbon) look like to the network.
 
 A patch's first voxel is a multiple of the network's size divisor and comes with its ``window``
 (first voxel and whole-grid size), which :class:`StrokePredictorLib.network.StrokeNet` uses to
@@ -24,7 +27,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import queue
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +51,24 @@ class PoolVolume:
     clinical_missing: np.ndarray  # bool (10,)
     flair_present: bool
     components: dict[str, list[np.ndarray]]  # task -> voxel indices (n, 3) of each 26-connected component
+    hard_negatives: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int64))  # (n, 3) voxel indices
+
+
+#: A hard negative: DWI at least this many times the brain median ...
+HARD_NEGATIVE_DWI = 1.4
+#: ... with an ADC (10^-3 mm^2/s) at least this (infarcts restrict diffusion: 0.55-0.73 on real scans,
+#: real-scan mimics 0.82-0.91) ...
+HARD_NEGATIVE_ADC = 0.78
+#: ... and at least this many voxels from any lesion of either task.
+HARD_NEGATIVE_MARGIN = 3
+
+
+def bright_normal_adc(image: np.ndarray, brain: np.ndarray, lesions: np.ndarray) -> np.ndarray:
+    """Voxel indices ``(n, 3)`` of the hard negatives of one normalised volume ``image`` (3, K, J, I):
+    bright on DWI, normal or raised ADC, inside ``brain`` and away from ``lesions`` (bool)."""
+    dwi, adc = image[0].astype(np.float32), image[1].astype(np.float32)
+    near = ndimage.binary_dilation(lesions, iterations=HARD_NEGATIVE_MARGIN) if lesions.any() else lesions
+    return np.argwhere((dwi >= HARD_NEGATIVE_DWI) & (adc >= HARD_NEGATIVE_ADC) & brain & ~near)
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
@@ -67,13 +88,16 @@ def volumes_from_batch(batch: dict[str, torch.Tensor]) -> list[PoolVolume]:
     for n in range(batch["image"].shape[0]):
         acute = batch["acute"][n, 0].cpu().numpy() > 0.5
         outcome = batch["outcome"][n, 0].cpu().numpy() > 0.5
+        image = batch["image"][n].cpu().numpy()
+        brain = batch["brain"][n, 0].cpu().numpy().astype(bool)
         out.append(PoolVolume(
-            image=batch["image"][n].cpu().numpy().astype(np.float16),
-            acute=acute, outcome=outcome, brain=batch["brain"][n, 0].cpu().numpy().astype(bool),
+            image=image.astype(np.float16),
+            acute=acute, outcome=outcome, brain=brain,
             clinical_values=batch["clinical_values"][n].cpu().numpy().astype(np.float32),
             clinical_missing=batch["clinical_missing"][n].cpu().numpy().astype(bool),
             flair_present=bool(batch["flair_present"][n]),
             components={"acute": _components(acute), "outcome": _components(outcome)},
+            hard_negatives=bright_normal_adc(image, brain, acute | outcome),
         ))
     return out
 
@@ -204,12 +228,14 @@ class SynthPool:
         return np.clip(start, 0, top // self.divisor * self.divisor)
 
     def batch(self, n: int, patch: tuple[int, int, int], *, task: str = "acute", lesion_fraction: float = 1 / 3,
-              augment: bool = True) -> dict[str, torch.Tensor]:
+              mimic_fraction: float = 0.0, augment: bool = True) -> dict[str, torch.Tensor]:
         """``n`` patches (k, j, i sizes ``patch``, multiples of the divisor) with targets and windows.
 
         A ``lesion_fraction`` of the patches is centred on a component of ``task``'s target, which
         is ``target``; ``acute`` and ``outcome`` hold both tasks' targets of the same patches (so
-        that variants of either task can train on one batch)."""
+        that variants of either task can train on one batch). Of the other patches, a
+        ``mimic_fraction`` is centred on one of the volume's hard negatives (when it has any), the
+        rest placed uniformly. With ``mimic_fraction`` 0 the random stream is the one without it."""
         images, values, missing, flair, windows = [], [], [], [], []
         targets: dict[str, list[np.ndarray]] = {name: [] for name in TASKS}
         for _ in range(n):
@@ -219,6 +245,8 @@ class SynthPool:
             if components and self.rng.random() < lesion_fraction:
                 component = components[int(self.rng.integers(len(components)))]
                 centre = component[int(self.rng.integers(len(component)))]
+            elif mimic_fraction > 0 and len(volume.hard_negatives) and self.rng.random() < mimic_fraction:
+                centre = volume.hard_negatives[int(self.rng.integers(len(volume.hard_negatives)))]
             start = self._start(centre, patch)
             region = tuple(slice(int(s), int(s) + p) for s, p in zip(start, patch, strict=True))
             image = volume.image[(slice(None), *region)].astype(np.float32)

@@ -220,6 +220,8 @@ class PoolSource(_SynthSource):
         patch: patch size (k, j, i), multiples of ``divisor``.
         task: the task whose lesions the patches are centred on.
         batch_size, lesion_fraction: patches per step, and the share centred on a lesion.
+        mimic_fraction: the share of the other patches centred on a hard negative (DWI bright,
+            ADC normal; :func:`Training.synthesis.pool.bright_normal_adc`).
         size, refresh, pause: volumes in the pool, fresh volumes swapped in per step at most, and
             the background renderer's pause after each volume (seconds).
         seed: seed of the pool (offset by the step a resumed run starts at).
@@ -227,10 +229,10 @@ class PoolSource(_SynthSource):
 
     def __init__(self, pack: Path, grid_size: tuple[int, int, int], *, patch: tuple[int, int, int], task: str,
                  batch_size: int, lesion_fraction: float, size: int, refresh: int, pause: float, seed: int,
-                 divisor: int, **shared: Any) -> None:
+                 divisor: int, mimic_fraction: float = 0.0, **shared: Any) -> None:
         super().__init__(**shared)
         self.pack, self.grid_size, self.patch, self.task = pack, grid_size, patch, task
-        self.batch_size, self.lesion_fraction = batch_size, lesion_fraction
+        self.batch_size, self.lesion_fraction, self.mimic_fraction = batch_size, lesion_fraction, mimic_fraction
         self.size, self.refresh, self.pause, self.seed, self.divisor = size, refresh, pause, seed, divisor
         self.pool: Any = None
 
@@ -243,7 +245,8 @@ class PoolSource(_SynthSource):
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         self.pool.refresh(self.refresh)
-        batch = self.pool.batch(self.batch_size, self.patch, task=self.task, lesion_fraction=self.lesion_fraction)
+        batch = self.pool.batch(self.batch_size, self.patch, task=self.task, lesion_fraction=self.lesion_fraction,
+                                mimic_fraction=self.mimic_fraction)
         return self._drop_clinical(to_device(batch, self.device))
 
     def status(self) -> str:

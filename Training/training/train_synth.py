@@ -87,6 +87,9 @@ class SynthTrainConfig:
         "help": "train on patches of k,j,i voxels (multiples of the size divisor; default: whole grid, "
                 "64,64,64 with the pool)"})
     lesion_fraction: float = field(default=1 / 3, metadata={"help": "share of patches centred on a lesion component"})
+    mimic_fraction: float = field(default=0.0, metadata={
+        "help": "pool: share of the other patches centred on a hard negative (DWI bright, ADC normal, away from "
+                "lesions: what real-scan mimics look like)"})
     pool_size: int = field(default=48, metadata={"help": "pre-rendered volumes held by the pool"})
     pool_refresh: int = field(default=1, metadata={"help": "fresh volumes swapped into the pool per step, at most"})
     pool_pause: float = field(default=6.0, metadata={
@@ -266,7 +269,8 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
     if source == "pool":
         data_source: loop.DataSource = PoolSource(
             config.pack, grid.size, patch=patch, task=members[0].task, batch_size=config.batch_size,
-            lesion_fraction=config.lesion_fraction, size=config.pool_size, refresh=config.pool_refresh,
+            lesion_fraction=config.lesion_fraction, mimic_fraction=config.mimic_fraction, size=config.pool_size,
+            refresh=config.pool_refresh,
             pause=config.pool_pause, seed=config.seed, divisor=divisor, **shared)
     else:
         data_source = GpuSynthSource(pack, synth, batch_size=config.batch_size, reuse=config.reuse,
