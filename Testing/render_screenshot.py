@@ -101,10 +101,10 @@ def build_demo_scene(work: Path, bundle: Path | None = None) -> tuple[Any, Any, 
     import inference_phantom
     import slicer
     import slicer_env
+
+    module = slicer_env.import_module()  # puts the module's folder (StrokePredictorSlicer) on the path
     from StrokePredictorSlicer.runner import SubprocessRunner
 
-    env = slicer_env.make_scene()
-    module = slicer_env.import_module()
     env = slicer_env.make_scene()
     files = module.sampleDataFiles()
     if files is not None and bundle is None and (module.MODELS_DIR / "acute" / "model.json").is_file():
@@ -129,11 +129,12 @@ def build_comparison_scene(work: Path, field: str, first: str, second: str,
     import inference_phantom
     import slicer
     import slicer_env
-    from StrokePredictorSlicer.runner import SubprocessRunner
 
     from StrokePredictorLib import clinical
 
-    module = slicer_env.import_module()
+    module = slicer_env.import_module()  # puts the module's folder (StrokePredictorSlicer) on the path
+    from StrokePredictorSlicer.runner import SubprocessRunner
+
     env = slicer_env.make_scene()
     files = module.sampleDataFiles()
     values: dict = {}
