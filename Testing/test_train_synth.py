@@ -84,3 +84,28 @@ def test_non_finite_steps_never_reach_the_weights(pack_path: Path, tmp_path: Pat
     assert result["skipped_steps"] == 2
     weights = torch.load(tmp_path / "nan" / "acute" / "checkpoints" / "last.pt", weights_only=False)["model"]
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_validation_on_preprocessed_fixed_sets(pack_path: Path, tmp_path: Path) -> None:
+    """--val-cache: checkpoints are chosen on the fixed sets' cases (every case of each cache, any split),
+    with hard-negative patches in the batches; a cache on another grid is refused by name."""
+    from training_fixtures import TEST_GRID_SIZE, build_test_cache, write_isles_phantom
+
+    from Training.data.cache import CacheConfig, build_cache
+    from Training.data.dataset import CacheError
+
+    data = write_isles_phantom(tmp_path / "fixed", n_cases=3)
+    cache = tmp_path / "cache"
+    build_cache(CacheConfig(data=data, out=cache, grid_size=(48, 64, 48), grid_spacing=(4.0, 4.0, 4.0),
+                            progress=False))
+    out = tmp_path / "run"
+    result = run(_config(pack_path, out, variants=("acute", "outcome"), val_cache=(cache,),
+                         mimic_fraction=0.5, max_steps=2, val_every=2))
+    assert set(result) == {"acute", "outcome"}
+    data_meta = torch.load(out / "acute" / "checkpoints" / "last.pt", weights_only=False)["data"]
+    assert data_meta["n_cases"]["val"] == 3 and data_meta["validation"] == "fixed sets cache"
+    assert all(0.0 <= r["best_val_dice"] <= 1.0 for r in result.values())
+    other = build_test_cache(data, tmp_path / "small")
+    assert tuple(json.loads((other / "index.json").read_text())["grid"]["size"]) == TEST_GRID_SIZE
+    with pytest.raises(CacheError, match="grid"):
+        run(_config(pack_path, tmp_path / "run2", val_cache=(other,)))

@@ -63,6 +63,10 @@ class CampaignConfig:
     device: str = field(default="cpu", metadata={"help": "cpu|cuda (the GPU recipe uses --source gpu)"})
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate of the fine-tune"})
     seed: int = field(default=0, metadata={"help": "seed of this run (use a new one per run)"})
+    val_cache: tuple[Path, ...] = field(default=(), metadata={
+        "help": "select the training checkpoint on these preprocessed fixed sets (train-synth --val-cache) instead "
+                "of synthesised whole volumes"})
+    val_cache_cases: int = field(default=0, metadata={"help": "with --val-cache: cases per cache (0: all)"})
     mimic_fraction: float = field(default=0.0, metadata={
         "help": "CPU pool: share of the non-lesion patches centred on hard negatives (DWI bright, ADC normal)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
@@ -202,6 +206,9 @@ def run(config: CampaignConfig) -> dict:
         if config.device == "cpu":  # the CPU recipe: 2 lesion-centred 64^3 patches per step from a 48-volume pool
             argv += ["--batch-size", 2, "--patch", "64,64,64", "--pool-size", 48,
                      "--mimic-fraction", config.mimic_fraction]
+        if config.val_cache:
+            argv += ["--val-cache", ",".join(str(c) for c in config.val_cache),
+                     "--val-max-cases", config.val_cache_cases]
         argv += ["--resume"] if resume else ["--init", config.models]
         _run_verb("Training.training.train_synth", argv)
     trained = json.loads(summary.read_text())[config.task]
@@ -238,6 +245,7 @@ def run(config: CampaignConfig) -> dict:
              "steps": int(trained["steps"]), "training_s": float(trained["seconds"]),
              "best_synthetic_val_dice": trained.get("best_val_dice"), "seed": config.seed, "lr": config.lr,
              "mimic_fraction": config.mimic_fraction,
+             "checkpoint_validation": [Path(c).name for c in config.val_cache] or "synthesised",
              "validation_sets": [Path(v).name for v in config.val], "max_cases_per_set": config.max_cases,
              "mc_samples": config.mc_samples, "decision": decision, "outcome": outcome}
     ledger = record(config, entry)

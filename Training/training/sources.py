@@ -9,7 +9,8 @@
   synthesised on the device at every step (:class:`Training.synthesis.gpu_synth.GpuSynthesizer`).
 
 The two synthetic sources drop clinical features at random on the device and validate every
-member on the same fixed, whole-volume cases synthesised from held-out lesions.
+member on the same fixed, whole-volume cases: synthesised from held-out lesions
+(:func:`synthetic_validation`), or the preprocessed fixed evaluation sets (:func:`cached_validation`).
 """
 
 from __future__ import annotations
@@ -164,6 +165,45 @@ def synthetic_validation(pack: Any, synth: Any, *, subset: str, seed: int, count
     for start in range(0, count, batch_size):
         items = [labels[i] for i in range(start, min(start + batch_size, count))]
         batches.append(synth(torch.utils.data.default_collate(items), generator))
+    return batches
+
+
+def cached_validation(caches: tuple[Path, ...] | list[Path], grid_size: tuple[int, int, int], tasks: set[str], *,
+                      max_cases: int = 0, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Whole-grid validation cases (one per batch) from preprocessed caches of fixed sets
+    (``python -m Training preprocess --data data/val_mimics --out CACHE``): every case of each cache,
+    whatever its split, or its first ``max_cases``. Selecting checkpoints on the fixed sets with
+    real-scan mimics, showers and small lesions instead of freshly synthesised whole volumes.
+
+    Raises:
+        CacheError: a cache on another grid, or a case without the target of one of ``tasks``.
+    """
+    from Training.data.dataset import CacheError, load_index
+
+    batches = []
+    for cache in caches:
+        index = load_index(cache)
+        size = tuple(int(v) for v in index["grid"]["size"])
+        if size != tuple(int(v) for v in grid_size):
+            raise CacheError(f"Validation cache {cache} is on a {size} grid; this run's grid is {tuple(grid_size)}.")
+        metas = index["cases"][: max_cases or None]
+        for meta in metas:
+            lacking = sorted(tasks - set(meta["targets"]))
+            if lacking:
+                raise CacheError(f"Case {meta['case_id']} of validation cache {cache} has no {lacking[0]} target.")
+            folder = Path(cache) / "cases" / meta["case_id"]
+            batch = {
+                "image": torch.from_numpy(np.load(folder / "image.npy").astype(np.float32))[None],
+                "brain": torch.from_numpy(np.load(folder / "brain.npy").astype(bool))[None, None],
+                "clinical_values": torch.tensor(meta["clinical_values"], dtype=torch.float32)[None],
+                "clinical_missing": torch.tensor(meta["clinical_missing"], dtype=torch.bool)[None],
+                "flair_present": torch.tensor([bool(meta["flair_present"])]),
+            }
+            for task in tasks:
+                batch[task] = torch.from_numpy(np.load(folder / f"{task}.npy").astype(np.float32))[None, None]
+            batches.append(to_device(batch, device))
+    if not batches:
+        raise CacheError(f"No validation cases in {', '.join(str(c) for c in caches)}.")
     return batches
 
 

@@ -68,6 +68,10 @@ class SynthTrainConfig:
     time_limit: float = field(default=300.0, metadata={"help": "seconds of training (the schedule follows it)"})
     val_every: int = field(default=150, metadata={"help": "validate every N steps"})
     val_samples: int = field(default=48, metadata={"help": "synthesised validation cases (val lesions)"})
+    val_cache: tuple[Path, ...] = field(default=(), metadata={
+        "help": "validate on these preprocessed fixed sets instead (python -m Training preprocess --data "
+                "data/val_mimics --out CACHE; comma-separated): every case, or the first --val-max-cases of each"})
+    val_max_cases: int = field(default=0, metadata={"help": "with --val-cache: cases per cache (0: all)"})
     val_subset: str = field(default="val", metadata={
         "help": "lesions of the validation cases: val (held out), or train for smoke tests on a tiny pack"})
     clinical_drop_p: float = field(default=0.25, metadata={"help": "per-feature clinical drop-out"})
@@ -193,7 +197,7 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
     from StrokePredictorLib.network import NetworkConfig, StrokeNet
     from StrokePredictorLib.preprocess import ModelGrid, Normalization
     from Training.synthesis.gpu_synth import GpuSynthesizer, Pack
-    from Training.training.sources import GpuSynthSource, PoolSource, synthetic_validation
+    from Training.training.sources import GpuSynthSource, PoolSource, cached_validation, synthetic_validation
 
     if config.resume:
         config = _resume_config(config)
@@ -228,13 +232,24 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
     # channels-last: faster on CUDA, and with bf16 on a CPU with AVX-512 BF16 (loop.Precision)
     precision = loop.Precision.resolve(config.precision, device, config.channels_last)
 
+    # fixed validation cases (never trained on): from held-out validation lesions, or the fixed sets' caches
+    if config.val_cache:
+        val_batches = cached_validation(config.val_cache, grid.size, {task for task, _ in variants.values()},
+                                        max_cases=config.val_max_cases, device=device)
+    else:
+        val_batches = synthetic_validation(pack, synth, subset=config.val_subset, seed=config.seed,
+                                           count=config.val_samples, batch_size=config.batch_size if cuda else 1,
+                                           device=device)
+    val_cases = sum(int(b["image"].shape[0]) for b in val_batches)
     data = {
         "source": "domain-randomised synthesis (Training.synthesis.gpu_synth) from MNI152 2009 anatomy and "
                   "real SOOP acute lesion masks with their participants' clinical values"
                   + (", pre-rendered pool of whole volumes cut into lesion-centred patches"
                      if source == "pool" else ""),
         "pack": Path(config.pack).name,
-        "n_cases": {"train": int(len(pack.indices("train"))), "val": config.val_samples},
+        "n_cases": {"train": int(len(pack.indices("train"))), "val": val_cases},
+        "validation": ("fixed sets " + ", ".join(Path(c).name for c in config.val_cache) if config.val_cache
+                       else "synthesised from held-out validation lesions"),
         "lesions": {s: int(len(pack.indices(s))) for s in ("train", "val", "test")},
     }
     members = []
@@ -260,10 +275,7 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
                            "augment": "gpu_synth" + ("+pool" if source == "pool" else "")}}
         members.append(loop.Member(name, task, model, run_dir, meta, checkpoint=checkpoint))
 
-    # fixed validation cases from held-out validation lesions (never trained on), whole volumes
-    shared = {"val_batches": synthetic_validation(pack, synth, subset=config.val_subset, seed=config.seed,
-                                                  count=config.val_samples,
-                                                  batch_size=config.batch_size if cuda else 1, device=device),
+    shared = {"val_batches": val_batches,
               "generator": torch.Generator(device=device).manual_seed(config.seed),
               "clinical_drop_p": config.clinical_drop_p, "device": device}
     if source == "pool":
