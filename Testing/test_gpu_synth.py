@@ -109,3 +109,55 @@ def test_cerebellar_cortex_has_its_own_lower_adc(pack: Pack) -> None:
         assert cerebellar.sum() > 50 and cerebral.sum() > 50
         assert float(adc[case][cerebellar].median()) < 0.9 * float(adc[case][cerebral].median())
         assert float(dwi[case][cerebellar].median()) > float(dwi[case][cerebral].median())
+
+
+@pytest.mark.slow
+def test_counterfactual_scenarios_keep_the_case_and_ride_along_the_same_warp(pack: Pack) -> None:
+    """scenarios=2: the same item (same image labels, observed record, outcome) plus two counterfactual
+    outcomes with their onset time and treatment; rendered with the same draws as without them."""
+    from StrokePredictorLib.clinical import FEATURE_NAMES, FEATURES
+
+    plain = LabelSampler(pack, subset="all", seed=3, empty_probability=0.0)
+    counter = LabelSampler(pack, subset="all", seed=3, empty_probability=0.0, scenarios=2)
+    first, second = plain[5], counter[5]
+    for key, value in first.items():
+        np.testing.assert_array_equal(value, second[key], err_msg=key)
+    assert second["outcome_alt"].shape == (2, *first["lesion"].shape)
+    core = first["lesion"] >= 0.5
+    onset, treatment = FEATURE_NAMES.index("onset_to_imaging_h"), FEATURE_NAMES.index("treatment")
+    for s in range(2):
+        assert np.all(second["outcome_alt"][s][core] >= 0.5)  # every scenario keeps the core
+        values, missing = second["clinical_values_alt"][s], second["clinical_missing_alt"][s]
+        assert not missing[onset] and not missing[treatment]
+        hours = values[onset] * FEATURES[onset].scale + FEATURES[onset].center
+        assert 0.5 - 1e-3 <= hours <= 24.0 + 1e-3
+        others = [i for i in range(10) if i not in (onset, treatment) and not first["clinical_missing"][i]]
+        np.testing.assert_array_equal(values[others], first["clinical_values"][others])
+    synth = GpuSynthesizer(pack, (48, 64, 48), "cpu")
+    rendered = {name: synth(torch.utils.data.default_collate([sampler[5], sampler[6]]),
+                            torch.Generator().manual_seed(1))
+                for name, sampler in (("plain", plain), ("counter", counter))}
+    assert torch.equal(rendered["plain"]["image"], rendered["counter"]["image"])
+    assert torch.equal(rendered["plain"]["outcome"], rendered["counter"]["outcome"])
+    alternatives = rendered["counter"]["outcome_alt"]
+    assert alternatives.shape == (2, 2, 48, 64, 48)
+    assert torch.all(alternatives >= rendered["counter"]["acute"])  # the core in every scenario
+
+
+def test_pool_patches_take_one_scenario_whole() -> None:
+    """A patch's clinical values and outcome target come from the same scenario."""
+    from Training.synthesis.pool import PoolVolume, SynthPool
+
+    pool = SynthPool.__new__(SynthPool)
+    pool.grid_kji, pool.divisor, pool.rng = (32, 32, 32), 16, np.random.default_rng(0)
+    empty = np.zeros((32, 32, 32), bool)
+    full = ~empty
+    scenario = (np.full(10, 7.0, np.float32), np.zeros(10, bool), full)
+    pool.volumes = [PoolVolume(np.zeros((3, 32, 32, 32), np.float16), empty, empty, full, np.zeros(10, np.float32),
+                               np.ones(10, bool), True, {"acute": [], "outcome": []}, scenarios=[scenario])]
+    batch = pool.batch(40, (32, 32, 32), task="outcome", augment=False)
+    chose = batch["clinical_values"][:, 0] == 7.0
+    assert 0 < int(chose.sum()) < 40
+    assert torch.all(batch["outcome"][chose] == 1.0) and torch.all(batch["outcome"][~chose] == 0.0)
+    assert torch.all(batch["clinical_missing"][~chose]) and not torch.any(batch["clinical_missing"][chose])
+    assert torch.equal(batch["target"], batch["outcome"]) and torch.all(batch["acute"] == 0.0)

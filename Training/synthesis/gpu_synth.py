@@ -224,12 +224,15 @@ class LabelSampler(torch.utils.data.Dataset):
     mimic draws use their own random stream ``[seed, index, 7]``: with the three probabilities at 0
     every item equals the one of the earlier sampler, apart from the added (all-zero) mimic keys, and
     :class:`GpuSynthesizer` renders such a batch exactly as it did before the mimics existed.
+    With ``scenarios`` > 0 each item also holds that many counterfactual outcomes of the same case
+    (:meth:`_alternatives`; ``outcome_alt``, ``clinical_values_alt``, ``clinical_missing_alt``), from a
+    stream of their own: the other keys are unchanged.
     """
 
     def __init__(self, pack: Pack, *, subset: str = "train", seed: int = 0, length: int = 10_000,
                  empty_probability: float = 0.03, multi_probability: float = 0.15,
                  shower_probability: float = 0.25, small_probability: float = 0.15,
-                 mimic_probability: float = 0.8) -> None:
+                 mimic_probability: float = 0.8, scenarios: int = 0) -> None:
         self.pack = pack
         self.pool = pack.indices(subset)
         self.seed = seed
@@ -239,6 +242,7 @@ class LabelSampler(torch.utils.data.Dataset):
         self.shower_probability = shower_probability
         self.small_probability = small_probability
         self.mimic_probability = mimic_probability
+        self.scenarios = scenarios
         self._template = None
 
     def __len__(self) -> int:
@@ -304,17 +308,46 @@ class LabelSampler(torch.utils.data.Dataset):
             mimics = draw_mimic_maps(template, extra, avoid=fraction)
         else:
             mimics = empty_maps(self.pack.shape)
+        noise = smooth_noise(rng, fraction.shape, 3.0)
         outcome, _ = outcome_fraction(template, fraction, nihss=hidden.nihss, onset_h=hidden.onset_h,
                                       treatment=hidden.treatment, collateral=hidden.collateral,
-                                      glucose=hidden.glucose, noise=smooth_noise(rng, fraction.shape, 3.0))
+                                      glucose=hidden.glucose, noise=noise)
         values, missing = encode(record)
-        return {
+        alternatives = self._alternatives(index, template, fraction, record, hidden, noise) if self.scenarios else {}
+        return {**alternatives,
             "lesion": fraction.astype(np.float16), "severity": severity.astype(np.float16),
             "outcome": outcome.astype(np.float16), "clinical_values": values, "clinical_missing": missing,
             "onset_h": np.float32(hidden.onset_h), "seed": np.int64(rng.integers(2**62)),
             "mimic_kind": mimics.kind, "mimic_weight": mimics.weight.astype(np.float16),
             "mimic_table": mimics.table,
         }
+
+
+    def _alternatives(self, index: int, template: object, fraction: np.ndarray, record: object, hidden: object,
+                      noise: np.ndarray) -> dict[str, np.ndarray]:
+        """``scenarios`` counterfactual outcomes of the same case: onset time (log-uniform 0.5-24 h) and
+        treatment (uniform) redrawn from their own stream ``[seed, index, 11]``, everything else (core,
+        hidden NIHSS, collaterals, glucose, the random field) kept; the record's onset and treatment set to
+        them. The same image then comes with several clinical scenarios and their final infarcts, which
+        teaches what onset time and treatment change far more directly than one scenario per image."""
+        from StrokePredictorLib.clinical import validate
+        from Training.synthesis.outcome import TREATMENT_BENEFIT, outcome_fraction
+
+        draw = np.random.default_rng([self.seed, index, 11])
+        known = {k: v for k, v in record.values.items() if v is not None}  # type: ignore[attr-defined]
+        outcomes, values, missing = [], [], []
+        for _ in range(self.scenarios):
+            onset = float(np.exp(draw.uniform(np.log(0.5), np.log(24.0))))
+            treatment = str(draw.choice(list(TREATMENT_BENEFIT)))
+            grown, _ = outcome_fraction(template, fraction, nihss=hidden.nihss, onset_h=onset,  # type: ignore
+                                        treatment=treatment, collateral=hidden.collateral,  # type: ignore
+                                        glucose=hidden.glucose, noise=noise)  # type: ignore[attr-defined]
+            v, m = encode(validate({**known, "onset_to_imaging_h": round(onset, 3), "treatment": treatment}))
+            outcomes.append(grown.astype(np.float16))
+            values.append(v)
+            missing.append(m)
+        return {"outcome_alt": np.stack(outcomes), "clinical_values_alt": np.stack(values),
+                "clinical_missing_alt": np.stack(missing)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -483,6 +516,9 @@ class GpuSynthesizer:
         with_mimics = "mimic_kind" in labels and bool(labels["mimic_weight"].any())
         names = ("lesion", "severity", "outcome") + (("mimic_weight",) if with_mimics else ())
         per_case = torch.stack([labels[name].to(dev, non_blocking=True).float() for name in names], dim=1)
+        alternatives = labels["outcome_alt"].to(dev).float() if "outcome_alt" in labels else None
+        if alternatives is not None:  # counterfactual outcomes ride along as extra channels: same warp, no draws
+            per_case = torch.cat([per_case, alternatives], dim=1)
         n = per_case.shape[0]
         grid = self._sampling_grid(n, generator)
         anatomy = F.grid_sample(self.anatomy.expand(n, -1, -1, -1, -1), grid, mode="bilinear",
@@ -573,7 +609,12 @@ class GpuSynthesizer:
             (flair / _median_in(flair, brain)).clamp(0, norm.clip_relative) * flair_present.view(n, 1, 1, 1, 1),
         ], dim=1) * brain
         acute, grown = (lesion >= 0.5).float(), (outcome >= 0.5).float()
-        return {
+        extra = {}
+        if alternatives is not None:
+            extra = {"outcome_alt": (lesion_maps[:, -alternatives.shape[1]:] >= 0.5).float(),
+                     "clinical_values_alt": labels["clinical_values_alt"].to(dev).float(),
+                     "clinical_missing_alt": labels["clinical_missing_alt"].to(dev).bool()}
+        return {**extra,
             "image": image.float(), "target": grown if task == "outcome" else acute,
             "acute": acute, "outcome": grown, "brain": brain,
             "clinical_values": labels["clinical_values"].to(dev).float(),

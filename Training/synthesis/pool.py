@@ -16,6 +16,11 @@ far more on a CPU than a training step does, so the CPU recipe does not synthesi
   that share of the other patches is centred on a *hard negative*: a voxel that is bright on DWI
   with a normal or raised ADC away from any lesion (:func:`bright_normal_adc`), which is what the
   real-scan mimics (susceptibility, T2 shine-through, cortical ribbon) look like to the network.
+* with ``scenarios`` (outcome task), each volume also carries that many counterfactual onset
+  time/treatment scenarios of the same case with their simulated final infarcts
+  (:class:`Training.synthesis.gpu_synth.LabelSampler`), and each patch takes one of the volume's
+  scenarios at random: the same image with different clinical values and targets, which is the
+  direct lesson of what onset time and treatment change (about 0.2 s more per rendered volume).
 
 A patch's first voxel is a multiple of the network's size divisor and comes with its ``window``
 (first voxel and whole-grid size), which :class:`StrokePredictorLib.network.StrokeNet` uses to
@@ -52,6 +57,8 @@ class PoolVolume:
     flair_present: bool
     components: dict[str, list[np.ndarray]]  # task -> voxel indices (n, 3) of each 26-connected component
     hard_negatives: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int64))  # (n, 3) voxel indices
+    # counterfactual scenarios of the same image (LabelSampler ``scenarios``): (values, missing, outcome mask)
+    scenarios: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
 #: A hard negative: DWI at least this many times the brain median ...
@@ -98,6 +105,10 @@ def volumes_from_batch(batch: dict[str, torch.Tensor]) -> list[PoolVolume]:
             flair_present=bool(batch["flair_present"][n]),
             components={"acute": _components(acute), "outcome": _components(outcome)},
             hard_negatives=bright_normal_adc(image, brain, acute | outcome),
+            scenarios=[(batch["clinical_values_alt"][n, s].cpu().numpy().astype(np.float32),
+                        batch["clinical_missing_alt"][n, s].cpu().numpy().astype(bool),
+                        batch["outcome_alt"][n, s].cpu().numpy() > 0.5)
+                       for s in range(batch["outcome_alt"].shape[1] if "outcome_alt" in batch else 0)],
         ))
     return out
 
@@ -106,11 +117,11 @@ class Renderer:
     """Renders pool volumes from the synthesis pack (label sampling + image synthesis, on the CPU)."""
 
     def __init__(self, pack_path: str | Path, grid_size: tuple[int, int, int], *, subset: str = "train",
-                 seed: int = 0) -> None:
+                 seed: int = 0, scenarios: int = 0) -> None:
         from Training.synthesis.gpu_synth import GpuSynthesizer, LabelSampler, Pack
 
         pack = Pack.load(pack_path)
-        self.labels = LabelSampler(pack, subset=subset, seed=seed, length=2**62)
+        self.labels = LabelSampler(pack, subset=subset, seed=seed, length=2**62, scenarios=scenarios)
         self.synth = GpuSynthesizer(pack, grid_size, "cpu")
         self.generator = torch.Generator().manual_seed(seed)
         self.next_index = 0
@@ -123,9 +134,10 @@ class Renderer:
 
 
 def _render_forever(pack_path: str, grid_size: tuple[int, int, int], seed: int, out: mp.Queue,
-                    stop: mp.Event, pause: float = 0.0) -> None:  # pragma: no cover - runs in a child process
+                    stop: mp.Event, pause: float = 0.0, scenarios: int = 0
+                    ) -> None:  # pragma: no cover - runs in a child process
     torch.set_num_threads(1)
-    renderer = Renderer(pack_path, grid_size, seed=seed)
+    renderer = Renderer(pack_path, grid_size, seed=seed, scenarios=scenarios)
     while not stop.is_set():
         if pause > 0 and stop.wait(pause):  # leave the cores to the training step most of the time
             break
@@ -168,14 +180,17 @@ class SynthPool:
         divisor: patch starts are multiples of it (the network's size divisor).
         pause: seconds the background renderer waits after each volume (rendering one costs about
             0.8 s of one core; on 2 cores an unpaced renderer slows the training step by 40%).
+        scenarios: counterfactual onset/treatment scenarios rendered with each volume (outcome
+            task); a patch then takes one of the volume's ``scenarios + 1`` at random (its
+            clinical values and outcome target together).
     """
 
     def __init__(self, pack_path: str | Path, grid_size: tuple[int, int, int], *, size: int = 64, seed: int = 0,
-                 background: bool = True, divisor: int = 16, pause: float = 0.0) -> None:
+                 background: bool = True, divisor: int = 16, pause: float = 0.0, scenarios: int = 0) -> None:
         self.grid_kji = tuple(int(v) for v in grid_size[::-1])
         self.divisor = divisor
         self.rng = np.random.default_rng(seed)
-        self.renderer = Renderer(pack_path, grid_size, seed=seed)
+        self.renderer = Renderer(pack_path, grid_size, seed=seed, scenarios=scenarios)
         self.volumes: list[PoolVolume] = []
         while len(self.volumes) < size:
             self.volumes.extend(self.renderer.render(min(2, size - len(self.volumes))))
@@ -188,7 +203,7 @@ class SynthPool:
             self._stop = context.Event()
             self._process = context.Process(target=_render_forever, daemon=True,
                                             args=(str(pack_path), tuple(grid_size), seed + 7919, self._queue,
-                                                  self._stop, pause))
+                                                  self._stop, pause, scenarios))
             self._process.start()
 
     def refresh(self, limit: int = 2) -> int:
@@ -251,6 +266,13 @@ class SynthPool:
             region = tuple(slice(int(s), int(s) + p) for s, p in zip(start, patch, strict=True))
             image = volume.image[(slice(None), *region)].astype(np.float32)
             cut = {name: getattr(volume, name)[region] for name in TASKS}
+            clinical = (volume.clinical_values, volume.clinical_missing)
+            if volume.scenarios:  # one of the image's scenarios: the observed one or a counterfactual
+                pick = int(self.rng.integers(len(volume.scenarios) + 1))
+                if pick:
+                    scenario_values, scenario_missing, scenario_outcome = volume.scenarios[pick - 1]
+                    clinical = (scenario_values, scenario_missing)
+                    cut["outcome"] = scenario_outcome[region]
             mirrored = self.grid_kji[2] - start[2] - patch[2]  # where the cut lies in the mirrored grid
             if augment and mirrored % self.divisor == 0 and self.rng.random() < 0.5:
                 image = image[..., ::-1]  # left-right mirror of the whole grid
@@ -261,8 +283,8 @@ class SynthPool:
             images.append(np.ascontiguousarray(image))
             for name, mask in cut.items():
                 targets[name].append(np.ascontiguousarray(mask, dtype=np.float32)[None])
-            values.append(volume.clinical_values)
-            missing.append(volume.clinical_missing)
+            values.append(clinical[0])
+            missing.append(clinical[1])
             flair.append(volume.flair_present)
             windows.append([list(start), list(self.grid_kji)])
         stacked = {name: torch.from_numpy(np.stack(masks)) for name, masks in targets.items()}

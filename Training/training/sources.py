@@ -262,6 +262,7 @@ class PoolSource(_SynthSource):
         batch_size, lesion_fraction: patches per step, and the share centred on a lesion.
         mimic_fraction: the share of the other patches centred on a hard negative (DWI bright,
             ADC normal; :func:`Training.synthesis.pool.bright_normal_adc`).
+        scenarios: counterfactual onset/treatment scenarios per pool volume (outcome task).
         size, refresh, pause: volumes in the pool, fresh volumes swapped in per step at most, and
             the background renderer's pause after each volume (seconds).
         seed: seed of the pool (offset by the step a resumed run starts at).
@@ -269,10 +270,11 @@ class PoolSource(_SynthSource):
 
     def __init__(self, pack: Path, grid_size: tuple[int, int, int], *, patch: tuple[int, int, int], task: str,
                  batch_size: int, lesion_fraction: float, size: int, refresh: int, pause: float, seed: int,
-                 divisor: int, mimic_fraction: float = 0.0, **shared: Any) -> None:
+                 divisor: int, mimic_fraction: float = 0.0, scenarios: int = 0, **shared: Any) -> None:
         super().__init__(**shared)
         self.pack, self.grid_size, self.patch, self.task = pack, grid_size, patch, task
         self.batch_size, self.lesion_fraction, self.mimic_fraction = batch_size, lesion_fraction, mimic_fraction
+        self.scenarios = scenarios
         self.size, self.refresh, self.pause, self.seed, self.divisor = size, refresh, pause, seed, divisor
         self.pool: Any = None
 
@@ -281,7 +283,7 @@ class PoolSource(_SynthSource):
 
         logger.info("rendering %d pool volumes ...", self.size)
         self.pool = SynthPool(self.pack, self.grid_size, size=self.size, seed=self.seed + RESUME_SEED_STRIDE * step,
-                              divisor=self.divisor, pause=self.pause)
+                              divisor=self.divisor, pause=self.pause, scenarios=self.scenarios)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         self.pool.refresh(self.refresh)

@@ -91,6 +91,9 @@ class SynthTrainConfig:
         "help": "train on patches of k,j,i voxels (multiples of the size divisor; default: whole grid, "
                 "64,64,64 with the pool)"})
     lesion_fraction: float = field(default=1 / 3, metadata={"help": "share of patches centred on a lesion component"})
+    scenarios: int = field(default=0, metadata={
+        "help": "pool: counterfactual onset/treatment scenarios rendered with each volume (their outcome and "
+                "clinical values); a patch takes one of a volume's scenarios+1 at random (outcome task)"})
     mimic_fraction: float = field(default=0.0, metadata={
         "help": "pool: share of the other patches centred on a hard negative (DWI bright, ADC normal, away from "
                 "lesions: what real-scan mimics look like)"})
@@ -281,7 +284,8 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
     if source == "pool":
         data_source: loop.DataSource = PoolSource(
             config.pack, grid.size, patch=patch, task=members[0].task, batch_size=config.batch_size,
-            lesion_fraction=config.lesion_fraction, mimic_fraction=config.mimic_fraction, size=config.pool_size,
+            lesion_fraction=config.lesion_fraction, mimic_fraction=config.mimic_fraction,
+            scenarios=config.scenarios, size=config.pool_size,
             refresh=config.pool_refresh,
             pause=config.pool_pause, seed=config.seed, divisor=divisor, **shared)
     else:
