@@ -29,6 +29,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "evaluate": ("Training.evaluation.evaluate", "evaluate a checkpoint or bundle with the ISLES 2022 metrics"),
     "postprocess": ("Training.evaluation.postprocess",
                     "choose threshold, flip averaging, smallest lesion on validation data"),
+    "fit-growth": ("Training.training.fit_growth",
+                   "fit the clinical growth head of an outcome bundle on frozen imaging features"),
     "interpolate": ("Training.training.interpolate", "weights between a model and its fine-tuned version (WiSE-FT)"),
     "campaign": ("Training.campaign", "improve the shipped bundle: train, search, decide by a fixed rule, record"),
     "ablate": ("Training.evaluation.ablate", "imaging-only against fusion on the same split"),

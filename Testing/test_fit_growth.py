@@ -1,0 +1,59 @@
+"""fit-growth: only the growth head moves; the rest of the bundle is copied; bad input is named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from inference_phantom import TINY_GRID, tiny_config
+from test_gpu_synth import _fake_soop
+
+from StrokePredictorLib.bundle import load_bundle, save_bundle
+from StrokePredictorLib.network import StrokeNet
+from StrokePredictorLib.postprocess import PostProcessing
+from StrokePredictorLib.preprocess import Normalization
+from Training import config as cfg
+from Training.synthesis.gpu_synth import build_pack
+from Training.training.fit_growth import FitGrowthConfig, fit
+
+pytestmark = pytest.mark.slow
+
+
+def _bundle(directory: Path, **overrides: object) -> Path:
+    torch.manual_seed(0)
+    model = StrokeNet(tiny_config(**overrides))
+    return save_bundle(directory, model, task="outcome", grid=TINY_GRID, normalization=Normalization(),
+                       data={"source": "test"}, metrics={}, postprocessing=PostProcessing(threshold=0.4))
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("soop")
+    return build_pack(_fake_soop(root / "soop"), root / "pack.npz", workers=1)
+
+
+@pytest.mark.parametrize("imaging_only", [False, True])
+def test_only_the_growth_head_is_fitted(pack: Path, tmp_path: Path, imaging_only: bool) -> None:
+    source = _bundle(tmp_path / "source", growth=True, imaging_only=imaging_only)
+    config = FitGrowthConfig(bundle=source, pack=pack, out=tmp_path / "fitted", volumes=2, val_volumes=1,
+                             scenarios=1, steps=5, lr=0.05, seed=1, val_subset="train")
+    report = fit(config)
+    assert set(report["before"]) == set(report["after"]) == {"train", "val"}
+    assert report["after"]["train"]["loss"] <= report["before"]["train"]["loss"] + 1e-6
+    before, after = load_bundle(source), load_bundle(tmp_path / "fitted")
+    old, new = before.model.state_dict(), after.model.state_dict()
+    moved = {k for k in old if not torch.equal(old[k], new[k])}
+    assert moved and all(k.startswith("growth.") for k in moved)
+    if imaging_only:
+        assert moved == {"growth.bias"}
+    assert after.postprocessing.threshold == 0.4 and after.task == "outcome"
+    assert after.metadata["data"]["growth_fit"]["steps"] == 5
+    with pytest.raises(cfg.ConfigError, match="--overwrite"):
+        fit(config)
+
+
+def test_a_bundle_without_growth_head_is_refused(pack: Path, tmp_path: Path) -> None:
+    source = _bundle(tmp_path / "plain")
+    with pytest.raises(cfg.ConfigError, match="no growth head"):
+        fit(FitGrowthConfig(bundle=source, pack=pack, out=tmp_path / "out"))
