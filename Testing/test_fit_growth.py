@@ -33,18 +33,20 @@ def pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_pack(_fake_soop(root / "soop"), root / "pack.npz", workers=1)
 
 
-@pytest.mark.parametrize("imaging_only", [False, True])
-def test_only_the_growth_head_is_fitted(pack: Path, tmp_path: Path, imaging_only: bool) -> None:
+@pytest.mark.parametrize(("imaging_only", "heads"), [(False, False), (True, False), (False, True)])
+def test_only_the_growth_head_is_fitted(pack: Path, tmp_path: Path, imaging_only: bool, heads: bool) -> None:
     source = _bundle(tmp_path / "source", growth=True, imaging_only=imaging_only)
     config = FitGrowthConfig(bundle=source, pack=pack, out=tmp_path / "fitted", volumes=2, val_volumes=1,
-                             scenarios=1, steps=5, lr=0.05, seed=1, val_subset="train")
+                             scenarios=1, steps=5, lr=0.05, seed=1, val_subset="train", heads=heads)
     report = fit(config)
     assert set(report["before"]) == set(report["after"]) == {"train", "val"}
     assert report["after"]["train"]["loss"] <= report["before"]["train"]["loss"] + 1e-6
     before, after = load_bundle(source), load_bundle(tmp_path / "fitted")
     old, new = before.model.state_dict(), after.model.state_dict()
     moved = {k for k in old if not torch.equal(old[k], new[k])}
-    assert moved and all(k.startswith("growth.") for k in moved)
+    assert moved and all(k.startswith(("growth.", "head.", "risk.") if heads else "growth.") for k in moved)
+    if heads:
+        assert {"head.weight", "risk.weight"} <= moved  # the 1x1x1 heads are refit too, nothing else
     if imaging_only:
         assert moved == {"growth.bias"}
     assert after.postprocessing.threshold == 0.4 and after.task == "outcome"

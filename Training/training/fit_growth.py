@@ -55,6 +55,9 @@ class FitGrowthConfig:
     lr: float = field(default=0.02, metadata={"help": "Adam learning rate of the growth head's parameters"})
     clinical_drop_p: float = field(default=0.2, metadata={"help": "per-feature clinical drop-out during the fit"})
     seed: int = field(default=0, metadata={"help": "seed of the rendering and the drop-out"})
+    heads: bool = field(default=False, metadata={
+        "help": "also refit the two 1x1x1 heads on the frozen features: core on the acute lesion (so that it is the "
+                "core, not the final infarct) and risk with the growth offset on the final infarct"})
     overwrite: bool = field(default=False, metadata={"help": "replace the weights of an existing bundle at --out"})
 
 
@@ -62,39 +65,46 @@ class FitGrowthConfig:
 class _Item:
     """One volume under one clinical scenario, inside the brain."""
 
-    core: torch.Tensor  # (V,) float32 logits
-    risk: torch.Tensor  # (V,) float32 logits
-    target: torch.Tensor  # (V,) float32 0/1
+    features: torch.Tensor  # (C, V) float32: the decoder's output before the 1x1x1 heads
+    acute: torch.Tensor  # (V,) float32 0/1
+    target: torch.Tensor  # (V,) float32 0/1: the final infarct of this scenario
     values: torch.Tensor  # (10,)
     missing: torch.Tensor  # (10,) bool
 
 
 def _items(model: torch.nn.Module, volumes: list) -> list[_Item]:
-    """Frozen ``core``/``risk`` logits of every volume under each of its scenarios (observed first)."""
+    """Frozen decoder features of every volume under each of its scenarios (observed first)."""
     items = []
     with torch.no_grad():  # not inference_mode: the fit computes gradients through these tensors
         for volume in volumes:
             image = torch.from_numpy(volume.image.astype(np.float32))[None]
             encoded = model.encode_image(image, torch.tensor([volume.flair_present]))
             brain = torch.from_numpy(volume.brain).flatten()
+            acute = torch.from_numpy(volume.acute).flatten()[brain].float()
             scenarios = [(volume.clinical_values, volume.clinical_missing, volume.outcome), *volume.scenarios]
             for values, missing, outcome in scenarios:
                 values_t = torch.from_numpy(np.asarray(values, np.float32))
                 missing_t = torch.from_numpy(np.asarray(missing, bool))
                 features = model.decode(encoded, values_t[None], missing_t[None])["features"][:, :-1]
-                flat = features.float().flatten(2)[0][:, brain]  # (C, V)
-                core = (model.head.weight.reshape(1, -1).float() @ flat)[0] + model.head.bias.float()
-                risk = (model.risk.weight.reshape(1, -1).float() @ flat)[0] + model.risk.bias.float()
                 target = torch.from_numpy(np.asarray(outcome, bool)).flatten()[brain].float()
-                # voxels no offset of a few tens of logits can turn positive add nothing but time
-                keep = (target > 0) | (core > -12.0) | (risk > -30.0)
-                items.append(_Item(core[keep], risk[keep], target[keep], values_t, missing_t))
+                items.append(_Item(features.float().flatten(2)[0][:, brain], acute, target, values_t, missing_t))
     return items
 
 
-def _loss(model: torch.nn.Module, items: list[_Item], drop_p: float, generator: torch.Generator | None
-          ) -> tuple[torch.Tensor, list[dict]]:
-    """Mean soft Dice + BCE over ``items`` for the current growth head, and per-item statistics."""
+def _head(conv: torch.nn.Conv3d, features: torch.Tensor) -> torch.Tensor:
+    return (conv.weight.reshape(1, -1) @ features)[0] + conv.bias
+
+
+def _dice_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    probability = torch.sigmoid(logits)
+    dice = 1 - (2 * (probability * target).sum() + 1) / (probability.sum() + target.sum() + 1)
+    return dice + F.binary_cross_entropy_with_logits(logits, target)
+
+
+def _loss(model: torch.nn.Module, items: list[_Item], drop_p: float, generator: torch.Generator | None,
+          core_weight: float = 0.0) -> tuple[torch.Tensor, list[dict]]:
+    """Mean soft Dice + BCE of the outcome over ``items`` (plus ``core_weight`` times that of the core
+    head against the acute lesion), and per-item statistics."""
     values = torch.stack([i.values for i in items])
     missing = torch.stack([i.missing for i in items])
     if drop_p > 0 and generator is not None:
@@ -104,13 +114,15 @@ def _loss(model: torch.nn.Module, items: list[_Item], drop_p: float, generator: 
     offsets = model.growth(tokens, values, missing)
     losses, stats = [], []
     for item, offset in zip(items, offsets, strict=True):
-        logits = torch.logaddexp(item.core, item.risk + offset)
-        probability = torch.sigmoid(logits)
-        dice = 1 - (2 * (probability * item.target).sum() + 1) / (probability.sum() + item.target.sum() + 1)
-        losses.append(dice + F.binary_cross_entropy_with_logits(logits, item.target))
-        predicted = float((probability > 0.5).sum())
+        core = _head(model.head, item.features)
+        logits = torch.logaddexp(core, _head(model.risk, item.features) + offset)
+        loss = _dice_bce(logits, item.target)
+        if core_weight > 0:
+            loss = loss + core_weight * _dice_bce(core, item.acute)
+        losses.append(loss)
+        predicted = float((logits > 0).sum())
         truth = float(item.target.sum())
-        hard = 2 * float(((probability > 0.5) & (item.target > 0.5)).sum()) / max(predicted + truth, 1.0)
+        hard = 2 * float(((logits > 0) & (item.target > 0.5)).sum()) / max(predicted + truth, 1.0)
         stats.append({"dice": hard if predicted + truth > 0 else 1.0, "predicted": predicted, "truth": truth})
     return torch.stack(losses).mean(), stats
 
@@ -149,6 +161,9 @@ def fit(config: FitGrowthConfig) -> dict:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     fitted = list(model.growth.parameters())
+    if config.heads:
+        fitted += [*model.head.parameters(), *model.risk.parameters()]
+    core_weight = 1.0 if config.heads else 0.0
     for parameter in fitted:
         parameter.requires_grad_(True)
     report = {}
@@ -158,7 +173,7 @@ def fit(config: FitGrowthConfig) -> dict:
     generator = torch.Generator().manual_seed(config.seed)
     for step in range(config.steps):
         optimiser.zero_grad()
-        loss, _ = _loss(model, rendered["train"], config.clinical_drop_p, generator)
+        loss, _ = _loss(model, rendered["train"], config.clinical_drop_p, generator, core_weight)
         loss.backward()
         optimiser.step()
         if step % 50 == 0:
@@ -166,7 +181,8 @@ def fit(config: FitGrowthConfig) -> dict:
     with torch.no_grad():
         report["after"] = {s: _summary(*_loss(model, items, 0.0, None)) for s, items in rendered.items()}
     report.update({"steps": config.steps, "volumes": config.volumes, "val_volumes": config.val_volumes,
-                   "scenarios": config.scenarios, "lr": config.lr, "seconds": round(time.perf_counter() - started, 1),
+                   "scenarios": config.scenarios, "lr": config.lr, "heads": config.heads,
+                   "seconds": round(time.perf_counter() - started, 1),
                    "source": str(config.bundle)})
     for parameter in model.parameters():
         parameter.requires_grad_(True)
