@@ -57,7 +57,10 @@ Architecture (shapes for a batch of ``B`` cases on a ``D x H x W`` model grid, i
   (:func:`load_weights`), i.e. starting within 0.13 logits of the old output. The imaging-only
   twin has the same heads with a learned constant ``s``. ``s`` reaches
   :meth:`StrokeNet.sample_logits` as one more (constant) channel of ``features``, so the
-  Monte-Carlo tail, the what-if cache and the post-processing are unchanged.
+  Monte-Carlo tail, the what-if cache and the post-processing are unchanged. Measured so far
+  (outcome model card, runs growth1/growth2): the orderings hold exactly, but when ``core`` is
+  trained only through the combined output it learns to cover the final infarct itself and
+  leaves ``s`` little to grow into; supervising ``core`` with the acute lesion is the next step.
   The cross-attention and its maps are unchanged and remain the explanation.
 * **Head and Monte-Carlo dropout.** The last decoder features go through a 1x1x1 expansion
   (``head_channels``), **channel-wise dropout** (``nn.Dropout3d``, probability ``mc_dropout``) and
