@@ -665,10 +665,15 @@ class StrokeNet(nn.Module):
         """The re-sampled tail: dropout (active in training mode) and the 1x1x1 head.
         (B, head_channels, D, H, W) -> (B, 1, D, H, W). With the growth head, ``features`` has one
         more channel (the growth offset ``s``) and the logit is ``logaddexp(core, risk + s)``."""
+        return self._tail(features)[0]
+
+    def _tail(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, core logits or None): one dropout mask for both growth heads."""
         if self.risk is None:
-            return self.head(self.mc_dropout(features))
+            return self.head(self.mc_dropout(features)), None
         dropped = self.mc_dropout(features[:, :-1])
-        return torch.logaddexp(self.head(dropped), self.risk(dropped) + features[:, -1:])
+        core = self.head(dropped)
+        return torch.logaddexp(core, self.risk(dropped) + features[:, -1:]), core
 
     def sample_logits(
         self, features: torch.Tensor, n_samples: int, generator: torch.Generator | None = None,
@@ -731,16 +736,21 @@ class StrokeNet(nn.Module):
         Returns:
             ``logits`` (B, 1, D, H, W); ``feature_attention`` (B, 10), rows sum to 1;
             ``spatial_attention`` (B, 1, D, H, W) in [0, 1]. Dropout is active in training mode only.
+            With the growth head also ``core_logits`` (B, 1, D, H, W): the core head alone.
             window: (B, 2, 3) int, optional, when ``image`` is a patch of the model grid (training):
                 the patch's first voxel and the whole grid's size (k, j, i), multiples of
                 :attr:`size_divisor`. Without it, the input is the whole grid.
         """
         out = self.features(image, clinical_values, clinical_missing, flair_present, window)
-        return {
-            "logits": self.head_logits(out["features"]),
+        logits, core = self._tail(out["features"])
+        result = {
+            "logits": logits,
             "feature_attention": out["feature_attention"],
             "spatial_attention": out["spatial_attention"],
         }
+        if core is not None:  # growth head: the core alone, for training it on the acute lesion
+            result["core_logits"] = core
+        return result
 
 
 def count_parameters(model: nn.Module) -> int:

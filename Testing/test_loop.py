@@ -206,3 +206,34 @@ def test_members_of_two_tasks_train_in_lockstep_and_resume_exactly(tmp_path: Pat
         rows = list(csv.DictReader(handle))
     assert [(r["epoch"], r["step"]) for r in rows] == [("1", "3"), ("2", "6")]
     assert float(rows[1]["elapsed_s"]) > 1000.0
+
+
+# ---- growth heads: the core learns the acute lesion too ------------------------------------------
+def test_core_weight_adds_the_core_heads_loss_against_the_acute_lesion() -> None:
+    from inference_phantom import tiny_config
+
+    from StrokePredictorLib.network import StrokeNet
+
+    def step(core_weight: float, model_config: dict) -> tuple[float, torch.Tensor]:
+        torch.manual_seed(0)
+        model = StrokeNet(tiny_config(mc_dropout=0.0, feature_dropout=0.0, **model_config))
+        image = torch.rand(2, 3, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+        acute = torch.zeros(2, 1, 16, 16, 16)
+        acute[:, :, 4:8, 4:8, 4:8] = 1.0
+        target = torch.zeros_like(acute)
+        target[:, :, 2:10, 2:10, 2:10] = 1.0
+        batch = {"clinical_values": torch.zeros(2, 10), "clinical_missing": torch.ones(2, 10, dtype=torch.bool),
+                 "flair_present": torch.ones(2, dtype=torch.bool), "acute": acute}
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        loss, applied = loop.optimise(model, image, batch, target, optimizer, scaler,
+                                      lambda logits, t: torch.nn.functional.binary_cross_entropy_with_logits(logits, t),
+                                      autocast={"device_type": "cpu", "enabled": False}, core_weight=core_weight)
+        assert applied
+        return float(loss), model.head.weight.grad.clone()
+
+    plain, plain_grad = step(0.0, {"growth": True})
+    both, both_grad = step(1.0, {"growth": True})
+    assert both > plain + 0.1 and not torch.allclose(plain_grad, both_grad)
+    # without a growth head there is no core output: the weight changes nothing
+    assert step(1.0, {})[0] == pytest.approx(step(0.0, {})[0])

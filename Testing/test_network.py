@@ -331,6 +331,10 @@ def test_growth_offset_moves_the_outcome_and_sampling_matches_the_head() -> None
         early = model(image, *clinical(1.0), flair)["logits"]
         late = model(image, *clinical(20.0), flair)["logits"]
         assert bool((late >= early - 1e-5).all()) and float((late - early).max()) > 0.5
+        out = model(image, *clinical(20.0), flair)
+        # the core alone rides along for training it on the acute lesion; never above the outcome
+        assert out["core_logits"].shape == late.shape and bool((out["core_logits"] <= late + 1e-5).all())
+        assert "core_logits" not in StrokeNet(tiny_config()).eval()(image, *clinical(20.0), flair)
         features = model.features(image, *clinical(20.0), flair)["features"]
         assert features.shape[1] == tiny_config().head_channels + 1  # the offset rides along
         samples = model.sample_logits(features, 3, deterministic=True)

@@ -208,8 +208,12 @@ def forward(model: torch.nn.Module, image: torch.Tensor, batch: dict) -> dict:
 
 def optimise(model: torch.nn.Module, image: torch.Tensor, batch: dict, target: torch.Tensor,
              optimizer: torch.optim.Optimizer, scaler: Any, loss_fn: Any, *, autocast: dict,
-             grad_clip: float = 1.0, parameters: Any = None) -> tuple[torch.Tensor, bool]:
+             grad_clip: float = 1.0, parameters: Any = None, core_weight: float = 0.0) -> tuple[torch.Tensor, bool]:
     """One optimiser step: forward under autocast, loss, backward, clipping, update.
+
+    With ``core_weight`` > 0, a network with a growth head (``core_logits`` in its output) also
+    learns its core head on the acute lesion (``batch["acute"]``, when the batch has it): the loss
+    adds ``core_weight`` times the same loss of the core against it.
 
     A step whose loss or gradient norm is not finite is skipped (the weights stay finite; with
     fp16 the grad scaler does this itself).
@@ -221,6 +225,8 @@ def optimise(model: torch.nn.Module, image: torch.Tensor, batch: dict, target: t
     with torch.autocast(**autocast):
         out = forward(model, image, batch)
     loss = loss_fn(out["logits"].float(), target)
+    if core_weight > 0 and "core_logits" in out and "acute" in batch:
+        loss = loss + core_weight * loss_fn(out["core_logits"].float(), batch["acute"])
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
@@ -373,6 +379,7 @@ class LoopOptions:
     progress_bar: bool = False
     tensorboard: bool = False
     log_every: int = 10  # TensorBoard step-scalar interval
+    core_weight: float = 0.0  # growth heads: weight of the core head's loss against the acute lesion
 
 
 @dataclass
@@ -603,7 +610,7 @@ class _Loop:
             loss, applied = optimise(member.runner, image, batch, self.source.target(batch, member.task),
                                      member.optimizer, member.scaler, self.loss_fn,
                                      autocast=self.precision.autocast_args, grad_clip=self.options.grad_clip,
-                                     parameters=member.model.parameters())
+                                     parameters=member.model.parameters(), core_weight=self.options.core_weight)
             if applied:
                 value = float(loss)
                 member.loss_sum += value

@@ -91,6 +91,9 @@ class SynthTrainConfig:
         "help": "train on patches of k,j,i voxels (multiples of the size divisor; default: whole grid, "
                 "64,64,64 with the pool)"})
     lesion_fraction: float = field(default=1 / 3, metadata={"help": "share of patches centred on a lesion component"})
+    core_weight: float = field(default=0.0, metadata={
+        "help": "with --growth: also train the core head on the acute lesion, this weight times the same loss "
+                "(so that the core is the core and the growth offset has the growth to explain)"})
     scenarios: int = field(default=0, metadata={
         "help": "pool: counterfactual onset/treatment scenarios rendered with each volume (their outcome and "
                 "clinical values); a patch takes one of a volume's scenarios+1 at random (outcome task)"})
@@ -295,7 +298,8 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
         schedule=loop.Schedule(config.lr, config.min_lr_ratio, config.warmup, steps=config.max_steps,
                                seconds=0.0 if config.max_steps else config.time_limit),
         epoch_steps=config.val_every, batch_size=config.batch_size, weight_decay=config.weight_decay,
-        fused=cuda, grad_clip=config.grad_clip, checkpoint_minutes=config.checkpoint_minutes)
+        fused=cuda, grad_clip=config.grad_clip, checkpoint_minutes=config.checkpoint_minutes,
+        core_weight=config.core_weight)
     loss_fn = DiceCELoss(sigmoid=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=config.batch_dice)
     trained = loop.run_loop(members, data_source, loss_fn, precision, options, log=logger)
     results = {name: {"run_dir": r["run_dir"], "best_val_dice": r["best_val_dice"], "steps": r["steps"],
