@@ -54,7 +54,8 @@ Architecture (shapes for a batch of ``B`` cases on a ``D x H x W`` model grid, i
   later it comes), it has a few hundred clinical parameters instead of a conditioning of every
   decoder channel, and the offset ``s`` is an interpretable per-case number. It is built from
   weights without it with the risk head a copy of the old head minus 2 logits
-  (:func:`load_weights`), i.e. starting within 0.13 logits of the old output. The imaging-only
+  (:func:`load_weights`), i.e. starting a little above the old output (0.13 logits plus the
+  starting offset: 0.15 on the shipped outcome weights). The imaging-only
   twin has the same heads with a learned constant ``s``. ``s`` reaches
   :meth:`StrokeNet.sample_logits` as one more (constant) channel of ``features``, so the
   Monte-Carlo tail, the what-if cache and the post-processing are unchanged. Measured so far
@@ -468,10 +469,10 @@ class _GrowthHead(nn.Module):
             self.onset_center, self.onset_scale = float(feature_.center), float(feature_.scale)
 
     def forward(self, tokens: torch.Tensor | None, values: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
-        bias = GROWTH_GAIN * self.bias.float()
+        gain = GROWTH_GAIN
+        bias = gain * self.bias.float()
         if not self.clinical or tokens is None:
             return bias.expand(values.shape[0])
-        gain = GROWTH_GAIN
         additive = self.additive(tokens[:, self.others].float()).squeeze(-1).sum(dim=1)
         onset = (values[:, _ONSET].float() * self.onset_scale + self.onset_center).clamp(min=0.0)
         onset = torch.where(missing[:, _ONSET], F.softplus(gain * self.missing_onset.float()).expand_as(onset), onset)
@@ -763,7 +764,7 @@ def load_weights(model: StrokeNet, state: dict[str, torch.Tensor]) -> list[str]:
     from ``state`` start from their initialisation: weights of a network without FiLM load into one
     with FiLM, which then computes exactly the old network's output; into a growth network, whose
     risk head then starts as a copy of the old head (minus 2 logits), so that it computes the old
-    output plus at most 0.13 logits.
+    output plus a small positive shift (0.13 logits plus the starting offset's share).
 
     Returns:
         The names of the parameters left at (or derived from) their initial value (FiLM, growth head).

@@ -109,3 +109,8 @@ def test_validation_on_preprocessed_fixed_sets(pack_path: Path, tmp_path: Path) 
     assert tuple(json.loads((other / "index.json").read_text())["grid"]["size"]) == TEST_GRID_SIZE
     with pytest.raises(CacheError, match="grid"):
         run(_config(pack_path, tmp_path / "run2", val_cache=(other,)))
+    acute_only = tmp_path / "acute_only"
+    build_cache(CacheConfig(data=write_isles_phantom(tmp_path / "no_outcome", n_cases=2, outcome=False),
+                            out=acute_only, grid_size=(48, 64, 48), grid_spacing=(4.0, 4.0, 4.0), progress=False))
+    with pytest.raises(CacheError, match="no 'outcome' target"):
+        run(_config(pack_path, tmp_path / "run3", variants=("outcome",), val_cache=(acute_only,)))

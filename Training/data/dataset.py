@@ -297,13 +297,18 @@ class CacheDataset(Dataset):
         meta = self.metas[i]
         return {
             "image": np.array(np.load(folder / "image.npy", mmap_mode="r"), dtype=np.float32),
-            "target": np.array(np.load(folder / f"{self.task}.npy", mmap_mode="r"), dtype=np.float32)[None],
+            "target": self.load_target(i),
             "brain": np.array(np.load(folder / "brain.npy", mmap_mode="r"), dtype=bool)[None],
             "clinical_values": np.asarray(meta["clinical_values"], dtype=np.float32),
             "clinical_missing": np.asarray(meta["clinical_missing"], dtype=bool),
             "flair_present": np.bool_(meta["flair_present"]),
             "index": np.int64(i),
         }
+
+    def load_target(self, i: int) -> np.ndarray:
+        """Case ``i``'s target of this dataset's task, float32 (1, D, H, W)."""
+        folder = self.cache / "cases" / self.case_ids[i]
+        return np.array(np.load(folder / f"{self.task}.npy", mmap_mode="r"), dtype=np.float32)[None]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         if isinstance(key, tuple):

@@ -322,7 +322,6 @@ class LabelSampler(torch.utils.data.Dataset):
             "mimic_table": mimics.table,
         }
 
-
     def _alternatives(self, index: int, template: object, fraction: np.ndarray, record: object, hidden: object,
                       noise: np.ndarray) -> dict[str, np.ndarray]:
         """``scenarios`` counterfactual outcomes of the same case: onset time (log-uniform 0.5-24 h) and

@@ -182,25 +182,19 @@ def cached_validation(caches: tuple[Path, ...] | list[Path], grid_size: tuple[in
 
     batches = []
     for cache in caches:
-        index = load_index(cache)
-        size = tuple(int(v) for v in index["grid"]["size"])
-        if size != tuple(int(v) for v in grid_size):
-            raise CacheError(f"Validation cache {cache} is on a {size} grid; this run's grid is {tuple(grid_size)}.")
-        metas = index["cases"][: max_cases or None]
-        for meta in metas:
-            lacking = sorted(tasks - set(meta["targets"]))
-            if lacking:
-                raise CacheError(f"Case {meta['case_id']} of validation cache {cache} has no {lacking[0]} target.")
-            folder = Path(cache) / "cases" / meta["case_id"]
-            batch = {
-                "image": torch.from_numpy(np.load(folder / "image.npy").astype(np.float32))[None],
-                "brain": torch.from_numpy(np.load(folder / "brain.npy").astype(bool))[None, None],
-                "clinical_values": torch.tensor(meta["clinical_values"], dtype=torch.float32)[None],
-                "clinical_missing": torch.tensor(meta["clinical_missing"], dtype=torch.bool)[None],
-                "flair_present": torch.tensor([bool(meta["flair_present"])]),
-            }
-            for task in tasks:
-                batch[task] = torch.from_numpy(np.load(folder / f"{task}.npy").astype(np.float32))[None, None]
+        ids = [meta["case_id"] for meta in load_index(cache)["cases"]][: max_cases or None]
+        # one dataset per task: each names a case without its target
+        datasets = {task: CacheDataset(cache, ids, task) for task in sorted(tasks)}
+        first = next(iter(datasets.values()))
+        if first.size_kji != tuple(int(v) for v in grid_size[::-1]):
+            raise CacheError(f"Validation cache {cache} is on a {first.size_kji[::-1]} grid; this run's grid is "
+                             f"{tuple(grid_size)}.")
+        for i in range(len(ids)):
+            item = first.load(i)
+            batch = {key: torch.as_tensor(item[key])[None]
+                     for key in ("image", "brain", "clinical_values", "clinical_missing", "flair_present")}
+            for task, dataset in datasets.items():
+                batch[task] = torch.from_numpy(item["target"] if dataset is first else dataset.load_target(i))[None]
             batches.append(to_device(batch, device))
     if not batches:
         raise CacheError(f"No validation cases in {', '.join(str(c) for c in caches)}.")

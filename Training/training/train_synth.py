@@ -287,10 +287,9 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
     if source == "pool":
         data_source: loop.DataSource = PoolSource(
             config.pack, grid.size, patch=patch, task=members[0].task, batch_size=config.batch_size,
-            lesion_fraction=config.lesion_fraction, mimic_fraction=config.mimic_fraction,
-            scenarios=config.scenarios, size=config.pool_size,
-            refresh=config.pool_refresh,
-            pause=config.pool_pause, seed=config.seed, divisor=divisor, **shared)
+            lesion_fraction=config.lesion_fraction, mimic_fraction=config.mimic_fraction, scenarios=config.scenarios,
+            size=config.pool_size, refresh=config.pool_refresh, pause=config.pool_pause, seed=config.seed,
+            divisor=divisor, **shared)
     else:
         data_source = GpuSynthSource(pack, synth, batch_size=config.batch_size, reuse=config.reuse,
                                      workers=config.workers, seed=config.seed, **shared)
