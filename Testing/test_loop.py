@@ -94,6 +94,23 @@ def test_a_one_group_optimiser_state_is_mapped_onto_the_decay_groups() -> None:
             assert int(new.state[parameter]["step"]) == 2
 
 
+def test_the_growth_head_gets_its_own_rate_and_no_weight_decay() -> None:
+    from StrokePredictorLib.network import NetworkConfig, StrokeNet
+
+    model = StrokeNet(NetworkConfig(fusion_dim=16, heads=2, growth=True))
+    growth = {id(p) for name, p in model.named_parameters() if name.startswith("growth.")}
+    assert growth
+    plain = loop.make_optimizer(model, 1e-4, 0.01)
+    assert len(plain.param_groups) == 2
+    scaled = loop.make_optimizer(model, 1e-4, 0.01, growth_lr_scale=20.0)
+    assert len(scaled.param_groups) == 3
+    third = scaled.param_groups[2]
+    assert {id(p) for p in third["params"]} == growth
+    assert third["weight_decay"] == 0.0 and third["lr"] == pytest.approx(2e-3)
+    assert all(group["lr"] == pytest.approx(1e-4) for group in scaled.param_groups[:2])
+    assert sum(len(g["params"]) for g in scaled.param_groups) == sum(1 for _ in model.parameters())
+
+
 def test_an_older_train_synth_log_is_rewritten_in_the_shared_columns(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
     path.write_text("step,seconds,lr,train_loss,val_dice\n150,61.5,0.002,0.71,0.42\n")

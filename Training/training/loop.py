@@ -160,19 +160,33 @@ class Precision:
         return image.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else image
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on weights, none on norms, biases and embeddings."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, growth_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW groups: weight decay on weights, none on norms, biases and embeddings.
+
+    With ``growth_lr_scale`` != 1, the growth head's parameters (``growth.*``: a handful of scalars
+    and a small MLP that fine-tuning must move far from their near-neutral start) form a third
+    group, without weight decay, whose rate is ``lr_scale`` times the schedule's.
+    """
+    decay, no_decay, growth = [], [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        (decay if parameter.ndim > 1 and "embedding" not in name else no_decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if growth_lr_scale != 1.0 and name.startswith("growth."):
+            growth.append(parameter)
+        else:
+            (decay if parameter.ndim > 1 and "embedding" not in name else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if growth:
+        groups.append({"params": growth, "weight_decay": 0.0, "lr_scale": growth_lr_scale})
+    return groups
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, eps: float = 1e-8,
-                   fused: bool = False) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, eps=eps, fused=fused)
+                   fused: bool = False, growth_lr_scale: float = 1.0) -> torch.optim.AdamW:
+    groups = param_groups(model, weight_decay, growth_lr_scale)
+    for group in groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return torch.optim.AdamW(groups, lr=lr, eps=eps, fused=fused)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, model: torch.nn.Module) -> None:
@@ -380,6 +394,7 @@ class LoopOptions:
     tensorboard: bool = False
     log_every: int = 10  # TensorBoard step-scalar interval
     core_weight: float = 0.0  # growth heads: weight of the core head's loss against the acute lesion
+    growth_lr_scale: float = 1.0  # growth heads: their parameters' rate over the schedule's
 
 
 @dataclass
@@ -471,7 +486,7 @@ class _Loop:
         if self.precision.channels_last:
             member.model.to(memory_format=torch.channels_last_3d)
         member.optimizer = make_optimizer(member.model, options.schedule.lr, options.weight_decay,
-                                          options.adam_eps, options.fused)
+                                          options.adam_eps, options.fused, options.growth_lr_scale)
         member.scaler = self.precision.scaler()
         saved = member.checkpoint
         if saved is not None:
@@ -606,7 +621,7 @@ class _Loop:
         self.lr = self.schedule.lr * self.schedule.factor(self.step, self.clock.total())
         for member in self.members:
             for group in member.optimizer.param_groups:
-                group["lr"] = self.lr
+                group["lr"] = self.lr * group.get("lr_scale", 1.0)
             loss, applied = optimise(member.runner, image, batch, self.source.target(batch, member.task),
                                      member.optimizer, member.scaler, self.loss_fn,
                                      autocast=self.precision.autocast_args, grad_clip=self.options.grad_clip,

@@ -94,6 +94,9 @@ class SynthTrainConfig:
     core_weight: float = field(default=0.0, metadata={
         "help": "with --growth: also train the core head on the acute lesion, this weight times the same loss "
                 "(so that the core is the core and the growth offset has the growth to explain)"})
+    growth_lr_scale: float = field(default=1.0, metadata={
+        "help": "with --growth: the growth head's learning rate over the schedule's (its clinical scalars start "
+                "near neutral and must move much further than a fine-tune moves the rest)"})
     scenarios: int = field(default=0, metadata={
         "help": "pool: counterfactual onset/treatment scenarios rendered with each volume (their outcome and "
                 "clinical values); a patch takes one of a volume's scenarios+1 at random (outcome task)"})
@@ -298,7 +301,7 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
                                seconds=0.0 if config.max_steps else config.time_limit),
         epoch_steps=config.val_every, batch_size=config.batch_size, weight_decay=config.weight_decay,
         fused=cuda, grad_clip=config.grad_clip, checkpoint_minutes=config.checkpoint_minutes,
-        core_weight=config.core_weight)
+        core_weight=config.core_weight, growth_lr_scale=config.growth_lr_scale)
     loss_fn = DiceCELoss(sigmoid=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=config.batch_dice)
     trained = loop.run_loop(members, data_source, loss_fn, precision, options, log=logger)
     results = {name: {"run_dir": r["run_dir"], "best_val_dice": r["best_val_dice"], "steps": r["steps"],
