@@ -314,6 +314,7 @@ def test_growth_offset_is_monotone_in_onset_and_treatment_for_any_weights() -> N
             unknown = _offset(model, **base, onset_to_imaging_h=hours)  # treatment missing
             values = [table[t][column] for t in treatments]
             assert min(values) - 1e-5 <= unknown <= table["none"][column] + 1e-5
+            assert unknown >= table["thrombectomy"][column] - 1e-5  # between thrombectomy and none
 
 
 def test_growth_offset_moves_the_outcome_and_sampling_matches_the_head() -> None:
