@@ -491,7 +491,7 @@ class _GrowthHead(nn.Module):
         index = torch.round(values[:, _TREATMENT]).long().clamp(0, 3)
         chosen = saved.gather(1, index[:, None])[:, 0]
         mixed = (torch.softmax(self.missing_treatment.float(), dim=0) * saved).sum(dim=1)
-        # a treatment that is not known saves no more than thrombectomy would (at most what it saves)
+        # a treatment that is not known saves no more than thrombectomy would
         mixed = torch.minimum(mixed, saved[:, _THROMBECTOMY])
         saved = torch.where(missing[:, _TREATMENT], mixed, chosen)
         return bias + additive + growth - saved

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,7 @@ def test_only_the_growth_head_is_fitted(pack: Path, tmp_path: Path, imaging_only
         assert moved == {"growth.bias"}
     assert after.postprocessing.threshold == 0.4 and after.task == "outcome"
     assert after.metadata["data"]["growth_fit"]["steps"] == 5
+    assert json.loads((tmp_path / "fitted" / "fit_growth.json").read_text()) == report
     with pytest.raises(cfg.ConfigError, match="--overwrite"):
         fit(config)
 

@@ -109,6 +109,8 @@ def test_the_growth_head_gets_its_own_rate_and_no_weight_decay() -> None:
     assert third["weight_decay"] == 0.0 and third["lr"] == pytest.approx(2e-3)
     assert all(group["lr"] == pytest.approx(1e-4) for group in scaled.param_groups[:2])
     assert sum(len(g["params"]) for g in scaled.param_groups) == sum(1 for _ in model.parameters())
+    loop.set_lr(scaled.param_groups, 5e-5)  # what every training step does with the schedule's rate
+    assert [group["lr"] for group in scaled.param_groups] == pytest.approx([5e-5, 5e-5, 1e-3])
 
 
 def test_an_older_train_synth_log_is_rewritten_in_the_shared_columns(tmp_path: Path) -> None:

@@ -135,6 +135,7 @@ def _summary(loss: torch.Tensor, stats: list[dict]) -> dict:
 
 def fit(config: FitGrowthConfig) -> dict:
     from StrokePredictorLib.bundle import load_bundle, save_bundle
+    from StrokePredictorLib.io import write_json
     from Training.synthesis.pool import Renderer
 
     if config.bundle is None or config.out is None:
@@ -191,7 +192,7 @@ def fit(config: FitGrowthConfig) -> dict:
                 data={**metadata.get("data", {}), "growth_fit": report}, metrics=metadata.get("metrics", {}),
                 overwrite=config.overwrite, name=bundle.name, version=bundle.version,
                 postprocessing=bundle.postprocessing)
-    (out / "fit_growth.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report, out / "fit_growth.json", overwrite=True)
     logger.info("fit-growth: before %s, after %s; wrote %s", report["before"], report["after"], out)
     return report
 

@@ -181,11 +181,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float, growth_lr_scale: f
     return groups
 
 
+def set_lr(groups: list[dict], lr: float) -> None:
+    """The schedule's rate ``lr`` into every parameter group, times the group's ``lr_scale``."""
+    for group in groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, eps: float = 1e-8,
                    fused: bool = False, growth_lr_scale: float = 1.0) -> torch.optim.AdamW:
     groups = param_groups(model, weight_decay, growth_lr_scale)
-    for group in groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+    set_lr(groups, lr)
     return torch.optim.AdamW(groups, lr=lr, eps=eps, fused=fused)
 
 
@@ -620,8 +625,7 @@ class _Loop:
         image = self.precision.layout(batch["image"])
         self.lr = self.schedule.lr * self.schedule.factor(self.step, self.clock.total())
         for member in self.members:
-            for group in member.optimizer.param_groups:
-                group["lr"] = self.lr * group.get("lr_scale", 1.0)
+            set_lr(member.optimizer.param_groups, self.lr)
             loss, applied = optimise(member.runner, image, batch, self.source.target(batch, member.task),
                                      member.optimizer, member.scaler, self.loss_fn,
                                      autocast=self.precision.autocast_args, grad_clip=self.options.grad_clip,
