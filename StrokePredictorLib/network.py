@@ -48,11 +48,14 @@ Architecture (shapes for a batch of ``B`` cases on a ``D x H x W`` model grid, i
   of onset time that never decreases, minus the tissue saved by treatment, which is >= 0 and
   never increases with onset time. So, by construction and whatever the training, through ``s``
   a later onset never lowers the outcome probability of any voxel, treatment never raises it, and
-  the voxel probabilities move monotonically with ``s``. Onset time and treatment are also tokens
-  of the cross-attention, so they move the fused features too, and that path has no such
-  guarantee: measured on run growth4, a missing treatment at 1 h gave 1.5 mL less than
-  thrombectomy on the sample case although its ``s`` is not lower; ``python -m Training
-  behaviour`` checks the whole prediction. Why this over FiLM: it states as structure what is known about
+  the voxel probabilities move monotonically with ``s``. In a growth network onset time and
+  treatment reach the prediction through ``s`` alone: the cross-attention sees both as "missing"
+  (their tokens are the learned missing embedding, so their attention weights say nothing about
+  the case's values; their measured effects do). When they were also cross-attention tokens (run
+  growth4) that second path broke the orderings: a missing treatment at 1 h gave 1.5 mL less than
+  thrombectomy on the sample case although its ``s`` is not lower. So every voxel's probability
+  now follows the orderings whatever the weights (the post-processing, which may use the
+  Monte-Carlo spread, is checked by ``python -m Training behaviour``). Why this over FiLM: it states as structure what is known about
   infarct growth (it spreads from the core into tissue at risk; treatment saves tissue, less the
   later it comes), it has a few hundred clinical parameters instead of a conditioning of every
   decoder channel, and the offset ``s`` is an interpretable per-case number. It is built from
@@ -618,7 +621,11 @@ class StrokeNet(nn.Module):
             if self.training and self.config.feature_dropout > 0:
                 drop = torch.rand(missing.shape, device=missing.device) < self.config.feature_dropout
                 missing = missing | drop
-            tokens = self.clinical(clinical_values.to(device=device, dtype=torch.float32), missing)
+            attended = missing
+            if self.growth is not None:  # onset time and treatment act through the growth offset alone
+                attended = missing.clone()
+                attended[:, [_ONSET, _TREATMENT]] = True
+            tokens = self.clinical(clinical_values.to(device=device, dtype=torch.float32), attended)
             cells = None
             if window is not None:
                 stride = torch.tensor(size, device=device) // torch.tensor(bottleneck.shape[2:], device=device)

@@ -344,6 +344,38 @@ def test_growth_offset_moves_the_outcome_and_sampling_matches_the_head() -> None
     assert float(first.std(dim=0).mean()) > 0  # the dropout masks act on both heads
 
 
+def test_onset_and_treatment_reach_a_growth_network_only_through_the_offset() -> None:
+    """Onset time and treatment move only the offset channel, never the imaging-clinical features,
+    so the outcome's voxel probabilities follow the orderings whatever the weights."""
+    torch.manual_seed(12)
+    model = StrokeNet(tiny_config(growth=True)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # random everywhere, the fusion included
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    image, _, _, flair = _inputs((16, 16, 16))
+    scenarios = {(t, h): _inputs((16, 16, 16), nihss=9, age=61, treatment=t, onset_to_imaging_h=h)[1:3]
+                 for t in ("none", "thrombectomy", None) for h in (1.0, 6.0, 20.0)}
+    with torch.no_grad():
+        out = {key: model.features(image, values, missing, flair)["features"] for key, (values, missing) in
+               scenarios.items()}
+        logits = {key: model.sample_logits(f, 2, deterministic=True) for key, f in out.items()}
+    first = next(iter(out.values()))
+    for features in out.values():
+        torch.testing.assert_close(features[:, :-1], first[:, :-1], rtol=0, atol=0)
+    assert len({float(f[0, -1, 0, 0, 0]) for f in out.values()}) > 3  # the offset itself moves
+    for t in ("none", "thrombectomy", None):
+        assert bool((logits[(t, 20.0)] >= logits[(t, 6.0)] - 1e-5).all())
+        assert bool((logits[(t, 6.0)] >= logits[(t, 1.0)] - 1e-5).all())
+    for h in (1.0, 6.0, 20.0):
+        assert bool((logits[("thrombectomy", h)] <= logits[(None, h)] + 1e-5).all())
+        assert bool((logits[(None, h)] <= logits[("none", h)] + 1e-5).all())
+    # a growth network still reads the other clinical values in its cross-attention
+    other = _inputs((16, 16, 16), nihss=25, age=90, treatment="none", onset_to_imaging_h=1.0)[1:3]
+    with torch.no_grad():
+        moved = model.features(image, *other, flair)["features"]
+    assert not torch.equal(moved[:, :-1], out[("none", 1.0)][:, :-1])
+
+
 def test_imaging_only_growth_twin_has_a_constant_offset() -> None:
     torch.manual_seed(10)
     model = StrokeNet(tiny_config(growth=True, imaging_only=True)).eval()
