@@ -67,6 +67,12 @@ MAX_SEED = 2**63 - 1
 LESION_SHARE_WARN = 0.5
 
 #: What :attr:`Prediction.feature_effects` measures (written next to the numbers).
+OFFSET_MEANING = (
+    "acts_through = how the feature reaches the prediction: \"cross-attention\" (its token is attended to, "
+    "so its weight reflects its value), or \"growth offset\" (the outcome model's growth head alone reads it; "
+    "the cross-attention sees it as missing, so its weight is that of the missing token; its effect_ml, when "
+    "measured, is the way to read it)."
+)
 EFFECT_MEANING = (
     "effect_ml = predicted lesion volume with this feature set to missing minus the volume with the values as "
     "given (mL; deterministic network output, dropout off, unmirrored view only, on the model grid, thresholded "
@@ -117,6 +123,9 @@ class Prediction:
             predicted lesion volume when that feature alone is set to missing (see
             :data:`EFFECT_MEANING`); None for a feature that is missing already; empty when not
             measured.
+        offset_features: clinical features that act only through the outcome model's growth
+            offset, not through the cross-attention (their attention weight is that of the
+            "missing" token; see :attr:`StrokePredictorLib.network.StrokeNet.offset_features`).
     """
 
     probability: np.ndarray
@@ -144,6 +153,7 @@ class Prediction:
     brain_volume_ml: float = 0.0
     input_statistics: dict | None = None
     feature_effects: dict[str, float | None] = field(default_factory=dict)
+    offset_features: tuple[str, ...] = ()
 
     @property
     def mean_uncertainty_in_lesion(self) -> float:
@@ -487,6 +497,7 @@ class Predictor:
             brain_volume_ml=float(case.brain_volume_ml),
             input_statistics=case.statistics.to_dict() if case.statistics is not None else None,
             feature_effects=effects_ml,
+            offset_features=tuple(self.bundle.model.offset_features),
         )
 
     def _deterministic_volume(self, case: PreprocessedCase, out: dict, mirrored: dict | None) -> float:

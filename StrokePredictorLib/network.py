@@ -571,6 +571,15 @@ class StrokeNet(nn.Module):
         self.growth = _GrowthHead(c.fusion_dim, clinical=not c.imaging_only) if c.growth else None
 
     # -- pieces ------------------------------------------------------------------------------
+    @property
+    def offset_features(self) -> tuple[str, ...]:
+        """Clinical features that reach the prediction only through the growth offset ``s`` (onset
+        time and treatment in a growth network with clinical input; none otherwise): the
+        cross-attention sees them as missing, so their attention weights do not depend on them."""
+        if self.growth is None or self.clinical is None:
+            return ()
+        return (FEATURES[_ONSET].name, FEATURES[_TREATMENT].name)
+
     def check_input(self, image: torch.Tensor) -> None:
         """Raise ValueError unless ``image`` is (B, 3, D, H, W) with sizes divisible by :attr:`size_divisor`."""
         if image.ndim != 5 or image.shape[1] != self.config.in_channels:
@@ -622,7 +631,7 @@ class StrokeNet(nn.Module):
                 drop = torch.rand(missing.shape, device=missing.device) < self.config.feature_dropout
                 missing = missing | drop
             attended = missing
-            if self.growth is not None:  # onset time and treatment act through the growth offset alone
+            if self.offset_features:  # onset time and treatment act through the growth offset alone
                 attended = missing.clone()
                 attended[:, [_ONSET, _TREATMENT]] = True
             tokens = self.clinical(clinical_values.to(device=device, dtype=torch.float32), attended)

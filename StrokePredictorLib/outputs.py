@@ -49,7 +49,7 @@ from StrokePredictorLib import __version__
 from StrokePredictorLib._lazy import sitk
 from StrokePredictorLib.clinical import FEATURES
 from StrokePredictorLib.errors import OutputExistsError, StrokePredictorError
-from StrokePredictorLib.inference import EFFECT_MEANING, UNCERTAINTY_MEANING, Prediction
+from StrokePredictorLib.inference import EFFECT_MEANING, OFFSET_MEANING, UNCERTAINTY_MEANING, Prediction
 from StrokePredictorLib.io import (
     MARKER_FILE,
     Geometry,
@@ -161,8 +161,10 @@ def write_segmentation_nrrd(
 
 
 def attention_records(prediction: Prediction) -> list[dict]:
-    """One record per clinical feature: name, label, raw value (or None), missing flag, weight and
-    measured effect in mL (None when the feature is missing or effects were not measured)."""
+    """One record per clinical feature: name, label, raw value (or None), missing flag, weight,
+    measured effect in mL (None when the feature is missing or effects were not measured) and the
+    path by which it acts (``acts_through``: "cross-attention", or "growth offset" for a feature
+    the cross-attention sees as missing; see :attr:`Prediction.offset_features`)."""
     records = []
     for feature in FEATURES:
         value = prediction.clinical.values.get(feature.name)
@@ -175,6 +177,7 @@ def attention_records(prediction: Prediction) -> list[dict]:
             "missing": value is None,
             "weight": float(prediction.feature_attention[feature.name]),
             "effect_ml": None if effect is None else float(effect),
+            "acts_through": "growth offset" if feature.name in prediction.offset_features else "cross-attention",
         })
     return records
 
@@ -247,7 +250,8 @@ def render_overview(prediction: Prediction, dwi: Volume, *, title: str = "") -> 
     figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.04)
     axis = figure.add_subplot(grid[1, 1:])
     records = attention_records(prediction)
-    labels = [r["label"] + (" (missing)" if r["missing"] else "") for r in records]
+    labels = [r["label"] + (" (missing)" if r["missing"] else "")
+              + (" (via growth offset)" if r["acts_through"] == "growth offset" else "") for r in records]
     weights = [r["weight"] for r in records]
     colors = ["#bbbbbb" if r["missing"] else "#3b7dd8" for r in records]
     axis.barh(range(len(records))[::-1], weights, color=colors)
@@ -437,22 +441,26 @@ def write_outputs(
                      staging / OUTPUT_FILES["attention_spatial"])
         records = attention_records(prediction)
         measured = bool(prediction.feature_effects)
-        keys = ("name", "label", "value", "missing", "weight") + (("effect_ml",) if measured else ())
+        offset = bool(prediction.offset_features)
+        keys = (("name", "label", "value", "missing", "weight") + (("effect_ml",) if measured else ())
+                + (("acts_through",) if offset else ()))
         (staging / OUTPUT_FILES["attention_json"]).write_text(json.dumps({
             "features": [{k: r[k] for k in keys} for r in records],
             "spatial_attention_file": OUTPUT_FILES["attention_spatial"],
             "description": "weight = attention of the imaging tokens to each clinical token, averaged over "
                            "heads and imaging tokens; the weights sum to 1",
             **({"effect_description": EFFECT_MEANING} if measured else {}),
+            **({"acts_through_description": OFFSET_MEANING} if offset else {}),
         }, indent=2, allow_nan=False) + "\n")
         with (staging / OUTPUT_FILES["attention_tsv"]).open("w", newline="") as handle:
             writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
             header = ["name", "label", "value", "unit", "missing", "weight"]
-            writer.writerow(header + (["effect_ml"] if measured else []))
+            writer.writerow(header + (["effect_ml"] if measured else []) + (["acts_through"] if offset else []))
             for r in records:
                 effect = ([] if not measured else ["" if r["effect_ml"] is None else f"{r['effect_ml']:.3f}"])
                 writer.writerow([r["name"], r["label"], "" if r["value"] is None else r["value"], r["unit"],
-                                 str(r["missing"]).lower(), f"{r['weight']:.6f}", *effect])
+                                 str(r["missing"]).lower(), f"{r['weight']:.6f}", *effect,
+                                 *([r["acts_through"]] if offset else [])])
         (staging / OUTPUT_FILES["overview"]).write_bytes(render_overview(prediction, dwi, title=title))
         summary = summary_dict(prediction, bundle=bundle, inputs=inputs or {})
         summary["files"].update({key: name for key, name in OPTIONAL_FILES.items() if name in (extra or {})})

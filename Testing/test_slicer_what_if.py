@@ -138,6 +138,8 @@ def test_feature_table_carries_the_measured_effects(env, module, case_dir):
         else:
             assert value == pytest.approx(listed[name], abs=1e-9), name
     assert {n for n, v in effects.items() if not np.isnan(v)} == {"age", "sex", "nihss", "onset_to_imaging_h"}
+    column = table.GetColumnIndex("Acts through")  # the test bundle has no growth head: all cross-attention
+    assert column >= 0 and {table.GetCellText(r, column) for r in range(table.GetNumberOfRows())} == {"cross-attention"}
     assert json.dumps(listed)  # plain numbers and None
 
 

@@ -285,3 +285,30 @@ def test_cli_two_scenarios_write_the_comparison_maps(setup: dict, capsys: pytest
     assert volumes["first"] == pytest.approx(rows[0]["volume_ml"], abs=1e-3)
     assert volumes["second"] == pytest.approx(rows[1]["volume_ml"], abs=1e-3)
     assert float(np.abs(difference.array).max()) > 0 and float(np.abs(difference.array).max()) <= 1.0
+
+
+def test_growth_bundle_marks_the_features_that_act_through_the_offset(setup: dict, tmp_path: Path) -> None:
+    """In a growth bundle onset time and treatment act through the growth offset alone: their
+    attention weights do not move with their values, and the outputs say so."""
+    bundle_dir = write_tiny_bundle(tmp_path / "bundle", seed=2, config=tiny_config(growth=True))
+    out = tmp_path / "out"
+    assert main([str(a) for a in ("--dwi", setup["paths"]["dwi"], "--adc", setup["paths"]["adc"], "--bundle",
+                                  bundle_dir, "--out", out, "--device", "cpu", "--mc-samples", "2", "--clinical",
+                                  "nihss=9", "onset_to_imaging_h=3.5", "treatment=none", "--effects")]) == 0
+    attention = json.loads((out / "attention.json").read_text())
+    paths = {f["name"]: f["acts_through"] for f in attention["features"]}
+    assert {n for n, p in paths.items() if p == "growth offset"} == {"onset_to_imaging_h", "treatment"}
+    assert set(paths.values()) == {"growth offset", "cross-attention"}
+    assert "missing token" in attention["acts_through_description"]
+    with (out / "attention.tsv").open() as handle:
+        assert {r["name"]: r["acts_through"] for r in csv.DictReader(handle, delimiter="\t")} == paths
+    predictor = Predictor(bundle_dir, device="cpu", mc_samples=2)
+    dwi, adc = read_volume(setup["paths"]["dwi"]), read_volume(setup["paths"]["adc"])
+    early, late = (predictor.predict(dwi, adc, None, validate({"nihss": 9, "onset_to_imaging_h": h,
+                                                               "treatment": t}))
+                   for h, t in ((1.0, "thrombectomy"), (20.0, "none")))
+    assert early.offset_features == ("onset_to_imaging_h", "treatment")
+    assert early.feature_attention == pytest.approx(late.feature_attention, abs=1e-9)
+    # in the film bundle every feature acts through the cross-attention
+    plain = Predictor(setup["bundle_dir"], device="cpu", mc_samples=2)
+    assert plain.predict(dwi, adc, None, validate({"nihss": 9})).offset_features == ()

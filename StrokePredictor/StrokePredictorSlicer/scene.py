@@ -378,6 +378,9 @@ def create_result_nodes(result_json: Path, dwi: Any, *, prefix: str | None = Non
             # NaN where the feature is missing already or effects were not measured
             ("Effect (mL)", "double", [float("nan") if f.get("effect_ml") is None else float(f["effect_ml"])
                                        for f in features]),
+            # "growth offset": the outcome model's growth head alone reads the feature (the
+            # cross-attention sees it as missing, so its weight does not depend on it)
+            ("Acts through", "string", [f.get("acts_through", "cross-attention") for f in features]),
         ])
         chart, chart_table, series = _feature_chart(prefix, features)
         post = summary.get("postprocessing") or {}
