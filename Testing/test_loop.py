@@ -224,7 +224,9 @@ def test_members_of_two_tasks_train_in_lockstep_and_resume_exactly(tmp_path: Pat
     with (tmp_path / "split" / "acute" / "log.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["epoch"], r["step"]) for r in rows] == [("1", "3"), ("2", "6")]
-    assert float(rows[1]["elapsed_s"]) > 1000.0
+    # the log keeps two decimals and the toy steps take milliseconds: the resumed row counts the
+    # earlier 1000 s (a restarted clock would log about 0)
+    assert float(rows[1]["elapsed_s"]) >= 1000.0
 
 
 # ---- growth heads: the core learns the acute lesion too ------------------------------------------
