@@ -156,13 +156,18 @@ def build_comparison_scene(work: Path, field: str, first: str, second: str,
 
 
 def lesion_center_ras(result: Any) -> tuple[float, float, float]:
-    """RAS position of the centre of mass of the predicted lesion (probability >= 0.5)."""
+    """RAS position to show: the centre of mass of the predicted lesion (probability >= 0.5); for a
+    what-if comparison, of the lesion on the slice with the most tissue in the first scenario only
+    (the tissue a treatment saves, when the first scenario is no treatment)."""
     import slicer
     import vtk
 
     node = getattr(result, "probability", None) or result.regions  # a prediction or a what-if comparison
     array = slicer.util.arrayFromVolume(node)
     kji = np.argwhere(array >= 0.5)
+    if node is result.regions and np.any(array == 1):
+        best = int(np.argmax((array == 1).sum(axis=(1, 2))))
+        kji = kji[kji[:, 0] == best]
     if len(kji) == 0:
         kji = np.argwhere(array == array.max())
     ijk = kji.mean(axis=0)[::-1]

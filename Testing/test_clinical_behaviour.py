@@ -171,20 +171,41 @@ def test_generated_cases_record_their_simulated_growth(tmp_path: Path) -> None:
     assert training_main(["behaviour", "--bundle", str(bundle), "--data", str(tmp_path)]) == 2  # not generated
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the shipped outcome bundle ignores onset time and treatment (outcome model "
-                   "card); strict: this fails once a bundle that passes ships, and the marker must go")
-def test_shipped_outcome_bundle_follows_onset_treatment_and_nihss(tmp_path: Path) -> None:
-    """On the (simulated) sample case, the shipped outcome bundle: a later onset never gives a smaller
-    final infarct (same treatment), treatment never a larger one than none (same onset), a missing
-    treatment lies between none and thrombectomy, onset time, treatment and NIHSS have the three
-    largest effects, and no treatment at 20 h gives at least 1.3x the volume of thrombectomy at 1 h."""
-    out = tmp_path / "outcome.json"
+@pytest.fixture(scope="module")
+def shipped_outcome_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict]:
+    """``behaviour`` of the shipped outcome bundle on the (simulated) sample case: exit code and report."""
+    out = tmp_path_factory.mktemp("behaviour") / "outcome.json"
     code = training_main(["behaviour", "--bundle", str(REPO / "StrokePredictor/Resources/Models/outcome"),
                           "--points", "3", "--out", str(out)])
     report = json.loads(out.read_text())
-    checks = {c["name"]: c for c in report["checks"]}
     assert report["task"] == "outcome"
+    return code, report
+
+
+@pytest.mark.slow
+def test_shipped_outcome_bundle_follows_onset_time_and_treatment(shipped_outcome_report: tuple[int, dict]) -> None:
+    """On the sample case, the shipped outcome bundle: a later onset never gives a smaller final infarct
+    (same treatment), treatment never a larger one than none (same onset), a missing treatment lies
+    between none and thrombectomy, and no treatment at 20 h gives at least 1.3x the volume of
+    thrombectomy at 1 h."""
+    _, report = shipped_outcome_report
+    checks = {c["name"]: c for c in report["checks"]}
     assert set(checks) == {"onset_monotone", "treatment_not_larger", "missing_between", "effects_top3", "growth"}
-    failed = {name: (c["value"], c["detail"]) for name, c in checks.items() if not c["passed"]}
-    assert code == 0 and not failed, failed
+    failed = {name: (c["value"], c["detail"]) for name, c in checks.items()
+              if name != "effects_top3" and not c["passed"]}
+    assert not failed, failed
+    assert checks["growth"]["value"] >= 1.3
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="in the shipped outcome bundle sex (50.9 mL) has a larger range effect than "
+                   "treatment (42.3 mL) on the sample case (outcome model card); strict: this fails once a "
+                   "bundle that passes ships, and the marker must go")
+def test_shipped_outcome_bundle_gives_onset_treatment_and_nihss_the_largest_effects(
+        shipped_outcome_report: tuple[int, dict]) -> None:
+    """On the sample case, onset time, treatment and NIHSS have the shipped outcome bundle's three
+    largest range effects, and ``behaviour`` exits 0 (every check passes)."""
+    code, report = shipped_outcome_report
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["effects_top3"]["passed"], checks["effects_top3"]["detail"]
+    assert code == 0
