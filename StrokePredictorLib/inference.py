@@ -32,6 +32,7 @@ under bf16 autocast; sampling and statistics are float32.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -195,7 +196,8 @@ def binary_entropy_bits(p: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tens
 
 def output_warnings(volume_ml: dict, brain_ml: float) -> list[str]:
     """Warnings about an implausible result: a lesion larger than :data:`LESION_SHARE_WARN` of the
-    brain, or a 95% interval wider than the whole brain (``volume_ml`` as in :class:`Prediction`)."""
+    brain, or a 95% interval that reaches the whole brain's volume, where :func:`volume_interval` caps it
+    (``volume_ml`` as in :class:`Prediction`)."""
     if brain_ml <= 0:
         return []
     warnings = []
@@ -206,11 +208,11 @@ def output_warnings(volume_ml: dict, brain_ml: float) -> list[str]:
             "than any arterial territory: check that the inputs are a DWI and its ADC of the same patient."
         )
     low, high = (float(v) for v in volume_ml["ci95"])
-    if high - low > brain_ml:
+    mc_high = float(volume_ml.get("mc_ci95", volume_ml["ci95"])[1])
+    if math.isclose(high, brain_ml, rel_tol=1e-9) and high > max(lesion, mc_high):  # the cap acted
         warnings.append(
-            f"The 95% volume interval ({low:.0f}-{high:.0f} mL) is wider than the whole brain mask "
-            f"({brain_ml:.0f} mL): "
-            "the volume is not meaningful for this input."
+            f"The 95% volume interval ({low:.0f}-{high:.0f} mL) reaches the volume of the whole brain mask "
+            f"({brain_ml:.0f} mL), where it is capped: this model's volumes are far from certain for this input."
         )
     return warnings
 
@@ -459,7 +461,7 @@ class Predictor:
         volume = {
             "mask": mask_ml,
             "median": float(np.median(sample_volumes)),
-            "ci95": volume_interval(mask_ml, mc_interval, post.volume_log_margin),
+            "ci95": volume_interval(mask_ml, mc_interval, post.volume_log_margin, case.brain_volume_ml),
             "mc_ci95": mc_interval,
         }
         effects_ml: dict[str, float | None] = {}

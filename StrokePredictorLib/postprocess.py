@@ -279,15 +279,23 @@ def remove_small_components(mask: np.ndarray, min_ml: float, voxel_ml: float) ->
     return filter_components(mask, voxel_ml, min_ml)
 
 
-def volume_interval(volume_ml: float, mc_interval_ml: tuple[float, float], log_margin: float) -> list[float]:
+def volume_interval(volume_ml: float, mc_interval_ml: tuple[float, float], log_margin: float,
+                    brain_ml: float = 0.0) -> list[float]:
     """The 95% lesion-volume interval: the Monte-Carlo interval widened to at least the conformal
-    band ``[(V + 1) e^-m - 1, (V + 1) e^m - 1]`` around the mask volume ``V`` (mL, never below 0)."""
-    low, high = float(mc_interval_ml[0]), float(mc_interval_ml[1])
-    if log_margin <= 0:
-        return [low, high]
-    base = float(volume_ml) + VOLUME_OFFSET_ML
-    return [max(0.0, min(low, base * math.exp(-log_margin) - VOLUME_OFFSET_ML)),
-            max(high, base * math.exp(log_margin) - VOLUME_OFFSET_ML)]
+    band ``[(V + 1) e^-m - 1, (V + 1) e^m - 1]`` around the mask volume ``V`` (mL, never below 0).
+
+    With ``brain_ml`` > 0 (the brain mask's volume) the conformal upper bound is capped there, never
+    below ``V`` or the Monte-Carlo interval: no lesion is larger than the brain, so the cap keeps the
+    coverage, and a wide margin no longer reports tens of litres.
+    """
+    low, high = mc_low, mc_high = float(mc_interval_ml[0]), float(mc_interval_ml[1])
+    if log_margin > 0:
+        base = float(volume_ml) + VOLUME_OFFSET_ML
+        low = max(0.0, min(low, base * math.exp(-log_margin) - VOLUME_OFFSET_ML))
+        high = max(high, base * math.exp(log_margin) - VOLUME_OFFSET_ML)
+    if brain_ml > 0:
+        high = max(min(high, float(brain_ml)), mc_high, float(volume_ml))
+    return [min(low, mc_low), high]
 
 
 def conformal_log_margin(true_ml: np.ndarray, predicted_ml: np.ndarray, coverage: float = 0.95) -> float:

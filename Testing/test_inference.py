@@ -98,3 +98,21 @@ def test_bad_settings(case: dict, tmp_path: Path) -> None:
         Predictor(case["bundle"], device="cpu", threshold=1.5)
     with pytest.raises(StrokePredictorError, match="Unknown device"):
         Predictor(case["bundle"], device="gpu0")
+
+
+def test_the_capped_volume_interval_is_flagged_once() -> None:
+    """The interval is capped at the brain's volume; the warning says so only when the cap acted."""
+    from StrokePredictorLib.inference import output_warnings
+    from StrokePredictorLib.postprocess import volume_interval
+
+    brain = 1300.0
+    capped = {"mask": 285.0, "mc_ci95": [260.0, 310.0],
+              "ci95": volume_interval(285.0, (260.0, 310.0), np.log(65.0), brain)}
+    assert capped["ci95"][1] == brain
+    assert [w for w in output_warnings(capped, brain) if "capped" in w]
+    narrow = {"mask": 20.0, "mc_ci95": [15.0, 25.0], "ci95": volume_interval(20.0, (15.0, 25.0), np.log(3.0), brain)}
+    assert output_warnings(narrow, brain) == []
+    everything = {"mask": 1310.0, "mc_ci95": [1305.0, 1312.0],  # a lesion over the whole brain mask
+                  "ci95": volume_interval(1310.0, (1305.0, 1312.0), np.log(3.0), brain)}
+    warnings = output_warnings(everything, brain)
+    assert len(warnings) == 1 and warnings[0].startswith("The lesion (")

@@ -62,6 +62,20 @@ def test_conformal_volume_interval() -> None:
     assert conformal_log_margin(np.array([0.0, 3.0]), np.array([0.0, 0.0])) == pytest.approx(np.log(4.0))
 
 
+def test_the_volume_interval_stops_at_the_brain() -> None:
+    """A wide margin (the outcome model's factor of about 65) would report litres; the brain caps it."""
+    margin = np.log(65.0)
+    low, high = volume_interval(285.0, (260.0, 310.0), margin)
+    assert high > 18000.0  # uncapped: 18.6 litres
+    capped_low, capped_high = volume_interval(285.0, (260.0, 310.0), margin, brain_ml=1300.0)
+    assert capped_high == 1300.0 and capped_low == pytest.approx(low)
+    assert volume_interval(20.0, (15.0, 25.0), np.log(3.0), brain_ml=1300.0) == volume_interval(
+        20.0, (15.0, 25.0), np.log(3.0))  # far from the brain's volume: unchanged
+    low, high = volume_interval(900.0, (800.0, 880.0), np.log(3.0), brain_ml=850.0)
+    assert high == 900.0 and low == pytest.approx(901.0 / 3.0 - 1.0)  # never below the mask
+    assert volume_interval(20.0, (10.0, 900.0), 0.0, brain_ml=850.0) == [10.0, 900.0]  # nor below Monte Carlo
+
+
 def test_small_components_are_removed_with_26_connectivity() -> None:
     mask = np.zeros((10, 10, 10), bool)
     mask[1:3, 1:3, 1:3] = True  # 8 voxels = 0.8 mL at 0.1 mL per voxel
