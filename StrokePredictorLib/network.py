@@ -134,6 +134,7 @@ class NetworkConfig:
     imaging_only: bool = False  # ablation: clinical tokens ignored, fusion skipped
     film: bool = False  # FiLM: the fused clinical context scales/shifts every decoder level (zero-initialised)
     growth: bool = False  # growth head: a tissue-at-risk map shifted by a per-case clinical growth offset
+    growth_reach: int = 0  # growth head: half-width (voxels) of the core neighbourhood that gates growth (0: none)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
@@ -150,6 +151,8 @@ class NetworkConfig:
             raise ValueError(f"NetworkConfig: fusion_dim {self.fusion_dim} is not divisible by heads {self.heads}.")
         if not 0.0 <= self.mc_dropout < 1.0:
             raise ValueError(f"NetworkConfig: mc_dropout must lie in [0, 1), got {self.mc_dropout}.")
+        if self.growth_reach < 0 or (self.growth_reach and not self.growth):
+            raise ValueError(f"NetworkConfig: growth_reach must be >= 0 and needs growth, got {self.growth_reach}.")
         if self.film and self.imaging_only:
             raise ValueError("NetworkConfig: film needs the clinical branch; it cannot be combined with imaging_only.")
 
@@ -460,10 +463,13 @@ class _GrowthHead(nn.Module):
     Without clinical input (the imaging-only twin) ``s`` is the learned ``bias`` alone.
     """
 
-    def __init__(self, dim: int, clinical: bool) -> None:
+    def __init__(self, dim: int, clinical: bool, reach: bool = False) -> None:
         super().__init__()
         knots = len(GROWTH_KNOTS_H)
         self.bias = nn.Parameter(torch.zeros(()))
+        # weight of the core-neighbourhood gate (StrokeNet._near_core), stored divided by the gain;
+        # softplus(-3) = 0.05: the gate starts almost open, so growth weights without it start near their output
+        self.reach = nn.Parameter(torch.tensor(-3.0 / GROWTH_GAIN)) if reach else None
         self.clinical = clinical
         if clinical:
             self.additive = nn.Sequential(nn.Linear(dim, 64), nn.GELU(), nn.Linear(64, 1))
@@ -568,7 +574,8 @@ class StrokeNet(nn.Module):
         self.head = nn.Conv3d(c.head_channels, 1, 1)
         # growth head: a second 1x1x1 head (tissue at risk) and the per-case offset from the clinical values
         self.risk = nn.Conv3d(c.head_channels, 1, 1) if c.growth else None
-        self.growth = _GrowthHead(c.fusion_dim, clinical=not c.imaging_only) if c.growth else None
+        self.growth = (_GrowthHead(c.fusion_dim, clinical=not c.imaging_only, reach=c.growth_reach > 0)
+                       if c.growth else None)
 
     # -- pieces ------------------------------------------------------------------------------
     @property
@@ -657,10 +664,12 @@ class StrokeNet(nn.Module):
             if self.film is not None and context is not None:
                 h = self.film[index](h, context)
         features = self.expand(h)
-        if self.growth is not None:  # the case's growth offset rides along as a last, constant channel
+        if self.growth is not None:  # the case's growth offset rides along as a last channel
             offset = self.growth(tokens, clinical_values.to(device=device, dtype=torch.float32), missing)
-            features = torch.cat([features, offset.to(features.dtype).reshape(batch, 1, 1, 1, 1)
-                                  .expand(-1, 1, *features.shape[2:])], dim=1)
+            offset = offset.to(features.dtype).reshape(batch, 1, 1, 1, 1).expand(-1, 1, *features.shape[2:])
+            if self.config.growth_reach:  # minus the gate: growth only near enough core
+                offset = offset - self._near_core(features).to(features.dtype)
+            features = torch.cat([features, offset], dim=1)
         return {
             "features": features,
             "feature_attention": feature_attention,
@@ -687,6 +696,24 @@ class StrokeNet(nn.Module):
             ``feature_attention`` (B, 10) and ``spatial_attention`` (B, 1, D, H, W), as in :meth:`forward`.
         """
         return self.decode(self.encode_image(image, flair_present), clinical_values, clinical_missing, window)
+
+    def _near_core(self, features: torch.Tensor) -> torch.Tensor:
+        """The growth gate (logits >= 0, subtracted from the offset ``s``):
+        ``softplus(w) * -log(m + 0.01)``, where ``m`` is the mean deterministic core probability in a
+        cube of ``2 growth_reach + 1`` voxels around each voxel (separable box filter, padding not
+        counted). Far from any core ``m`` is 0 and growth is held back by up to ``4.6 softplus(w)``
+        logits; inside a large core ``m`` is near 1 and the gate is open; around a small core
+        partly. So the tissue that can grow scales with the core's extent, as in the simulation,
+        where a small core grows by little. It reads the core without gradient (the core head
+        learns the acute lesion, the gate its use) and does not depend on the clinical values, so
+        the orderings in ``s`` hold as before."""
+        reach = self.config.growth_reach
+        with torch.no_grad():
+            m = torch.sigmoid(self.head(features).float())
+            for kernel in ((2 * reach + 1, 1, 1), (1, 2 * reach + 1, 1), (1, 1, 2 * reach + 1)):
+                m = F.avg_pool3d(m, kernel, stride=1, padding=tuple(k // 2 for k in kernel), count_include_pad=False)
+            distance = -torch.log(m + 0.01)
+        return F.softplus(GROWTH_GAIN * self.growth.reach.float()) * distance  # type: ignore[union-attr]
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
         """The re-sampled tail: dropout (active in training mode) and the 1x1x1 head.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -386,3 +387,63 @@ def test_imaging_only_growth_twin_has_a_constant_offset() -> None:
         a = model(image, values, missing, flair)["logits"]
         b = model(image, other, other_missing, flair)["logits"]
     assert torch.equal(a, b)
+
+
+def test_the_growth_gate_holds_growth_back_away_from_the_core() -> None:
+    """growth_reach: the tissue that may grow lies near the predicted core, and more of it near a
+    large core than near a small one; far from any core growth is held back by the gate's maximum."""
+    from StrokePredictorLib.network import GROWTH_GAIN, load_weights
+
+    torch.manual_seed(13)
+    model = StrokeNet(tiny_config(growth=True, growth_reach=3)).eval()
+    channels = tiny_config().head_channels
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.weight[0, 0] = 20.0  # core logit = 20 f0 - 10: f0 = 1 is core, f0 = 0 is not
+        model.head.bias.fill_(-10.0)
+        model.growth.reach.fill_(1.0 / GROWTH_GAIN)
+    features = torch.zeros(1, channels, 24, 24, 24)
+    features[0, 0, 2:14, 2:14, 2:14] = 1.0  # a large core (12^3 voxels)
+    features[0, 0, 19, 19, 19] = 1.0  # a single-voxel core
+    with torch.no_grad():
+        gate = model._near_core(features)[0, 0]
+    weight = float(torch.nn.functional.softplus(torch.tensor(1.0)))
+    assert float(gate[8, 8, 8]) < 0.01 * weight  # inside the large core: open
+    assert float(gate[15, 8, 8]) < float(gate[19, 19, 17])  # beside the large core more open than beside the small
+    assert float(gate[19, 19, 19]) > 2.0 * weight  # even the small core's own voxel is mostly closed
+    assert float(gate[8, 20, 20]) == pytest.approx(weight * -math.log(0.01), rel=1e-3)  # far from both: shut
+    # the gate rides in the offset channel, so sampling and the forward pass agree, and growth
+    # weights without it load (the gate starting almost open)
+    image, values, missing, flair = _inputs((16, 16, 16))
+    with torch.no_grad():
+        out = model(image, values, missing, flair)
+        feats = model.features(image, values, missing, flair)["features"]
+        torch.testing.assert_close(model.sample_logits(feats, 2, deterministic=True)[0], out["logits"][:, 0],
+                                   rtol=1e-5, atol=1e-5)
+    plain = StrokeNet(tiny_config(growth=True)).eval()
+    fresh = StrokeNet(tiny_config(growth=True, growth_reach=3)).eval()
+    assert load_weights(fresh, plain.state_dict()) == ["growth.reach"]
+    with torch.no_grad():
+        shift = fresh(image, values, missing, flair)["logits"] - plain(image, values, missing, flair)["logits"]
+    assert float(shift.max()) <= 1e-5 and float(shift.min()) > -0.25  # softplus(-3) * 4.6 at most
+    with pytest.raises(ValueError, match="growth_reach"):
+        tiny_config(growth_reach=2)
+
+
+def test_the_growth_gate_keeps_the_orderings_for_any_weights() -> None:
+    torch.manual_seed(14)
+    model = StrokeNet(tiny_config(growth=True, growth_reach=2)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    image, _, _, flair = _inputs((16, 16, 16))
+    logits = {}
+    for t in ("none", "thrombectomy"):
+        for h in (1.0, 20.0):
+            values, missing = _inputs((16, 16, 16), nihss=9, treatment=t, onset_to_imaging_h=h)[1:3]
+            with torch.no_grad():
+                logits[(t, h)] = model(image, values, missing, flair)["logits"]
+    for t in ("none", "thrombectomy"):
+        assert bool((logits[(t, 20.0)] >= logits[(t, 1.0)] - 1e-5).all())
+    for h in (1.0, 20.0):
+        assert bool((logits[("thrombectomy", h)] <= logits[("none", h)] + 1e-5).all())

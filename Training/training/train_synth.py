@@ -120,6 +120,10 @@ class SynthTrainConfig:
         "help": "growth head (outcome): a tissue-at-risk map shifted by a per-case offset from the clinical values, "
                 "monotone in onset time and treatment; from --init weights without it the risk map starts as the "
                 "old head's logits minus 2 (the imaging-only twin gets the same head with a constant offset)"})
+    growth_reach: int = field(default=0, metadata={
+        "help": "with --growth: hold growth back away from the predicted core, gated by the mean core probability "
+                "in a cube of 2R+1 voxels (R voxels of the model grid; 0: no gate); from --init weights without "
+                "the gate it starts almost open"})
 
 
 def _variant(name: str) -> tuple[str, bool]:
@@ -150,10 +154,11 @@ def _initialise(model: torch.nn.Module, init: Path, name: str) -> Path:
         logger.warning("%s: no bundle %s; starting from the imaging weights of %s.", name, Path(init) / name, folder)
     start_from = load_bundle(folder)
     theirs = start_from.config
-    ignored = {"film", "growth"} | ({"imaging_only"} if fallback else set())
+    ignored = {"film", "growth", "growth_reach"} | ({"imaging_only"} if fallback else set())
     same = {k: v for k, v in ours.to_dict().items() if k not in ignored} == \
         {k: v for k, v in theirs.to_dict().items() if k not in ignored}
     if not same or (theirs.film and not ours.film) or (theirs.growth and not ours.growth) \
+            or (theirs.growth_reach and theirs.growth_reach != ours.growth_reach) \
             or (fallback and theirs.imaging_only):
         raise cfg.ConfigError(f"Bundle {start_from.directory} has another architecture than variant '{name}' "
                               f"(imaging_only={ours.imaging_only}, film={ours.film}).")
@@ -265,7 +270,9 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
     for name, (task, imaging_only) in variants.items():
         net_config = NetworkConfig.from_dict({**preset.to_dict(), "imaging_only": imaging_only,
                                               "film": config.film and not imaging_only,
-                                              "growth": config.growth and task == "outcome"})
+                                              "growth": config.growth and task == "outcome",
+                                              "growth_reach": config.growth_reach if config.growth and task == "outcome"
+                                              else 0})
         model = StrokeNet(net_config)
         run_dir = Path(config.out) / name
         if config.init is not None and not config.resume:
