@@ -55,21 +55,28 @@ Architecture (shapes for a batch of ``B`` cases on a ``D x H x W`` model grid, i
   growth4) that second path broke the orderings: a missing treatment at 1 h gave 1.5 mL less than
   thrombectomy on the sample case although its ``s`` is not lower. So every voxel's probability
   now follows the orderings whatever the weights (the post-processing, which may use the
-  Monte-Carlo spread, is checked by ``python -m Training behaviour``). Why this over FiLM: it states as structure what is known about
-  infarct growth (it spreads from the core into tissue at risk; treatment saves tissue, less the
-  later it comes), it has a few hundred clinical parameters instead of a conditioning of every
-  decoder channel, and the offset ``s`` is an interpretable per-case number. It is built from
-  weights without it with the risk head a copy of the old head minus 2 logits
-  (:func:`load_weights`), i.e. starting a little above the old output (0.13 logits plus the
-  starting offset: 0.15 on the shipped outcome weights). The imaging-only
-  twin has the same heads with a learned constant ``s``. ``s`` reaches
-  :meth:`StrokeNet.sample_logits` as one more (constant) channel of ``features``, so the
+  Monte-Carlo spread, is checked by ``python -m Training behaviour``). Why this over FiLM: it
+  states as structure what is known about infarct growth (it spreads from the core into tissue at
+  risk; treatment saves tissue, less the later it comes), it has a few hundred clinical
+  parameters instead of a conditioning of every decoder channel, and the offset ``s`` is an
+  interpretable per-case number. It is built from weights without it with the risk head a copy
+  of the old head minus 2 logits (:func:`load_weights`), i.e. starting a little above the old
+  output (0.13 logits plus the starting offset: 0.15 on the shipped outcome weights). The
+  imaging-only twin has the same heads with a learned constant ``s``. ``s`` reaches
+  :meth:`StrokeNet.sample_logits` as one more channel of ``features`` (constant without the gate below), so the
   Monte-Carlo tail, the what-if cache and the post-processing are unchanged. Measured so far
   (outcome model card, runs growth1-4): when ``core`` is trained only through the combined
   output it learns to cover the final infarct itself and leaves ``s`` little to grow into; with
   ``core`` also supervised by the acute lesion and the growth parameters at a higher rate
   (growth4) the clinical values drive the growth (27 of 28 growing simulated cases >= 1.3x), but
-  ``s`` does not know how large the core is, so small lesions grow by tens of millilitres.
+  ``s`` does not know how large the core is, so small lesions grow by tens of millilitres (and a
+  longer run, growth7, bought the large infarcts' full growth with false positives around the
+  small ones). The optional **core-neighbourhood gate** (``growth_reach`` R > 0) subtracts
+  ``softplus(w) * -log(m + 0.01)`` from ``s`` voxel by voxel, where ``m`` is the mean core
+  probability in the ``(2R+1)^3`` cube around the voxel: growth stays open inside and beside a
+  large core and is held back around a small one and far from any, as the simulation's growth
+  scales with the core. It is local, so it means the same on a training patch as on the whole
+  grid, and it reads only imaging, so the orderings above still hold for any weights.
   The cross-attention and its maps are unchanged and remain the explanation.
 * **Head and Monte-Carlo dropout.** The last decoder features go through a 1x1x1 expansion
   (``head_channels``), **channel-wise dropout** (``nn.Dropout3d``, probability ``mc_dropout``) and
