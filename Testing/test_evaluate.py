@@ -189,6 +189,11 @@ def test_sanity_flags_name_impossible_results() -> None:
     flags = evaluate.sanity_flags(sound + blob)
     assert len(flags) == 3 and all(flag.startswith("blob, model") for flag in flags)
     assert "implausible" in flags[0] and "far above Dice" in flags[1] and "2 of 2 volume intervals" in flags[2]
+    # with the case's brain mask known, an interval capped there is flagged; one below it is not, whatever 1800 mL says
+    capped = {**row("capped", 0.5, 0.5, 20.0, 25.0, 1970.0), "brain_volume_ml": 1970.0}
+    below = {**row("below", 0.5, 0.5, 20.0, 25.0, 1900.0), "brain_volume_ml": 1970.0}
+    brain_flags = evaluate.sanity_flags([capped, below])
+    assert len(brain_flags) == 1 and brain_flags[0].startswith("capped, model: 1 of 1 volume intervals reach a whole")
     text = evaluate.results_markdown({"bundle": {"name": "b", "sha256": "0" * 64}, "task": "acute", "mc_samples": 1,
                                       "postprocessing": {"threshold": 0.5}, "datasets": {}, "sanity_flags": flags})
     assert "## Sanity flags" in text and "- blob, model: lesion F1 1.000 far above Dice 0.015" in text
