@@ -32,7 +32,6 @@ under bf16 autocast; sampling and statistics are float32.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -46,7 +45,7 @@ from StrokePredictorLib.clinical import FEATURE_NAMES, ClinicalRecord, encode
 from StrokePredictorLib.errors import StrokePredictorError
 from StrokePredictorLib.io import Geometry, Volume, read_volume
 from StrokePredictorLib.network import ImagingFeatures
-from StrokePredictorLib.postprocess import PostProcessing, count_components, volume_interval
+from StrokePredictorLib.postprocess import PostProcessing, count_components, interval_capped, volume_interval
 from StrokePredictorLib.preprocess import Normalization, PreprocessedCase, preprocess
 
 logger = logging.getLogger(__name__)
@@ -208,8 +207,7 @@ def output_warnings(volume_ml: dict, brain_ml: float) -> list[str]:
             "than any arterial territory: check that the inputs are a DWI and its ADC of the same patient."
         )
     low, high = (float(v) for v in volume_ml["ci95"])
-    mc_high = float(volume_ml.get("mc_ci95", volume_ml["ci95"])[1])
-    if math.isclose(high, brain_ml, rel_tol=1e-9) and high > max(lesion, mc_high):  # the cap acted
+    if interval_capped(high, brain_ml, lesion, float(volume_ml.get("mc_ci95", volume_ml["ci95"])[1])):
         warnings.append(
             f"The 95% volume interval ({low:.0f}-{high:.0f} mL) reaches the volume of the whole brain mask "
             f"({brain_ml:.0f} mL), where it is capped: this model's volumes are far from certain for this input."

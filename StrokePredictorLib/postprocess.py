@@ -288,14 +288,21 @@ def volume_interval(volume_ml: float, mc_interval_ml: tuple[float, float], log_m
     below ``V`` or the Monte-Carlo interval: no lesion is larger than the brain, so the cap keeps the
     coverage, and a wide margin no longer reports tens of litres.
     """
-    low, high = mc_low, mc_high = float(mc_interval_ml[0]), float(mc_interval_ml[1])
+    low, high = float(mc_interval_ml[0]), float(mc_interval_ml[1])
+    mc_high = high
     if log_margin > 0:
         base = float(volume_ml) + VOLUME_OFFSET_ML
         low = max(0.0, min(low, base * math.exp(-log_margin) - VOLUME_OFFSET_ML))
         high = max(high, base * math.exp(log_margin) - VOLUME_OFFSET_ML)
     if brain_ml > 0:
         high = max(min(high, float(brain_ml)), mc_high, float(volume_ml))
-    return [min(low, mc_low), high]
+    return [low, high]
+
+
+def interval_capped(high_ml: float, brain_ml: float, volume_ml: float, mc_high_ml: float = 0.0) -> bool:
+    """Whether :func:`volume_interval` capped the upper bound ``high_ml`` at the brain's volume:
+    it equals ``brain_ml`` and lies above the mask volume and the Monte-Carlo bound, which the cap never cuts."""
+    return brain_ml > 0 and math.isclose(high_ml, brain_ml, rel_tol=1e-9) and high_ml > max(volume_ml, mc_high_ml)
 
 
 def conformal_log_margin(true_ml: np.ndarray, predicted_ml: np.ndarray, coverage: float = 0.95) -> float:

@@ -273,9 +273,8 @@ def test_shipped_bundles_pass_the_schema(repo_root: Path) -> None:
         bundle = load_bundle(repo_root / "StrokePredictor" / "Resources" / "Models" / task)
         counted = sum(p.numel() for p in bundle.model.parameters())
         assert bundle.task == task and bundle.metadata["architecture"]["parameters"] == counted
-    # The acute network is the plain lite network; the outcome one adds the small growth head.
-    acute = load_bundle(repo_root / "StrokePredictor" / "Resources" / "Models" / "acute")
-    assert acute.metadata["architecture"]["parameters"] == 3649370
+        if task == "acute":  # the plain lite network; the outcome one adds the small growth head
+            assert counted == 3649370
 
 
 def test_a_killed_export_leaves_nothing_the_next_one_does_not_remove(tmp_path: Path) -> None:

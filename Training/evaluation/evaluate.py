@@ -35,6 +35,7 @@ import numpy as np
 from StrokePredictorLib import clinical
 from StrokePredictorLib.errors import InputImageError, OutputExistsError, StrokePredictorError
 from StrokePredictorLib.io import CaseRecord, Volume, discover_isles, read_volume, write_json, write_volume
+from StrokePredictorLib.postprocess import interval_capped
 from Training import config as config_mod
 from Training.evaluation import baseline as baseline_mod
 from Training.evaluation import metrics as M
@@ -288,12 +289,11 @@ BRAIN_ML = 1800.0  # no adult brain is larger: an interval reaching beyond it sa
 
 
 def _whole_brain_interval(row: dict) -> bool:
-    """The interval's upper bound is capped at the case's brain mask (beyond the mask volume) or, brain unknown,
-    above :data:`BRAIN_ML`."""
+    """The interval's upper bound was capped at the case's brain mask or, brain unknown, lies above :data:`BRAIN_ML`."""
     high = float(row.get("volume_ci_hi_ml") or 0.0)
     brain = float(row.get("brain_volume_ml") or 0.0)
     if brain > 0:
-        return high >= 0.999 * brain and high > float(row.get("volume_pred_ml") or 0.0)
+        return interval_capped(high, brain, float(row.get("volume_pred_ml") or 0.0))
     return high > BRAIN_ML
 
 

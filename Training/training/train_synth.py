@@ -268,11 +268,10 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
     }
     members = []
     for name, (task, imaging_only) in variants.items():
+        growth = config.growth and task == "outcome"
         net_config = NetworkConfig.from_dict({**preset.to_dict(), "imaging_only": imaging_only,
-                                              "film": config.film and not imaging_only,
-                                              "growth": config.growth and task == "outcome",
-                                              "growth_reach": config.growth_reach if config.growth and task == "outcome"
-                                              else 0})
+                                              "film": config.film and not imaging_only, "growth": growth,
+                                              "growth_reach": config.growth_reach if growth else 0})
         model = StrokeNet(net_config)
         run_dir = Path(config.out) / name
         if config.init is not None and not config.resume:
