@@ -106,6 +106,33 @@ def test_a_losing_run_keeps_the_bundle_but_is_recorded(tmp_path: Path, monkeypat
     assert json.loads((models / "acute" / "campaign.json").read_text())["runs"][0]["outcome"] == "kept"
 
 
+@pytest.mark.parametrize("recipe, expected", [
+    ({}, {"--patch": "64,64,64", "--batch-size": "2", "--val-every": "300"}),
+    ({"patch": "80,112,96", "batch_size": 1, "val_every": 200},
+     {"--patch": "80,112,96", "--batch-size": "1", "--val-every": "200"}),
+])
+def test_the_training_recipe_reaches_train_synth_and_the_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                recipe: dict, expected: dict) -> None:
+    models = _models(tmp_path)
+    (tmp_path / "val").mkdir()
+    seen: dict = {}
+    _fake_verbs(monkeypatch, {"candidate": 0.5, "shipped": 0.5}, [])
+    fake = campaign._run_verb
+
+    def spy(module: str, argv: list) -> None:
+        if module == "Training.training.train_synth":
+            seen["argv"] = [str(a) for a in argv]
+        fake(module, argv)
+    monkeypatch.setattr(campaign, "_run_verb", spy)
+    config = CampaignConfig(pack=tmp_path / "p.npz", val=(tmp_path / "val",), out=tmp_path / "run", models=models,
+                            **recipe)
+    campaign.run(config)
+    argv = seen["argv"]
+    assert {flag: argv[argv.index(flag) + 1] for flag in expected} == expected
+    entry = json.loads((models / "acute" / "campaign.json").read_text())["runs"][0]
+    assert (entry["patch"], str(entry["batch_size"])) == (expected["--patch"], expected["--batch-size"])
+
+
 def test_bad_arguments_are_named(tmp_path: Path) -> None:
     with pytest.raises(cfg.ConfigError, match="--val"):
         campaign.run(CampaignConfig(out=tmp_path / "r"))

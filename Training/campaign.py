@@ -7,7 +7,8 @@ time-stamped checkpoint):
 1. **train**: ``train-synth`` from the shipped bundle (``--init``) on the CPU recipe: the
    pre-rendered, background-refreshed pool of domain-randomised volumes with real-scan mimics,
    embolic showers and small lesions (:mod:`Training.synthesis.pool`, :mod:`Training.synthesis.mimics`),
-   lesion-centred 64^3 patches, bf16, for ``--minutes`` of wall time;
+   lesion-centred 64^3 patches (``--patch``, ``--batch-size``; the model grid trains on whole volumes), bf16,
+   for ``--minutes`` of wall time;
 2. **export** the best checkpoint (whole-volume Dice on synthetic held-out validation lesions);
 3. **search** the post-processing of the candidate and of a copy of the shipped bundle with the same
    ``python -m Training postprocess`` on the same fixed validation sets (``--val``), each bundle
@@ -69,6 +70,11 @@ class CampaignConfig:
     val_cache_cases: int = field(default=0, metadata={"help": "with --val-cache: cases per cache (0: all)"})
     mimic_fraction: float = field(default=0.0, metadata={
         "help": "CPU pool: share of the non-lesion patches centred on hard negatives (DWI bright, ADC normal)"})
+    patch: str = field(default="64,64,64", metadata={
+        "help": "CPU pool: training crop in k,j,i voxels (multiples of the network's size divisor); the model grid "
+                "(80,112,96) trains on whole volumes, as the fixed sets are scored"})
+    batch_size: int = field(default=2, metadata={"help": "CPU pool: crops per training step"})
+    val_every: int = field(default=300, metadata={"help": "validate (and keep the best checkpoint) every N steps"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
     mc_samples: int = field(default=20, metadata={"help": "Monte-Carlo samples of the post-processing search"})
     max_cases: int = field(default=0, metadata={"help": "at most this many cases per validation folder (0: all)"})
@@ -201,10 +207,11 @@ def run(config: CampaignConfig) -> dict:
         resume = (train_dir / config.task / "checkpoints" / "last.pt").is_file()
         argv = ["--pack", config.pack, "--out", train_dir, "--device", config.device, "--variants", config.task,
                 "--time-limit", config.minutes * 60, "--lr", config.lr, "--seed", config.seed,
-                "--threads", config.threads, "--val-samples", 16, "--val-every", 300, "--checkpoint-minutes", 10,
+                "--threads", config.threads, "--val-samples", 16, "--val-every", config.val_every,
+                "--checkpoint-minutes", 10,
                 "--source", "pool" if config.device == "cpu" else "gpu"]
-        if config.device == "cpu":  # the CPU recipe: 2 lesion-centred 64^3 patches per step from a 48-volume pool
-            argv += ["--batch-size", 2, "--patch", "64,64,64", "--pool-size", 48,
+        if config.device == "cpu":  # the CPU recipe: a 48-volume pool; by default 2 lesion-centred 64^3 patches a step
+            argv += ["--batch-size", config.batch_size, "--patch", config.patch, "--pool-size", 48,
                      "--mimic-fraction", config.mimic_fraction]
         if config.val_cache:
             argv += ["--val-cache", ",".join(str(c) for c in config.val_cache),
@@ -244,7 +251,7 @@ def run(config: CampaignConfig) -> dict:
     entry = {"run": out.name, "date": datetime.now(timezone.utc).date().isoformat(), "device": config.device,
              "steps": int(trained["steps"]), "training_s": float(trained["seconds"]),
              "best_synthetic_val_dice": trained.get("best_val_dice"), "seed": config.seed, "lr": config.lr,
-             "mimic_fraction": config.mimic_fraction,
+             "mimic_fraction": config.mimic_fraction, "patch": config.patch, "batch_size": config.batch_size,
              "checkpoint_validation": [Path(c).name for c in config.val_cache] or "synthesised",
              "validation_sets": [Path(v).name for v in config.val], "max_cases_per_set": config.max_cases,
              "mc_samples": config.mc_samples, "decision": decision, "outcome": outcome}
