@@ -467,7 +467,9 @@ class _GrowthHead(nn.Module):
       larger early benefit for thrombolysis, and an uncapped average fell below thrombectomy);
       a missing onset time a learned one.
 
-    Without clinical input (the imaging-only twin) ``s`` is the learned ``bias`` alone.
+    Without clinical input (the imaging-only twin) ``s`` is the learned ``bias`` alone. The shares
+    ``g(token_f)`` are returned by :meth:`terms` (and as ``growth_terms`` by the network), so that
+    training can hold them to what the data support (``train-synth --growth-l2``, a ridge penalty).
     """
 
     def __init__(self, dim: int, clinical: bool, reach: bool = False) -> None:
@@ -492,12 +494,17 @@ class _GrowthHead(nn.Module):
             feature_ = FEATURES[_ONSET]
             self.onset_center, self.onset_scale = float(feature_.center), float(feature_.scale)
 
+    def terms(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Each clinical feature's additive share ``g(token_f)`` of ``s`` (B, 8: every feature but onset
+        time and treatment, in schema order)."""
+        return self.additive(tokens[:, self.others].float()).squeeze(-1)
+
     def forward(self, tokens: torch.Tensor | None, values: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
         gain = GROWTH_GAIN
         bias = gain * self.bias.float()
         if not self.clinical or tokens is None:
             return bias.expand(values.shape[0])
-        additive = self.additive(tokens[:, self.others].float()).squeeze(-1).sum(dim=1)
+        additive = self.terms(tokens).sum(dim=1)
         onset = (values[:, _ONSET].float() * self.onset_scale + self.onset_center).clamp(min=0.0)
         onset = torch.where(missing[:, _ONSET], F.softplus(gain * self.missing_onset.float()).expand_as(onset), onset)
         later = torch.sigmoid((torch.log(onset + 0.25)[:, None] - self.log_knots) / 0.3)  # (B, K), rises with t
@@ -677,11 +684,14 @@ class StrokeNet(nn.Module):
             if self.config.growth_reach:  # minus the gate: growth only near enough core
                 offset = offset - self._near_core(features).to(features.dtype)
             features = torch.cat([features, offset], dim=1)
-        return {
+        out = {
             "features": features,
             "feature_attention": feature_attention,
             "spatial_attention": spatial.clamp(0.0, 1.0),
         }
+        if self.growth is not None and self.growth.clinical and tokens is not None:
+            out["growth_terms"] = self.growth.terms(tokens)  # for training's penalty on them (train-synth)
+        return out
 
     def features(
         self,
@@ -797,7 +807,8 @@ class StrokeNet(nn.Module):
         Returns:
             ``logits`` (B, 1, D, H, W); ``feature_attention`` (B, 10), rows sum to 1;
             ``spatial_attention`` (B, 1, D, H, W) in [0, 1]. Dropout is active in training mode only.
-            With the growth head also ``core_logits`` (B, 1, D, H, W): the core head alone.
+            With the growth head also ``core_logits`` (B, 1, D, H, W): the core head alone, and with
+            clinical input ``growth_terms`` (B, 8): each feature's additive share of the growth offset.
             window: (B, 2, 3) int, optional, when ``image`` is a patch of the model grid (training):
                 the patch's first voxel and the whole grid's size (k, j, i), multiples of
                 :attr:`size_divisor`. Without it, the input is the whole grid.
@@ -811,6 +822,8 @@ class StrokeNet(nn.Module):
         }
         if core is not None:  # growth head: the core alone, for training it on the acute lesion
             result["core_logits"] = core
+        if "growth_terms" in out:  # and each clinical feature's additive share of the growth offset
+            result["growth_terms"] = out["growth_terms"]
         return result
 
 

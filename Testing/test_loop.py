@@ -258,3 +258,48 @@ def test_core_weight_adds_the_core_heads_loss_against_the_acute_lesion() -> None
     assert both > plain + 0.1 and not torch.allclose(plain_grad, both_grad)
     # without a growth head there is no core output: the weight changes nothing
     assert step(1.0, {})[0] == pytest.approx(step(0.0, {})[0])
+
+
+def test_the_growth_penalty_adds_the_mean_square_of_the_features_shares() -> None:
+    """``growth_l2`` adds that weight times the mean square of ``growth_terms`` (each clinical
+    feature's additive share of the growth offset) to the step's loss, and its gradient reaches
+    the additive model; at 0 the loss is the plain one."""
+    from StrokePredictorLib.clinical import encode, validate
+    from StrokePredictorLib.network import NetworkConfig, StrokeNet
+
+    torch.manual_seed(3)
+    config = NetworkConfig(stem_channels=8, full_res_channels=4, widths=(8, 16), blocks=(1, 1),
+                           decoder_widths=(8, 4), head_channels=4, fusion_dim=16, heads=2, growth=True,
+                           mc_dropout=0.0, feature_dropout=0.0)
+    model = StrokeNet(config)
+    with torch.no_grad():  # the additive model starts at 0; give it shares to penalise
+        model.growth.additive[2].weight.normal_(0, 1.0)
+    values, missing = encode(validate({"age": 70, "sex": "F", "nihss": 12, "onset_to_imaging_h": 3}))
+    batch = {"clinical_values": torch.from_numpy(values)[None], "clinical_missing": torch.from_numpy(missing)[None],
+             "flair_present": torch.tensor([True])}
+    image = torch.randn(1, 3, 16, 16, 16)
+    target = (torch.rand(1, 1, 16, 16, 16) > 0.8).float()
+
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+
+    def step(weight: float) -> tuple[float, torch.Tensor]:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        scaler = torch.amp.GradScaler(enabled=False)
+        loss, applied = loop.optimise(model, image, batch, target, optimizer, scaler, loss_fn,
+                                      autocast={"device_type": "cpu", "enabled": False}, growth_l2=weight)
+        assert applied
+        grad = model.growth.additive[2].weight.grad.clone()
+        model.load_state_dict(state)
+        return float(loss), grad
+
+    model.train()
+    with torch.no_grad():
+        out = model(image, batch["clinical_values"], batch["clinical_missing"], batch["flair_present"])
+    terms = out["growth_terms"]
+    assert terms.shape == (1, 8) and float(terms.abs().min()) > 0
+    plain, plain_grad = step(0.0)
+    penalised, penalised_grad = step(0.5)
+    assert penalised - plain == pytest.approx(0.5 * float(terms.square().mean()), rel=1e-4)
+    assert not torch.allclose(plain_grad, penalised_grad)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from inference_phantom import tiny_config
 
-from StrokePredictorLib.clinical import encode, validate
+from StrokePredictorLib.clinical import FEATURES, encode, validate
 from StrokePredictorLib.network import NetworkConfig, StrokeNet, count_parameters
 
 
@@ -375,6 +375,32 @@ def test_onset_and_treatment_reach_a_growth_network_only_through_the_offset() ->
     with torch.no_grad():
         moved = model.features(image, *other, flair)["features"]
     assert not torch.equal(moved[:, :-1], out[("none", 1.0)][:, :-1])
+
+
+def test_the_growth_terms_are_each_features_share_of_the_offset() -> None:
+    """``growth_terms`` (what training's ridge penalty acts on) are the offset's additive shares: two
+    records that differ in sex alone differ in the offset by exactly the change of sex's term."""
+    torch.manual_seed(13)
+    model = StrokeNet(tiny_config(growth=True)).eval()
+    with torch.no_grad():
+        for parameter in model.growth.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    image, _, _, flair = _inputs((16, 16, 16))
+    records = [_inputs((16, 16, 16), nihss=9, sex=sex, onset_to_imaging_h=3.0)[1:3] for sex in ("F", "M")]
+    with torch.no_grad():
+        outs = [model.features(image, values, missing, flair) for values, missing in records]
+        full = [model(image, values, missing, flair) for values, missing in records]
+    terms = [out["growth_terms"] for out in outs]
+    assert terms[0].shape == (1, 8)
+    torch.testing.assert_close(full[0]["growth_terms"], terms[0])
+    sex = [f.name for f in FEATURES if f.name not in ("onset_to_imaging_h", "treatment")].index("sex")
+    changed = terms[1] - terms[0]
+    assert float(changed[0, sex].abs()) > 1e-4
+    torch.testing.assert_close(changed[0, [i for i in range(8) if i != sex]], torch.zeros(7), rtol=0, atol=1e-6)
+    offsets = [float(out["features"][0, -1, 0, 0, 0]) for out in outs]
+    assert offsets[1] - offsets[0] == pytest.approx(float(changed[0, sex]), abs=1e-5)
+    assert "growth_terms" not in StrokeNet(tiny_config(growth=True, imaging_only=True)).eval()(
+        image, *records[0], flair)
 
 
 def test_imaging_only_growth_twin_has_a_constant_offset() -> None:

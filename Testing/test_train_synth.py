@@ -114,3 +114,10 @@ def test_validation_on_preprocessed_fixed_sets(pack_path: Path, tmp_path: Path) 
                             out=acute_only, grid_size=(48, 64, 48), grid_spacing=(4.0, 4.0, 4.0), progress=False))
     with pytest.raises(CacheError, match="no 'outcome' target"):
         run(_config(pack_path, tmp_path / "run3", variants=("outcome",), val_cache=(acute_only,)))
+
+
+@pytest.mark.parametrize("bad", [{"growth_l2": -0.1, "growth": True}, {"growth_l2": 0.01}])
+def test_the_growth_penalty_needs_a_growth_head_and_a_non_negative_weight(pack_path: Path, tmp_path: Path,
+                                                                          bad: dict) -> None:
+    with pytest.raises(cfg.ConfigError, match="--growth-l2"):
+        run(_config(pack_path, tmp_path / "bad", **bad))

@@ -227,12 +227,16 @@ def forward(model: torch.nn.Module, image: torch.Tensor, batch: dict) -> dict:
 
 def optimise(model: torch.nn.Module, image: torch.Tensor, batch: dict, target: torch.Tensor,
              optimizer: torch.optim.Optimizer, scaler: Any, loss_fn: Any, *, autocast: dict,
-             grad_clip: float = 1.0, parameters: Any = None, core_weight: float = 0.0) -> tuple[torch.Tensor, bool]:
+             grad_clip: float = 1.0, parameters: Any = None, core_weight: float = 0.0,
+             growth_l2: float = 0.0) -> tuple[torch.Tensor, bool]:
     """One optimiser step: forward under autocast, loss, backward, clipping, update.
 
     With ``core_weight`` > 0, a network with a growth head (``core_logits`` in its output) also
     learns its core head on the acute lesion (``batch["acute"]``, when the batch has it): the loss
-    adds ``core_weight`` times the same loss of the core against it.
+    adds ``core_weight`` times the same loss of the core against it. With ``growth_l2`` > 0 it also
+    adds ``growth_l2`` times the mean square of the growth offset's additive per-feature shares
+    (``growth_terms``): a ridge penalty, so that a clinical feature moves the growth only as far as
+    the data keep asking it to.
 
     A step whose loss or gradient norm is not finite is skipped (the weights stay finite; with
     fp16 the grad scaler does this itself).
@@ -246,6 +250,8 @@ def optimise(model: torch.nn.Module, image: torch.Tensor, batch: dict, target: t
     loss = loss_fn(out["logits"].float(), target)
     if core_weight > 0 and "core_logits" in out and "acute" in batch:
         loss = loss + core_weight * loss_fn(out["core_logits"].float(), batch["acute"])
+    if growth_l2 > 0 and "growth_terms" in out:
+        loss = loss + growth_l2 * out["growth_terms"].float().square().mean()
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
@@ -400,6 +406,7 @@ class LoopOptions:
     log_every: int = 10  # TensorBoard step-scalar interval
     core_weight: float = 0.0  # growth heads: weight of the core head's loss against the acute lesion
     growth_lr_scale: float = 1.0  # growth heads: their parameters' rate over the schedule's
+    growth_l2: float = 0.0  # growth heads: ridge penalty on the offset's additive per-feature shares
 
 
 @dataclass
@@ -629,7 +636,8 @@ class _Loop:
             loss, applied = optimise(member.runner, image, batch, self.source.target(batch, member.task),
                                      member.optimizer, member.scaler, self.loss_fn,
                                      autocast=self.precision.autocast_args, grad_clip=self.options.grad_clip,
-                                     parameters=member.model.parameters(), core_weight=self.options.core_weight)
+                                     parameters=member.model.parameters(), core_weight=self.options.core_weight,
+                                     growth_l2=self.options.growth_l2)
             if applied:
                 value = float(loss)
                 member.loss_sum += value

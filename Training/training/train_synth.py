@@ -97,6 +97,9 @@ class SynthTrainConfig:
     growth_lr_scale: float = field(default=1.0, metadata={
         "help": "with --growth: the growth head's learning rate over the schedule's (its clinical scalars start "
                 "near neutral and must move much further than a fine-tune moves the rest)"})
+    growth_l2: float = field(default=0.0, metadata={
+        "help": "with --growth: ridge penalty, this weight times the mean square of each clinical feature's additive "
+                "share of the growth offset (logits), so that features the data do not tie to growth stay near 0"})
     scenarios: int = field(default=0, metadata={
         "help": "pool: counterfactual onset/treatment scenarios rendered with each volume (their outcome and "
                 "clinical values); a patch takes one of a volume's scenarios+1 at random (outcome task)"})
@@ -224,6 +227,8 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
         raise cfg.ConfigError(f"--precision must be bf16 or fp32, not '{config.precision}'.")
     if not config.max_steps and config.time_limit <= 0:
         raise cfg.ConfigError("Give the run a budget: --max-steps or --time-limit.")
+    if config.growth_l2 < 0 or (config.growth_l2 and not config.growth):
+        raise cfg.ConfigError(f"--growth-l2 must be >= 0 and needs --growth, got {config.growth_l2}.")
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     pack = Pack.load(config.pack)
@@ -307,7 +312,7 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
                                seconds=0.0 if config.max_steps else config.time_limit),
         epoch_steps=config.val_every, batch_size=config.batch_size, weight_decay=config.weight_decay,
         fused=cuda, grad_clip=config.grad_clip, checkpoint_minutes=config.checkpoint_minutes,
-        core_weight=config.core_weight, growth_lr_scale=config.growth_lr_scale)
+        core_weight=config.core_weight, growth_lr_scale=config.growth_lr_scale, growth_l2=config.growth_l2)
     loss_fn = DiceCELoss(sigmoid=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=config.batch_dice)
     trained = loop.run_loop(members, data_source, loss_fn, precision, options, log=logger)
     results = {name: {"run_dir": r["run_dir"], "best_val_dice": r["best_val_dice"], "steps": r["steps"],
