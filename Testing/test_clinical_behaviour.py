@@ -209,3 +209,64 @@ def test_shipped_outcome_bundle_gives_onset_treatment_and_nihss_the_largest_effe
     checks = {c["name"]: c for c in report["checks"]}
     assert checks["effects_top3"]["passed"], checks["effects_top3"]["detail"]
     assert code == 0
+
+
+# ----------------------------------------------------------------------------------------
+# Effects by path (--paths)
+# ----------------------------------------------------------------------------------------
+def _growth_bundle(directory: Path, **overrides: object) -> Path:
+    import torch
+    from inference_phantom import TINY_GRID, tiny_config
+
+    from StrokePredictorLib.bundle import save_bundle
+    from StrokePredictorLib.network import StrokeNet
+    from StrokePredictorLib.postprocess import PostProcessing
+    from StrokePredictorLib.preprocess import Normalization
+
+    torch.manual_seed(4)
+    model = StrokeNet(tiny_config(**overrides))
+    return save_bundle(directory, model, task="outcome", grid=TINY_GRID, normalization=Normalization(),
+                       data={"source": "test"}, metrics={}, postprocessing=PostProcessing(threshold=0.5,
+                                                                                          min_component_ml=0.0))
+
+
+def test_frozen_growth_inputs_hold_the_offset_and_let_go_after(tmp_path: Path) -> None:
+    import torch
+
+    from StrokePredictorLib.bundle import load_bundle
+    from StrokePredictorLib.clinical import encode
+    from Training.evaluation.clinical_behaviour import growth_inputs_frozen
+
+    model = load_bundle(_growth_bundle(tmp_path / "b", growth=True)).model
+    with torch.no_grad():
+        for parameter in model.growth.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    image = torch.rand(1, 3, 16, 16, 16)
+    flair = torch.tensor([True])
+
+    def offset(record: ClinicalRecord) -> float:
+        values, missing = (torch.from_numpy(a)[None] for a in encode(record))
+        with torch.no_grad():
+            return float(model.features(image, values, missing, flair)["features"][0, -1, 0, 0, 0])
+
+    other = validate({**BASE.values, "sex": "M", "onset_to_imaging_h": 20, "treatment": "none"})
+    free = (offset(BASE), offset(other))
+    assert free[0] != free[1]
+    with growth_inputs_frozen(model, BASE):
+        assert offset(other) == pytest.approx(free[0], abs=1e-6)
+    assert offset(other) == pytest.approx(free[1], abs=1e-6)  # the class's forward again
+
+
+def test_paths_split_each_effect_and_refuse_a_network_without_growth(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "paths.json"
+    bundle = _growth_bundle(tmp_path / "growth", growth=True)
+    training_main(["behaviour", "--bundle", str(bundle), "--points", "2", "--paths", "--out", str(out)])
+    split = json.loads(out.read_text())["effects_by_path"]
+    assert len(split) == 10 and "through the cross-attention" in capsys.readouterr().out
+    # onset time and treatment reach a growth network only through the offset: nothing on the core path
+    assert split["onset_to_imaging_h"]["all_ml"] > 1.0  # the random growth head does move the volume
+    assert split["onset_to_imaging_h"]["core_path_ml"] == 0 and split["treatment"]["core_path_ml"] == 0
+    plain = _growth_bundle(tmp_path / "plain")
+    assert training_main(["behaviour", "--bundle", str(plain), "--points", "2", "--paths"]) == 2
+    assert "--paths needs an outcome bundle with a growth head" in capsys.readouterr().err

@@ -32,6 +32,11 @@ by ``min_growth`` (1.3x) or more (``growth_cases``: every such case, the median 
 bundle's volume must move by at most ``max_acute_change`` between the same two scenarios
 (``stable_cases``).
 
+**Effects by path** (``--paths``, an outcome bundle with a growth head, one case): each feature's
+range effect again with the growth offset's inputs held at the case's own record
+(:func:`growth_inputs_frozen`), so that the swept value reaches the prediction only through the
+cross-attention and the decoder ("core path"); the rest of the effect is the growth offset's.
+
 Every scenario uses canonical clinical values (treatment ``"none"`` is the category *none*, not
 "missing"). :func:`check_behaviour` takes any ``record -> volume`` function, so the checks are
 tested on controllable fake predictors and run unchanged on the next model. Prints one line per
@@ -43,6 +48,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -205,6 +211,41 @@ def check_behaviour(volume: VolumeFunction, base: ClinicalRecord, task: str, *, 
     return _outcome_checks(volume, base, tolerance_ml, min_growth, onsets, points)
 
 
+@contextmanager
+def growth_inputs_frozen(model: object, record: ClinicalRecord) -> Iterator[None]:
+    """Inside the block, ``model``'s growth offset is computed from ``record`` whatever clinical values
+    the prediction gets, so those values act only through the cross-attention and the decoder.
+
+    Raises:
+        StrokePredictorError: the network has no growth head with clinical input.
+    """
+    import torch
+
+    from StrokePredictorLib.clinical import encode
+
+    head = getattr(model, "growth", None)
+    clinical = getattr(model, "clinical", None)
+    if head is None or clinical is None or not head.clinical:
+        raise StrokePredictorError("--paths needs an outcome bundle with a growth head and clinical input "
+                                   "(train-synth --growth).")
+    values, missing = (torch.from_numpy(a)[None] for a in encode(record))
+    device = next(model.parameters()).device  # type: ignore[attr-defined]
+    values, missing = values.to(device), missing.to(device)
+    with torch.no_grad():
+        tokens = clinical(values, missing)
+    original = head.forward
+
+    def frozen(_tokens: object, given: torch.Tensor, _missing: object) -> torch.Tensor:
+        batch = given.shape[0]
+        return original(tokens.expand(batch, -1, -1), values.expand(batch, -1), missing.expand(batch, -1))
+
+    head.forward = frozen
+    try:
+        yield
+    finally:
+        del head.forward  # the class's forward again
+
+
 def bundle_volume_function(bundle: str | Path | object, dwi: str | Path, adc: str | Path, flair: str | Path | None,
                            base: ClinicalRecord, *, cpu_bf16: bool = False, device: str = "cpu"
                            ) -> tuple[VolumeFunction, str, dict]:
@@ -362,6 +403,9 @@ class BehaviourConfig:
         "help": "a generated folder (python -m Training generate): check the growth between the two scenarios on "
                 "its simulated cases instead of the sweeps on one case"})
     max_cases: int = field(default=0, metadata={"help": "with --data: at most this many cases (0: all)"})
+    paths: bool = field(default=False, metadata={
+        "help": "outcome bundle with a growth head, one case: also split each feature's effect into the part "
+                "through the cross-attention and decoder and the part through the growth offset"})
     min_simulated_growth: float = field(default=1.5, metadata={
         "help": "with --data: outcome cases whose simulated infarct grows at least this much are checked"})
 
@@ -398,13 +442,27 @@ def run(config: BehaviourConfig) -> tuple[list[CheckResult], dict]:
     flair = config.flair or (SAMPLE / "StrokePredictorSample_flair.nii.gz" if sample else None)
     clinical_path = config.clinical or (SAMPLE / "StrokePredictorSample_clinical.json" if sample else None)
     base = read_json(clinical_path) if clinical_path else ClinicalRecord()
-    volume, task, described = bundle_volume_function(config.bundle, dwi, adc, flair, base, cpu_bf16=config.cpu_bf16)
+    bundle: object = config.bundle
+    if config.paths:
+        from StrokePredictorLib.inference import Predictor
+
+        bundle = Predictor(config.bundle, device="cpu", mc_samples=1, deterministic=True)
+        with growth_inputs_frozen(bundle.bundle.model, base):  # refuses a network without a growth head early
+            pass
+    volume, task, described = bundle_volume_function(bundle, dwi, adc, flair, base, cpu_bf16=config.cpu_bf16)
     task = config.task or task
     results = check_behaviour(volume, base, task, tolerance_ml=config.tolerance_ml, min_growth=config.min_growth,
                               max_acute_change=config.max_acute_change, points=config.points)
     report = {"bundle": described, "task": task, "case": {"dwi": str(dwi), "clinical": base.to_dict()},
               "passed": all(r.passed for r in results), "checks": [asdict(r) for r in results],
               "settings": config_mod.to_dict(config)}
+    if config.paths:
+        every, _ = feature_effects(volume, base, config.points)
+        core_volume = bundle_volume_function(bundle, dwi, adc, flair, base, cpu_bf16=config.cpu_bf16)[0]
+        with growth_inputs_frozen(bundle.bundle.model, base):  # type: ignore[attr-defined]
+            core, _ = feature_effects(core_volume, base, config.points)
+        report["effects_by_path"] = {name: {"all_ml": round(every[name], 3), "core_path_ml": round(core[name], 3)}
+                                     for name in sorted(every, key=lambda n: -every[n])}
     return results, report
 
 
@@ -415,6 +473,10 @@ def main(argv: list[str]) -> int:
     print(f"{report['bundle'].get('name', '')} ({report['task']}), {report['case']['dwi']}")
     for r in results:
         print(f"{'PASS' if r.passed else 'FAIL'}  {r.name:<{width}}  {r.value}  (limit: {r.limit})  {r.detail}")
+    if "effects_by_path" in report:
+        print("range effects (mL): all paths / through the cross-attention and decoder alone (the rest: growth offset)")
+        for name, split in report["effects_by_path"].items():
+            print(f"  {name:<20}  {split['all_ml']:9.2f}  {split['core_path_ml']:9.2f}")
     if config.out:
         from StrokePredictorLib.io import write_json
 
