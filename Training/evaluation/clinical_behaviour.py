@@ -211,6 +211,17 @@ def check_behaviour(volume: VolumeFunction, base: ClinicalRecord, task: str, *, 
     return _outcome_checks(volume, base, tolerance_ml, min_growth, onsets, points)
 
 
+def _growth_parts(model: object) -> tuple:
+    """The network's growth head and clinical encoder; StrokePredictorError when it has no growth head with
+    clinical input."""
+    head = getattr(model, "growth", None)
+    clinical = getattr(model, "clinical", None)
+    if head is None or clinical is None or not head.clinical:
+        raise StrokePredictorError("--paths needs an outcome bundle with a growth head and clinical input "
+                                   "(train-synth --growth).")
+    return head, clinical
+
+
 @contextmanager
 def growth_inputs_frozen(model: object, record: ClinicalRecord) -> Iterator[None]:
     """Inside the block, ``model``'s growth offset is computed from ``record`` whatever clinical values
@@ -223,11 +234,7 @@ def growth_inputs_frozen(model: object, record: ClinicalRecord) -> Iterator[None
 
     from StrokePredictorLib.clinical import encode
 
-    head = getattr(model, "growth", None)
-    clinical = getattr(model, "clinical", None)
-    if head is None or clinical is None or not head.clinical:
-        raise StrokePredictorError("--paths needs an outcome bundle with a growth head and clinical input "
-                                   "(train-synth --growth).")
+    head, clinical = _growth_parts(model)
     values, missing = (torch.from_numpy(a)[None] for a in encode(record))
     device = next(model.parameters()).device  # type: ignore[attr-defined]
     values, missing = values.to(device), missing.to(device)
@@ -447,8 +454,7 @@ def run(config: BehaviourConfig) -> tuple[list[CheckResult], dict]:
         from StrokePredictorLib.inference import Predictor
 
         bundle = Predictor(config.bundle, device="cpu", mc_samples=1, deterministic=True)
-        with growth_inputs_frozen(bundle.bundle.model, base):  # refuses a network without a growth head early
-            pass
+        _growth_parts(bundle.bundle.model)  # refuse a network without a growth head before the sweeps
     volume, task, described = bundle_volume_function(bundle, dwi, adc, flair, base, cpu_bf16=config.cpu_bf16)
     task = config.task or task
     results = check_behaviour(volume, base, task, tolerance_ml=config.tolerance_ml, min_growth=config.min_growth,
