@@ -150,6 +150,19 @@ def test_tiny_run_lowers_the_loss_and_writes_its_files(cache: Path, tmp_path: Pa
         run(config)
 
 
+def test_the_lesion_loss_adds_its_term_to_the_same_first_step(cache: Path, tmp_path: Path) -> None:
+    """Same seed, data and weights: the first step's loss with ``lesion_loss`` is the plain loss plus
+    0.5 x the per-lesion Dice term (positive for an untrained network)."""
+    losses = {}
+    for weight in (0.0, 0.5):
+        result = run(_config(cache, tmp_path / f"run{weight}", epochs=1, steps_per_epoch=1, augment=False,
+                             lesion_loss=weight))
+        losses[weight] = float(_log(result.run_dir)[0]["train_loss"])
+    assert losses[0.5] > losses[0.0] + 0.05
+    with pytest.raises(ValueError, match="lesion_loss"):
+        _config(cache, tmp_path / "bad", lesion_loss=-1.0)
+
+
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_equals_uninterrupted(cache: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:

@@ -121,3 +121,29 @@ def test_the_growth_penalty_needs_a_growth_head_and_a_non_negative_weight(pack_p
                                                                           bad: dict) -> None:
     with pytest.raises(cfg.ConfigError, match="--growth-l2"):
         run(_config(pack_path, tmp_path / "bad", **bad))
+
+
+def test_a_negative_lesion_loss_weight_is_refused(pack_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(cfg.ConfigError, match="--lesion-loss"):
+        run(_config(pack_path, tmp_path / "bad", lesion_loss=-0.5))
+
+
+def test_the_lesion_loss_reaches_every_training_step(pack_path: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from Training.training import losses
+
+    calls: list[float] = []
+    original = losses.lesion_dice_loss
+
+    def spy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        value = original(logits, target)
+        calls.append(float(value))
+        return value
+    monkeypatch.setattr(losses, "lesion_dice_loss", spy)
+    out = tmp_path / "run"
+    assert run(_config(pack_path, out, lesion_loss=0.5))["acute"]["steps"] == 3
+    assert len(calls) >= 3 and all(0.0 <= c <= 1.0 for c in calls)
+    assert json.loads((out / "acute" / "train_synth_config.json").read_text())["lesion_loss"] == 0.5
+    calls.clear()
+    run(_config(pack_path, tmp_path / "plain"))
+    assert calls == []

@@ -4,7 +4,8 @@ The front end of the shared training loop (:mod:`Training.training.loop`) for th
 (:class:`Training.training.sources.CacheSource`):
 
 * AdamW, linear warm-up then cosine decay, gradient clipping, non-finite steps skipped.
-* Loss: MONAI ``DiceCELoss`` with a sigmoid (Dice per case, plus binary cross-entropy).
+* Loss: MONAI ``DiceCELoss`` with a sigmoid (Dice per case, plus binary cross-entropy), and with
+  ``--lesion-loss W`` a per-lesion Dice term (:mod:`Training.training.losses`) for small lesions.
 * Augmentation (:mod:`Training.data.dataset`): left-right flips, small rotations/scaling/shifts,
   optional elastic deformation, gamma/contrast/noise per channel, FLAIR drop-out and
   clinical-feature drop-out, picked per sample from the sample's stream position (replayable).
@@ -64,6 +65,7 @@ from Training.data.dataset import (
 from Training.training import distributed as distlib
 from Training.training import loop
 from Training.training.loop import load_checkpoint
+from Training.training.losses import with_lesion_term
 from Training.training.sources import CacheSource, cache_batch
 
 logger = logging.getLogger(__name__)
@@ -102,6 +104,9 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping (0: off)"})
     lambda_dice: float = field(default=1.0, metadata={"help": "weight of the Dice loss"})
     lambda_ce: float = field(default=1.0, metadata={"help": "weight of the cross-entropy loss"})
+    lesion_loss: float = field(default=0.0, metadata={
+        "help": "weight of a per-lesion soft Dice added to the loss (Training.training.losses; Kofler et al.'s "
+                "blob loss uses 0.5), so that small lesions count as much as large ones; 0: off"})
     patience: int = field(default=0, metadata={"help": "early stopping: epochs without val Dice gain (0: off)"})
     val_threshold: float = field(default=0.5, metadata={"help": "probability threshold of the validation Dice"})
     seed: int = field(default=0, metadata={"help": "random seed"})
@@ -144,6 +149,8 @@ class TrainConfig:
             raise ValueError("warmup must be a fraction in [0, 1) and warmup_steps at least 0")
         if self.checkpoint_minutes < 0 or self.progress_seconds < 0 or self.time_limit < 0 or self.max_steps < 0:
             raise ValueError("checkpoint_minutes, progress_seconds, time_limit and max_steps may not be negative")
+        if self.lesion_loss < 0:
+            raise ValueError(f"lesion_loss must be >= 0, got {self.lesion_loss}")
 
     def augment_config(self) -> AugmentConfig | None:
         if not self.augment:
@@ -443,7 +450,9 @@ def _run(config: TrainConfig, info: distlib.DistInfo, StrokeNet: Any, DiceCELoss
         fused=cuda and not config.deterministic, grad_clip=config.grad_clip,
         checkpoint_minutes=config.checkpoint_minutes, progress_seconds=config.progress_seconds,
         progress_bar=config.progress, tensorboard=config.tensorboard, log_every=config.log_every)
-    loss_fn = DiceCELoss(sigmoid=True, batch=False, lambda_dice=config.lambda_dice, lambda_ce=config.lambda_ce)
+    loss_fn = with_lesion_term(
+        DiceCELoss(sigmoid=True, batch=False, lambda_dice=config.lambda_dice, lambda_ce=config.lambda_ce),
+        config.lesion_loss)
     precision = loop.Precision.resolve(config.precision, device, config.channels_last)
     result = loop.run_loop([member], source, loss_fn, precision, options, info=info, log=logger)[member.name]
     return TrainResult(run_dir, Path(result["best_checkpoint"]), result["best_val_dice"], result["steps"],

@@ -113,6 +113,10 @@ class SynthTrainConfig:
     batch_dice: bool = field(default=True, metadata={
         "help": "Dice over the whole batch (nnU-Net's batch Dice; a patch cut through a lesion or holding none "
                 "does not dominate the loss) instead of per image"})
+    lesion_loss: float = field(default=0.0, metadata={
+        "help": "add this weight times a per-lesion soft Dice (each ground-truth lesion scored with the others "
+                "masked out; Kofler et al.'s blob loss, whose weighting is 0.5), so small lesions weigh as much "
+                "as large ones; 0: the plain Dice + cross-entropy"})
     checkpoint_minutes: float = field(default=10.0, metadata={"help": "write last.pt at least this often"})
     resume: bool = field(default=False, metadata={"help": "continue OUT/<variant>/checkpoints/last.pt"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
@@ -214,6 +218,7 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
     from StrokePredictorLib.network import NetworkConfig, StrokeNet
     from StrokePredictorLib.preprocess import ModelGrid, Normalization
     from Training.synthesis.gpu_synth import GpuSynthesizer, Pack
+    from Training.training.losses import with_lesion_term
     from Training.training.sources import GpuSynthSource, PoolSource, cached_validation, synthetic_validation
 
     if config.resume:
@@ -227,6 +232,8 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
         raise cfg.ConfigError(f"--precision must be bf16 or fp32, not '{config.precision}'.")
     if not config.max_steps and config.time_limit <= 0:
         raise cfg.ConfigError("Give the run a budget: --max-steps or --time-limit.")
+    if config.lesion_loss < 0:
+        raise cfg.ConfigError(f"--lesion-loss must be >= 0, not {config.lesion_loss}.")
     if config.growth_l2 < 0 or (config.growth_l2 and not config.growth):
         raise cfg.ConfigError(f"--growth-l2 must be >= 0 and needs --growth, got {config.growth_l2}.")
     torch.manual_seed(config.seed)
@@ -313,7 +320,9 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
         epoch_steps=config.val_every, batch_size=config.batch_size, weight_decay=config.weight_decay,
         fused=cuda, grad_clip=config.grad_clip, checkpoint_minutes=config.checkpoint_minutes,
         core_weight=config.core_weight, growth_lr_scale=config.growth_lr_scale, growth_l2=config.growth_l2)
-    loss_fn = DiceCELoss(sigmoid=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=config.batch_dice)
+    loss_fn = with_lesion_term(
+        DiceCELoss(sigmoid=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=config.batch_dice),
+        config.lesion_loss)
     trained = loop.run_loop(members, data_source, loss_fn, precision, options, log=logger)
     results = {name: {"run_dir": r["run_dir"], "best_val_dice": r["best_val_dice"], "steps": r["steps"],
                       "seconds": round(r["seconds"], 1), "network_share": round(r["network_share"], 3),
