@@ -134,6 +134,41 @@ def test_the_training_recipe_reaches_train_synth_and_the_ledger(tmp_path: Path, 
         expected["--patch"], expected["--batch-size"], expected["--lesion-loss"])
 
 
+def test_a_run_can_start_from_an_earlier_candidate_and_is_still_judged_against_the_shipped_bundle(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models = _models(tmp_path)
+    (tmp_path / "val").mkdir()
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "model.json").write_text('{"task": "acute", "earlier": true}')
+    (earlier / "weights.safetensors").write_bytes(b"earlier")
+    seen: dict = {}
+    _fake_verbs(monkeypatch, {"candidate": 0.5, "shipped": 0.5}, [])
+    fake = campaign._run_verb
+
+    def spy(module: str, argv: list) -> None:
+        seen.setdefault(module, [str(a) for a in argv])
+        fake(module, argv)
+    monkeypatch.setattr(campaign, "_run_verb", spy)
+    out = tmp_path / "run"
+    campaign.run(CampaignConfig(pack=tmp_path / "p.npz", val=(tmp_path / "val",), out=out, models=models,
+                                init=earlier))
+    argv = seen["Training.training.train_synth"]
+    init = Path(argv[argv.index("--init") + 1])
+    assert init == out / "init" and (init / "acute" / "weights.safetensors").read_bytes() == b"earlier"
+    search = seen["Training.evaluation.postprocess"]  # the candidate's; the shipped copy is searched next
+    assert (out / "shipped" / "weights.safetensors").read_bytes() == b"old"
+    assert Path(search[search.index("--bundle") + 1]) == out / "candidate"
+    assert json.loads((models / "acute" / "campaign.json").read_text())["runs"][0]["init"] == str(earlier)
+    (earlier / "model.json").write_text('{"task": "outcome"}')
+    with pytest.raises(cfg.ConfigError, match="--init: .* task 'outcome', not 'acute'"):
+        campaign.run(CampaignConfig(pack=tmp_path / "p.npz", val=(tmp_path / "val",), out=tmp_path / "r2",
+                                    models=models, init=earlier))
+    with pytest.raises(cfg.ConfigError, match="--init: .* is not a bundle"):
+        campaign.run(CampaignConfig(pack=tmp_path / "p.npz", val=(tmp_path / "val",), out=tmp_path / "r3",
+                                    models=models, init=tmp_path / "val"))
+
+
 def test_bad_arguments_are_named(tmp_path: Path) -> None:
     with pytest.raises(cfg.ConfigError, match="--val"):
         campaign.run(CampaignConfig(out=tmp_path / "r"))

@@ -4,7 +4,8 @@ One command does one run of the campaign; every stage writes into ``--out`` and 
 result is already there, so an interrupted run continues where it stopped (training resumes from its
 time-stamped checkpoint):
 
-1. **train**: ``train-synth`` from the shipped bundle (``--init``) on the CPU recipe: the
+1. **train**: ``train-synth`` from the shipped bundle (or from ``--init``, e.g. an earlier run's candidate) on
+   the CPU recipe: the
    pre-rendered, background-refreshed pool of domain-randomised volumes with real-scan mimics,
    embolic showers and small lesions (:mod:`Training.synthesis.pool`, :mod:`Training.synthesis.mimics`),
    lesion-centred 64^3 patches (``--patch``, ``--batch-size``; the model grid trains on whole volumes), bf16,
@@ -86,6 +87,9 @@ class CampaignConfig:
     shipped_search: Path | None = field(default=None, metadata={
         "help": "reuse this postprocess.json of the shipped bundle when it was searched on the same sets with "
                 "the same --max-cases, --flip-tta and --mc-samples (checked)"})
+    init: Path | None = field(default=None, metadata={
+        "help": "start the fine-tune from this bundle of the task (e.g. an earlier run's candidate/) instead of the "
+                "shipped one; the candidate is still judged against the shipped bundle"})
     ship: bool = field(default=False, metadata={"help": "replace the shipped bundle when the rule says so"})
 
 
@@ -190,6 +194,28 @@ def _check_same_search(config: CampaignConfig, path: Path) -> None:
                               f"({', '.join(f'{k}={found[k]}' for k in differ)}) than this run.")
 
 
+def _init_folder(config: CampaignConfig) -> Path:
+    """The folder of bundles that train-synth starts from: the shipped ones, or ``OUT/init/<task>``
+    holding a copy of ``--init`` (checked to be a bundle of the task)."""
+    if config.init is None:
+        return Path(config.models)
+    source = Path(config.init)
+    meta_path = source / "model.json"
+    if not (meta_path.is_file() and (source / "weights.safetensors").is_file()):
+        raise cfg.ConfigError(f"--init: {source} is not a bundle (model.json and weights.safetensors expected).")
+    try:
+        task = json.loads(meta_path.read_text()).get("task")
+    except (OSError, ValueError) as error:
+        raise cfg.ConfigError(f"--init: cannot read {meta_path} ({error}).") from None
+    if task != config.task:
+        raise cfg.ConfigError(f"--init: {source} is a bundle of the task '{task}', not '{config.task}'.")
+    folder = Path(config.out) / "init"
+    (folder / config.task).mkdir(parents=True, exist_ok=True)
+    for name in ("model.json", "weights.safetensors"):
+        shutil.copy2(source / name, folder / config.task / name)
+    return folder
+
+
 def run(config: CampaignConfig) -> dict:
     if not config.val:
         raise cfg.ConfigError("--val: give the fixed validation folders (Training/recipes/make_eval_sets.sh).")
@@ -201,6 +227,7 @@ def run(config: CampaignConfig) -> dict:
         raise cfg.ConfigError(f"--models: {shipped_bundle} holds no bundle.")
     if config.shipped_search is not None:  # before hours of training, not after
         _check_same_search(config, Path(config.shipped_search))
+    init = _init_folder(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     train_dir = out / "train"
@@ -219,7 +246,7 @@ def run(config: CampaignConfig) -> dict:
         if config.val_cache:
             argv += ["--val-cache", ",".join(str(c) for c in config.val_cache),
                      "--val-max-cases", config.val_cache_cases]
-        argv += ["--resume"] if resume else ["--init", config.models]
+        argv += ["--resume"] if resume else ["--init", init]
         _run_verb("Training.training.train_synth", argv)
     trained = json.loads(summary.read_text())[config.task]
     candidate = out / "candidate"
@@ -255,7 +282,7 @@ def run(config: CampaignConfig) -> dict:
              "steps": int(trained["steps"]), "training_s": float(trained["seconds"]),
              "best_synthetic_val_dice": trained.get("best_val_dice"), "seed": config.seed, "lr": config.lr,
              "mimic_fraction": config.mimic_fraction, "patch": config.patch, "batch_size": config.batch_size,
-             "lesion_loss": config.lesion_loss,
+             "lesion_loss": config.lesion_loss, "init": str(config.init) if config.init else "shipped",
              "checkpoint_validation": [Path(c).name for c in config.val_cache] or "synthesised",
              "validation_sets": [Path(v).name for v in config.val], "max_cases_per_set": config.max_cases,
              "mc_samples": config.mc_samples, "decision": decision, "outcome": outcome}
