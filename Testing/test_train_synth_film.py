@@ -104,3 +104,32 @@ def test_growth_variants_start_from_plain_weights_and_round_trip_as_bundles(tmp_
         assert torch.equal(loaded(*_inputs())["logits"], fusion(*_inputs())["logits"])
     with pytest.raises(cfg.ConfigError, match="another architecture"):  # growth weights into a plain network
         _initialise(StrokeNet(tiny_config()), tmp_path / "saved", "outcome")
+
+
+@pytest.mark.slow
+def test_train_only_growth_moves_the_growth_head_and_nothing_else(tmp_path: Path) -> None:
+    from test_gpu_synth import _fake_soop
+
+    from Training.synthesis.gpu_synth import build_pack
+    from Training.training.train_synth import SynthTrainConfig, run
+
+    pack = build_pack(_fake_soop(tmp_path / "soop"), tmp_path / "pack.npz", workers=1)
+    torch.manual_seed(0)
+    save_bundle(tmp_path / "init" / "outcome", StrokeNet(NetworkConfig.lite()), task="outcome", grid=LITE_GRID,
+                normalization=Normalization(), data={"source": "test"}, metrics={})
+    start = StrokeNet(NetworkConfig.from_dict({**NetworkConfig.lite().to_dict(), "growth": True}))
+    _initialise(start, tmp_path / "init", "outcome")
+    values = dict(pack=pack, out=tmp_path / "run", variants=("outcome",), grid_size=(48, 64, 48), patch=(32, 32, 32),
+                  batch_size=2, max_steps=2, val_every=2, val_samples=1, pool_size=2, workers=0, device="cpu",
+                  source="pool", threads=2, val_subset="train", init=tmp_path / "init", growth=True, scenarios=1,
+                  lr=1e-2, growth_lr_scale=20.0, warmup=0.0)
+    run(SynthTrainConfig(**values, train_only="growth"))
+    trained = torch.load(tmp_path / "run" / "outcome" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    before = start.state_dict()
+    frozen = [k for k in before if not k.startswith("growth.")]
+    assert frozen and all(torch.equal(trained[k], before[k]) for k in frozen)
+    assert any(not torch.equal(trained[k], before[k]) for k in before if k.startswith("growth."))
+    for bad, match in (({"train_only": "decoder"}, "--train-only must be 'growth'"),
+                       ({"train_only": "growth", "growth": False}, "needs --growth and --init")):
+        with pytest.raises(cfg.ConfigError, match=match):
+            run(SynthTrainConfig(**{**values, "out": tmp_path / "bad", **bad}))

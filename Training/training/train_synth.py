@@ -127,6 +127,10 @@ class SynthTrainConfig:
         "help": "growth head (outcome): a tissue-at-risk map shifted by a per-case offset from the clinical values, "
                 "monotone in onset time and treatment; from --init weights without it the risk map starts as the "
                 "old head's logits minus 2 (the imaging-only twin gets the same head with a constant offset)"})
+    train_only: str = field(default="", metadata={
+        "help": "'growth': train only the growth head (growth.*: the clinical shares, the onset and treatment "
+                "curves, the bias), every other weight frozen at --init's, so the imaging network's overlap "
+                "stays while the clinical behaviour is refitted (needs --growth and --init)"})
     growth_reach: int = field(default=0, metadata={
         "help": "with --growth: hold growth back away from the predicted core, gated by the mean core probability "
                 "in a cube of 2R+1 voxels (R voxels of the model grid; 0: no gate); from --init weights without "
@@ -232,6 +236,10 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
         raise cfg.ConfigError(f"--precision must be bf16 or fp32, not '{config.precision}'.")
     if not config.max_steps and config.time_limit <= 0:
         raise cfg.ConfigError("Give the run a budget: --max-steps or --time-limit.")
+    if config.train_only not in ("", "growth"):
+        raise cfg.ConfigError(f"--train-only must be 'growth' (or empty), not '{config.train_only}'.")
+    if config.train_only and not (config.growth and config.init is not None):
+        raise cfg.ConfigError("--train-only growth needs --growth and --init (the frozen weights come from --init).")
     if config.lesion_loss < 0:
         raise cfg.ConfigError(f"--lesion-loss must be >= 0, not {config.lesion_loss}.")
     if config.growth_l2 < 0 or (config.growth_l2 and not config.growth):
@@ -288,6 +296,9 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
         run_dir = Path(config.out) / name
         if config.init is not None and not config.resume:
             _initialise(model, config.init, name)
+        if config.train_only == "growth":
+            for parameter_name, parameter in model.named_parameters():
+                parameter.requires_grad_(parameter_name.startswith("growth."))
         checkpoint = None
         if config.resume:
             checkpoint = loop.load_checkpoint(run_dir / "checkpoints" / "last.pt")
