@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from inference_phantom import write_tiny_bundle
 
 from Training import campaign
 from Training import config as cfg
@@ -138,10 +139,7 @@ def test_a_run_can_start_from_an_earlier_candidate_and_is_still_judged_against_t
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     models = _models(tmp_path)
     (tmp_path / "val").mkdir()
-    earlier = tmp_path / "earlier"
-    earlier.mkdir()
-    (earlier / "model.json").write_text('{"task": "acute", "earlier": true}')
-    (earlier / "weights.safetensors").write_bytes(b"earlier")
+    earlier = write_tiny_bundle(tmp_path / "earlier", seed=1)
     seen: dict = {}
     _fake_verbs(monkeypatch, {"candidate": 0.5, "shipped": 0.5}, [])
     fake = campaign._run_verb
@@ -155,12 +153,14 @@ def test_a_run_can_start_from_an_earlier_candidate_and_is_still_judged_against_t
                                 init=earlier))
     argv = seen["Training.training.train_synth"]
     init = Path(argv[argv.index("--init") + 1])
-    assert init == out / "init" and (init / "acute" / "weights.safetensors").read_bytes() == b"earlier"
+    assert init == out / "init"
+    assert (init / "acute" / "weights.safetensors").read_bytes() == (earlier / "weights.safetensors").read_bytes()
     search = seen["Training.evaluation.postprocess"]  # the candidate's; the shipped copy is searched next
     assert (out / "shipped" / "weights.safetensors").read_bytes() == b"old"
     assert Path(search[search.index("--bundle") + 1]) == out / "candidate"
     assert json.loads((models / "acute" / "campaign.json").read_text())["runs"][0]["init"] == str(earlier)
-    (earlier / "model.json").write_text('{"task": "outcome"}')
+    meta = json.loads((earlier / "model.json").read_text())
+    (earlier / "model.json").write_text(json.dumps({**meta, "task": "outcome"}))
     with pytest.raises(cfg.ConfigError, match="--init: .* task 'outcome', not 'acute'"):
         campaign.run(CampaignConfig(pack=tmp_path / "p.npz", val=(tmp_path / "val",), out=tmp_path / "r2",
                                     models=models, init=earlier))

@@ -56,22 +56,28 @@ def test_mismatched_architectures_are_refused(tmp_path: Path) -> None:
         _initialise(StrokeNet(tiny_config(film=True, head_channels=4)), tmp_path / "init", "outcome")
 
 
-@pytest.mark.slow
-def test_train_synth_film_from_a_plain_lite_bundle(tmp_path: Path) -> None:
+def _lite_run_values(tmp_path: Path, **changes: object) -> dict:
+    """A pack of fake SOOP lesions, a plain lite outcome bundle in ``tmp_path/init`` and the options
+    of a tiny ``train-synth`` run from it (``changes`` override them)."""
     from test_gpu_synth import _fake_soop
 
     from Training.synthesis.gpu_synth import build_pack
-    from Training.training.train_synth import SynthTrainConfig, run
 
     pack = build_pack(_fake_soop(tmp_path / "soop"), tmp_path / "pack.npz", workers=1)
     torch.manual_seed(0)
     save_bundle(tmp_path / "init" / "outcome", StrokeNet(NetworkConfig.lite()), task="outcome", grid=LITE_GRID,
                 normalization=Normalization(), data={"source": "test"}, metrics={})
-    config = SynthTrainConfig(pack=pack, out=tmp_path / "run", variants=("outcome", "outcome-imaging"),
-                              grid_size=(48, 64, 48), patch=(32, 32, 32), batch_size=2, max_steps=1, val_every=1,
-                              val_samples=1, pool_size=2, workers=0, device="cpu", source="pool", threads=2,
-                              val_subset="train", init=tmp_path / "init", film=True)
-    results = run(config)
+    values = dict(pack=pack, out=tmp_path / "run", variants=("outcome",), grid_size=(48, 64, 48), patch=(32, 32, 32),
+                  batch_size=2, max_steps=1, val_every=1, val_samples=1, pool_size=2, workers=0, device="cpu",
+                  source="pool", threads=2, val_subset="train", init=tmp_path / "init")
+    return {**values, **changes}
+
+
+@pytest.mark.slow
+def test_train_synth_film_from_a_plain_lite_bundle(tmp_path: Path) -> None:
+    from Training.training.train_synth import SynthTrainConfig, run
+
+    results = run(SynthTrainConfig(**_lite_run_values(tmp_path, variants=("outcome", "outcome-imaging"), film=True)))
     assert set(results) == {"outcome", "outcome-imaging"}
     networks = {name: torch.load(tmp_path / "run" / name / "checkpoints" / "last.pt", weights_only=False)["network"]
                 for name in results}
@@ -108,21 +114,12 @@ def test_growth_variants_start_from_plain_weights_and_round_trip_as_bundles(tmp_
 
 @pytest.mark.slow
 def test_train_only_growth_moves_the_growth_head_and_nothing_else(tmp_path: Path) -> None:
-    from test_gpu_synth import _fake_soop
-
-    from Training.synthesis.gpu_synth import build_pack
     from Training.training.train_synth import SynthTrainConfig, run
 
-    pack = build_pack(_fake_soop(tmp_path / "soop"), tmp_path / "pack.npz", workers=1)
-    torch.manual_seed(0)
-    save_bundle(tmp_path / "init" / "outcome", StrokeNet(NetworkConfig.lite()), task="outcome", grid=LITE_GRID,
-                normalization=Normalization(), data={"source": "test"}, metrics={})
+    values = _lite_run_values(tmp_path, max_steps=2, val_every=2, growth=True, scenarios=1, lr=1e-2,
+                              growth_lr_scale=20.0, warmup=0.0)
     start = StrokeNet(NetworkConfig.from_dict({**NetworkConfig.lite().to_dict(), "growth": True}))
     _initialise(start, tmp_path / "init", "outcome")
-    values = dict(pack=pack, out=tmp_path / "run", variants=("outcome",), grid_size=(48, 64, 48), patch=(32, 32, 32),
-                  batch_size=2, max_steps=2, val_every=2, val_samples=1, pool_size=2, workers=0, device="cpu",
-                  source="pool", threads=2, val_subset="train", init=tmp_path / "init", growth=True, scenarios=1,
-                  lr=1e-2, growth_lr_scale=20.0, warmup=0.0)
     run(SynthTrainConfig(**values, train_only="growth"))
     trained = torch.load(tmp_path / "run" / "outcome" / "checkpoints" / "last.pt", weights_only=False)["model"]
     before = start.state_dict()

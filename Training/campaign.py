@@ -5,8 +5,7 @@ result is already there, so an interrupted run continues where it stopped (train
 time-stamped checkpoint):
 
 1. **train**: ``train-synth`` from the shipped bundle (or from ``--init``, e.g. an earlier run's candidate) on
-   the CPU recipe: the
-   pre-rendered, background-refreshed pool of domain-randomised volumes with real-scan mimics,
+   the CPU recipe: the pre-rendered, background-refreshed pool of domain-randomised volumes with real-scan mimics,
    embolic showers and small lesions (:mod:`Training.synthesis.pool`, :mod:`Training.synthesis.mimics`),
    lesion-centred 64^3 patches (``--patch``, ``--batch-size``; the model grid trains on whole volumes), bf16,
    for ``--minutes`` of wall time;
@@ -199,14 +198,15 @@ def _init_folder(config: CampaignConfig) -> Path:
     holding a copy of ``--init`` (checked to be a bundle of the task)."""
     if config.init is None:
         return Path(config.models)
+    from StrokePredictorLib.bundle import read_metadata
+
     source = Path(config.init)
-    meta_path = source / "model.json"
-    if not (meta_path.is_file() and (source / "weights.safetensors").is_file()):
+    if not (source / "weights.safetensors").is_file():
         raise cfg.ConfigError(f"--init: {source} is not a bundle (model.json and weights.safetensors expected).")
     try:
-        task = json.loads(meta_path.read_text()).get("task")
-    except (OSError, ValueError) as error:
-        raise cfg.ConfigError(f"--init: cannot read {meta_path} ({error}).") from None
+        task = read_metadata(source / "model.json").get("task")
+    except StrokePredictorError as error:
+        raise cfg.ConfigError(f"--init: {error}") from None
     if task != config.task:
         raise cfg.ConfigError(f"--init: {source} is a bundle of the task '{task}', not '{config.task}'.")
     folder = Path(config.out) / "init"
