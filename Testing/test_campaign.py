@@ -14,9 +14,14 @@ from Training.campaign import CampaignConfig, decide
 
 
 def _result(score: float, dice: float, small_f1: float | None, plausible: bool = True,
-            degenerate: list | None = None) -> dict:
-    return {"best": {"score": score, "mean_dice": dice, "small_lesion_f1": small_f1, "threshold": 0.5,
-                     "plausible": plausible}, "degenerate": degenerate or []}
+            degenerate: list | None = None, chosen_small_f1: float | None = None) -> dict:
+    """A search result whose rule-4 reference (settings keeping small components) has ``small_f1``;
+    its chosen setting's own small-lesion F1 is ``chosen_small_f1`` (default: the same)."""
+    chosen = small_f1 if chosen_small_f1 is None else chosen_small_f1
+    return {"best": {"score": score, "mean_dice": dice, "small_lesion_f1": chosen, "threshold": 0.5,
+                     "plausible": plausible, "min_component_ml": 0.0},
+            "keeps_small": {"score": score, "small_lesion_f1": small_f1, "min_component_ml": 0.0},
+            "degenerate": degenerate or []}
 
 
 SHIPPED = _result(0.50, 0.45, 0.30)
@@ -39,6 +44,26 @@ def test_rule(candidate: dict, ship: bool, failed: str | None) -> None:
 
 def test_no_small_lesions_in_the_sets_is_no_obstacle() -> None:
     assert decide(_result(0.52, 0.45, float("nan")), _result(0.50, 0.45, float("nan")))["ship"]
+
+
+def test_small_lesions_are_compared_at_settings_that_keep_them_not_at_each_chosen_size_limit() -> None:
+    # the shipped bundle's chosen 1 mL limit "finds" small lesions by covering them with large components
+    shipped = _result(0.50, 0.45, 0.10, chosen_small_f1=0.30)
+    finds_more = _result(0.52, 0.45, 0.15, chosen_small_f1=0.15)
+    decision = decide(finds_more, shipped)
+    assert decision["ship"] and decision["candidate"]["small_lesion_f1_keeping_small"] == 0.15
+    assert decision["shipped"]["small_lesion_f1"] == 0.30  # the chosen settings' values are still reported
+    finds_fewer = _result(0.52, 0.45, 0.07, chosen_small_f1=0.40)
+    assert decide(finds_fewer, shipped)["checks"]["small_lesion_f1"] is False
+    no_reference = {**_result(0.52, 0.45, 0.15), "keeps_small": None}  # no setting keeps them: none found
+    assert decide(no_reference, shipped)["checks"]["small_lesion_f1"] is False
+
+
+def test_a_search_without_the_small_lesion_reference_is_refused() -> None:
+    old = _result(0.52, 0.45, 0.3)
+    del old["keeps_small"]
+    with pytest.raises(cfg.ConfigError, match="search it again"):
+        decide(old, SHIPPED)
 
 
 def _models(tmp_path: Path) -> Path:
@@ -201,3 +226,10 @@ def test_a_matching_earlier_search_of_the_shipped_bundle_is_reused(tmp_path: Pat
                            max_cases=16, flip_tta="true", shipped_search=earlier / "postprocess.json")
     with pytest.raises(cfg.ConfigError, match="other max_cases"):
         campaign.run(other)
+    stale = _result(0.5, 0.5, 0.3)
+    del stale["keeps_small"]
+    (earlier / "postprocess.json").write_text(json.dumps(stale))
+    with pytest.raises(cfg.ConfigError, match="predates the small-lesion reference"):
+        campaign.run(CampaignConfig(pack=tmp_path / "p.npz", val=(tmp_path / "val",), out=tmp_path / "run5",
+                                    models=models, max_cases=12, flip_tta="true",
+                                    shipped_search=earlier / "postprocess.json"))

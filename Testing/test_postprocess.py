@@ -246,7 +246,7 @@ def test_search_scores_every_rule_like_the_metrics_on_the_final_mask() -> None:
 
 
 def test_choice_rules_plausibility_small_lesions_and_ties() -> None:
-    from Training.evaluation.postprocess import choose
+    from Training.evaluation.postprocess import choose, small_lesion_reference
 
     table = [_row(True, 0.4, 0.0, 0.0, 0.8), _row(False, 0.4, 0.0, 0.0, 0.8), _row(False, 0.4, 0.0, 0.8, 0.8),
              _row(False, 0.5, 0.0, 0.0, 0.6)]
@@ -259,6 +259,8 @@ def test_choice_rules_plausibility_small_lesions_and_ties() -> None:
     assert "under 0.5 mL" in big_limit["excluded_because"]
     big_limit_gain = _row(False, 0.4, 0.5, 0.0, 0.9, small_lesion_f1=0.6)
     assert choose([big_limit_gain, *table]) is big_limit_gain
+    assert small_lesion_reference([big_limit_gain, *table]) is table[1]  # the campaign's check c reads this row
+    assert small_lesion_reference([big_limit_gain, blob]) is None  # only implausible rows keep small lesions
     rule = _row(False, 0.4, 0.0, 0.0, 0.85, min_component_probability=0.7)
     assert choose([rule, *table]) is rule
     assert choose([rule, *table], applies_component_rule=False) is table[1]  # the Predictor could not apply it
@@ -317,6 +319,8 @@ def test_postprocess_verb_end_to_end(search_data: dict, tmp_path: Path) -> None:
     best = result["best"]
     eligible = [row["score"] for row in result["table"] if row["eligible"]]
     assert best["score"] == (max(eligible) if eligible else max(r["score"] for r in result["table"]))
+    keeping = [row["score"] for row in result["table"] if row["eligible"] and row["min_component_ml"] < 0.5]
+    assert result["keeps_small"]["min_component_ml"] < 0.5 and result["keeps_small"]["score"] == max(keeping)
     stored = load_bundle(bundle).postprocessing
     assert stored.volume_log_margin == result["postprocessing"]["volume_log_margin"] >= 0
     assert (stored.threshold, stored.flip_tta, stored.min_component_ml, stored.max_component_adc) == (

@@ -24,8 +24,18 @@ post-processing,
 
 a. its search score (:mod:`Training.evaluation.postprocess`, rule 3) is at least the shipped bundle's + 0.01;
 b. its mean Dice over the sets is at least the shipped bundle's - 0.01 (no trading overlap for counts);
-c. its lesion-wise F1 on lesions under 1 mL, pooled, is at least the shipped bundle's - 0.02;
+c. its lesion-wise F1 on lesions under 1 mL, pooled, is at least the shipped bundle's - 0.02, each measured at
+   the bundle's best setting that keeps components under 0.5 mL (the search's rule-4 reference,
+   ``keeps_small`` in ``postprocess.json``);
 d. its chosen setting is plausible and not degenerate.
+
+Check c was changed between runs cpu5 and cpu6 (2026-12-03). Until then it compared the F1 at each bundle's
+own chosen setting. A true lesion counts as found when any predicted voxel touches it, so at a setting that
+removes every component under 0.5 or 1 mL the small lesions that count as found are those covered by larger
+components: the check then measured the search's size limit and how far a bundle over-segments, not how many
+small lesions the network finds. At the rule-4 reference both bundles are held to settings that keep small
+components, and the search's rule 4 already guarantees that a chosen setting with a larger limit finds at
+least as many.
 
     python -m Training campaign --pack pack.npz --val data/val_a,data/val_b --minutes 120 \\
         --out runs/campaign/run2 --ship
@@ -95,15 +105,28 @@ class CampaignConfig:
 def decide(candidate: dict, shipped: dict) -> dict:
     """The campaign rule (module docstring) on two ``postprocess.json`` results; returns the decision."""
     c, s = candidate["best"], shipped["best"]
+    small_c, small_s = _small_lesion_f1(candidate, "candidate"), _small_lesion_f1(shipped, "shipped")
     checks = {
         "score": c["score"] >= s["score"] + RULE["score_gain"],
         "mean_dice": c["mean_dice"] >= s["mean_dice"] - RULE["dice_drop"],
-        "small_lesion_f1": _at_least(c.get("small_lesion_f1"), s.get("small_lesion_f1"), RULE["small_f1_drop"]),
+        "small_lesion_f1": _at_least(small_c, small_s, RULE["small_f1_drop"]),
         "plausible": bool(c.get("plausible", False)) and not candidate.get("degenerate"),
     }
+
+    def summary(best: dict, small: float | None) -> dict:
+        return {**{k: best.get(k) for k in ("score", "mean_dice", "small_lesion_f1", "threshold")},
+                "small_lesion_f1_keeping_small": small}
     return {"ship": all(checks.values()), "checks": checks, "rule": RULE,
-            "candidate": {k: c.get(k) for k in ("score", "mean_dice", "small_lesion_f1", "threshold")},
-            "shipped": {k: s.get(k) for k in ("score", "mean_dice", "small_lesion_f1", "threshold")}}
+            "candidate": summary(c, small_c), "shipped": summary(s, small_s)}
+
+
+def _small_lesion_f1(result: dict, name: str) -> float | None:
+    """Check c's value: the F1 under 1 mL at the search's rule-4 reference (``keeps_small``)."""
+    if "keeps_small" not in result:
+        raise cfg.ConfigError(f"The {name} bundle's post-processing search predates the small-lesion reference "
+                              f"(no 'keeps_small' in its postprocess.json): search it again.")
+    row = result["keeps_small"]
+    return None if row is None else row.get("small_lesion_f1")
 
 
 def _at_least(value: float | None, reference: float | None, slack: float) -> bool:
@@ -187,6 +210,9 @@ def _check_same_search(config: CampaignConfig, path: Path) -> None:
     if config.flip_tta:
         wanted["flip_tta"] = [v.strip().lower() == "true" for v in config.flip_tta.split(",")]
         found["flip_tta"] = saved.get("flip_tta")
+    if "keeps_small" not in json.loads(path.read_text()):
+        raise cfg.ConfigError(f"--shipped-search: {path} predates the small-lesion reference of the rule's check c "
+                              f"(no 'keeps_small'); search the shipped bundle again (leave out --shipped-search).")
     differ = [key for key in wanted if wanted[key] != found[key]]
     if differ:
         raise cfg.ConfigError(f"--shipped-search: {path} was searched with other {', '.join(differ)} "

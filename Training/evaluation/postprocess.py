@@ -300,9 +300,6 @@ def _simplicity(row: dict) -> tuple:
 def choose(table: list[dict], *, applies_component_rule: bool = True) -> dict:
     """The chosen row by the selection rule of the module docstring (rules 2-6); every row gets
     ``eligible`` (bool) and ``excluded_because`` (text) set."""
-    def best(rows: list[dict]) -> dict | None:
-        return max(rows, key=lambda r: (round(r["score"], 6), *_simplicity(r))) if rows else None
-
     for row in table:
         row["eligible"], row["excluded_because"] = True, ""
         if not row.get("plausible", True):
@@ -310,7 +307,7 @@ def choose(table: list[dict], *, applies_component_rule: bool = True) -> dict:
         elif not applies_component_rule and (row.get("min_component_probability", 0) > 0
                                              or row.get("small_component_ml", 0) > 0):
             row["eligible"], row["excluded_because"] = False, "the installed Predictor does not apply this rule"
-    keeps_small = best([r for r in table if r["eligible"] and r["min_component_ml"] < SMALL_LIMIT_ML])
+    keeps_small = small_lesion_reference(table)
     reference = keeps_small["small_lesion_f1"] if keeps_small is not None else math.nan
     for row in table:
         if row["eligible"] and row["min_component_ml"] >= SMALL_LIMIT_ML and math.isfinite(reference):
@@ -319,8 +316,24 @@ def choose(table: list[dict], *, applies_component_rule: bool = True) -> dict:
                 row["eligible"] = False
                 row["excluded_because"] = (f"removes lesions under {SMALL_LIMIT_ML:g} mL without a gain on them "
                                            f"(F1 < 1 mL {f1:.3f} against {reference:.3f})")
-    chosen = best([r for r in table if r["eligible"]])
-    return chosen if chosen is not None else best(table)  # nothing eligible: the best of all (degenerate)
+    chosen = _best([r for r in table if r["eligible"]])
+    return chosen if chosen is not None else _best(table)  # nothing eligible: the best of all (degenerate)
+
+
+def small_lesion_reference(table: list[dict]) -> dict | None:
+    """Rule 4's reference: the best-scoring eligible setting that keeps components under 0.5 mL.
+
+    Its lesion-wise F1 under 1 mL measures how many small lesions the network finds when the
+    post-processing may not delete them all; the campaign compares bundles on it. Needs the
+    eligibility marks of :func:`choose` (plausibility, Predictor support), which rule 4 does not
+    change for these rows.
+    """
+    return _best([r for r in table if r.get("eligible", True) and r["min_component_ml"] < SMALL_LIMIT_ML])
+
+
+def _best(rows: list[dict]) -> dict | None:
+    """The highest score; a tie (to 1e-6) goes to the simpler setting (rule 5)."""
+    return max(rows, key=lambda r: (round(r["score"], 6), *_simplicity(r))) if rows else None
 
 
 def degenerate_reasons(row: dict, labels: list[str], any_lesion_found: bool) -> list[str]:
@@ -438,6 +451,7 @@ def run(config: PostprocessConfig) -> dict:
                   d.label: {"root": str(d.root), "n_cases": len(d.cases)} for d in datasets},
               "n_settings": len(table), "n_plausible": int(sum(r["plausible"] for r in table)),
               "predictor_applies_component_rule": applies, "best": best, "best_any_rule": best_any,
+              "keeps_small": small_lesion_reference(table),
               "default": reference_rows["default"], "current": reference_rows["current"],
               "degenerate": reasons, "postprocessing": post.to_dict(), "table": table}
     out.mkdir(parents=True, exist_ok=True)
