@@ -126,7 +126,14 @@ def test_train_only_growth_moves_the_growth_head_and_nothing_else(tmp_path: Path
     frozen = [k for k in before if not k.startswith("growth.")]
     assert frozen and all(torch.equal(trained[k], before[k]) for k in frozen)
     assert any(not torch.equal(trained[k], before[k]) for k in before if k.startswith("growth."))
-    for bad, match in (({"train_only": "decoder"}, "--train-only must be 'growth'"),
+    assert all(torch.equal(trained[k], before[k]) for k in before if k.startswith("risk."))  # frozen too
+
+    run(SynthTrainConfig(**{**values, "out": tmp_path / "risk"}, train_only="growth, risk"))
+    trained = torch.load(tmp_path / "risk" / "outcome" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    frozen = [k for k in before if not k.startswith(("growth.", "risk."))]
+    assert frozen and all(torch.equal(trained[k], before[k]) for k in frozen)
+    assert all(not torch.equal(trained[k], before[k]) for k in before if k.startswith("risk."))
+    for bad, match in (({"train_only": "decoder"}, "--train-only must be one of 'growth', 'growth,risk'"),
                        ({"train_only": "growth", "growth": False}, "needs --growth and --init")):
         with pytest.raises(cfg.ConfigError, match=match):
             run(SynthTrainConfig(**{**values, "out": tmp_path / "bad", **bad}))

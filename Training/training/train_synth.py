@@ -130,7 +130,9 @@ class SynthTrainConfig:
     train_only: str = field(default="", metadata={
         "help": "'growth': train only the growth head (growth.*: the clinical shares, the onset and treatment "
                 "curves, the bias), every other weight frozen at --init's, so the imaging network's overlap "
-                "stays while the clinical behaviour is refitted (needs --growth and --init)"})
+                "stays while the clinical behaviour is refitted; 'growth,risk': the growth head and the "
+                "tissue-at-risk map's 1x1x1 head (risk.*) together, so the ranking of the tissue around the core "
+                "can follow the refitted growth (needs --growth and --init)"})
     growth_reach: int = field(default=0, metadata={
         "help": "with --growth: hold growth back away from the predicted core, gated by the mean core probability "
                 "in a cube of 2R+1 voxels (R voxels of the model grid; 0: no gate); from --init weights without "
@@ -178,6 +180,17 @@ def _initialise(model: torch.nn.Module, init: Path, name: str) -> Path:
         state = {k: v for k, v in state.items() if k in model.state_dict()}
     load_weights(model, state)  # type: ignore[arg-type]
     return Path(start_from.directory)
+
+
+#: ``--train-only`` values and the parameter-name prefixes that stay trainable (every other weight is frozen).
+TRAIN_ONLY = {"growth": ("growth.",), "growth,risk": ("growth.", "risk.")}
+
+
+def train_only_prefixes(value: str) -> tuple[str, ...] | None:
+    """The trainable prefixes of a ``--train-only`` value: ``()`` for none (train everything), ``None`` if unknown."""
+    if not value:
+        return ()
+    return TRAIN_ONLY.get(",".join(part.strip() for part in value.split(",")))
 
 
 RESUMABLE = ("time_limit", "max_steps", "val_every", "checkpoint_minutes", "threads", "workers")
@@ -236,10 +249,12 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
         raise cfg.ConfigError(f"--precision must be bf16 or fp32, not '{config.precision}'.")
     if not config.max_steps and config.time_limit <= 0:
         raise cfg.ConfigError("Give the run a budget: --max-steps or --time-limit.")
-    if config.train_only not in ("", "growth"):
-        raise cfg.ConfigError(f"--train-only must be 'growth' (or empty), not '{config.train_only}'.")
+    if train_only_prefixes(config.train_only) is None:
+        raise cfg.ConfigError(f"--train-only must be one of {', '.join(repr(v) for v in TRAIN_ONLY)} (or empty), "
+                              f"not '{config.train_only}'.")
     if config.train_only and not (config.growth and config.init is not None):
-        raise cfg.ConfigError("--train-only growth needs --growth and --init (the frozen weights come from --init).")
+        raise cfg.ConfigError(f"--train-only {config.train_only} needs --growth and --init (the frozen weights come "
+                              f"from --init).")
     if config.lesion_loss < 0:
         raise cfg.ConfigError(f"--lesion-loss must be >= 0, not {config.lesion_loss}.")
     if config.growth_l2 < 0 or (config.growth_l2 and not config.growth):
@@ -296,9 +311,10 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
         run_dir = Path(config.out) / name
         if config.init is not None and not config.resume:
             _initialise(model, config.init, name)
-        if config.train_only == "growth":
+        prefixes = train_only_prefixes(config.train_only)
+        if prefixes:
             for parameter_name, parameter in model.named_parameters():
-                parameter.requires_grad_(parameter_name.startswith("growth."))
+                parameter.requires_grad_(parameter_name.startswith(prefixes))
         checkpoint = None
         if config.resume:
             checkpoint = loop.load_checkpoint(run_dir / "checkpoints" / "last.pt")
