@@ -55,20 +55,39 @@ def test_warmup_length_is_a_fraction_or_capped_fixed_steps() -> None:
 
 
 # ---- precision and optimiser state -----------------------------------------------------------
-def test_precision_resolution() -> None:
+def test_precision_resolution(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     cpu = torch.device("cpu")
+    monkeypatch.setattr(loop, "native_bf16", lambda device: False)  # AVX2 only: bf16 would be emulated
     auto = loop.Precision.resolve("auto", cpu)
-    assert (auto.name, auto.channels_last, auto.autocast_args["enabled"]) == ("fp32", False, False)
-    bf16 = loop.Precision.resolve("bf16", cpu)
+    assert (auto.name, auto.channels_last, auto.autocast_args["enabled"]) == ("fp32", True, False)
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        bf16 = loop.Precision.resolve("bf16", cpu)  # asked for explicitly: honoured, with a warning
+    assert "no native bfloat16" in caplog.text
     assert bf16.channels_last and bf16.autocast_args == {"device_type": "cpu", "dtype": torch.bfloat16,
                                                          "enabled": True}
+    monkeypatch.setattr(loop, "native_bf16", lambda device: True)  # AVX-512 or AMX
+    assert loop.Precision.resolve("auto", cpu).name == "bf16"
     assert not loop.Precision.resolve("bf16", cpu, channels_last=False).channels_last
     assert not bf16.scaler().is_enabled()
     image = torch.zeros(1, 3, 4, 4, 4)
     assert bf16.layout(image).is_contiguous(memory_format=torch.channels_last_3d)
-    assert auto.layout(image) is image
+    plain = loop.Precision.resolve("fp32", cpu, channels_last=False)
+    assert plain.layout(image) is image
     with pytest.raises(configlib.ConfigError, match="precision"):
         loop.Precision.resolve("fp8", cpu)
+
+
+def test_native_bf16_follows_the_cpu_query(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    for answer in (False, True):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda answer=answer: answer)
+        assert loop.native_bf16(cpu) is answer
+
+    def missing() -> bool:
+        raise RuntimeError("no oneDNN")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", missing)
+    assert loop.native_bf16(cpu) is False
 
 
 def _toy_net() -> torch.nn.Module:

@@ -124,6 +124,19 @@ class Schedule:
 # ----------------------------------------------------------------------------------------
 # Precision, optimiser, one step
 # ----------------------------------------------------------------------------------------
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA device that supports it, or a CPU on
+    which oneDNN has bf16 kernels (AVX-512 or AMX; ``torch.ops.mkldnn._is_mkldnn_bf16_supported``)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a build without oneDNN, or an older one without the query
+            return False
+    return False
+
+
 @dataclass(frozen=True)
 class Precision:
     """Autocast type and memory layout of a run on ``device``."""
@@ -134,14 +147,22 @@ class Precision:
 
     @classmethod
     def resolve(cls, name: str, device: torch.device, channels_last: bool = True) -> Precision:
-        """``auto`` is bf16 on CUDA and fp32 on the CPU. Channels-last (when asked for) is used on
-        CUDA, and on the CPU with bf16, where it is faster too (0.445 against 0.566 s per step of
-        2 x 64^3 patches; Testing/benchmarks/bench_cpu_train.py); with fp32 on the CPU it is not."""
+        """``auto`` is bf16 where ``device`` computes it natively (:func:`native_bf16`) and fp32
+        elsewhere. A CPU without native bf16 (AVX2 but no AVX-512) emulates it about 20 times slower
+        than fp32 (32 s against 1.8 s per 64^3 forward and backward pass of the lite network, AMD EPYC
+        with AVX2, 2 threads), where a CPU with it runs bf16 about 1.9x faster than fp32
+        (Testing/benchmarks/bench_cpu_train.py); an explicit ``bf16`` there is honoured with a warning.
+        Channels-last (when asked for) is used on every device: on the CPU it is faster in fp32 too
+        (0.790 against 1.086 s per step of 2 x 64^3 patches with AVX-512; 1.5 against 1.8 s per patch
+        on the AVX2 machine)."""
         if name == "auto":
-            name = "bf16" if device.type == "cuda" else "fp32"
+            name = "bf16" if native_bf16(device) else "fp32"
         if name not in ("bf16", "fp16", "fp32"):
             raise configlib.ConfigError(f"--precision must be auto, bf16, fp16 or fp32, not '{name}'.")
-        return cls(device, name, channels_last and (device.type == "cuda" or name == "bf16"))
+        if name == "bf16" and device.type == "cpu" and not native_bf16(device):
+            logger.warning("--precision bf16: this CPU has no native bfloat16 (no AVX-512 BF16 or AMX); autocast "
+                           "emulates it, about 20 times slower than fp32. Use --precision auto or fp32.")
+        return cls(device, name, channels_last)
 
     @property
     def autocast_args(self) -> dict:

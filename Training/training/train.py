@@ -9,7 +9,8 @@ The front end of the shared training loop (:mod:`Training.training.loop`) for th
 * Augmentation (:mod:`Training.data.dataset`): left-right flips, small rotations/scaling/shifts,
   optional elastic deformation, gamma/contrast/noise per channel, FLAIR drop-out and
   clinical-feature drop-out, picked per sample from the sample's stream position (replayable).
-* bf16 autocast and channels-last on CUDA (``--precision auto``); optional deterministic mode.
+* bf16 autocast where the device has it natively, and channels-last (``--precision auto``); optional
+  deterministic mode.
 * Several processes with DistributedDataParallel when started by ``torchrun``; the global batch
   of a step is the same whatever the number of processes.
 * Every epoch: validation Dice on the ``val`` split, an atomically written checkpoint
@@ -112,8 +113,9 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "random seed"})
     deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (slower)"})
     device: str = field(default="auto", metadata={"help": "auto|cpu|cuda"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU)|bf16|fp16|fp32"})
-    channels_last: bool = field(default=True, metadata={"help": "channels-last 3-D memory layout on CUDA"})
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 where the device computes it natively, else fp32)|bf16|fp16|fp32"})
+    channels_last: bool = field(default=True, metadata={"help": "channels-last 3-D memory layout"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes per training process"})
     prefetch: int = field(default=4, metadata={"help": "batches prefetched per worker"})

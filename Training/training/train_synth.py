@@ -13,7 +13,8 @@ Two data sources (:mod:`Training.training.sources`):
 * ``--source pool`` (the default on the CPU, where synthesis per step would cost many times the
   network's step): volumes come from :class:`Training.synthesis.pool.SynthPool`, pre-rendered
   whole volumes refreshed by a background process, cut into lesion-centred patches (``--patch``)
-  that are re-augmented cheaply; bf16 autocast on the CPU (about 1.9x faster than fp32 there).
+  that are re-augmented cheaply; bf16 autocast on a CPU that has it natively (about 1.9x faster than
+  fp32 there), fp32 on one that would emulate it (about 20x slower than fp32).
   Patches carry their place in the model grid, so the fusion's position embedding means the
   same as at inference.
 
@@ -79,9 +80,10 @@ class SynthTrainConfig:
     workers: int = field(default=4, metadata={"help": "label-sampling worker processes"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "auto|cpu|cuda"})
-    precision: str = field(default="bf16", metadata={"help": "bf16 (autocast on CUDA) or fp32"})
-    channels_last: bool = field(default=True, metadata={
-        "help": "channels-last 3-D memory layout (on CUDA, and on the CPU with bf16)"})
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 autocast where the device computes it natively: CUDA, CPUs with AVX-512 or AMX; else "
+                "fp32)|bf16|fp32"})
+    channels_last: bool = field(default=True, metadata={"help": "channels-last 3-D memory layout"})
     overwrite: bool = field(default=False, metadata={"help": "replace existing run folders"})
     init: Path | None = field(default=None, metadata={
         "help": "fine-tune: start each variant from INIT/<variant> (a model bundle folder)"})
@@ -245,8 +247,8 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
     variants = {name: _variant(name) for name in config.variants}
     device = resolve_device(config.device)
     source = _resolved_source(config, device)
-    if config.precision not in ("bf16", "fp32"):
-        raise cfg.ConfigError(f"--precision must be bf16 or fp32, not '{config.precision}'.")
+    if config.precision not in ("auto", "bf16", "fp32"):
+        raise cfg.ConfigError(f"--precision must be auto, bf16 or fp32, not '{config.precision}'.")
     if not config.max_steps and config.time_limit <= 0:
         raise cfg.ConfigError("Give the run a budget: --max-steps or --time-limit.")
     if train_only_prefixes(config.train_only) is None:
@@ -278,7 +280,7 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
         raise cfg.ConfigError(f"--val-subset {config.val_subset}: the pack {config.pack} has no such lesions.")
     synth = GpuSynthesizer(pack, grid.size, device)
     cuda = device.type == "cuda"
-    # channels-last: faster on CUDA, and with bf16 on a CPU with AVX-512 BF16 (loop.Precision)
+    # bf16 only where the device has it natively; channels-last everywhere (loop.Precision)
     precision = loop.Precision.resolve(config.precision, device, config.channels_last)
 
     # fixed validation cases (never trained on): from held-out validation lesions, or the fixed sets' caches
