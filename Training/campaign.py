@@ -7,8 +7,8 @@ time-stamped checkpoint):
 1. **train**: ``train-synth`` from the shipped bundle (or from ``--init``, e.g. an earlier run's candidate) on
    the CPU recipe: the pre-rendered, background-refreshed pool of domain-randomised volumes with real-scan mimics,
    embolic showers and small lesions (:mod:`Training.synthesis.pool`, :mod:`Training.synthesis.mimics`),
-   lesion-centred 64^3 patches (``--patch``, ``--batch-size``; the model grid trains on whole volumes), bf16,
-   for ``--minutes`` of wall time;
+   lesion-centred 64^3 patches (``--patch``, ``--batch-size``; the model grid trains on whole volumes), bf16
+   where the CPU has it natively (fp32 elsewhere), for ``--minutes`` of wall time;
 2. **export** the best checkpoint (whole-volume Dice on synthetic held-out validation lesions);
 3. **search** the post-processing of the candidate and of a copy of the shipped bundle with the same
    ``python -m Training postprocess`` on the same fixed validation sets (``--val``), each bundle
