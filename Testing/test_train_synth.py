@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,14 @@ def test_pool_run_checkpoints_and_resumes_with_its_own_config(pack_path: Path, t
     assert tuple(rows[0]) == LOG_COLUMNS and [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
     assert float(rows[-1]["elapsed_s"]) > float(rows[1]["elapsed_s"]) >= last["elapsed_s"] - 1.0
     assert json.loads((out / "acute" / "train_synth_config.json").read_text())["max_steps"] == 5
+
+    # a copy of the run folder continues in the copy (its saved config names the original), and without
+    # --variants the run's own variants are found
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert run(SynthTrainConfig(out=copy, resume=True, max_steps=6))["acute"]["steps"] == 6
+    assert torch.load(out / "acute" / "checkpoints" / "last.pt", weights_only=False)["step"] == 5
+    assert torch.load(copy / "acute" / "checkpoints" / "last.pt", weights_only=False)["step"] == 6
 
     with pytest.raises(cfg.ConfigError, match="extend"):
         run(_config(pack_path, out, resume=True, max_steps=4))
@@ -147,3 +156,16 @@ def test_the_lesion_loss_reaches_every_training_step(pack_path: Path, tmp_path: 
     calls.clear()
     run(_config(pack_path, tmp_path / "plain"))
     assert calls == []
+
+
+def test_resume_finds_the_runs_own_variants_and_keeps_the_folder_given(tmp_path: Path) -> None:
+    from Training.training.train_synth import _resume_config
+
+    (tmp_path / "copy" / "outcome").mkdir(parents=True)
+    cfg.save(SynthTrainConfig(variants=("outcome", "outcome-imaging"), out=tmp_path / "original", lr=3e-4),
+             tmp_path / "copy" / "outcome" / "train_synth_config.json")
+    resumed = _resume_config(SynthTrainConfig(out=tmp_path / "copy", resume=True, time_limit=600.0))
+    assert resumed.variants == ("outcome", "outcome-imaging") and resumed.lr == 3e-4
+    assert Path(resumed.out) == tmp_path / "copy" and resumed.time_limit == 600.0 and resumed.resume
+    with pytest.raises(cfg.ConfigError, match="Cannot resume"):
+        _resume_config(SynthTrainConfig(out=tmp_path / "copy", resume=True, variants=("acute",)))

@@ -208,6 +208,8 @@ def _resolved_source(config: SynthTrainConfig, device: torch.device) -> str:
 def _resume_config(config: SynthTrainConfig) -> SynthTrainConfig:
     """The run's own saved config, with only the budget-like fields taken from the command line."""
     first = Path(config.out) / config.variants[0] / "train_synth_config.json"
+    if not first.is_file() and config.variants == SynthTrainConfig().variants:  # no --variants: the run's own
+        first = next(iter(sorted(Path(config.out).glob("*/train_synth_config.json"))), first)
     if not first.is_file():
         raise cfg.ConfigError(f"Cannot resume: {first} does not exist (start without --resume).")
     saved = cfg.build(SynthTrainConfig, json.loads(first.read_text()), source=str(first))
@@ -224,7 +226,8 @@ def _resume_config(config: SynthTrainConfig) -> SynthTrainConfig:
         raise cfg.ConfigError("--resume may extend --time-limit/--max-steps, not shorten them.")
     for name, value in changes.items():
         logger.info("resume: %s %s -> %s", name, getattr(saved, name), value)
-    return dataclasses.replace(saved, resume=True, **changes)
+    # the folder given now, not the saved one: a copied run folder continues in the copy
+    return dataclasses.replace(saved, resume=True, out=config.out, **changes)
 
 
 def run(config: SynthTrainConfig) -> dict[str, dict]:
