@@ -162,10 +162,14 @@ def test_resume_finds_the_runs_own_variants_and_keeps_the_folder_given(tmp_path:
     from Training.training.train_synth import _resume_config
 
     (tmp_path / "copy" / "outcome").mkdir(parents=True)
-    cfg.save(SynthTrainConfig(variants=("outcome", "outcome-imaging"), out=tmp_path / "original", lr=3e-4),
+    cfg.save(SynthTrainConfig(variants=("outcome", "outcome-imaging"), out=tmp_path / "original", lr=3e-4,
+                              workers=1, threads=2, val_every=1000),
              tmp_path / "copy" / "outcome" / "train_synth_config.json")
     resumed = _resume_config(SynthTrainConfig(out=tmp_path / "copy", resume=True, time_limit=600.0))
     assert resumed.variants == ("outcome", "outcome-imaging") and resumed.lr == 3e-4
+    assert (resumed.workers, resumed.threads, resumed.val_every) == (1, 2, 1000)  # not reset to the defaults
+    assert _resume_config(SynthTrainConfig(out=tmp_path / "copy", resume=True, time_limit=600.0,
+                                           workers=2)).workers == 2  # given: changed
     assert Path(resumed.out) == tmp_path / "copy" and resumed.time_limit == 600.0 and resumed.resume
     with pytest.raises(cfg.ConfigError, match="Cannot resume"):
         _resume_config(SynthTrainConfig(out=tmp_path / "copy", resume=True, variants=("acute",)))

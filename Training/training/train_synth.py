@@ -221,7 +221,11 @@ def _resume_config(config: SynthTrainConfig) -> SynthTrainConfig:
         raise cfg.ConfigError(f"--resume continues {first.parent} with its own saved config; "
                               f"{', '.join('--' + n.replace('_', '-') for n in typed)} cannot change "
                               f"(only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE)} can).")
-    changes = {name: getattr(config, name) for name in RESUMABLE if getattr(config, name) != getattr(saved, name)}
+    # a budget-like field left at its default keeps the run's own value (a --resume with only --time-limit must
+    # not reset --workers, --threads or --val-every); as for the other fields, a default cannot be told from an
+    # explicit value equal to it
+    changes = {name: getattr(config, name) for name in RESUMABLE
+               if getattr(config, name) not in (getattr(saved, name), getattr(default, name))}
     if any(getattr(config, name) < getattr(saved, name) for name in ("time_limit", "max_steps") if name in changes):
         raise cfg.ConfigError("--resume may extend --time-limit/--max-steps, not shorten them.")
     for name, value in changes.items():
