@@ -150,11 +150,11 @@ class Precision:
         """``auto`` is bf16 where ``device`` computes it natively (:func:`native_bf16`) and fp32
         elsewhere. A CPU without native bf16 (AVX2 but no AVX-512) emulates it about 20 times slower
         than fp32 (32 s against 1.8 s per 64^3 forward and backward pass of the lite network, AMD EPYC
-        with AVX2, 2 threads), where a CPU with it runs bf16 about 1.9x faster than fp32
-        (Testing/benchmarks/bench_cpu_train.py); an explicit ``bf16`` there is honoured with a warning.
-        Channels-last (when asked for) is used on every device: on the CPU it is faster in fp32 too
-        (0.790 against 1.086 s per step of 2 x 64^3 patches with AVX-512; 1.5 against 1.8 s per patch
-        on the AVX2 machine)."""
+        with AVX2, 2 threads, a one-off timing), where a CPU with it runs bf16 about 1.9x faster than
+        fp32 (Testing/benchmarks/bench_cpu_train.py); an explicit ``bf16`` there is honoured with a
+        warning. Channels-last (when asked for) is used on every device: on the CPU it is faster in fp32
+        too (per step of 2 x 64^3 patches: 0.790 against 1.086 s with AVX-512, 1.730 against 1.887 s on
+        the AVX2 machine; bench_cpu_train.py)."""
         if name == "auto":
             name = "bf16" if native_bf16(device) else "fp32"
         if name not in ("bf16", "fp16", "fp32"):
