@@ -67,7 +67,13 @@ def test_precision_resolution(monkeypatch: pytest.MonkeyPatch, caplog: pytest.Lo
     assert bf16.channels_last and bf16.autocast_args == {"device_type": "cpu", "dtype": torch.bfloat16,
                                                          "enabled": True}
     monkeypatch.setattr(loop, "native_bf16", lambda device: True)  # AVX-512 or AMX
-    assert loop.Precision.resolve("auto", cpu).name == "bf16"
+    assert loop.Precision.resolve("auto", cpu).name == "fp32"  # train keeps fp32 on the CPU
+    from Training.training.train_synth import resolve_precision
+    assert resolve_precision("auto", cpu).name == "bf16"  # the train-synth CPU recipe takes native bf16
+    assert resolve_precision("fp32", cpu).name == "fp32"
+    monkeypatch.setattr(loop, "native_bf16", lambda device: False)
+    assert resolve_precision("auto", cpu).name == "fp32"
+    monkeypatch.setattr(loop, "native_bf16", lambda device: True)
     assert not loop.Precision.resolve("bf16", cpu, channels_last=False).channels_last
     assert not bf16.scaler().is_enabled()
     image = torch.zeros(1, 3, 4, 4, 4)

@@ -210,9 +210,10 @@ def _check_same_search(config: CampaignConfig, path: Path) -> None:
     if config.flip_tta:
         wanted["flip_tta"] = [v.strip().lower() == "true" for v in config.flip_tta.split(",")]
         found["flip_tta"] = saved.get("flip_tta")
-    if "keeps_small" not in json.loads(path.read_text()):
-        raise cfg.ConfigError(f"--shipped-search: {path} predates the small-lesion reference of the rule's check c "
-                              f"(no 'keeps_small'); search the shipped bundle again (leave out --shipped-search).")
+    try:  # check c's value must be there, before hours of training
+        _small_lesion_f1(json.loads(path.read_text()), "shipped")
+    except cfg.ConfigError as error:
+        raise cfg.ConfigError(f"--shipped-search: {path}: {error} Leave out --shipped-search.") from None
     differ = [key for key in wanted if wanted[key] != found[key]]
     if differ:
         raise cfg.ConfigError(f"--shipped-search: {path} was searched with other {', '.join(differ)} "

@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT)]
 
 from StrokePredictorLib.network import NetworkConfig, StrokeNet  # noqa: E402
-from Training.training.loop import Precision, native_bf16  # noqa: E402
+from Training.training.loop import native_bf16  # noqa: E402
+from Training.training.train_synth import resolve_precision  # noqa: E402
 
 MODES = {"fp32": (False, False), "fp32_channels_last": (False, True), "bf16": (True, False),
          "bf16_channels_last": (True, True)}
@@ -103,7 +104,7 @@ def main() -> int:
             results["model_only_s"][name] = round(_median_time(step, [fixed] * (args.steps // 2 + 2)), 3)
             print(f"model only, {name}: {results['model_only_s'][name]:.3f} s/step", flush=True)
 
-        recipe = Precision.resolve("auto", torch.device("cpu"))  # what train-synth uses here
+        recipe = resolve_precision("auto", torch.device("cpu"))  # what train-synth uses here
         model = StrokeNet(NetworkConfig.lite()).train().to(memory_format=torch.channels_last_3d)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         step = _step_fn(model, optimizer, loss_fn, recipe.name == "bf16", True)

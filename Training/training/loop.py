@@ -147,19 +147,22 @@ class Precision:
 
     @classmethod
     def resolve(cls, name: str, device: torch.device, channels_last: bool = True) -> Precision:
-        """``auto`` is bf16 where ``device`` computes it natively (:func:`native_bf16`) and fp32
-        elsewhere. A CPU without native bf16 (AVX2 but no AVX-512) emulates it about 20 times slower
-        than fp32 (32 s against 1.8 s per 64^3 forward and backward pass of the lite network, AMD EPYC
-        with AVX2, 2 threads, a one-off timing), where a CPU with it runs bf16 about 1.9x faster than
-        fp32 (Testing/benchmarks/bench_cpu_train.py); an explicit ``bf16`` there is honoured with a
-        warning. Channels-last (when asked for) is used on every device: on the CPU it is faster in fp32
-        too (per step of 2 x 64^3 patches: 0.790 against 1.086 s with AVX-512, 1.730 against 1.887 s on
-        the AVX2 machine; bench_cpu_train.py)."""
+        """``auto`` is bf16 on a CUDA device that supports it and fp32 elsewhere: on the CPU, ``train``
+        keeps fp32 (bf16 autocast gave non-finite gradients there, README); ``train-synth``'s CPU recipe
+        takes bf16 where the CPU has it natively (:func:`Training.training.train_synth.resolve_precision`).
+        A CPU without native bf16 (AVX2 but no AVX-512) emulates it about 20 times slower than fp32 (32 s
+        against 1.8 s per 64^3 forward and backward pass of the lite network, AMD EPYC with AVX2, 2
+        threads, a one-off timing), where a CPU with it runs bf16 about 1.9x faster than fp32
+        (Testing/benchmarks/bench_cpu_train.py); an explicit ``bf16`` there is honoured with a warning.
+        Channels-last (when asked for) is used on every device: on the CPU it is faster in fp32 too (per
+        step of 2 x 64^3 patches: 0.790 against 1.086 s with AVX-512, 1.730 against 1.887 s on the AVX2
+        machine; bench_cpu_train.py)."""
+        native = native_bf16(device)
         if name == "auto":
-            name = "bf16" if native_bf16(device) else "fp32"
+            name = "bf16" if device.type == "cuda" and native else "fp32"
         if name not in ("bf16", "fp16", "fp32"):
             raise configlib.ConfigError(f"--precision must be auto, bf16, fp16 or fp32, not '{name}'.")
-        if name == "bf16" and device.type == "cpu" and not native_bf16(device):
+        if name == "bf16" and device.type == "cpu" and not native:
             logger.warning("--precision bf16: this CPU has no native bfloat16 (no AVX-512 BF16 or AMX); autocast "
                            "emulates it, about 20 times slower than fp32. Use --precision auto or fp32.")
         return cls(device, name, channels_last)

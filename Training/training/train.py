@@ -9,7 +9,7 @@ The front end of the shared training loop (:mod:`Training.training.loop`) for th
 * Augmentation (:mod:`Training.data.dataset`): left-right flips, small rotations/scaling/shifts,
   optional elastic deformation, gamma/contrast/noise per channel, FLAIR drop-out and
   clinical-feature drop-out, picked per sample from the sample's stream position (replayable).
-* bf16 autocast where the device has it natively, and channels-last (``--precision auto``); optional
+* bf16 autocast on CUDA and channels-last (``--precision auto``; fp32 on the CPU); optional
   deterministic mode.
 * Several processes with DistributedDataParallel when started by ``torchrun``; the global batch
   of a step is the same whatever the number of processes.
@@ -114,7 +114,7 @@ class TrainConfig:
     deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (slower)"})
     device: str = field(default="auto", metadata={"help": "auto|cpu|cuda"})
     precision: str = field(default="auto", metadata={
-        "help": "auto (bf16 where the device computes it natively, else fp32)|bf16|fp16|fp32"})
+        "help": "auto (bf16 on a CUDA device that supports it, else fp32)|bf16|fp16|fp32"})
     channels_last: bool = field(default=True, metadata={"help": "channels-last 3-D memory layout"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes per training process"})
