@@ -137,6 +137,23 @@ def test_a_negative_lesion_loss_weight_is_refused(pack_path: Path, tmp_path: Pat
         run(_config(pack_path, tmp_path / "bad", lesion_loss=-0.5))
 
 
+def test_snapshots_keep_the_state_of_every_nth_step_and_export(pack_path: Path, tmp_path: Path) -> None:
+    from Training.training.export import ExportConfig, export
+
+    out = tmp_path / "run"
+    run(_config(pack_path, out, max_steps=4, snapshot_every=2))
+    folder = out / "acute" / "checkpoints"
+    assert sorted(p.name for p in folder.glob("step_*.pt")) == ["step_000002.pt", "step_000004.pt"]
+    second = torch.load(folder / "step_000002.pt", weights_only=False)
+    last = torch.load(folder / "last.pt", weights_only=False)
+    assert second["step"] == 2 and last["step"] == 4
+    assert any(not torch.equal(second["model"][k], last["model"][k]) for k in last["model"])  # a real earlier state
+    bundle = export(ExportConfig(run=out / "acute", out=tmp_path / "bundle", checkpoint="checkpoints/step_000002.pt"))
+    assert json.loads((bundle / "model.json").read_text())["data"]["training"]["step"] == 2
+    with pytest.raises(cfg.ConfigError, match="--snapshot-every"):
+        run(_config(pack_path, tmp_path / "bad", snapshot_every=-1))
+
+
 def test_the_lesion_loss_reaches_every_training_step(pack_path: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from Training.training import losses

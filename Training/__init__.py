@@ -11,7 +11,7 @@ parses every module's imports to keep it so)::
                     synthesis); train and train_synth, its two front ends; distributed, export
                     (checkpoint -> model bundle), interpolate (WiSE-FT)
     evaluation/  5  evaluate, metrics, baseline, postprocess, ablate, clinical_behaviour,
-                    visualize, model_card
+                    select (a checkpoint chosen on validation checks), visualize, model_card
 
 Beside them: :mod:`Training.config` (option parsing shared by every verb, imports no stage),
 :mod:`Training.campaign` (runs training, export and the post-processing search end to end and

@@ -110,6 +110,19 @@ def feature_effects(volume: VolumeFunction, base: ClinicalRecord, points: int = 
     return effects, seen
 
 
+def effects_check(volume: VolumeFunction, base: ClinicalRecord, points: int = SWEEP_POINTS) -> CheckResult:
+    """``effects_top3``: onset time, treatment and NIHSS carry the three largest range effects
+    (:func:`feature_effects`), each of them non-zero."""
+    effects, seen = feature_effects(volume, base, points)
+    ranked = sorted(effects, key=lambda n: -effects[n])
+    top = ranked[:3]
+    return CheckResult(
+        "effects_top3", set(top) == set(EXPECTED_TOP) and effects[top[2]] > 0, ", ".join(top),
+        "onset_to_imaging_h, treatment, nihss (any order), each with a non-zero effect",
+        "range effects (mL): " + ", ".join(f"{n} {effects[n]:.2f}" for n in ranked),
+        {"effects_ml": {n: round(effects[n], 3) for n in ranked}, "sweeps": seen})
+
+
 def _outcome_checks(volume: VolumeFunction, base: ClinicalRecord, tolerance_ml: float, min_growth: float,
                     onsets: Sequence[float], points: int) -> list[CheckResult]:
     results = []
@@ -145,14 +158,7 @@ def _outcome_checks(volume: VolumeFunction, base: ClinicalRecord, tolerance_ml: 
         "; ".join(f"{h:g} h: {m:.2f} mL outside {lo:.2f}-{hi:.2f}" for h, m, lo, hi in outside[:4]) or
         "a missing treatment lies between none and thrombectomy", table))
 
-    effects, seen = feature_effects(volume, base, points)
-    ranked = sorted(effects, key=lambda n: -effects[n])
-    top = ranked[:3]
-    results.append(CheckResult(
-        "effects_top3", set(top) == set(EXPECTED_TOP) and effects[top[2]] > 0, ", ".join(top),
-        "onset_to_imaging_h, treatment, nihss (any order), each with a non-zero effect",
-        "range effects (mL): " + ", ".join(f"{n} {effects[n]:.2f}" for n in ranked),
-        {"effects_ml": {n: round(effects[n], 3) for n in ranked}, "sweeps": seen}))
+    results.append(effects_check(volume, base, points))
 
     early = float(volume(_with(base, onset_to_imaging_h=1.0, treatment="thrombectomy", nihss=16.0)))
     late = float(volume(_with(base, onset_to_imaging_h=20.0, treatment="none", nihss=16.0)))

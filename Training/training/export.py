@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +70,8 @@ def export(config: ExportConfig) -> Path:
         "split": "val",
         "n_val_cases": state["data"].get("n_cases", {}).get("val"),
     }
+    # a checkpoint written between validations (every --checkpoint-minutes, or a step snapshot) has none
+    metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
     data = dict(state["data"])
     data["training"] = {
         "epoch": state["epoch"],
@@ -86,7 +89,8 @@ def export(config: ExportConfig) -> Path:
         normalization=Normalization.from_dict(state["normalization"]), data=data, metrics=metrics,
         overwrite=config.overwrite, name=config.name,
     )
-    logger.info("Exported %s (epoch %d, val Dice %.4f) to %s.", path, state["epoch"], state["val_dice"], directory)
+    logger.info("Exported %s (epoch %d, step %d, val Dice %s) to %s.", path, state["epoch"], state["step"],
+                "none" if metrics["val_dice"] is None else f"{metrics['val_dice']:.4f}", directory)
     return directory
 
 

@@ -15,7 +15,9 @@ of pre-rendered volumes, or synthesis on the GPU; :mod:`Training.training.source
   ``--val-every`` steps for ``train-synth``). After each: validation, ``log.csv`` (and
   TensorBoard), ``checkpoints/last.pt`` and, when the validation Dice improved, ``best.pt``;
   ``last.pt`` is also written every ``checkpoint_minutes`` within an epoch. Early stopping after
-  ``patience`` epochs without gain;
+  ``patience`` epochs without gain; with ``snapshot_every`` the state every that many steps is
+  also kept as ``checkpoints/step_NNNNNN.pt``, so that a checkpoint can be chosen afterwards on
+  checks the validation Dice does not measure (``python -m Training select``);
 * checkpoints are written atomically and all have one format, which ``export`` reads: the model,
   optimiser and scaler states, the RNG state of every process, epoch, step, best Dice, the
   cumulative elapsed time, the epoch's loss so far, and what the front end adds to rebuild the
@@ -314,6 +316,11 @@ def save_checkpoint(state: dict, path: Path) -> Path:
     return path
 
 
+def snapshot_name(step: int) -> str:
+    """File name of the checkpoint kept at ``step`` (``LoopOptions.snapshot_every``)."""
+    return f"step_{step:06d}.pt"
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Load a TRAINING checkpoint written by this loop (pickle: only from your own run folder)."""
     path = Path(path)
@@ -424,6 +431,7 @@ class LoopOptions:
     fused: bool = False  # fused AdamW (CUDA)
     grad_clip: float = 1.0
     checkpoint_minutes: float = 10.0
+    snapshot_every: int = 0  # also keep checkpoints/step_NNNNNN.pt every this many steps (0: off)
     progress_seconds: float = 30.0
     progress_bar: bool = False
     tensorboard: bool = False
@@ -612,6 +620,9 @@ class _Loop:
                     self.clock.total() + 1.5 * self.val_seconds + 2.0 > self.schedule.seconds, info)
                 if time_up:
                     break
+            if options.snapshot_every and self.step % options.snapshot_every == 0:
+                for member in self.members:
+                    self._save(member, float("nan"), float("nan"), best=False, snapshot=True)
             if options.checkpoint_minutes > 0 and self.step < stop_step and distlib.broadcast_flag(
                     now - self.last_checkpoint >= 60.0 * options.checkpoint_minutes, info):
                 for member in self.members:
@@ -723,12 +734,15 @@ class _Loop:
         else:
             bar.write(message)
 
-    def _save(self, member: Member, val_loss: float, val_dice: float, *, best: bool) -> None:
+    def _save(self, member: Member, val_loss: float, val_dice: float, *, best: bool, snapshot: bool = False) -> None:
         state = _member_state(member, info=self.info, epoch=self.epoch, step=self.step, elapsed=self.clock.total(),
                               val_loss=val_loss, val_dice=val_dice)  # collective in DDP: every rank
         if not self.info.is_main:
             return
         folder = member.run_dir / "checkpoints"
+        if snapshot:  # kept for a later choice between checkpoints (python -m Training select)
+            save_checkpoint(state, folder / snapshot_name(self.step))
+            return
         save_checkpoint(state, folder / "last.pt")
         if best:
             shutil.copyfile(folder / "last.pt", folder / ".best.tmp")

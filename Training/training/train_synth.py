@@ -120,6 +120,9 @@ class SynthTrainConfig:
                 "masked out; Kofler et al.'s blob loss, whose weighting is 0.5), so small lesions weigh as much "
                 "as large ones; 0: the plain Dice + cross-entropy"})
     checkpoint_minutes: float = field(default=10.0, metadata={"help": "write last.pt at least this often"})
+    snapshot_every: int = field(default=0, metadata={
+        "help": "also keep checkpoints/step_NNNNNN.pt every this many steps, for python -m Training select "
+                "(0: only last.pt and best.pt)"})
     resume: bool = field(default=False, metadata={"help": "continue OUT/<variant>/checkpoints/last.pt"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
     film: bool = field(default=False, metadata={
@@ -204,7 +207,7 @@ def resolve_precision(name: str, device: torch.device, channels_last: bool = Tru
     return loop.Precision.resolve(name, device, channels_last)
 
 
-RESUMABLE = ("time_limit", "max_steps", "val_every", "checkpoint_minutes", "threads", "workers")
+RESUMABLE = ("time_limit", "max_steps", "val_every", "checkpoint_minutes", "snapshot_every", "threads", "workers")
 
 
 def _resolved_source(config: SynthTrainConfig, device: torch.device) -> str:
@@ -275,6 +278,8 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
                               f"from --init).")
     if config.lesion_loss < 0:
         raise cfg.ConfigError(f"--lesion-loss must be >= 0, not {config.lesion_loss}.")
+    if config.snapshot_every < 0:
+        raise cfg.ConfigError(f"--snapshot-every must be >= 0 (0: off), not {config.snapshot_every}.")
     if config.growth_l2 < 0 or (config.growth_l2 and not config.growth):
         raise cfg.ConfigError(f"--growth-l2 must be >= 0 and needs --growth, got {config.growth_l2}.")
     torch.manual_seed(config.seed)
@@ -363,7 +368,8 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
                                seconds=0.0 if config.max_steps else config.time_limit),
         epoch_steps=config.val_every, batch_size=config.batch_size, weight_decay=config.weight_decay,
         fused=cuda, grad_clip=config.grad_clip, checkpoint_minutes=config.checkpoint_minutes,
-        core_weight=config.core_weight, growth_lr_scale=config.growth_lr_scale, growth_l2=config.growth_l2)
+        snapshot_every=config.snapshot_every, core_weight=config.core_weight, growth_lr_scale=config.growth_lr_scale,
+        growth_l2=config.growth_l2)
     loss_fn = with_lesion_term(
         DiceCELoss(sigmoid=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=config.batch_dice),
         config.lesion_loss)
