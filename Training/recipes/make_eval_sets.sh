@@ -12,6 +12,7 @@
 #   val_mimic_only, test_mimic_only  32 cases each: real-scan mimics with no lesion (half the cases)
 #                                    or a single small lesion of 0.02-1 mL
 #   test_growth                      12 cases: the clinical growth check of outcome bundles (below)
+#   test_gate                        30 cases: data/test's recipe with another seed (a fresh gate)
 # With EARLIER=1 it also rebuilds the earlier validation and test sets of the README
 # ("Reproducing the bundled models") with their committed seeds. Each set's wall time is printed.
 #
@@ -61,3 +62,6 @@ if [ "${EARLIER:-0}" = 1 ]; then
     generate test_ood 16 2002 soop_test --ood
     generate test_regional 20 3003 soop_test --regional-mimics 1.0
 fi
+# the recipe of the 30-case test set with a new seed: a gate for outcome candidates that no earlier candidate
+# was judged on (the outcome model card, selection g17)
+generate test_gate 30 1101 soop_test
