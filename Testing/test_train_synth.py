@@ -190,3 +190,26 @@ def test_resume_finds_the_runs_own_variants_and_keeps_the_folder_given(tmp_path:
     assert Path(resumed.out) == tmp_path / "copy" and resumed.time_limit == 600.0 and resumed.resume
     with pytest.raises(cfg.ConfigError, match="Cannot resume"):
         _resume_config(SynthTrainConfig(out=tmp_path / "copy", resume=True, variants=("acute",)))
+
+
+def test_resume_from_the_command_line_takes_a_typed_default_and_keeps_what_was_not_typed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from Training.training import train_synth
+
+    out = tmp_path / "run"
+    (out / "outcome").mkdir(parents=True)
+    cfg.save(SynthTrainConfig(variants=("outcome",), out=out, workers=1, threads=2, val_every=1000, lr=3e-4),
+             out / "outcome" / "train_synth_config.json")
+    seen: list[SynthTrainConfig] = []
+
+    def fake_run(config: SynthTrainConfig, given: frozenset[str] | None = None) -> dict:
+        seen.append(train_synth._resume_config(config, given))
+        return {}
+    monkeypatch.setattr(train_synth, "run", fake_run)
+    default_workers = SynthTrainConfig().workers
+    assert train_synth.main(["--out", str(out), "--resume", "--time-limit", "900",
+                             "--workers", str(default_workers)]) == 0
+    assert seen[-1].workers == default_workers  # typed, though equal to the default: a change
+    assert (seen[-1].threads, seen[-1].val_every, seen[-1].lr) == (2, 1000, 3e-4)  # not typed: the run's own
+    with pytest.raises(cfg.ConfigError, match="--lr cannot change"):
+        train_synth.main(["--out", str(out), "--resume", "--lr", str(SynthTrainConfig().lr)])

@@ -217,27 +217,37 @@ def _resolved_source(config: SynthTrainConfig, device: torch.device) -> str:
     return source
 
 
-def _resume_config(config: SynthTrainConfig) -> SynthTrainConfig:
-    """The run's own saved config, with only the budget-like fields taken from the command line."""
+def _resume_config(config: SynthTrainConfig, given: frozenset[str] | None = None) -> SynthTrainConfig:
+    """The run's own saved config, with only the budget-like fields taken from the command line.
+
+    ``given`` names the fields the user typed (``python -m Training train-synth`` passes them): only
+    those are compared with the saved run, so a flag typed with its default value (``--workers 4``
+    where the run saved 1) is a change, and a flag not typed keeps the saved value. None (a call
+    from Python) cannot tell a default from a typed value: a field at its default keeps the saved value.
+    """
     first = Path(config.out) / config.variants[0] / "train_synth_config.json"
-    if not first.is_file() and config.variants == SynthTrainConfig().variants:  # no --variants: the run's own
+    if not first.is_file() and (given is None or "variants" not in given) \
+            and config.variants == SynthTrainConfig().variants:  # no --variants: the run's own
         first = next(iter(sorted(Path(config.out).glob("*/train_synth_config.json"))), first)
     if not first.is_file():
         raise cfg.ConfigError(f"Cannot resume: {first} does not exist (start without --resume).")
     saved = cfg.build(SynthTrainConfig, json.loads(first.read_text()), source=str(first))
     default = SynthTrainConfig()
+
+    def typed_change(name: str) -> bool:
+        if getattr(config, name) == getattr(saved, name):
+            return False
+        return name in given if given is not None else getattr(config, name) != getattr(default, name)
+
     typed = [f.name for f in dataclasses.fields(SynthTrainConfig)
-             if f.name not in (*RESUMABLE, "resume", "out", "overwrite")
-             and getattr(config, f.name) not in (getattr(saved, f.name), getattr(default, f.name))]
+             if f.name not in (*RESUMABLE, "resume", "out", "overwrite") and typed_change(f.name)]
     if typed:
         raise cfg.ConfigError(f"--resume continues {first.parent} with its own saved config; "
                               f"{', '.join('--' + n.replace('_', '-') for n in typed)} cannot change "
                               f"(only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE)} can).")
-    # a budget-like field left at its default keeps the run's own value (a --resume with only --time-limit must
-    # not reset --workers, --threads or --val-every); as for the other fields, a default cannot be told from an
-    # explicit value equal to it
-    changes = {name: getattr(config, name) for name in RESUMABLE
-               if getattr(config, name) not in (getattr(saved, name), getattr(default, name))}
+    # a budget-like field not typed keeps the run's own value (a --resume with only --time-limit must not reset
+    # --workers, --threads or --val-every)
+    changes = {name: getattr(config, name) for name in RESUMABLE if typed_change(name)}
     if any(getattr(config, name) < getattr(saved, name) for name in ("time_limit", "max_steps") if name in changes):
         raise cfg.ConfigError("--resume may extend --time-limit/--max-steps, not shorten them.")
     for name, value in changes.items():
@@ -246,9 +256,10 @@ def _resume_config(config: SynthTrainConfig) -> SynthTrainConfig:
     return dataclasses.replace(saved, resume=True, out=config.out, **changes)
 
 
-def run(config: SynthTrainConfig) -> dict[str, dict]:
+def run(config: SynthTrainConfig, given: frozenset[str] | None = None) -> dict[str, dict]:
     """Train every variant; returns {variant: {"run_dir", "best_val_dice", "steps", "seconds",
-    "network_share", "skipped_steps"}} (also written to ``OUT/summary.json``)."""
+    "network_share", "skipped_steps"}} (also written to ``OUT/summary.json``). ``given`` names the
+    fields the user typed (for ``--resume``; None: compare with the defaults)."""
     from monai.losses import DiceCELoss
 
     from StrokePredictorLib.bundle import recommended_grid, resolve_device
@@ -260,7 +271,7 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
     from Training.training.sources import GpuSynthSource, PoolSource, cached_validation, synthetic_validation
 
     if config.resume:
-        config = _resume_config(config)
+        config = _resume_config(config, given)
     if config.threads:
         torch.set_num_threads(config.threads)
     variants = {name: _variant(name) for name in config.variants}
@@ -383,7 +394,8 @@ def run(config: SynthTrainConfig) -> dict[str, dict]:
 
 
 def main(argv: list[str]) -> int:
-    config = cfg.parse(SynthTrainConfig, argv, "Train on GPU-synthesised data (several variants in lockstep).",
-                       prog="python -m Training train-synth")
-    print(json.dumps(run(config), indent=2))
+    config, given = cfg.parse_given(SynthTrainConfig, argv,
+                                    "Train on GPU-synthesised data (several variants in lockstep).",
+                                    prog="python -m Training train-synth")
+    print(json.dumps(run(config, given), indent=2))
     return 0
