@@ -198,9 +198,6 @@ def test_shipped_outcome_bundle_follows_onset_time_and_treatment(shipped_outcome
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="in the shipped outcome bundle sex (50.9 mL) has a larger range effect than "
-                   "treatment (42.3 mL) on the sample case (outcome model card); strict: this fails once a "
-                   "bundle that passes ships, and the marker must go")
 def test_shipped_outcome_bundle_gives_onset_treatment_and_nihss_the_largest_effects(
         shipped_outcome_report: tuple[int, dict]) -> None:
     """On the sample case, onset time, treatment and NIHSS have the shipped outcome bundle's three

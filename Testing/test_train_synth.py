@@ -149,7 +149,10 @@ def test_snapshots_keep_the_state_of_every_nth_step_and_export(pack_path: Path, 
     assert second["step"] == 2 and last["step"] == 4
     assert any(not torch.equal(second["model"][k], last["model"][k]) for k in last["model"])  # a real earlier state
     bundle = export(ExportConfig(run=out / "acute", out=tmp_path / "bundle", checkpoint="checkpoints/step_000002.pt"))
-    assert json.loads((bundle / "model.json").read_text())["data"]["training"]["step"] == 2
+    exported = json.loads((bundle / "model.json").read_text())
+    assert exported["data"]["training"]["step"] == 2
+    # taken between validations, before the first: no validation metrics (not the loop's starting -1)
+    assert exported["metrics"]["val_dice"] is None and exported["metrics"]["best_val_dice"] is None
     with pytest.raises(cfg.ConfigError, match="--snapshot-every"):
         run(_config(pack_path, tmp_path / "bad", snapshot_every=-1))
 

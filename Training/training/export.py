@@ -70,8 +70,11 @@ def export(config: ExportConfig) -> Path:
         "split": "val",
         "n_val_cases": state["data"].get("n_cases", {}).get("val"),
     }
-    # a checkpoint written between validations (every --checkpoint-minutes, or a step snapshot) has none
+    # a checkpoint written between validations (every --checkpoint-minutes, or a step snapshot) has none, and
+    # before the first validation the best Dice is still the loop's starting value (-1)
     metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+    if metrics["best_val_dice"] is not None and metrics["best_val_dice"] < 0:
+        metrics["best_val_dice"] = None
     data = dict(state["data"])
     data["training"] = {
         "epoch": state["epoch"],
