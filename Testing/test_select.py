@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from Training.__main__ import main as training_main
@@ -83,6 +84,10 @@ def test_every_snapshot_is_exported_with_the_given_postprocessing_and_scored(tmp
         summary = json.loads((out / "evaluate" / row["checkpoint"] / "summary.json").read_text())
         assert row["dice"] == round(summary["datasets"]["validation"]["model"]["metrics"]["dice"]["mean"], 4)
         assert 0 <= row["growth_misses"] <= row["growing_cases"] <= 2
+        assert len(row["growth_ratios"]) == row["growing_cases"]
+        ratios = [case["ratio"] for case in row["growth_ratios"].values()]
+        assert row["growth_median"] == (round(float(np.median(ratios)), 3) if ratios else None)
+        assert row["growth_misses"] == sum(r < 1.3 for r in ratios)
         assert set(row["effects_pass"]) == {"sub-strokecase0001"}
     assert len(weights) == 2  # two different states, not one exported twice
     chosen = decide([dict(row) for row in rows], max_growth_misses=1)

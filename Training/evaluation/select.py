@@ -35,6 +35,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from StrokePredictorLib.errors import OutputExistsError, StrokePredictorError
 from StrokePredictorLib.io import write_json
 from Training import config as config_mod
@@ -135,7 +137,8 @@ def score(bundle: Path, config: SelectConfig, work: Path) -> dict:
                                       save_predictions=False, progress=False, overwrite=True))
     dice = float(summary["datasets"]["validation"]["model"]["metrics"]["dice"]["mean"])
     return {"growing_cases": len(ratios), "growth_misses": sum(r < config.min_growth for r in ratios),
-            "growth_median": round(float(sorted(ratios)[len(ratios) // 2]), 3) if ratios else None,
+            "growth_median": round(float(np.median(ratios)), 3) if ratios else None,
+            "growth_ratios": growth.volumes,
             "effects_pass": effects, "effects": effects_top, "dice": round(dice, 4)}
 
 
