@@ -102,18 +102,30 @@ def decide(rows: list[dict], max_growth_misses: int) -> dict | None:
     return max(eligible, key=lambda row: (row["dice"], row["step"])) if eligible else None
 
 
-def _case_inputs(folder: Path, case_id: str) -> tuple[dict[str, Path], object]:
+def effect_inputs(folder: Path, case_ids: tuple[str, ...]) -> dict[str, tuple[dict[str, Path], object]]:
+    """Image paths and clinical record of each effect case of ``folder`` (read once for every checkpoint).
+
+    Raises:
+        StrokePredictorError: a case that is not in ``folder``.
+    """
     from StrokePredictorLib.clinical import ClinicalRecord, read_csv
     from Training.synthesis.generate import case_paths
 
-    paths = case_paths(folder, case_id)
-    if not paths["dwi"].is_file():
-        raise StrokePredictorError(f"--effect-cases: {case_id} is not a case of {folder} ({paths['dwi']} missing).")
-    return paths, read_csv(folder / "clinical.csv").get(case_id, ClinicalRecord())
+    records = read_csv(folder / "clinical.csv")
+    inputs = {}
+    for case_id in case_ids:
+        paths = case_paths(folder, case_id)
+        if not paths["dwi"].is_file():
+            raise StrokePredictorError(f"--effect-cases: {case_id} is not a case of {folder} ({paths['dwi']} "
+                                       "missing).")
+        inputs[case_id] = (paths, records.get(case_id, ClinicalRecord()))
+    return inputs
 
 
-def score(bundle: Path, config: SelectConfig, work: Path) -> dict:
-    """Growth misses, effect checks and Dice of one exported bundle on ``config.data``."""
+def score(bundle: Path, config: SelectConfig, work: Path,
+          effect_cases: dict[str, tuple[dict[str, Path], object]]) -> dict:
+    """Growth misses, effect checks (on :func:`effect_inputs`) and Dice of one exported bundle on
+    ``config.data``."""
     from StrokePredictorLib.inference import Predictor
     from Training.evaluation import clinical_behaviour as behaviour
     from Training.evaluation.evaluate import EvaluateConfig
@@ -125,8 +137,7 @@ def score(bundle: Path, config: SelectConfig, work: Path) -> dict:
     ratios = [row["ratio"] for row in growth.volumes.values()]
     predictor = Predictor(bundle, device="cpu", mc_samples=1, deterministic=True)
     effects, effects_top = {}, {}
-    for case_id in config.effect_cases:
-        paths, base = _case_inputs(Path(config.data), case_id)
+    for case_id, (paths, base) in effect_cases.items():
         volume, _, _ = behaviour.bundle_volume_function(
             predictor, paths["dwi"], paths["adc"], paths["flair"] if paths["flair"].is_file() else None, base)
         check = behaviour.effects_check(volume, base, config.points)
@@ -168,8 +179,7 @@ def run(config: SelectConfig) -> dict:
         raise StrokePredictorError("--run, --data, --effect-cases and --out are required.")
     if not (Path(config.data) / "dataset.json").is_file():
         raise StrokePredictorError(f"--data {config.data}: not a folder written by 'python -m Training generate'.")
-    for case_id in config.effect_cases:
-        _case_inputs(Path(config.data), case_id)
+    effect_cases = effect_inputs(Path(config.data), config.effect_cases)
     checkpoints = checkpoints_of(Path(config.run), config.include_last)
     if not checkpoints:
         raise StrokePredictorError(f"--run {config.run}: no checkpoints/step_*.pt or last.pt (train with "
@@ -193,7 +203,7 @@ def run(config: SelectConfig) -> dict:
         if post is not None:
             write_into_bundle(bundle, post)
         row = {"checkpoint": name, "step": step, "bundle": str(bundle),
-               **score(bundle, config, out / "evaluate" / name)}
+               **score(bundle, config, out / "evaluate" / name, effect_cases)}
         logger.info("%s (step %d): growth misses %d/%d, effects %s, Dice %.3f", name, step, row["growth_misses"],
                     row["growing_cases"], row["effects_pass"], row["dice"])
         rows.append(row)
