@@ -98,3 +98,45 @@ def test_every_snapshot_is_exported_with_the_given_postprocessing_and_scored(tmp
     assert training_main(args) == 2  # an earlier selection is not replaced without --overwrite
     bad = [a if a != "sub-strokecase0001" else "sub-strokecase0009" for a in args] + ["--overwrite"]
     assert training_main(bad) == 2  # an effect case that is not in --data
+
+
+@pytest.mark.slow
+def test_an_imaging_only_run_is_chosen_by_dice_alone(tmp_path: Path) -> None:
+    """The ablation's twin has no clinical input: no growth or effect check, the largest Dice wins,
+    and --effect-cases is refused for it (and required for a fusion run)."""
+    import torch
+    from inference_phantom import tiny_config
+
+    from StrokePredictorLib.network import StrokeNet
+    from Training.synthesis.generate import write_tiny_dataset
+    from Training.training.loop import save_checkpoint, snapshot_name
+
+    data = write_tiny_dataset(tmp_path / "val", n_cases=2, seed=5)
+    run = tmp_path / "run" / "outcome-imaging"
+    (run / "checkpoints").mkdir(parents=True)
+    for step, bias in ((2, -6.0), (4, 0.0)):  # two different states: two different Dice
+        torch.manual_seed(step)
+        model = StrokeNet(tiny_config(growth=True, imaging_only=True))
+        with torch.no_grad():
+            model.head.bias.fill_(bias)
+        save_checkpoint(_checkpoint(model, step), run / "checkpoints" / snapshot_name(step))
+    out = tmp_path / "select"
+    base = ["select", "--run", str(run), "--data", str(data), "--out", str(out), "--mc-samples", "1"]
+    assert training_main([*base, "--effect-cases", "sub-strokecase0001"]) == 2
+    assert not out.exists()
+    assert training_main(base) == 0
+    report = json.loads((out / "selection.json").read_text())
+    rows = report["checkpoints"]
+    assert [row["step"] for row in rows] == [2, 4]
+    assert all(row["imaging_only"] and row["eligible"] and row["growth_misses"] is None for row in rows)
+    assert rows[0]["dice"] != rows[1]["dice"]  # the rule has something to choose
+    best = max(rows, key=lambda row: (row["dice"], row["step"]))
+    assert report["candidate"] == best["checkpoint"]
+    for row in rows:
+        summary = json.loads((out / "evaluate" / row["checkpoint"] / "summary.json").read_text())
+        assert row["dice"] == round(summary["datasets"]["validation"]["model"]["metrics"]["dice"]["mean"], 4)
+    assert "imaging-only run" in (out / "selection.md").read_text()
+    fusion = tmp_path / "run" / "outcome"
+    (fusion / "checkpoints").mkdir(parents=True)
+    save_checkpoint(_checkpoint(StrokeNet(tiny_config(growth=True)), 2), fusion / "checkpoints" / snapshot_name(2))
+    assert training_main(["select", "--run", str(fusion), "--data", str(data), "--out", str(tmp_path / "s2")]) == 2

@@ -20,10 +20,12 @@ of ``python -m Training behaviour``:
 
 Rule, fixed before any score is seen: a checkpoint is eligible when at most ``--max-growth-misses``
 growing cases miss ``--min-growth`` and ``effects_top3`` passes on every effect case; the candidate
-is the eligible checkpoint with the largest Dice (ties: the later step). Each checkpoint is exported
-to ``OUT/bundles/<checkpoint>`` (the candidate is one of them); ``OUT/selection.json`` and
-``OUT/selection.md`` hold every score. Exit status 0 with a candidate, 1 when no checkpoint is
-eligible, 2 on bad input.
+is the eligible checkpoint with the largest Dice (ties: the later step). An imaging-only run (the
+paired ablation's twin, ``outcome-imaging``) has no clinical input, so neither check applies to it:
+every checkpoint is eligible, the candidate is the largest Dice, and ``--effect-cases`` is refused.
+Each checkpoint is exported to ``OUT/bundles/<checkpoint>`` (the candidate is one of them);
+``OUT/selection.json`` and ``OUT/selection.md`` hold every score. Exit status 0 with a candidate, 1
+when no checkpoint is eligible, 2 on bad input.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ class SelectConfig:
     data: Path | None = field(default=None, metadata={
         "help": "a VALIDATION folder written by python -m Training generate (required)"})
     effect_cases: tuple[str, ...] = field(default=(), metadata={
-        "help": "case ids of --data on which effects_top3 must pass (required; choose them before the run)"})
+        "help": "case ids of --data on which effects_top3 must pass (required, except for an imaging-only run; "
+                "choose them before the run)"})
     postprocessing_from: Path | None = field(default=None, metadata={
         "help": "bundle whose post-processing block every exported checkpoint gets (default: none, the "
                 "network's own 0.5 threshold)"})
@@ -97,7 +100,8 @@ def checkpoints_of(run: Path, include_last: bool = True) -> list[tuple[str, int,
 def decide(rows: list[dict], max_growth_misses: int) -> dict | None:
     """The rule (module docstring): marks each row ``eligible`` and returns the candidate row, or None."""
     for row in rows:
-        row["eligible"] = row["growth_misses"] <= max_growth_misses and all(row["effects_pass"].values())
+        row["eligible"] = row.get("imaging_only", False) or (
+            row["growth_misses"] <= max_growth_misses and all(row["effects_pass"].values()))
     eligible = [row for row in rows if row["eligible"]]
     return max(eligible, key=lambda row: (row["dice"], row["step"])) if eligible else None
 
@@ -123,14 +127,15 @@ def effect_inputs(folder: Path, case_ids: tuple[str, ...]) -> dict[str, tuple[di
 
 
 def score(bundle: Path, config: SelectConfig, work: Path,
-          effect_cases: dict[str, tuple[dict[str, Path], object]]) -> dict:
+          effect_cases: dict[str, tuple[dict[str, Path], object]], imaging_only: bool = False) -> dict:
     """Growth misses, effect checks (on :func:`effect_inputs`) and Dice of one exported bundle on
-    ``config.data``."""
+    ``config.data``; for an ``imaging_only`` bundle the Dice alone (the checks need clinical input)."""
     from StrokePredictorLib.inference import Predictor
     from Training.evaluation import clinical_behaviour as behaviour
-    from Training.evaluation.evaluate import EvaluateConfig
-    from Training.evaluation.evaluate import run as evaluate
 
+    if imaging_only:
+        return {"imaging_only": True, "growing_cases": None, "growth_misses": None, "growth_median": None,
+                "growth_ratios": {}, "effects_pass": {}, "effects": {}, "dice": _dice(bundle, config, work)}
     cases, _, _, _ = behaviour.dataset_cases(bundle, config.data)
     growth = behaviour.check_simulated_growth(cases, "outcome", min_simulated_growth=config.min_simulated_growth,
                                               min_growth=config.min_growth)[0]
@@ -143,27 +148,39 @@ def score(bundle: Path, config: SelectConfig, work: Path,
         check = behaviour.effects_check(volume, base, config.points)
         effects[case_id] = bool(check.passed)
         effects_top[case_id] = check.detail
-    summary = evaluate(EvaluateConfig(bundle=bundle, data=(Path(config.data),), label=("validation",), out=work,
-                                      mc_samples=config.mc_samples, device="cpu", baseline=False,
-                                      save_predictions=False, progress=False, overwrite=True))
-    dice = float(summary["datasets"]["validation"]["model"]["metrics"]["dice"]["mean"])
     return {"growing_cases": len(ratios), "growth_misses": sum(r < config.min_growth for r in ratios),
             "growth_median": round(float(np.median(ratios)), 3) if ratios else None,
             "growth_ratios": growth.volumes,
-            "effects_pass": effects, "effects": effects_top, "dice": round(dice, 4)}
+            "effects_pass": effects, "effects": effects_top, "dice": _dice(bundle, config, work)}
+
+
+def _dice(bundle: Path, config: SelectConfig, work: Path) -> float:
+    """Mean Dice of ``bundle`` on ``config.data`` (``evaluate``, ``config.mc_samples`` dropout samples)."""
+    from Training.evaluation.evaluate import EvaluateConfig
+    from Training.evaluation.evaluate import run as evaluate
+
+    summary = evaluate(EvaluateConfig(bundle=bundle, data=(Path(config.data),), label=("validation",), out=work,
+                                      mc_samples=config.mc_samples, device="cpu", baseline=False,
+                                      save_predictions=False, progress=False, overwrite=True))
+    return round(float(summary["datasets"]["validation"]["model"]["metrics"]["dice"]["mean"]), 4)
 
 
 def _markdown(rows: list[dict], chosen: dict | None, config: SelectConfig) -> str:
-    lines = [f"# Checkpoint selection: {config.run} on {config.data}", "",
-             f"Eligible: at most {config.max_growth_misses} growing case(s) below {config.min_growth}x and "
-             f"effects_top3 on {', '.join(config.effect_cases)}; candidate: the largest Dice.", "",
+    imaging_only = any(row.get("imaging_only") for row in rows)
+    rule = ("An imaging-only run: the growth and effect checks need clinical input and do not apply; "
+            "candidate: the largest Dice." if imaging_only else
+            f"Eligible: at most {config.max_growth_misses} growing case(s) below {config.min_growth}x and "
+            f"effects_top3 on {', '.join(config.effect_cases)}; candidate: the largest Dice.")
+    lines = [f"# Checkpoint selection: {config.run} on {config.data}", "", rule, "",
              "| checkpoint | step | growth misses | median growth | effects_top3 | Dice | eligible |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
-        effects = ", ".join("pass" if ok else "FAIL" for ok in row["effects_pass"].values())
+        effects = ", ".join("pass" if ok else "FAIL" for ok in row["effects_pass"].values()) or "n/a"
         eligible = "yes" if row["eligible"] else "no"
-        lines.append(f"| {row['checkpoint']} | {row['step']} | {row['growth_misses']}/{row['growing_cases']} | "
-                     f"{row['growth_median']}x | {effects} | {row['dice']:.3f} | {eligible} |")
+        growth = (f"{row['growth_misses']}/{row['growing_cases']} | {row['growth_median']}x"
+                  if row["growing_cases"] is not None else "n/a | n/a")
+        lines.append(f"| {row['checkpoint']} | {row['step']} | {growth} | {effects} | {row['dice']:.3f} | "
+                     f"{eligible} |")
     lines += ["", f"Candidate: {chosen['checkpoint']} (step {chosen['step']})." if chosen else
               "No checkpoint is eligible: no candidate."]
     return "\n".join(lines) + "\n"
@@ -174,16 +191,23 @@ def run(config: SelectConfig) -> dict:
     from StrokePredictorLib.bundle import read_metadata
     from Training.evaluation.postprocess import write_into_bundle
     from Training.training.export import ExportConfig, export
+    from Training.training.loop import load_checkpoint
 
-    if config.run is None or config.data is None or config.out is None or not config.effect_cases:
-        raise StrokePredictorError("--run, --data, --effect-cases and --out are required.")
+    if config.run is None or config.data is None or config.out is None:
+        raise StrokePredictorError("--run, --data and --out are required.")
     if not (Path(config.data) / "dataset.json").is_file():
         raise StrokePredictorError(f"--data {config.data}: not a folder written by 'python -m Training generate'.")
-    effect_cases = effect_inputs(Path(config.data), config.effect_cases)
     checkpoints = checkpoints_of(Path(config.run), config.include_last)
     if not checkpoints:
         raise StrokePredictorError(f"--run {config.run}: no checkpoints/step_*.pt or last.pt (train with "
                                    "--snapshot-every).")
+    imaging_only = bool(load_checkpoint(checkpoints[0][2])["network"].get("imaging_only", False))
+    if imaging_only and config.effect_cases:
+        raise StrokePredictorError(f"--run {config.run} is an imaging-only run: it has no clinical input, so "
+                                   "--effect-cases does not apply (its candidate is the largest Dice).")
+    if not imaging_only and not config.effect_cases:
+        raise StrokePredictorError("--effect-cases is required (case ids of --data; choose them before the run).")
+    effect_cases = effect_inputs(Path(config.data), config.effect_cases)
     out = Path(config.out)
     if (out / "selection.json").exists() and not config.overwrite:
         raise OutputExistsError(f"{out / 'selection.json'} exists; pass --overwrite to select again.")
@@ -203,9 +227,9 @@ def run(config: SelectConfig) -> dict:
         if post is not None:
             write_into_bundle(bundle, post)
         row = {"checkpoint": name, "step": step, "bundle": str(bundle),
-               **score(bundle, config, out / "evaluate" / name, effect_cases)}
-        logger.info("%s (step %d): growth misses %d/%d, effects %s, Dice %.3f", name, step, row["growth_misses"],
-                    row["growing_cases"], row["effects_pass"], row["dice"])
+               **score(bundle, config, out / "evaluate" / name, effect_cases, imaging_only)}
+        logger.info("%s (step %d): growth misses %s/%s, effects %s, Dice %.3f", name, step, row["growth_misses"],
+                    row["growing_cases"], row["effects_pass"] or "n/a", row["dice"])
         rows.append(row)
     chosen = decide(rows, config.max_growth_misses)
     report = {"run": str(config.run), "data": str(config.data), "settings": config_mod.to_dict(config),
