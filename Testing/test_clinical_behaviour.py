@@ -137,6 +137,12 @@ def test_growth_check_asks_only_cases_that_grow_in_the_simulation() -> None:
     failing = check_simulated_growth([("a", 2.0, _growing(1.6), BASE), ("b", 1.9, _growing(1.1), BASE)], "outcome")[0]
     assert not failing.passed and failing.value == "1/2"
     assert not check_simulated_growth([("c", 1.2, never, BASE)], "outcome")[0].passed  # nothing checked: no pass
+    assert not failing.volumes["b"]["undetected"] and "not segmented" not in failing.detail
+    missed = check_simulated_growth([("a", 2.0, _growing(1.6), BASE), ("d", 2.5, lambda record: 0.0, BASE)],
+                                    "outcome")[0]
+    assert not missed.passed and missed.value == "1/2"  # a detection failure is a growth miss ...
+    assert missed.volumes["d"]["undetected"] and not missed.volumes["a"]["undetected"]
+    assert "1 not segmented in either scenario" in missed.detail  # ... named as such
 
 
 def test_growth_check_of_an_acute_bundle_asks_for_stability() -> None:

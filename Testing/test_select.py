@@ -88,6 +88,8 @@ def test_every_snapshot_is_exported_with_the_given_postprocessing_and_scored(tmp
         ratios = [case["ratio"] for case in row["growth_ratios"].values()]
         assert row["growth_median"] == (round(float(np.median(ratios)), 3) if ratios else None)
         assert row["growth_misses"] == sum(r < 1.3 for r in ratios)
+        assert row["undetected"] == sum(case["early_ml"] == case["late_ml"] == 0
+                                        for case in row["growth_ratios"].values())
         assert set(row["effects_pass"]) == {"sub-strokecase0001"}
     assert len(weights) == 2  # two different states, not one exported twice
     chosen = decide([dict(row) for row in rows], max_growth_misses=1)

@@ -321,6 +321,8 @@ def check_simulated_growth(cases: Iterable[tuple[str, float, VolumeFunction, Cli
         ratios.append(ratio)
         rows[case_id] = {"simulated_growth": round(simulated, 3), "early_ml": round(early, 3),
                          "late_ml": round(late, 3), "ratio": round(ratio, 4)}
+        if task == "outcome":  # a detection failure counts as a growth miss, and is named as such
+            rows[case_id]["undetected"] = early == 0 and late == 0
     if not rows:
         return [CheckResult("growth_cases" if task == "outcome" else "stable_cases", False, "no case",
                             f"cases whose simulated infarct grows >= {min_simulated_growth}x",
@@ -328,11 +330,14 @@ def check_simulated_growth(cases: Iterable[tuple[str, float, VolumeFunction, Cli
     median = float(np.median(ratios))
     if task == "outcome":
         passing = sum(r >= min_growth for r in ratios)
+        undetected = sum(row["undetected"] for row in rows.values())
         return [CheckResult(
             "growth_cases", passing == len(ratios), f"{passing}/{len(ratios)}",
             f"every case >= {min_growth}x (simulated growth >= {min_simulated_growth}x)",
             f"predicted growth none 20 h / thrombectomy 1 h: median {median:.2f}x, "
-            f"range {min(ratios):.2f}-{max(ratios):.2f}x over {len(ratios)} case(s)", rows)]
+            f"range {min(ratios):.2f}-{max(ratios):.2f}x over {len(ratios)} case(s)"
+            + (f"; {undetected} not segmented in either scenario (counted as misses)" if undetected else ""),
+            rows)]
     passing = sum(r <= max_acute_change for r in ratios)
     return [CheckResult(
         "stable_cases", passing == len(ratios), f"{passing}/{len(ratios)}",

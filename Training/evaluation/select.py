@@ -13,7 +13,8 @@ of ``python -m Training behaviour``:
 
 * **growth**: the cases whose simulated final infarct grows by ``--min-simulated-growth`` (1.5x)
   or more between thrombectomy at 1 h and no treatment at 20 h, and how many of them the
-  checkpoint's predicted volume grows by less than ``--min-growth`` (1.3x);
+  checkpoint's predicted volume grows by less than ``--min-growth`` (1.3x); a case it does not
+  segment in either scenario is one of those misses, also counted as ``undetected``;
 * **effects**: ``effects_top3`` (``--points`` per numeric feature) on each ``--effect-cases`` case;
 * **Dice**: mean Dice on the folder (``evaluate``, ``--mc-samples`` dropout samples, the
   post-processing block of ``--postprocessing-from``).
@@ -134,7 +135,8 @@ def score(bundle: Path, config: SelectConfig, work: Path,
     from Training.evaluation import clinical_behaviour as behaviour
 
     if imaging_only:
-        return {"imaging_only": True, "growing_cases": None, "growth_misses": None, "growth_median": None,
+        return {"imaging_only": True, "growing_cases": None, "growth_misses": None, "undetected": None,
+                "growth_median": None,
                 "growth_ratios": {}, "effects_pass": {}, "effects": {}, "dice": _dice(bundle, config, work)}
     cases, _, _, _ = behaviour.dataset_cases(bundle, config.data)
     growth = behaviour.check_simulated_growth(cases, "outcome", min_simulated_growth=config.min_simulated_growth,
@@ -149,6 +151,7 @@ def score(bundle: Path, config: SelectConfig, work: Path,
         effects[case_id] = bool(check.passed)
         effects_top[case_id] = check.detail
     return {"growing_cases": len(ratios), "growth_misses": sum(r < config.min_growth for r in ratios),
+            "undetected": sum(bool(row.get("undetected")) for row in growth.volumes.values()),
             "growth_median": round(float(np.median(ratios)), 3) if ratios else None,
             "growth_ratios": growth.volumes,
             "effects_pass": effects, "effects": effects_top, "dice": _dice(bundle, config, work)}
@@ -177,7 +180,8 @@ def _markdown(rows: list[dict], chosen: dict | None, config: SelectConfig) -> st
     for row in rows:
         effects = ", ".join("pass" if ok else "FAIL" for ok in row["effects_pass"].values()) or "n/a"
         eligible = "yes" if row["eligible"] else "no"
-        growth = (f"{row['growth_misses']}/{row['growing_cases']} | {row['growth_median']}x"
+        undetected = f" ({row['undetected']} undetected)" if row.get("undetected") else ""
+        growth = (f"{row['growth_misses']}/{row['growing_cases']}{undetected} | {row['growth_median']}x"
                   if row["growing_cases"] is not None else "n/a | n/a")
         lines.append(f"| {row['checkpoint']} | {row['step']} | {growth} | {effects} | {row['dice']:.3f} | "
                      f"{eligible} |")
