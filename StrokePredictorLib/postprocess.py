@@ -146,12 +146,47 @@ class PostProcessing:
         mask = np.asarray(probability) >= self.threshold
         if not mask.any() or not (self.min_component_ml > 0 or self.needs_adc or self.component_rule):
             return mask
+        labels, _, kept = self._components(mask, probability, voxel_ml, adc)
+        return select_components(labels, kept)
+
+    def apply_counted(self, probability: np.ndarray, voxel_ml: float, adc: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, int]:
+        """:meth:`apply` and the number of 26-connected components of its mask, from the one labelling
+        (removing components never joins or splits the others)."""
+        mask = np.asarray(probability) >= self.threshold
+        if not mask.any():
+            return mask, 0
+        if not (self.min_component_ml > 0 or self.needs_adc or self.component_rule):
+            return mask, count_components(mask)
+        labels, _, kept = self._components(mask, probability, voxel_ml, adc)
+        return select_components(labels, kept), int(np.count_nonzero(kept))
+
+    def kept_voxels(self, mask: np.ndarray, probability: np.ndarray | None, voxel_ml: float,
+                    adc: np.ndarray | None = None) -> int:
+        """How many voxels :meth:`apply` keeps, from its thresholded ``mask`` (bool), without
+        building the filtered mask: the Monte-Carlo samples' volumes need only this.
+        ``probability`` (same shape) is read only by the mean-probability rule."""
+        mask = np.asarray(mask, dtype=bool)
+        if not mask.any():
+            return 0
+        if not (self.min_component_ml > 0 or self.needs_adc or self.component_rule):
+            return int(np.count_nonzero(mask))
+        _, voxels, kept = self._components(mask, probability, voxel_ml, adc)
+        return int(voxels[kept].sum())
+
+    def _components(self, mask: np.ndarray, probability: np.ndarray | None, voxel_ml: float,
+                    adc: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The labels of ``mask``'s components, their voxel counts and which the rules keep."""
         if self.needs_adc and (adc is None or np.shape(adc) != mask.shape):
             raise ValueError("PostProcessing.apply needs an ADC array of the probability's shape for its ADC rules")
-        labels, sizes_ml = label_components(mask, voxel_ml)
-        medians = component_medians(adc, labels, sizes_ml.size) if self.needs_adc else None
-        means = component_means(probability, labels, sizes_ml.size) if self.min_component_probability > 0 else None
-        return select_components(labels, self.keep(sizes_ml, medians, means))
+        if self.min_component_probability > 0 and (probability is None or np.shape(probability) != mask.shape):
+            raise ValueError("PostProcessing: the mean-probability rule needs the probability map of the mask's shape")
+        labels, count = ndimage.label(mask, structure=CONNECTIVITY)
+        voxels = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+        sizes_ml = voxels * float(voxel_ml)  # as label_components reports them
+        medians = component_medians(adc, labels, count) if self.needs_adc else None
+        means = component_means(probability, labels, count) if self.min_component_probability > 0 else None
+        return labels, voxels, self.keep(sizes_ml, medians, means)
 
     def replace(self, **changes: object) -> PostProcessing:
         """A copy with the given fields changed; ``None`` values leave a field as it is."""

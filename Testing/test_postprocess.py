@@ -108,6 +108,28 @@ def test_adc_gate_removes_components_without_restricted_diffusion() -> None:
         filter_components(mask, 0.1, 0.0, None, 0.8)
 
 
+def test_kept_voxels_counts_what_apply_keeps_under_every_rule() -> None:
+    rng = np.random.default_rng(5)
+    probability = (rng.random((14, 12, 10)) ** 6).astype(np.float32)  # sparse: many components
+    adc = rng.uniform(0.4, 1.2, probability.shape).astype(np.float32)
+    rules = [PostProcessing(threshold=0.4), PostProcessing(threshold=0.4, min_component_ml=0.003),
+             PostProcessing(threshold=0.3, max_component_adc=0.8),
+             PostProcessing(threshold=0.3, min_component_probability=0.6, small_component_ml=0.003,
+                            small_component_adc=0.8)]
+    counts = []
+    for post in rules:
+        mask = probability >= post.threshold
+        counts.append(post.kept_voxels(mask, probability, 0.001, adc))
+        assert counts[-1] == int(post.apply(probability, 0.001, adc).sum())
+        counted, n = post.apply_counted(probability, 0.001, adc)
+        np.testing.assert_array_equal(counted, post.apply(probability, 0.001, adc))
+        assert n == count_components(counted) and n > 1
+        assert post.kept_voxels(np.zeros_like(mask), probability, 0.001, adc) == 0
+    assert counts[1] < counts[0] and 0 < counts[3]  # the rules removed something
+    with pytest.raises(ValueError, match="mean-probability"):
+        rules[3].kept_voxels(probability >= 0.3, None, 0.001, adc)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("post")

@@ -84,6 +84,39 @@ def test_update_equals_a_fresh_prediction(setup: dict, flip: bool) -> None:
     assert updated.timings["decode_s"] > 0 and updated.geometry.same_grid(setup["dwi"].geometry)
 
 
+@pytest.mark.parametrize(("flip", "reach"), [(False, 0), (True, 2)])
+def test_offset_feature_changes_keep_the_decoder_and_equal_fresh_predictions(
+        setup: dict, tmp_path: Path, flip: bool, reach: int) -> None:
+    """In a growth bundle onset time and treatment act through the growth offset alone: a what-if
+    change of only those re-runs the offset, not the decoder, with the same result as a fresh
+    prediction; any other change (NIHSS) re-runs the decoder."""
+    bundle_dir = write_tiny_bundle(tmp_path / "bundle", seed=4, config=tiny_config(growth=True, growth_reach=reach))
+    predictor = Predictor(bundle_dir, device="cpu", mc_samples=4, seed=2, flip_tta=flip)
+    model = predictor.bundle.model
+    calls = []
+    original = model.decode
+    model.decode = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)  # type: ignore[method-assign]
+    session = WhatIf(predictor, setup["case"], CLINICAL)
+    views = 2 if flip else 1
+    session.update()
+    assert len(calls) == views
+    fresh_predictor = Predictor(bundle_dir, device="cpu", mc_samples=4, seed=2, flip_tta=flip)
+    volumes = set()
+    for changes, decoded in (({"onset_to_imaging_h": 20, "treatment": "none"}, 0), ({"treatment": None}, 0),
+                             ({"onset_to_imaging_h": 1, "treatment": "thrombectomy"}, 0),
+                             ({"nihss": 22, "onset_to_imaging_h": 1}, views), ({"nihss": 22}, 0), ({}, views)):
+        before = len(calls)
+        updated = session.update(changes)
+        assert len(calls) - before == decoded, changes
+        fresh = fresh_predictor.predict_preprocessed(setup["case"], session.record(changes))
+        np.testing.assert_array_equal(updated.probability, fresh.probability)
+        np.testing.assert_array_equal(updated.std, fresh.std)
+        np.testing.assert_array_equal(updated.samples_volume_ml, fresh.samples_volume_ml)
+        assert updated.feature_attention == fresh.feature_attention
+        volumes.add(float(updated.probability.sum()))
+    assert len(volumes) >= 4  # the offset changes reached the output
+
+
 def test_scenarios_difference_map_and_saved_volume(setup: dict) -> None:
     predictor = Predictor(setup["bundle"], device="cpu", mc_samples=4)
     session = WhatIf(predictor, setup["case"], CLINICAL)
