@@ -473,3 +473,25 @@ def test_the_growth_gate_keeps_the_orderings_for_any_weights() -> None:
         assert bool((logits[(t, 20.0)] >= logits[(t, 1.0)] - 1e-5).all())
     for h in (1.0, 20.0):
         assert bool((logits[("thrombectomy", h)] <= logits[("none", h)] + 1e-5).all())
+
+
+def test_decoder_level_without_gradients_equals_the_concatenation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inference convolves the skip concatenation as two halves; training concatenates: one function."""
+    import torch
+
+    from StrokePredictorLib.network import _DecoderLevel
+
+    torch.manual_seed(0)
+    concatenations = []
+    original = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: concatenations.append(1) or original(*a, **k))
+    for convs in (1, 2):
+        level = _DecoderLevel(6, 4, 5, convs).eval()
+        x, skip = torch.randn(2, 6, 3, 4, 5), torch.randn(2, 4, 6, 8, 10)
+        trained = level(x, skip)  # gradients on: the concatenation
+        assert trained.requires_grad and len(concatenations) == 1
+        with torch.no_grad():
+            split = level(x, skip)
+        assert len(concatenations) == 1  # no concatenation without gradients
+        torch.testing.assert_close(split, trained.detach(), atol=1e-5, rtol=1e-5)
+        concatenations.clear()
