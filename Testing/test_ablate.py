@@ -68,6 +68,13 @@ def test_report_shows_steps_and_cases_beside_every_figure_and_flags_what_is_unre
     assert all(row.split(" | ")[2:4] == ["4", "3"] for row in rows if row.startswith("| acute"))
     assert all(row.split(" | ")[2:4] == ["2000", "40"] for row in rows if row.startswith("| outcome"))
     assert all(row.rstrip(" |").endswith("no difference") for row in rows)
+    tuned = {**_task_result(300, 40, (0.6, 0.58), (0.55, 0.5), (7.0, 6.7)),
+             "initialised_from": {"fusion": None, "imaging_only": {"bundle": "strokepredictor-outcome",
+                                                                   "sha256": "759367d327ac" + "0" * 52, "step": 800}}}
+    flags = ablate.sanity_flags(tuned)
+    assert len(flags) == 1 and "since the weights they started from" in flags[0]
+    assert "imaging only: strokepredictor-outcome (sha256 759367d327ac, step 800)" in flags[0]
+    assert "mostly reflects the initialisation" in " ".join(ablate.sanity_flags({**tuned, "initialised_from": {}}))
     assert "Better" not in text and "- **acute**: only 4 training steps per arm" in text
     assert "- **outcome**" not in text
 

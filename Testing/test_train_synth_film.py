@@ -3,6 +3,7 @@ output; an imaging-only variant without its own bundle starts from the task bund
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,12 @@ def test_train_synth_film_from_a_plain_lite_bundle(tmp_path: Path) -> None:
                 for name in results}
     assert networks["outcome"]["film"] is True and networks["outcome-imaging"]["film"] is False
     assert networks["outcome-imaging"]["imaging_only"] is True
+    init = json.loads((tmp_path / "init" / "outcome" / "model.json").read_text())
+    for name in results:  # both twins record the weights they started from
+        origin = torch.load(tmp_path / "run" / name / "checkpoints" / "last.pt", weights_only=False)["data"][
+            "initialised_from"]
+        assert origin == {"bundle": init["name"], "version": init["version"], "sha256": init["weights"]["sha256"],
+                          "step": None}
 
 
 def test_growth_variants_start_from_plain_weights_and_round_trip_as_bundles(tmp_path: Path) -> None:

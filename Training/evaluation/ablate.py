@@ -178,8 +178,16 @@ def sanity_flags(task_result: dict) -> list[str]:
     flags = []
     steps = [s for per_seed in task_result.get("steps", {}).values() for s in per_seed.values()]
     if steps and min(steps) < MIN_STEPS:
-        flags.append(f"only {min(steps)} training steps per arm (fewer than {MIN_STEPS}): a difference mostly "
-                     "reflects the initialisation, not the clinical features")
+        started = {arm: origin for arm, origin in (task_result.get("initialised_from") or {}).items() if origin}
+        if started:  # fine-tuned from trained weights: the steps count after those
+            origins = "; ".join(f"{arm.replace('_', ' ')}: {o.get('bundle')} (sha256 {str(o.get('sha256'))[:12]}, "
+                                f"step {o.get('step')})" for arm, o in started.items())
+            flags.append(f"only {min(steps)} training steps per arm (fewer than {MIN_STEPS}) since the weights "
+                         f"they started from ({origins}): the difference reflects those weights as much as "
+                         "this training")
+        else:
+            flags.append(f"only {min(steps)} training steps per arm (fewer than {MIN_STEPS}): a difference mostly "
+                         "reflects the initialisation, not the clinical features")
     n_cases = task_result.get("n_cases", 0)
     if n_cases < MIN_CASES:
         flags.append(f"only {n_cases} evaluated case(s) (fewer than {MIN_CASES}): the bootstrap interval over "
@@ -348,15 +356,18 @@ def _write(config: AblateConfig, out: Path, results: dict, seeds: tuple[int, ...
     return results
 
 
-def _bundle_facts(bundle: Path) -> tuple[str, bool, int]:
-    """A bundle's task, whether it is imaging-only, and the training steps of its checkpoint (from its
-    validated ``model.json``; the weights are read when the bundle is evaluated)."""
+def _bundle_facts(bundle: Path) -> tuple[str, bool, int, dict | None]:
+    """A bundle's task, whether it is imaging-only, the training steps of its checkpoint and the
+    weights it started from (``data.initialised_from``, or None) (from its validated ``model.json``;
+    the weights are read when the bundle is evaluated)."""
     from StrokePredictorLib.bundle import read_metadata
 
     metadata = read_metadata(Path(bundle) / "model.json")
     imaging_only = bool(metadata.get("architecture", {}).get("config", {}).get("imaging_only", False))
-    step = metadata.get("data", {}).get("training", {}).get("step")
-    return str(metadata.get("task")), imaging_only, int(step) if isinstance(step, (int, float)) else 0
+    data = metadata.get("data", {})
+    step = data.get("training", {}).get("step")
+    return (str(metadata.get("task")), imaging_only, int(step) if isinstance(step, (int, float)) else 0,
+            data.get("initialised_from"))
 
 
 def run_bundles(config: AblateConfig) -> dict:
@@ -372,7 +383,7 @@ def run_bundles(config: AblateConfig) -> dict:
     if not Path(config.data).is_dir():
         raise StrokePredictorError(f"--data {config.data} is not a folder.")
     facts = {arm: _bundle_facts(bundle) for (arm, _), bundle in zip(ARMS, config.bundles, strict=True)}
-    tasks = {task for task, _, _ in facts.values()}
+    tasks = {task for task, _, _, _ in facts.values()}
     if len(tasks) != 1:
         raise StrokePredictorError(f"--bundles: the two bundles have different tasks ({', '.join(sorted(tasks))}).")
     if facts["fusion"][1] or not facts["imaging_only"][1]:
@@ -388,7 +399,9 @@ def run_bundles(config: AblateConfig) -> dict:
                                     device=config.device, baseline=False, save_predictions=False,
                                     overwrite=config.overwrite, progress=False))
         per_arm[arm][0] = _read_rows(evaluation / "per_case.csv")
-    return _write(config, out, {task: _task_result(per_arm, steps, config.bootstrap)}, (0,))
+    result = _task_result(per_arm, steps, config.bootstrap)
+    result["initialised_from"] = {arm: facts[arm][3] for arm, _ in ARMS}
+    return _write(config, out, {task: result}, (0,))
 
 
 def main(argv: list[str]) -> int:

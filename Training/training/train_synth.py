@@ -187,6 +187,18 @@ def _initialise(model: torch.nn.Module, init: Path, name: str) -> Path:
     return Path(start_from.directory)
 
 
+def initial_weights(folder: Path) -> dict:
+    """Where a run's weights started (``data.initialised_from`` of its checkpoints and exported
+    bundles): the ``--init`` bundle's name, version, weights sha256 and the training step of its own
+    checkpoint, so that a fine-tuned bundle's steps are read as steps after that one's."""
+    from StrokePredictorLib.bundle import read_metadata
+
+    metadata = read_metadata(Path(folder) / "model.json")
+    step = metadata.get("data", {}).get("training", {}).get("step")
+    return {"bundle": metadata.get("name"), "version": metadata.get("version"),
+            "sha256": metadata.get("weights", {}).get("sha256"), "step": step}
+
+
 #: ``--train-only`` values and the parameter-name prefixes that stay trainable (every other weight is frozen).
 TRAIN_ONLY = {"growth": ("growth.",), "growth,risk": ("growth.", "risk.")}
 
@@ -342,8 +354,9 @@ def run(config: SynthTrainConfig, given: frozenset[str] | None = None) -> dict[s
                                               "growth_reach": config.growth_reach if growth else 0})
         model = StrokeNet(net_config)
         run_dir = Path(config.out) / name
+        member_data = data
         if config.init is not None and not config.resume:
-            _initialise(model, config.init, name)
+            member_data = {**data, "initialised_from": initial_weights(_initialise(model, config.init, name))}
         prefixes = train_only_prefixes(config.train_only)
         if prefixes:
             for parameter_name, parameter in model.named_parameters():
@@ -351,13 +364,15 @@ def run(config: SynthTrainConfig, given: frozenset[str] | None = None) -> dict[s
         checkpoint = None
         if config.resume:
             checkpoint = loop.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+            if "initialised_from" in checkpoint.get("data", {}):  # the run's starting weights, kept
+                member_data = {**data, "initialised_from": checkpoint["data"]["initialised_from"]}
         elif (run_dir / "checkpoints" / "best.pt").exists() and not config.overwrite:
             raise cfg.ConfigError(f"Run folder {run_dir} holds a trained run; pass --resume to continue it or "
                                   "--overwrite to replace it.")
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         cfg.save(config, run_dir / "train_synth_config.json")
         meta = {"network": net_config.to_dict(), "task": task, "grid": grid.to_dict(),
-                "normalization": Normalization().to_dict(), "data": data,
+                "normalization": Normalization().to_dict(), "data": member_data,
                 "config": {**cfg.to_dict(config), "imaging_only": imaging_only, "val_threshold": 0.5,
                            "augment": "gpu_synth" + ("+pool" if source == "pool" else "")}}
         members.append(loop.Member(name, task, model, run_dir, meta, checkpoint=checkpoint))
