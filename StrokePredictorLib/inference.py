@@ -571,7 +571,7 @@ class Predictor:
         brain voxels ``index``; ``adc``: model grid, 10^-3 mm^2/s, needed when a rule reads it)."""
         post: PostProcessing = self.postprocessing
         above = probs >= post.threshold  # (N, Vb)
-        if not (post.min_component_ml > 0 or post.needs_adc or post.component_rule):
+        if not post.filters_components:
             return above.sum(dim=1).double().cpu().numpy() * voxel_ml
         rows = above.cpu().numpy()
         volumes = np.zeros(rows.shape[0])

@@ -544,9 +544,7 @@ class _DecoderLevel(nn.Module):
         channels = x.shape[1]
         h = (F.conv3d(x, conv.weight[:, :channels], conv.bias, conv.stride, conv.padding)
              + F.conv3d(skip.to(x.dtype), conv.weight[:, channels:], None, conv.stride, conv.padding))
-        for layer in list(first)[1:]:
-            h = layer(h)
-        return self.convs[1:](h)
+        return self.convs[1:](first[1:](h))  # the first block's norm and activation, then the other blocks
 
 
 # ----------------------------------------------------------------------------------------

@@ -111,6 +111,12 @@ class PostProcessing:
         return self.small_component_ml > 0 and self.small_component_adc > 0
 
     @property
+    def filters_components(self) -> bool:
+        """Whether any rule removes components (size, ADC, mean probability): otherwise the mask
+        is the thresholded map and needs no labelling."""
+        return self.min_component_ml > 0 or self.needs_adc or self.component_rule
+
+    @property
     def component_rule(self) -> bool:
         """Whether a rule beyond size and one ADC gate acts (mean probability or the small-component gate)."""
         return self.min_component_probability > 0 or self.small_rule
@@ -144,7 +150,7 @@ class PostProcessing:
             adc: ADC of the same shape (10^-3 mm^2/s); needed when :attr:`needs_adc`.
         """
         mask = np.asarray(probability) >= self.threshold
-        if not mask.any() or not (self.min_component_ml > 0 or self.needs_adc or self.component_rule):
+        if not mask.any() or not self.filters_components:
             return mask
         labels, _, kept = self._components(mask, probability, voxel_ml, adc)
         return select_components(labels, kept)
@@ -156,7 +162,7 @@ class PostProcessing:
         mask = np.asarray(probability) >= self.threshold
         if not mask.any():
             return mask, 0
-        if not (self.min_component_ml > 0 or self.needs_adc or self.component_rule):
+        if not self.filters_components:
             return mask, count_components(mask)
         labels, _, kept = self._components(mask, probability, voxel_ml, adc)
         return select_components(labels, kept), int(np.count_nonzero(kept))
@@ -169,7 +175,7 @@ class PostProcessing:
         mask = np.asarray(mask, dtype=bool)
         if not mask.any():
             return 0
-        if not (self.min_component_ml > 0 or self.needs_adc or self.component_rule):
+        if not self.filters_components:
             return int(np.count_nonzero(mask))
         _, voxels, kept = self._components(mask, probability, voxel_ml, adc)
         return int(voxels[kept].sum())
