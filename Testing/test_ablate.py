@@ -115,6 +115,9 @@ def test_trained_twins_are_compared_without_training(tmp_path: Path) -> None:
     data = write_tiny_dataset(tmp_path / "data", n_cases=2, seed=0)
     fusion = write_tiny_bundle(tmp_path / "fusion", seed=1)
     imaging = write_tiny_bundle(tmp_path / "imaging", seed=2, config=tiny_config(imaging_only=True))
+    metadata = json.loads((imaging / "model.json").read_text())  # a twin fine-tuned from trained weights
+    metadata["data"]["initialised_from"] = {"bundle": "tiny-start", "sha256": "ab" * 32, "step": 700}
+    (imaging / "model.json").write_text(json.dumps(metadata))
     out = tmp_path / "ablation"
     results = run(AblateConfig(bundles=(fusion, imaging), data=data, out=out, device="cpu", mc_samples=2,
                                bootstrap=100))
@@ -122,6 +125,8 @@ def test_trained_twins_are_compared_without_training(tmp_path: Path) -> None:
     assert acute["n_cases"] == 2 and acute["dice"]["n"] == 2
     assert acute["steps"] == {"fusion": {0: 0}, "imaging_only": {0: 0}}
     assert any("training steps" in flag for flag in acute["flags"])  # a random bundle is flagged, not trusted
+    assert "imaging only: tiny-start (sha256 abababababab, step 700)" in " ".join(acute["flags"])
+    assert acute["initialised_from"]["imaging_only"]["step"] == 700
     assert "(fusion)" in (out / "ablation.md").read_text() and json.loads((out / "ablation.json").read_text())
     with pytest.raises(StrokePredictorError, match="fusion bundle first"):
         run(AblateConfig(bundles=(imaging, fusion), data=data, out=tmp_path / "again", device="cpu"))

@@ -332,9 +332,13 @@ def run(config: AblateConfig) -> dict:
     return _write(config, out, results, config.seeds)
 
 
-def _task_result(per_arm: dict, steps: dict, n_bootstrap: int) -> dict:
+def _task_result(per_arm: dict, steps: dict, n_bootstrap: int, initialised_from: dict | None = None) -> dict:
+    """One task's comparison, its sanity flags and verdicts; ``initialised_from`` ({arm: the weights a
+    fine-tuned bundle started from, or None}) goes in before the flags, which name those weights."""
     result = compare(per_arm, n_bootstrap=n_bootstrap)
     result["steps"] = steps
+    if initialised_from is not None:
+        result["initialised_from"] = initialised_from
     result["n_cases"] = len(set.intersection(*(set(cases) for arm in per_arm.values() for cases in arm.values())))
     result["volumes_ml"] = {arm: _volumes(per_arm[arm]) for arm, _ in ARMS}
     result["flags"] = sanity_flags(result)
@@ -399,8 +403,8 @@ def run_bundles(config: AblateConfig) -> dict:
                                     device=config.device, baseline=False, save_predictions=False,
                                     overwrite=config.overwrite, progress=False))
         per_arm[arm][0] = _read_rows(evaluation / "per_case.csv")
-    result = _task_result(per_arm, steps, config.bootstrap)
-    result["initialised_from"] = {arm: facts[arm][3] for arm, _ in ARMS}
+    result = _task_result(per_arm, steps, config.bootstrap,
+                          initialised_from={arm: facts[arm][3] for arm, _ in ARMS})
     return _write(config, out, {task: result}, (0,))
 
 
