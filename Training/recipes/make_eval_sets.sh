@@ -13,6 +13,7 @@
 #                                    or a single small lesion of 0.02-1 mL
 #   test_growth                      12 cases: the clinical growth check of outcome bundles (below)
 #   test_gate                        30 cases: data/test's recipe with another seed (a fresh gate)
+#   test_ablate                     120 cases: data/test's recipe with a third seed, for the fusion ablation
 # With EARLIER=1 it also rebuilds the earlier validation and test sets of the README
 # ("Reproducing the bundled models") with their committed seeds. Each set's wall time is printed.
 #
@@ -65,3 +66,6 @@ fi
 # the recipe of the 30-case test set with a new seed: a gate for outcome candidates that no earlier candidate
 # was judged on (the outcome model card, selection g17)
 generate test_gate 30 1101 soop_test
+# the same recipe, four times as many cases and a third seed: the fusion ablation's set (outcome model card, g20),
+# whose interval is about half as wide as on a 30-case set
+generate test_ablate 120 1401 soop_test
