@@ -162,10 +162,11 @@ def lesion_center_ras(result: Any) -> tuple[float, float, float]:
     import slicer
     import vtk
 
-    node = getattr(result, "probability", None) or result.regions  # a prediction or a what-if comparison
+    regions = getattr(result, "regions", None)  # only a what-if comparison has them
+    node = getattr(result, "probability", None) or regions
     array = slicer.util.arrayFromVolume(node)
     kji = np.argwhere(array >= 0.5)
-    if node is result.regions and np.any(array == 1):
+    if regions is not None and node is regions and np.any(array == 1):
         best = int(np.argmax((array == 1).sum(axis=(1, 2))))
         kji = kji[kji[:, 0] == best]
     if len(kji) == 0:

@@ -56,6 +56,8 @@ def test_overlay_and_outline_are_rendered(tmp_path):
     result = module.scene.create_result_nodes(summary, dwi)
     env.add_slice_views(("Red",))
     centre_ras = (-centre_lps[0], -centre_lps[1], centre_lps[2])
+    # the view's centre for a prediction: the lesion's centre of mass (within a voxel of the sphere's)
+    assert np.allclose(render_screenshot.lesion_center_ras(result), centre_ras, atol=2.0)
 
     module.scene.show_layer(dwi, None, 0.0)
     result.segmentation.GetDisplayNode().SetVisibility(False)
