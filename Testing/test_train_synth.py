@@ -216,3 +216,14 @@ def test_resume_from_the_command_line_takes_a_typed_default_and_keeps_what_was_n
     assert (seen[-1].threads, seen[-1].val_every, seen[-1].lr) == (2, 1000, 3e-4)  # not typed: the run's own
     with pytest.raises(cfg.ConfigError, match="--lr cannot change"):
         train_synth.main(["--out", str(out), "--resume", "--lr", str(SynthTrainConfig().lr)])
+
+
+def test_patience_ends_a_run_that_stops_gaining(pack_path: Path, tmp_path: Path) -> None:
+    """--patience N: training ends after N validations without a val Dice gain (a learning rate too small
+    to change any prediction gains nothing after the first), and the summary says why."""
+    result = run(_config(pack_path, tmp_path / "flat", lr=1e-12, max_steps=20, val_every=2, patience=2))["acute"]
+    assert result["stopped"] == "early_stopping" and result["steps"] == 6
+    assert run(_config(pack_path, tmp_path / "full", lr=1e-12, max_steps=6, val_every=2))["acute"]["stopped"] \
+        == "max_steps"
+    with pytest.raises(cfg.ConfigError, match="--patience must be >= 0"):
+        run(_config(pack_path, tmp_path / "bad", patience=-1))

@@ -88,6 +88,9 @@ class CampaignConfig:
         "help": "weight of the per-lesion Dice term (train-synth --lesion-loss; 0.5 is Kofler et al.'s blob loss), "
                 "so that small lesions weigh as much as large ones"})
     val_every: int = field(default=300, metadata={"help": "validate (and keep the best checkpoint) every N steps"})
+    patience: int = field(default=0, metadata={
+        "help": "end training after this many validations without a gain (0: use all --minutes); the best "
+                "checkpoint is exported either way"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
     mc_samples: int = field(default=20, metadata={"help": "Monte-Carlo samples of the post-processing search"})
     max_cases: int = field(default=0, metadata={"help": "at most this many cases per validation folder (0: all)"})
@@ -265,7 +268,7 @@ def run(config: CampaignConfig) -> dict:
         argv = ["--pack", config.pack, "--out", train_dir, "--device", config.device, "--variants", config.task,
                 "--time-limit", config.minutes * 60, "--lr", config.lr, "--seed", config.seed,
                 "--threads", config.threads, "--val-samples", 16, "--val-every", config.val_every,
-                "--checkpoint-minutes", 10, "--lesion-loss", config.lesion_loss,
+                "--checkpoint-minutes", 10, "--lesion-loss", config.lesion_loss, "--patience", config.patience,
                 "--source", "pool" if config.device == "cpu" else "gpu"]
         if config.device == "cpu":  # the CPU recipe: a 48-volume pool; by default 2 lesion-centred 64^3 patches a step
             argv += ["--batch-size", config.batch_size, "--patch", config.patch, "--pool-size", 48,
@@ -309,7 +312,8 @@ def run(config: CampaignConfig) -> dict:
              "steps": int(trained["steps"]), "training_s": float(trained["seconds"]),
              "best_synthetic_val_dice": trained.get("best_val_dice"), "seed": config.seed, "lr": config.lr,
              "mimic_fraction": config.mimic_fraction, "patch": config.patch, "batch_size": config.batch_size,
-             "lesion_loss": config.lesion_loss, "init": str(config.init) if config.init else "shipped",
+             "lesion_loss": config.lesion_loss, "patience": config.patience, "stopped": trained.get("stopped"),
+             "init": str(config.init) if config.init else "shipped",
              "checkpoint_validation": [Path(c).name for c in config.val_cache] or "synthesised",
              "validation_sets": [Path(v).name for v in config.val], "max_cases_per_set": config.max_cases,
              "mc_samples": config.mc_samples, "decision": decision, "outcome": outcome}

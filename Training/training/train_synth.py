@@ -120,6 +120,9 @@ class SynthTrainConfig:
                 "masked out; Kofler et al.'s blob loss, whose weighting is 0.5), so small lesions weigh as much "
                 "as large ones; 0: the plain Dice + cross-entropy"})
     checkpoint_minutes: float = field(default=10.0, metadata={"help": "write last.pt at least this often"})
+    patience: int = field(default=0, metadata={
+        "help": "stop after this many validations (every --val-every steps) without a val Dice gain; best.pt keeps "
+                "the best (0: train for the whole budget)"})
     snapshot_every: int = field(default=0, metadata={
         "help": "also keep checkpoints/step_NNNNNN.pt every this many steps, for python -m Training select "
                 "(0: only last.pt and best.pt)"})
@@ -303,6 +306,8 @@ def run(config: SynthTrainConfig, given: frozenset[str] | None = None) -> dict[s
         raise cfg.ConfigError(f"--lesion-loss must be >= 0, not {config.lesion_loss}.")
     if config.snapshot_every < 0:
         raise cfg.ConfigError(f"--snapshot-every must be >= 0 (0: off), not {config.snapshot_every}.")
+    if config.patience < 0:
+        raise cfg.ConfigError(f"--patience must be >= 0 (0: off), not {config.patience}.")
     if config.growth_l2 < 0 or (config.growth_l2 and not config.growth):
         raise cfg.ConfigError(f"--growth-l2 must be >= 0 and needs --growth, got {config.growth_l2}.")
     torch.manual_seed(config.seed)
@@ -395,14 +400,14 @@ def run(config: SynthTrainConfig, given: frozenset[str] | None = None) -> dict[s
         epoch_steps=config.val_every, batch_size=config.batch_size, weight_decay=config.weight_decay,
         fused=cuda, grad_clip=config.grad_clip, checkpoint_minutes=config.checkpoint_minutes,
         snapshot_every=config.snapshot_every, core_weight=config.core_weight, growth_lr_scale=config.growth_lr_scale,
-        growth_l2=config.growth_l2)
+        growth_l2=config.growth_l2, patience=config.patience)
     loss_fn = with_lesion_term(
         DiceCELoss(sigmoid=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=config.batch_dice),
         config.lesion_loss)
     trained = loop.run_loop(members, data_source, loss_fn, precision, options, log=logger)
     results = {name: {"run_dir": r["run_dir"], "best_val_dice": r["best_val_dice"], "steps": r["steps"],
                       "seconds": round(r["seconds"], 1), "network_share": round(r["network_share"], 3),
-                      "skipped_steps": r["skipped_steps"]}
+                      "skipped_steps": r["skipped_steps"], "stopped": r["stopped"]}
                for name, r in trained.items()}
     write_json(results, Path(config.out) / "summary.json", overwrite=True)
     return results
