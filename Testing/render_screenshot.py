@@ -166,7 +166,7 @@ def lesion_center_ras(result: Any) -> tuple[float, float, float]:
     node = getattr(result, "probability", None) or regions
     array = slicer.util.arrayFromVolume(node)
     kji = np.argwhere(array >= 0.5)
-    if regions is not None and node is regions and np.any(array == 1):
+    if node is regions and np.any(array == 1):
         best = int(np.argmax((array == 1).sum(axis=(1, 2))))
         kji = kji[kji[:, 0] == best]
     if len(kji) == 0:
