@@ -134,10 +134,11 @@ def test_a_losing_run_keeps_the_bundle_but_is_recorded(tmp_path: Path, monkeypat
 
 @pytest.mark.parametrize("recipe, expected", [
     ({}, {"--patch": "64,64,64", "--batch-size": "2", "--val-every": "300", "--lesion-loss": "0.0",
-          "--patience": "0"}),
-    ({"patch": "80,112,96", "batch_size": 1, "val_every": 200, "lesion_loss": 0.5, "patience": 4},
+          "--patience": "0", "--focus-fraction": "0.0"}),
+    ({"patch": "80,112,96", "batch_size": 1, "val_every": 200, "lesion_loss": 0.5, "patience": 4,
+      "focus_fraction": 0.5},
      {"--patch": "80,112,96", "--batch-size": "1", "--val-every": "200", "--lesion-loss": "0.5",
-      "--patience": "4"}),
+      "--patience": "4", "--focus-fraction": "0.5"}),
 ])
 def test_the_training_recipe_reaches_train_synth_and_the_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                 recipe: dict, expected: dict) -> None:
@@ -158,8 +159,9 @@ def test_the_training_recipe_reaches_train_synth_and_the_ledger(tmp_path: Path, 
     argv = seen["argv"]
     assert {flag: argv[argv.index(flag) + 1] for flag in expected} == expected
     entry = json.loads((models / "acute" / "campaign.json").read_text())["runs"][0]
-    assert (entry["patch"], str(entry["batch_size"]), str(entry["lesion_loss"]), str(entry["patience"])) == (
-        expected["--patch"], expected["--batch-size"], expected["--lesion-loss"], expected["--patience"])
+    assert (entry["patch"], str(entry["batch_size"]), str(entry["lesion_loss"]), str(entry["patience"]),
+            str(entry["focus_fraction"])) == (expected["--patch"], expected["--batch-size"], expected["--lesion-loss"],
+                                              expected["--patience"], expected["--focus-fraction"])
 
 
 def test_a_run_can_start_from_an_earlier_candidate_and_is_still_judged_against_the_shipped_bundle(

@@ -75,6 +75,37 @@ def test_mimic_fraction_centres_the_other_patches_on_hard_negatives() -> None:
     assert len({tuple(w) for w in uniform}) > 1
 
 
+def test_focus_pair_centres_a_small_lesion_and_a_hard_negative() -> None:
+    from Training.synthesis.pool import PoolVolume, _components
+
+    pool = SynthPool.__new__(SynthPool)  # no rendering: hand-made volumes
+    pool.grid_kji, pool.divisor, pool.rng = (64, 64, 64), 16, np.random.default_rng(1)
+    image = np.zeros((3, 64, 64, 64), np.float16)
+    empty = np.zeros((64, 64, 64), bool)
+    lesions = empty.copy()
+    lesions[5:25, 5:25, 5:25] = True  # 8,000 voxels: large
+    lesions[50:52, 50:52, 10:12] = True  # 8 voxels: small
+    spot = np.array([[40, 20, 50]])
+
+    def volume(mask: np.ndarray, negatives: np.ndarray) -> PoolVolume:
+        return PoolVolume(image, mask, mask, ~empty, np.zeros(10, np.float32), np.ones(10, bool), True,
+                          {"acute": _components(mask), "outcome": _components(mask)}, negatives)
+
+    pool.volumes = [volume(lesions, spot), volume(empty, np.zeros((0, 3), np.int64))]
+    for _ in range(12):
+        batch = pool.focus_batch((32, 32, 32), max_voxels=125, augment=False)
+        assert batch["image"].shape == (2, 3, 32, 32, 32)
+        first, second = batch["window"][:, 0].numpy()
+        assert ((first <= [50, 50, 10]) & ([51, 51, 11] < first + 32)).all()  # the small lesion, whole
+        assert batch["target"][0].sum() == 8 or (first <= 24).all()  # beside it at most the large one's corner
+    # with only large lesions in the pool, the pair falls back to any lesion
+    pool.volumes = [volume(lesions & ~(np.indices(empty.shape)[0] > 40), spot)]
+    batch = pool.focus_batch((32, 32, 32), max_voxels=125, augment=False)
+    assert batch["target"][0].sum() > 0
+    second = batch["window"][1, 0].numpy()
+    assert ((second <= spot[0]) & (spot[0] < second + 32)).all()  # the other crop holds the hard negative
+
+
 @pytest.mark.slow
 def test_patches_cut_where_their_window_says(pack_path: Path) -> None:
     pool = SynthPool(pack_path, GRID, size=1, seed=3, background=False, divisor=16)

@@ -227,3 +227,25 @@ def test_patience_ends_a_run_that_stops_gaining(pack_path: Path, tmp_path: Path)
         == "max_steps"
     with pytest.raises(cfg.ConfigError, match="--patience must be >= 0"):
         run(_config(pack_path, tmp_path / "bad", patience=-1))
+
+
+def test_focus_fraction_trains_on_focus_pairs(pack_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--focus-fraction 1: every step is a focus pair (two crops of --focus-patch); 0: none is."""
+    from Training.synthesis.pool import SynthPool
+
+    shapes: list[tuple] = []
+    original = SynthPool.focus_batch
+
+    def spy(self: SynthPool, *args: object, **kwargs: object) -> dict:
+        batch = original(self, *args, **kwargs)
+        shapes.append(tuple(batch["image"].shape))
+        return batch
+    monkeypatch.setattr(SynthPool, "focus_batch", spy)
+    result = run(_config(pack_path, tmp_path / "focus", focus_fraction=1.0, focus_patch=(32, 32, 16)))["acute"]
+    assert result["steps"] == 3 and shapes == [(2, 3, 32, 32, 16)] * 3
+    run(_config(pack_path, tmp_path / "plain"))
+    assert len(shapes) == 3
+    with pytest.raises(cfg.ConfigError, match="--focus-fraction"):
+        run(_config(pack_path, tmp_path / "bad", focus_fraction=1.5))
+    with pytest.raises(cfg.ConfigError, match="--focus-patch"):
+        run(_config(pack_path, tmp_path / "bad2", focus_fraction=0.5, focus_patch=(20, 32, 32)))

@@ -87,6 +87,9 @@ class CampaignConfig:
     lesion_loss: float = field(default=0.0, metadata={
         "help": "weight of the per-lesion Dice term (train-synth --lesion-loss; 0.5 is Kofler et al.'s blob loss), "
                 "so that small lesions weigh as much as large ones"})
+    focus_fraction: float = field(default=0.0, metadata={
+        "help": "CPU pool: share of steps on a focus pair (train-synth --focus-fraction: a 64^3 crop centred on a "
+                "lesion under 1 mL and one centred on a hard negative); 0: off"})
     val_every: int = field(default=300, metadata={"help": "validate (and keep the best checkpoint) every N steps"})
     patience: int = field(default=0, metadata={
         "help": "end training after this many validations without a gain (0: use all --minutes); the best "
@@ -272,7 +275,7 @@ def run(config: CampaignConfig) -> dict:
                 "--source", "pool" if config.device == "cpu" else "gpu"]
         if config.device == "cpu":  # the CPU recipe: a 48-volume pool; by default 2 lesion-centred 64^3 patches a step
             argv += ["--batch-size", config.batch_size, "--patch", config.patch, "--pool-size", 48,
-                     "--mimic-fraction", config.mimic_fraction]
+                     "--mimic-fraction", config.mimic_fraction, "--focus-fraction", config.focus_fraction]
         if config.val_cache:
             argv += ["--val-cache", ",".join(str(c) for c in config.val_cache),
                      "--val-max-cases", config.val_cache_cases]
@@ -312,7 +315,8 @@ def run(config: CampaignConfig) -> dict:
              "steps": int(trained["steps"]), "training_s": float(trained["seconds"]),
              "best_synthetic_val_dice": trained.get("best_val_dice"), "seed": config.seed, "lr": config.lr,
              "mimic_fraction": config.mimic_fraction, "patch": config.patch, "batch_size": config.batch_size,
-             "lesion_loss": config.lesion_loss, "patience": config.patience, "stopped": trained.get("stopped"),
+             "lesion_loss": config.lesion_loss, "focus_fraction": config.focus_fraction, "patience": config.patience,
+             "stopped": trained.get("stopped"),
              "init": str(config.init) if config.init else "shipped",
              "checkpoint_validation": [Path(c).name for c in config.val_cache] or "synthesised",
              "validation_sets": [Path(v).name for v in config.val], "max_cases_per_set": config.max_cases,

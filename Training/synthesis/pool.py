@@ -251,8 +251,7 @@ class SynthPool:
         that variants of either task can train on one batch). Of the other patches, a
         ``mimic_fraction`` is centred on one of the volume's hard negatives (when it has any), the
         rest placed uniformly. With ``mimic_fraction`` 0 the random stream is the one without it."""
-        images, values, missing, flair, windows = [], [], [], [], []
-        targets: dict[str, list[np.ndarray]] = {name: [] for name in TASKS}
+        cuts = []
         for _ in range(n):
             volume = self.volumes[int(self.rng.integers(len(self.volumes)))]
             components = volume.components[task]
@@ -262,38 +261,66 @@ class SynthPool:
                 centre = component[int(self.rng.integers(len(component)))]
             elif mimic_fraction > 0 and len(volume.hard_negatives) and self.rng.random() < mimic_fraction:
                 centre = volume.hard_negatives[int(self.rng.integers(len(volume.hard_negatives)))]
-            start = self._start(centre, patch)
-            region = tuple(slice(int(s), int(s) + p) for s, p in zip(start, patch, strict=True))
-            image = volume.image[(slice(None), *region)].astype(np.float32)
-            cut = {name: getattr(volume, name)[region] for name in TASKS}
-            clinical = (volume.clinical_values, volume.clinical_missing)
-            if volume.scenarios:  # one of the image's scenarios: the observed one or a counterfactual
-                pick = int(self.rng.integers(len(volume.scenarios) + 1))
-                if pick:
-                    scenario_values, scenario_missing, scenario_outcome = volume.scenarios[pick - 1]
-                    clinical = (scenario_values, scenario_missing)
-                    cut["outcome"] = scenario_outcome[region]
-            mirrored = self.grid_kji[2] - start[2] - patch[2]  # where the cut lies in the mirrored grid
-            if augment and mirrored % self.divisor == 0 and self.rng.random() < 0.5:
-                image = image[..., ::-1]  # left-right mirror of the whole grid
-                cut = {name: mask[..., ::-1] for name, mask in cut.items()}
-                start = np.array([start[0], start[1], mirrored])
-            if augment:
-                image = augment_patch(image, self.rng)
-            images.append(np.ascontiguousarray(image))
-            for name, mask in cut.items():
-                targets[name].append(np.ascontiguousarray(mask, dtype=np.float32)[None])
-            values.append(clinical[0])
-            missing.append(clinical[1])
-            flair.append(volume.flair_present)
-            windows.append([list(start), list(self.grid_kji)])
-        stacked = {name: torch.from_numpy(np.stack(masks)) for name, masks in targets.items()}
+            cuts.append(self._cut(volume, centre, patch, augment))
+        return self._stack(cuts, task)
+
+    def focus_batch(self, patch: tuple[int, int, int], *, task: str = "acute", max_voxels: int,
+                    augment: bool = True) -> dict[str, torch.Tensor]:
+        """Two patches that put the smallest lesions next to what mimics them: one centred on a
+        component of ``task``'s target with fewer than ``max_voxels`` voxels (in a pool volume that
+        has one; any component when none has), one centred on a hard negative of another random
+        volume (DWI bright, ADC normal; a random place when it has none). Whole-volume training
+        sees a few small foci among a million voxels; these crops show them, and their look-alikes,
+        at the scale of a patch."""
+        small = [(v, [c for c in v.components[task] if len(c) < max_voxels]) for v in self.volumes]
+        small = [(v, cs) for v, cs in small if cs] or [(v, v.components[task]) for v in self.volumes
+                                                       if v.components[task]]
+        cuts = []
+        if small:
+            volume, components = small[int(self.rng.integers(len(small)))]
+            component = components[int(self.rng.integers(len(components)))]
+            cuts.append(self._cut(volume, component[int(self.rng.integers(len(component)))], patch, augment))
+        volume = self.volumes[int(self.rng.integers(len(self.volumes)))]
+        negatives = volume.hard_negatives
+        centre = negatives[int(self.rng.integers(len(negatives)))] if len(negatives) else None
+        cuts.append(self._cut(volume, centre, patch, augment))
+        return self._stack(cuts, task)
+
+    def _cut(self, volume: PoolVolume, centre: np.ndarray | None, patch: tuple[int, int, int],
+             augment: bool) -> dict:
+        """One patch of ``volume`` around ``centre`` (uniform when None), with its targets and window."""
+        start = self._start(centre, patch)
+        region = tuple(slice(int(s), int(s) + p) for s, p in zip(start, patch, strict=True))
+        image = volume.image[(slice(None), *region)].astype(np.float32)
+        cut = {name: getattr(volume, name)[region] for name in TASKS}
+        clinical = (volume.clinical_values, volume.clinical_missing)
+        if volume.scenarios:  # one of the image's scenarios: the observed one or a counterfactual
+            pick = int(self.rng.integers(len(volume.scenarios) + 1))
+            if pick:
+                scenario_values, scenario_missing, scenario_outcome = volume.scenarios[pick - 1]
+                clinical = (scenario_values, scenario_missing)
+                cut["outcome"] = scenario_outcome[region]
+        mirrored = self.grid_kji[2] - start[2] - patch[2]  # where the cut lies in the mirrored grid
+        if augment and mirrored % self.divisor == 0 and self.rng.random() < 0.5:
+            image = image[..., ::-1]  # left-right mirror of the whole grid
+            cut = {name: mask[..., ::-1] for name, mask in cut.items()}
+            start = np.array([start[0], start[1], mirrored])
+        if augment:
+            image = augment_patch(image, self.rng)
+        return {"image": np.ascontiguousarray(image),
+                "targets": {name: np.ascontiguousarray(mask, dtype=np.float32)[None] for name, mask in cut.items()},
+                "values": clinical[0], "missing": clinical[1], "flair": volume.flair_present,
+                "window": [list(start), list(self.grid_kji)]}
+
+    @staticmethod
+    def _stack(cuts: list[dict], task: str) -> dict[str, torch.Tensor]:
+        stacked = {name: torch.from_numpy(np.stack([c["targets"][name] for c in cuts])) for name in TASKS}
         return {
-            "image": torch.from_numpy(np.stack(images)),
+            "image": torch.from_numpy(np.stack([c["image"] for c in cuts])),
             "target": stacked[task],
             **stacked,
-            "clinical_values": torch.from_numpy(np.stack(values)),
-            "clinical_missing": torch.from_numpy(np.stack(missing)),
-            "flair_present": torch.tensor(flair, dtype=torch.bool),
-            "window": torch.tensor(windows, dtype=torch.long),
+            "clinical_values": torch.from_numpy(np.stack([c["values"] for c in cuts])),
+            "clinical_missing": torch.from_numpy(np.stack([c["missing"] for c in cuts])),
+            "flair_present": torch.tensor([c["flair"] for c in cuts], dtype=torch.bool),
+            "window": torch.tensor([c["window"] for c in cuts], dtype=torch.long),
         }

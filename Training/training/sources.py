@@ -260,12 +260,18 @@ class PoolSource(_SynthSource):
         size, refresh, pause: volumes in the pool, fresh volumes swapped in per step at most, and
             the background renderer's pause after each volume (seconds).
         seed: seed of the pool (offset by the step a resumed run starts at).
+        focus_fraction, focus_patch, focus_voxels: the share of steps that train instead on a focus
+            pair (:meth:`Training.synthesis.pool.SynthPool.focus_batch`: a ``focus_patch`` crop centred
+            on a lesion of fewer than ``focus_voxels`` voxels and one centred on a hard negative).
     """
 
     def __init__(self, pack: Path, grid_size: tuple[int, int, int], *, patch: tuple[int, int, int], task: str,
                  batch_size: int, lesion_fraction: float, size: int, refresh: int, pause: float, seed: int,
-                 divisor: int, mimic_fraction: float = 0.0, scenarios: int = 0, **shared: Any) -> None:
+                 divisor: int, mimic_fraction: float = 0.0, scenarios: int = 0, focus_fraction: float = 0.0,
+                 focus_patch: tuple[int, int, int] = (64, 64, 64), focus_voxels: int = 125, **shared: Any) -> None:
         super().__init__(**shared)
+        self.focus_fraction, self.focus_patch, self.focus_voxels = focus_fraction, focus_patch, focus_voxels
+        self.focus_steps = 0
         self.pack, self.grid_size, self.patch, self.task = pack, grid_size, patch, task
         self.batch_size, self.lesion_fraction, self.mimic_fraction = batch_size, lesion_fraction, mimic_fraction
         self.scenarios = scenarios
@@ -281,12 +287,19 @@ class PoolSource(_SynthSource):
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         self.pool.refresh(self.refresh)
-        batch = self.pool.batch(self.batch_size, self.patch, task=self.task, lesion_fraction=self.lesion_fraction,
-                                mimic_fraction=self.mimic_fraction)
+        if self.focus_fraction > 0 and self.pool.rng.random() < self.focus_fraction:
+            self.focus_steps += 1
+            batch = self.pool.focus_batch(self.focus_patch, task=self.task, max_voxels=self.focus_voxels)
+        else:
+            batch = self.pool.batch(self.batch_size, self.patch, task=self.task,
+                                    lesion_fraction=self.lesion_fraction, mimic_fraction=self.mimic_fraction)
         return self._drop_clinical(to_device(batch, self.device))
 
     def status(self) -> str:
-        return f"pool refreshed {self.pool.refreshed}" if self.pool is not None else ""
+        if self.pool is None:
+            return ""
+        return f"pool refreshed {self.pool.refreshed}" + (f", focus steps {self.focus_steps}"
+                                                           if self.focus_fraction else "")
 
     def close(self) -> None:
         if self.pool is not None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,6 +109,13 @@ class SynthTrainConfig:
     mimic_fraction: float = field(default=0.0, metadata={
         "help": "pool: share of the other patches centred on a hard negative (DWI bright, ADC normal, away from "
                 "lesions: what real-scan mimics look like)"})
+    focus_fraction: float = field(default=0.0, metadata={
+        "help": "pool: share of steps that train on a focus pair instead (a --focus-patch crop centred on a lesion "
+                "under --focus-ml and one centred on a hard negative), so that whole-volume training still sees "
+                "small foci and their mimics up close; 0: off"})
+    focus_patch: tuple[int, ...] = field(default=(64, 64, 64), metadata={
+        "help": "pool: the focus pair's crop in k,j,i voxels (multiples of the size divisor)"})
+    focus_ml: float = field(default=1.0, metadata={"help": "pool: lesions under this volume (mL) are focus lesions"})
     pool_size: int = field(default=48, metadata={"help": "pre-rendered volumes held by the pool"})
     pool_refresh: int = field(default=1, metadata={"help": "fresh volumes swapped into the pool per step, at most"})
     pool_pause: float = field(default=6.0, metadata={
@@ -308,6 +316,9 @@ def run(config: SynthTrainConfig, given: frozenset[str] | None = None) -> dict[s
         raise cfg.ConfigError(f"--snapshot-every must be >= 0 (0: off), not {config.snapshot_every}.")
     if config.patience < 0:
         raise cfg.ConfigError(f"--patience must be >= 0 (0: off), not {config.patience}.")
+    if not 0 <= config.focus_fraction <= 1 or config.focus_ml <= 0:
+        raise cfg.ConfigError(f"--focus-fraction must lie in [0, 1] and --focus-ml be > 0, got "
+                              f"{config.focus_fraction} and {config.focus_ml}.")
     if config.growth_l2 < 0 or (config.growth_l2 and not config.growth):
         raise cfg.ConfigError(f"--growth-l2 must be >= 0 and needs --growth, got {config.growth_l2}.")
     torch.manual_seed(config.seed)
@@ -323,6 +334,12 @@ def run(config: SynthTrainConfig, given: frozenset[str] | None = None) -> dict[s
     if len(patch) != 3 or any(p % divisor or p > g or p <= 0 for p, g in zip(patch, grid_kji, strict=False)):
         raise cfg.ConfigError(f"--patch {','.join(map(str, patch))} must be three sizes k,j,i, multiples of "
                               f"{divisor}, within the grid {','.join(map(str, grid_kji))}.")
+    focus_patch = tuple(config.focus_patch)
+    if config.focus_fraction and (source != "pool" or len(focus_patch) != 3 or any(
+            p % divisor or p > g or p <= 0 for p, g in zip(focus_patch, grid_kji, strict=False))):
+        raise cfg.ConfigError(f"--focus-fraction needs --source pool and a --focus-patch of three multiples of "
+                              f"{divisor} within the grid {','.join(map(str, grid_kji))}, not "
+                              f"{','.join(map(str, focus_patch))}.")
     if source == "gpu" and patch != grid_kji:
         raise cfg.ConfigError("--patch needs --source pool.")
     if config.val_subset not in ("val", "train") or not len(pack.indices(config.val_subset)):
@@ -390,7 +407,8 @@ def run(config: SynthTrainConfig, given: frozenset[str] | None = None) -> dict[s
             config.pack, grid.size, patch=patch, task=members[0].task, batch_size=config.batch_size,
             lesion_fraction=config.lesion_fraction, mimic_fraction=config.mimic_fraction, scenarios=config.scenarios,
             size=config.pool_size, refresh=config.pool_refresh, pause=config.pool_pause, seed=config.seed,
-            divisor=divisor, **shared)
+            divisor=divisor, focus_fraction=config.focus_fraction, focus_patch=focus_patch,  # type: ignore[arg-type]
+            focus_voxels=round(config.focus_ml * 1000 / math.prod(grid.spacing)), **shared)
     else:
         data_source = GpuSynthSource(pack, synth, batch_size=config.batch_size, reuse=config.reuse,
                                      workers=config.workers, seed=config.seed, **shared)
