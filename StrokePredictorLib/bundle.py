@@ -202,6 +202,10 @@ def _check_network_config(schema: _Schema, config: object) -> None:
                     (1, MAX_STAGES + 2), 1, MAX_CHANNELS)
     if get("film") is True and get("imaging_only") is True:
         schema.bad(f"{where}.film", True, "false when imaging_only is true (FiLM needs the clinical branch)")
+    if get("growth_volume") is True and (get("growth") is not True or get("growth_reach", 0) != 0):
+        schema.bad(f"{where}.growth_volume", True, "false unless growth is true and growth_reach is 0")
+    if get("clinical_blind") is True and get("imaging_only") is True:
+        schema.bad(f"{where}.clinical_blind", True, "false when imaging_only is true (it keeps the clinical branch)")
     fusion, heads = get("fusion_dim", defaults.fusion_dim), get("heads", defaults.heads)
     if _is_int(fusion) and _is_int(heads) and heads > 0 and fusion % heads:
         schema.bad(f"{where}.fusion_dim", fusion, f"a multiple of heads ({heads})")

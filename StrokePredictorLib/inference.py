@@ -383,8 +383,8 @@ class Predictor:
             else:
                 outs = tuple({**out, "features": torch.cat(
                     [out["features"][:, :-1],
-                     model.growth_channel(out["features"][:, :-1], out["clinical_tokens"], *inputs)], dim=1)}
-                    for out in kept)
+                     model.growth_channel(out["features"][:, :-1], out["clinical_tokens"], *inputs, view.tissue)],
+                    dim=1)} for out, view in zip(kept, views, strict=True))
         return outs[0], (outs[1] if len(outs) > 1 else None)
 
     def _decoder_key(self, values: np.ndarray, missing: np.ndarray, views: int) -> tuple | None:

@@ -78,6 +78,26 @@ Architecture (shapes for a batch of ``B`` cases on a ``D x H x W`` model grid, i
   scales with the core. It is local, so it means the same on a training patch as on the whole
   grid, and it reads only imaging, so the orderings above still hold for any weights.
   The cross-attention and its maps are unchanged and remain the explanation.
+* **Growth by volume (``growth_volume=True``, the outcome model since run g21).** Measured on
+  validation data (outcome model card, g21): with the learned risk map, even a per-case *oracle*
+  offset ``s`` gained only 0.02 Dice over the best constant one, so no clinical head could make
+  a difference through it; growing a good acute core outward by a per-case distance could gain
+  0.056. So in this mode there is no risk map: ``s`` is the log of the grown volume over the
+  core's volume, and the outcome is the (deterministic) core grown outward through the tissue
+  (ADC > 0), nearest voxel first, by ``exp(s)`` times the core's volume. This is the mismatch
+  model of infarct growth (the final infarct is the core plus the share of the surrounding
+  tissue at risk that is lost, and that share scales with the core), it keeps every ordering of
+  ``s`` above (a larger ``s`` grows a superset), and the core is the acute model's own head, so
+  the outcome is as good as the acute segmentation allows. The growth channel carries at
+  least +2 logits on the grown voxels and at most -2 on the others (-30 outside the tissue). It
+  has no gradient with respect to ``s``: the growth head is fitted by regression of
+  ``log(final / core volume)`` on simulated cases (``python -m Training fit-growth --volume``),
+  not by end-to-end training.
+* **Clinically blind (``clinical_blind=True``).** The ablation twin of a fusion network: the same
+  weights, run as if every clinical value were missing (in the cross-attention and the growth
+  head, whose offset is then its constant ``bias``), so no clinical information reaches the
+  prediction. Unlike ``imaging_only`` it keeps the imaging path the fusion network was trained
+  with, so the pair differs in the clinical values alone.
 * **Head and Monte-Carlo dropout.** The last decoder features go through a 1x1x1 expansion
   (``head_channels``), **channel-wise dropout** (``nn.Dropout3d``, probability ``mc_dropout``) and
   a 1x1x1 convolution to one lesion logit per voxel. This is the network's only dropout, so
@@ -102,9 +122,11 @@ With ``imaging_only`` the clinical tokens are ignored and fusion is skipped (abl
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -142,6 +164,8 @@ class NetworkConfig:
     film: bool = False  # FiLM: the fused clinical context scales/shifts every decoder level (zero-initialised)
     growth: bool = False  # growth head: a tissue-at-risk map shifted by a per-case clinical growth offset
     growth_reach: int = 0  # growth head: half-width (voxels) of the core neighbourhood that gates growth (0: none)
+    growth_volume: bool = False  # growth head: grow the core outward by exp(s) x its volume (no risk map)
+    clinical_blind: bool = False  # ablation twin: every clinical value treated as missing, a constant growth
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
@@ -160,6 +184,10 @@ class NetworkConfig:
             raise ValueError(f"NetworkConfig: mc_dropout must lie in [0, 1), got {self.mc_dropout}.")
         if self.growth_reach < 0 or (self.growth_reach and not self.growth):
             raise ValueError(f"NetworkConfig: growth_reach must be >= 0 and needs growth, got {self.growth_reach}.")
+        if self.growth_volume and (not self.growth or self.growth_reach):
+            raise ValueError("NetworkConfig: growth_volume needs growth and replaces growth_reach.")
+        if self.clinical_blind and self.imaging_only:
+            raise ValueError("NetworkConfig: clinical_blind keeps the clinical branch; it excludes imaging_only.")
         if self.film and self.imaging_only:
             raise ValueError("NetworkConfig: film needs the clinical branch; it cannot be combined with imaging_only.")
 
@@ -445,6 +473,18 @@ GROWTH_KNOTS_H = (0.5, 1.0, 2.0, 3.0, 4.5, 6.0, 9.0, 12.0, 18.0, 24.0, 36.0)
 #: whatever its gradient, so a handful of scalars that must travel several logits in a few
 #: thousand CPU steps are stored divided by this gain.
 GROWTH_GAIN = 10.0
+#: Growth by volume: the largest grown volume as a multiple of the core's (the simulation's mismatch is at most 6),
+#: the channel's logits per voxel of distance, and its value where nothing may grow.
+MAX_GROWTH = 8.0
+GROWTH_FAR = 30.0
+
+
+@functools.lru_cache(maxsize=4)
+def _tie_pattern(shape: tuple[int, ...]) -> np.ndarray:
+    """A fixed pattern in [0, 0.01) (seeded, left-right symmetric along the last axis) that breaks
+    distance ties of growth by volume without favouring a side."""
+    noise = np.random.default_rng(20221204).random(shape, dtype=np.float32)
+    return (0.005 * (noise + noise[..., ::-1])).astype(np.float32)
 _ONSET = next(i for i, f in enumerate(FEATURES) if f.name == "onset_to_imaging_h")
 _TREATMENT = next(i for i, f in enumerate(FEATURES) if f.name == "treatment")
 _THROMBECTOMY = FEATURES[_TREATMENT].categories.index("thrombectomy")  # index into (none, ...) of saved
@@ -565,6 +605,7 @@ class ImagingFeatures:
     bottleneck: torch.Tensor
     flair_present: torch.Tensor
     size: tuple[int, ...]
+    tissue: torch.Tensor | None = None  # (B, D, H, W) bool: ADC > 0 (where growth by volume may reach)
 
 
 class StrokeNet(nn.Module):
@@ -600,9 +641,9 @@ class StrokeNet(nn.Module):
         self.mc_dropout = nn.Dropout3d(c.mc_dropout)
         self.head = nn.Conv3d(c.head_channels, 1, 1)
         # growth head: a second 1x1x1 head (tissue at risk) and the per-case offset from the clinical values
-        self.risk = nn.Conv3d(c.head_channels, 1, 1) if c.growth else None
-        self.growth = (_GrowthHead(c.fusion_dim, clinical=not c.imaging_only, reach=c.growth_reach > 0)
-                       if c.growth else None)
+        self.risk = nn.Conv3d(c.head_channels, 1, 1) if c.growth and not c.growth_volume else None
+        self.growth = (_GrowthHead(c.fusion_dim, clinical=not (c.imaging_only or c.clinical_blind),
+                                   reach=c.growth_reach > 0) if c.growth else None)
 
     # -- pieces ------------------------------------------------------------------------------
     @property
@@ -610,7 +651,7 @@ class StrokeNet(nn.Module):
         """Clinical features that reach the prediction only through the growth offset ``s`` (onset
         time and treatment in a growth network with clinical input; none otherwise): the
         cross-attention sees them as missing, so their attention weights do not depend on them."""
-        if self.growth is None or self.clinical is None:
+        if self.growth is None or self.clinical is None or self.config.clinical_blind:
             return ()
         return (FEATURES[_ONSET].name, FEATURES[_TREATMENT].name)
 
@@ -641,7 +682,7 @@ class StrokeNet(nn.Module):
         flair = torch.where(flair_present[:, None, None, None], image[:, 2], fill)
         x = torch.cat([image[:, :2], flair[:, None]], dim=1)
         skips, bottleneck = self.encoder(x)
-        return ImagingFeatures(skips, bottleneck, flair_present, tuple(image.shape[2:]))
+        return ImagingFeatures(skips, bottleneck, flair_present, tuple(image.shape[2:]), image[:, 1] > 0)
 
     def decode(
         self,
@@ -660,6 +701,8 @@ class StrokeNet(nn.Module):
         context = None
         tokens = None
         missing = clinical_missing.to(device=device, dtype=torch.bool)
+        if self.config.clinical_blind:  # the ablation twin: no clinical value reaches the prediction
+            missing = torch.ones_like(missing)
         if self.fusion is not None and self.clinical is not None:
             if self.training and self.config.feature_dropout > 0:
                 drop = torch.rand(missing.shape, device=missing.device) < self.config.feature_dropout
@@ -692,7 +735,8 @@ class StrokeNet(nn.Module):
                 h = self.film[index](h, context)
         features = self.expand(h)
         if self.growth is not None:  # the case's growth offset rides along as a last channel
-            features = torch.cat([features, self.growth_channel(features, tokens, clinical_values, missing)], dim=1)
+            features = torch.cat([features, self.growth_channel(features, tokens, clinical_values, missing,
+                                                                encoded.tissue)], dim=1)
         out = {
             "features": features,
             "feature_attention": feature_attention,
@@ -726,23 +770,62 @@ class StrokeNet(nn.Module):
         return self.decode(self.encode_image(image, flair_present), clinical_values, clinical_missing, window)
 
     def growth_channel(self, features: torch.Tensor, tokens: torch.Tensor | None, clinical_values: torch.Tensor,
-                       clinical_missing: torch.Tensor) -> torch.Tensor:
+                       clinical_missing: torch.Tensor, tissue: torch.Tensor | None = None) -> torch.Tensor:
         """The growth offset channel that :meth:`decode` appends to ``features`` (B, head_channels,
         D, H, W; without that channel): the per-case offset ``s`` from the clinical tokens
         (``decode``'s ``clinical_tokens``) and values, minus the core-neighbourhood gate when the
         network has one. The tokens do not depend on :attr:`offset_features` (the cross-attention
         sees them as missing), so for clinical values that differ only there, the decoder's
         features and tokens can be kept and only this re-run: that is what a what-if change of
-        onset time or treatment costs. Returns (B, 1, D, H, W) in ``features``' dtype."""
+        onset time or treatment costs. With ``growth_volume`` the channel is the grown core's
+        (:meth:`_grown_core`; ``tissue``, (B, D, H, W) bool, is where it may grow: everywhere when
+        None). Returns (B, 1, D, H, W) in ``features``' dtype."""
         if self.growth is None:
             raise ValueError("growth_channel: this network has no growth head.")
         batch = features.shape[0]
         missing = clinical_missing.to(device=features.device, dtype=torch.bool)
+        if self.config.clinical_blind:
+            missing = torch.ones_like(missing)
         offset = self.growth(tokens, clinical_values.to(device=features.device, dtype=torch.float32), missing)
+        if self.config.growth_volume:
+            return self._grown_core(features, offset, tissue).to(features.dtype)
         offset = offset.to(features.dtype).reshape(batch, 1, 1, 1, 1).expand(-1, 1, *features.shape[2:])
         if self.config.growth_reach:  # minus the gate: growth only near enough core
             offset = offset - self._near_core(features).to(features.dtype)
         return offset
+
+    def _grown_core(self, features: torch.Tensor, offset: torch.Tensor, tissue: torch.Tensor | None) -> torch.Tensor:
+        """Growth by volume: per case, the deterministic core (core logit > 0, inside ``tissue``)
+        grown outward through the tissue, nearest voxel first (Euclidean distance in voxels; ties
+        broken by a fixed left-right symmetric pattern, so the grown volume is exact and both
+        views of flip averaging agree), until the grown part holds ``exp(s)`` times the core's
+        voxels (at most :data:`MAX_GROWTH` times). Returns (B, 1, D, H, W) float32 logits:
+        ``2 + 2 (d* - d)`` on the grown voxels (``d*`` the distance reached), ``-2 - 2 (d - d*)``
+        elsewhere in the tissue, -30 outside it and everywhere when there is no core."""
+        from scipy import ndimage
+
+        with torch.no_grad():
+            core = (self.head(features).float() > 0)[:, 0].cpu().numpy()
+            where = (np.ones_like(core) if tissue is None else tissue.to(torch.bool).cpu().numpy().reshape(core.shape))
+            ties = _tie_pattern(core.shape[1:])
+            grown = np.full(core.shape, -GROWTH_FAR, np.float32)
+            for b, share in enumerate(torch.exp(offset.float()).clamp(max=MAX_GROWTH).cpu().numpy()):
+                seed = core[b] & where[b]
+                if not seed.any():
+                    continue
+                distance = ndimage.distance_transform_edt(~seed).astype(np.float32)
+                candidates = np.flatnonzero(where[b] & ~seed)
+                wanted = min(int(round(float(share) * int(seed.sum()))), candidates.size)
+                taken = seed.copy()
+                reach = 0.0
+                if wanted >= 1:
+                    key = distance.ravel()[candidates] + ties.ravel()[candidates]
+                    chosen = candidates[np.argpartition(key, wanted - 1)[:wanted]]
+                    taken.flat[chosen] = True
+                    reach = float(distance.ravel()[chosen].max())
+                logits = np.where(taken, 2.0 + 2.0 * (reach - distance), -2.0 - 2.0 * np.maximum(distance - reach, 0.0))
+                grown[b] = np.where(where[b], logits, -GROWTH_FAR)
+        return torch.from_numpy(grown)[:, None].to(features.device)
 
     def _near_core(self, features: torch.Tensor) -> torch.Tensor:
         """The growth gate (logits >= 0, subtracted from the offset ``s``):
@@ -770,11 +853,12 @@ class StrokeNet(nn.Module):
 
     def _tail(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits, core logits or None): one dropout mask for both growth heads."""
-        if self.risk is None:
+        if self.growth is None:
             return self.head(self.mc_dropout(features)), None
         dropped = self.mc_dropout(features[:, :-1])
         core = self.head(dropped)
-        return torch.logaddexp(core, self.risk(dropped) + features[:, -1:]), core
+        shifted = features[:, -1:] if self.risk is None else self.risk(dropped) + features[:, -1:]
+        return torch.logaddexp(core, shifted), core
 
     def sample_logits(
         self, features: torch.Tensor, n_samples: int, generator: torch.Generator | None = None,
@@ -796,7 +880,7 @@ class StrokeNet(nn.Module):
             float32 logits (N, B, D, H, W).
         """
         offset = None
-        if self.risk is not None:
+        if self.growth is not None:
             offset = features[:, -1].float().flatten(1)  # (B, V)
             features = features[:, :-1]
         batch, channels = features.shape[:2]
@@ -812,7 +896,10 @@ class StrokeNet(nn.Module):
         # one batched matrix product per head: (B, N, C) @ (B, C, V) -> (N, B, V) (einsum took ~2x longer)
         logits = [(torch.matmul(masks * head.weight.reshape(1, 1, channels).float(), flat)
                    + head.bias.float()).transpose(0, 1) for head in heads]
-        result = logits[0] if offset is None else torch.logaddexp(logits[0], logits[1] + offset)
+        if offset is None:
+            result = logits[0]
+        else:
+            result = torch.logaddexp(logits[0], offset if len(logits) == 1 else logits[1] + offset)
         if masks.shape[1] == 1:  # deterministic: one evaluation for every sample
             result = result.expand(n_samples, -1, -1)
         return result.reshape(n_samples, batch, *features.shape[2:])

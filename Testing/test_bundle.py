@@ -317,3 +317,11 @@ def test_film_bundles_round_trip_and_the_field_is_checked(tmp_path: Path, bundle
     _edit(bundle_dir, _set("architecture.config.film", True))
     with pytest.raises(BundleError, match="architecture.config.film is true, expected false when imaging_only"):
         load_bundle(bundle_dir)
+    _edit(bundle_dir, _set("architecture.config.film", False))
+    _edit(bundle_dir, _set("architecture.config.clinical_blind", True))
+    with pytest.raises(BundleError, match="clinical_blind is true, expected false when imaging_only"):
+        load_bundle(bundle_dir)
+    _edit(bundle_dir, _set("architecture.config.imaging_only", False))
+    _edit(bundle_dir, _set("architecture.config.growth_volume", True))
+    with pytest.raises(BundleError, match="growth_volume is true, expected false unless growth is true"):
+        load_bundle(bundle_dir)

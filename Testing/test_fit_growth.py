@@ -61,3 +61,43 @@ def test_a_bundle_without_growth_head_is_refused(pack: Path, tmp_path: Path) -> 
     source = _bundle(tmp_path / "plain")
     with pytest.raises(cfg.ConfigError, match="no growth head"):
         fit(FitGrowthConfig(bundle=source, pack=pack, out=tmp_path / "out"))
+
+
+def test_volume_mode_builds_the_growth_by_volume_pair_from_an_acute_bundle(pack: Path, tmp_path: Path) -> None:
+    from Training.training.fit_growth import fit_volume
+
+    torch.manual_seed(0)
+    source = save_bundle(tmp_path / "acute", StrokeNet(tiny_config()), task="acute", grid=TINY_GRID,
+                         normalization=Normalization(), data={"source": "test"}, metrics={},
+                         postprocessing=PostProcessing(threshold=0.4))
+    config = FitGrowthConfig(bundle=source, pack=pack, out=tmp_path / "fusion", twin_out=tmp_path / "twin",
+                             volume=True, samples=4, val_samples=2, scenarios=1, steps=30, lr=0.05, seed=1,
+                             val_subset="train")
+    reports = fit_volume(config)
+    acute = load_bundle(source).model.state_dict()
+    for name, blind in (("fusion", False), ("twin", True)):
+        bundle = load_bundle(tmp_path / name)
+        assert bundle.task == "outcome" and bundle.config.growth_volume and bundle.config.clinical_blind is blind
+        assert bundle.model.risk is None
+        state = bundle.model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in acute.items())  # the acute network is the core, unchanged
+        assert {k for k in state if k not in acute} == {k for k in state if k.startswith("growth.")}
+        report = reports["twin" if blind else "fusion"]
+        assert report["mse_log_ratio_after"]["train"] < report["mse_log_ratio_before"]["train"]
+        assert json.loads((tmp_path / name / "fit_growth.json").read_text()) == report
+    assert set(load_bundle(tmp_path / "twin").model.state_dict()) - set(acute) == {"growth.bias"}
+    assert reports["twin"]["val_correlation"] is None  # a constant
+    with pytest.raises(cfg.ConfigError, match="--overwrite"):
+        fit_volume(config)
+
+
+def test_volume_samples_hold_the_log_growth_of_every_scenario(pack: Path) -> None:
+    import numpy as np
+
+    from Training.synthesis.gpu_synth import Pack
+    from Training.training.fit_growth import volume_samples
+
+    data = volume_samples(Pack.load(pack), "train", 3, 2, seed=4)
+    assert data["values"].shape == (9, 10) and data["missing"].shape == (9, 10)
+    assert (data["log_ratio"] >= 0).all() and np.isfinite(data["log_ratio"]).all()
+    assert len(set(np.round(data["log_ratio"], 5))) > 1  # the scenarios differ

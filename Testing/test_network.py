@@ -495,3 +495,92 @@ def test_decoder_level_without_gradients_equals_the_concatenation(monkeypatch: p
         assert len(concatenations) == 1  # no concatenation without gradients
         torch.testing.assert_close(split, trained.detach(), atol=1e-5, rtol=1e-5)
         concatenations.clear()
+
+
+def _volume_model(**overrides: object) -> StrokeNet:
+    """A growth-by-volume network whose core is feature 0 > 0.5 (core logit 20 f0 - 10)."""
+    torch.manual_seed(15)
+    model = StrokeNet(tiny_config(growth=True, growth_volume=True, **overrides)).eval()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.weight[0, 0] = 20.0
+        model.head.bias.fill_(-10.0)
+    return model
+
+
+def test_growth_by_volume_grows_the_core_outward_by_exp_s_times_its_volume() -> None:
+    model = _volume_model()
+    assert model.risk is None  # no risk map: the ranking is the distance to the core
+    features = torch.zeros(1, tiny_config().head_channels, 24, 24, 24)
+    features[0, 0, 8:14, 8:14, 8:14] = 1.0  # a 216-voxel core
+    tissue = torch.ones(1, 24, 24, 24, dtype=torch.bool)
+    tissue[0, :, :, 16:] = False  # no tissue beyond i = 15
+    grown = {}
+    for s in (-8.0, math.log(0.5), 0.0, math.log(2.0)):
+        channel = model._grown_core(features, torch.tensor([s]), tissue)[0, 0]
+        grown[s] = (channel > 0).numpy()
+        assert int(grown[s].sum()) == 216 + round(216 * math.exp(s))  # the core plus exp(s) of its volume
+        assert float(channel[~tissue[0]].max()) == -30.0 and not grown[s][~tissue[0].numpy()].any()
+        assert float(channel[grown[s]].min()) >= 2.0 and float(channel[~grown[s]].max()) <= -2.0
+    assert grown[-8.0][8:14, 8:14, 8:14].all()
+    steps = sorted(grown)
+    for small, large in zip(steps, steps[1:], strict=False):  # a larger offset grows a superset
+        assert not (grown[small] & ~grown[large]).any()
+    from scipy import ndimage
+    distance = ndimage.distance_transform_edt(~grown[-8.0])
+    assert distance[grown[0.0]].max() <= 3.0  # nearest first: doubling a 6^3 cube reaches about 1.3 voxels out
+    empty = torch.zeros_like(features)
+    assert float(model._grown_core(empty, torch.tensor([0.0]), tissue).max()) == -30.0  # no core, no growth
+
+
+def test_growth_by_volume_in_the_network_follows_onset_and_matches_sampling() -> None:
+    model = _volume_model()
+    image, _, _, flair = _inputs((16, 16, 16))
+    image[:, 1] = 1.0  # ADC > 0 everywhere: all tissue
+    image[:, 1, :, :, :2] = 0.0  # but two slabs without tissue
+    with torch.no_grad():
+        model.growth.untreated.fill_(-0.1)  # softplus(-1) = 0.31 per knot: s from about 0.3 (1 h) to 3 (20 h)
+        model.growth.bias.fill_(-0.1)
+
+    def clinical(hours: float):
+        values, missing = encode(validate({"onset_to_imaging_h": hours, "treatment": "none"}))
+        return torch.from_numpy(values)[None], torch.from_numpy(missing)[None]
+
+    with torch.no_grad():
+        feats = model.features(image, *clinical(1.0), flair)["features"]
+        core = model.head(feats[:, :-1])[0, 0] > 0
+        if not bool(core.any()):  # give the random network a core of its own
+            model.head.bias.fill_(float(-model.head(feats[:, :-1]).flatten().kthvalue(4000).values))
+        early = model(image, *clinical(1.0), flair)["logits"]
+        late = model(image, *clinical(20.0), flair)["logits"]
+        assert int((late > 0).sum()) > int((early > 0).sum()) > 0
+        assert not bool(((early > 0) & ~(late > 0)).any())
+        core_late = model(image, *clinical(20.0), flair)["core_logits"]
+        assert torch.equal(late[..., :2] > 0, core_late[..., :2] > 0)  # no growth outside the tissue
+        feats = model.features(image, *clinical(20.0), flair)["features"]
+        torch.testing.assert_close(model.sample_logits(feats, 2, deterministic=True)[0], late[:, 0],
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="growth_volume"):
+        tiny_config(growth_volume=True)
+    with pytest.raises(ValueError, match="growth_volume"):
+        tiny_config(growth=True, growth_volume=True, growth_reach=2)
+
+
+def test_a_clinically_blind_twin_ignores_every_clinical_value() -> None:
+    torch.manual_seed(16)
+    blind = StrokeNet(tiny_config(growth=True, growth_volume=True, clinical_blind=True)).eval()
+    assert blind.offset_features == () and not blind.growth.clinical
+    seeing = StrokeNet(tiny_config(growth=True, growth_volume=True)).eval()
+    from StrokePredictorLib.network import load_weights
+    load_weights(blind, {k: v for k, v in seeing.state_dict().items() if not k.startswith("growth.")})
+    image, values, missing, flair = _inputs((16, 16, 16))
+    other = _inputs((16, 16, 16), age=30, nihss=2, onset_to_imaging_h=20, treatment="none")
+    with torch.no_grad():
+        first = blind(image, values, missing, flair)
+        second = blind(image, other[1], other[2], flair)
+        everything_missing = seeing(image, values, torch.ones_like(missing), flair)
+    torch.testing.assert_close(first["logits"], second["logits"])
+    # the same imaging path as the fusion network with every value missing (its growth head aside)
+    torch.testing.assert_close(first["feature_attention"], everything_missing["feature_attention"])
+    with pytest.raises(ValueError, match="clinical_blind"):
+        tiny_config(clinical_blind=True, imaging_only=True)

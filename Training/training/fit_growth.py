@@ -22,12 +22,26 @@ is a cheap function of ``s``. So this verb
 
 For an imaging-only twin (``imaging_only``) only the constant offset is fitted: the paired
 ablation compares twins given the same fit.
+
+``--volume`` builds an outcome network that grows by volume
+(:class:`StrokePredictorLib.network.NetworkConfig` ``growth_volume``: the deterministic core grown
+outward, nearest tissue first, by ``exp(s)`` times its volume) from ``--bundle`` (an acute bundle:
+its head becomes the core; or an outcome bundle, whose risk map and growth head are dropped), and
+fits its growth head by least squares on ``log(final / core volume)``: the growth needs no image,
+so it is fitted on ``--samples`` label samples of the training lesions
+(:class:`Training.synthesis.gpu_synth.LabelSampler`, the training recipe's lesions, showers and
+clinical values), each under its observed and ``--scenarios`` counterfactual onset/treatment
+scenarios, with clinical drop-out. ``--twin-out`` also writes the ablation twin: the same weights
+run clinically blind (``clinical_blind``: every clinical value missing), its growth the constant
+fitted by the same regression. The report gives the error of the log volume ratio on
+``--val-samples`` label samples of the validation lesions, before and after.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +73,13 @@ class FitGrowthConfig:
         "help": "also refit the two 1x1x1 heads on the frozen features: core on the acute lesion (so that it is the "
                 "core, not the final infarct) and risk with the growth offset on the final infarct"})
     overwrite: bool = field(default=False, metadata={"help": "replace the weights of an existing bundle at --out"})
+    volume: bool = field(default=False, metadata={
+        "help": "build a growth-by-volume outcome network from --bundle (acute or outcome) and fit its growth head "
+                "by regression of log(final / core volume) on label samples (see the module docstring)"})
+    samples: int = field(default=1500, metadata={"help": "with --volume: label samples of the training lesions"})
+    val_samples: int = field(default=300, metadata={"help": "with --volume: label samples of the validation lesions"})
+    twin_out: Path | None = field(default=None, metadata={
+        "help": "with --volume: also write the clinically blind twin (constant growth) here"})
 
 
 @dataclass
@@ -197,9 +218,131 @@ def fit(config: FitGrowthConfig) -> dict:
     return report
 
 
+def volume_samples(pack: object, subset: str, count: int, scenarios: int, seed: int) -> dict[str, np.ndarray]:
+    """``count`` label samples of ``subset`` with a lesion, each under its observed and ``scenarios``
+    counterfactual scenarios: clinical ``values`` (N, 10), ``missing`` (N, 10) and ``log_ratio`` (N,),
+    the log of the final infarct's volume over the acute core's (template grid, fractions >= 0.5)."""
+    from Training.synthesis.gpu_synth import LabelSampler
+
+    sampler = LabelSampler(pack, subset=subset, seed=seed, scenarios=scenarios)  # type: ignore[arg-type]
+    values, missing, ratios = [], [], []
+    index = 0
+    while len(ratios) < count * (scenarios + 1):
+        item = sampler[index]
+        index += 1
+        core = float((np.asarray(item["lesion"]) >= 0.5).sum())
+        if core == 0:
+            continue
+        outcomes = [item["outcome"], *item.get("outcome_alt", [])]
+        clinical = [(item["clinical_values"], item["clinical_missing"])] + [
+            (v, m) for v, m in zip(item.get("clinical_values_alt", []), item.get("clinical_missing_alt", []),
+                                   strict=True)]
+        for outcome, (v, m) in zip(outcomes, clinical, strict=True):
+            values.append(np.asarray(v, np.float32))
+            missing.append(np.asarray(m, bool))
+            ratios.append(math.log(max(float((np.asarray(outcome) >= 0.5).sum()), core) / core))
+    return {"values": np.stack(values), "missing": np.stack(missing), "log_ratio": np.asarray(ratios, np.float32)}
+
+
+def _volume_loss(model: torch.nn.Module, data: dict[str, torch.Tensor], drop_p: float,
+                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean squared error of the predicted log volume ratio ``log(1 + exp(s))``, and the predictions."""
+    values, missing = data["values"], data["missing"]
+    if drop_p > 0 and generator is not None:
+        missing = missing | (torch.rand(missing.shape, generator=generator) < drop_p)
+        values = values * ~missing
+    if model.config.clinical_blind:
+        missing = torch.ones_like(missing)
+    tokens = model.clinical(values, missing) if model.clinical is not None else None
+    predicted = F.softplus(model.growth(tokens, values, missing))
+    return ((predicted - data["log_ratio"]) ** 2).mean(), predicted
+
+
+def fit_volume(config: FitGrowthConfig) -> dict:
+    """``--volume``: build the growth-by-volume outcome network (and its blind twin) and fit their growth."""
+    import dataclasses
+
+    from StrokePredictorLib.bundle import load_bundle, save_bundle
+    from StrokePredictorLib.io import write_json
+    from StrokePredictorLib.network import StrokeNet, load_weights
+    from Training.synthesis.gpu_synth import Pack
+
+    if config.bundle is None or config.out is None:
+        raise cfg.ConfigError("--bundle and --out are required.")
+    if config.samples < 1 or config.val_samples < 1:
+        raise cfg.ConfigError("--samples and --val-samples must be >= 1.")
+    base = load_bundle(config.bundle)
+    if base.config.imaging_only:
+        raise cfg.ConfigError(f"Bundle {config.bundle} is imaging-only; growth by volume needs the clinical branch.")
+    targets = [(Path(config.out), False)] + ([(Path(config.twin_out), True)] if config.twin_out else [])
+    for folder, _ in targets:
+        if (folder / "model.json").exists() and not config.overwrite:
+            raise cfg.ConfigError(f"{folder} holds a bundle already; pass --overwrite to replace it.")
+    started = time.perf_counter()
+    pack = Pack.load(config.pack)
+    data = {name: {k: torch.from_numpy(v) for k, v in volume_samples(pack, subset, count, config.scenarios,
+                                                                      config.seed * 2 + offset).items()}
+            for name, subset, count, offset in (("train", "train", config.samples, 0),
+                                                ("val", config.val_subset, config.val_samples, 1))}
+    logger.info("fit-growth --volume: %d training and %d validation scenarios", len(data["train"]["log_ratio"]),
+                len(data["val"]["log_ratio"]))
+    state = {k: v for k, v in base.model.state_dict().items() if not k.startswith(("risk.", "growth."))}
+    reports = {}
+    for folder, blind in targets:
+        network = dataclasses.replace(base.config, growth=True, growth_volume=True, growth_reach=0,
+                                      clinical_blind=blind)
+        model = StrokeNet(network)
+        load_weights(model, state)
+        model.eval().float()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        fitted = list(model.growth.parameters())
+        for parameter in fitted:
+            parameter.requires_grad_(True)
+        optimiser = torch.optim.Adam(fitted, lr=config.lr)
+        generator = torch.Generator().manual_seed(config.seed)
+        with torch.no_grad():
+            before = {name: float(_volume_loss(model, d, 0.0, None)[0]) for name, d in data.items()}
+        for step in range(config.steps):
+            optimiser.zero_grad()
+            loss, _ = _volume_loss(model, data["train"], config.clinical_drop_p, generator)
+            loss.backward()
+            optimiser.step()
+            if step % 100 == 0:
+                logger.info("fit-growth --volume%s: step %d loss %.4f", " (twin)" if blind else "", step,
+                            float(loss.detach()))
+        with torch.no_grad():
+            after = {name: float(_volume_loss(model, d, 0.0, None)[0]) for name, d in data.items()}
+            _, predicted = _volume_loss(model, data["val"], 0.0, None)
+        truth = data["val"]["log_ratio"]
+        report = {"mse_log_ratio_before": {k: round(v, 4) for k, v in before.items()},
+                  "mse_log_ratio_after": {k: round(v, 4) for k, v in after.items()},
+                  "val_median_ratio_true": round(float(torch.exp(truth).median()), 3),
+                  "val_median_ratio_predicted": round(float(torch.exp(predicted).median()), 3),
+                  "val_correlation": round(float(np.corrcoef(predicted.numpy(), truth.numpy())[0, 1]), 3)
+                  if float(predicted.std()) > 1e-6 else None,  # None: a constant (the twin)
+                  "clinical_blind": blind, "samples": config.samples, "val_samples": config.val_samples,
+                  "scenarios": config.scenarios, "steps": config.steps, "lr": config.lr,
+                  "clinical_drop_p": config.clinical_drop_p, "seed": config.seed, "source": str(config.bundle),
+                  "source_sha256": base.sha256, "seconds": round(time.perf_counter() - started, 1)}
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        save_bundle(folder, model, task="outcome", grid=base.grid, normalization=base.normalization,
+                    data={**base.metadata.get("data", {}), "growth_fit": report}, metrics={},
+                    overwrite=config.overwrite, name="strokepredictor-outcome" + ("-blind" if blind else ""),
+                    version=base.version, postprocessing=base.postprocessing)
+        write_json(report, folder / "fit_growth.json", overwrite=True)
+        logger.info("fit-growth --volume: wrote %s: %s", folder, report)
+        reports["twin" if blind else "fusion"] = report
+    return reports
+
+
 def main(argv: list[str]) -> int:
     config = cfg.parse(FitGrowthConfig, argv, "Fit an outcome bundle's clinical growth head on frozen imaging "
                        "features.", prog="python -m Training fit-growth")
+    if config.volume:
+        print(json.dumps({"bundle": str(config.out), **fit_volume(config)}))
+        return 0
     report = fit(config)
     print(json.dumps({"bundle": str(config.out), "before": report["before"], "after": report["after"]}))
     return 0
