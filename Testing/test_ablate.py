@@ -130,3 +130,9 @@ def test_trained_twins_are_compared_without_training(tmp_path: Path) -> None:
     assert "(fusion)" in (out / "ablation.md").read_text() and json.loads((out / "ablation.json").read_text())
     with pytest.raises(StrokePredictorError, match="fusion bundle first"):
         run(AblateConfig(bundles=(imaging, fusion), data=data, out=tmp_path / "again", device="cpu"))
+    blind = write_tiny_bundle(tmp_path / "blind", seed=1, config=tiny_config(clinical_blind=True))
+    results = run(AblateConfig(bundles=(fusion, blind), data=data, out=tmp_path / "blind_ablation", device="cpu",
+                               mc_samples=2, bootstrap=100))  # the fusion weights, blind: a twin too
+    assert results["acute"]["dice"]["n"] == 2
+    with pytest.raises(StrokePredictorError, match="fusion bundle first"):
+        run(AblateConfig(bundles=(blind, fusion), data=data, out=tmp_path / "again2", device="cpu"))

@@ -361,13 +361,15 @@ def _write(config: AblateConfig, out: Path, results: dict, seeds: tuple[int, ...
 
 
 def _bundle_facts(bundle: Path) -> tuple[str, bool, int, dict | None]:
-    """A bundle's task, whether it is imaging-only, the training steps of its checkpoint and the
+    """A bundle's task, whether it is imaging-only (or clinically blind), the training steps of its checkpoint and the
     weights it started from (``data.initialised_from``, or None) (from its validated ``model.json``;
     the weights are read when the bundle is evaluated)."""
     from StrokePredictorLib.bundle import read_metadata
 
     metadata = read_metadata(Path(bundle) / "model.json")
-    imaging_only = bool(metadata.get("architecture", {}).get("config", {}).get("imaging_only", False))
+    network = metadata.get("architecture", {}).get("config", {})
+    # a clinically blind twin (the fusion network's weights with every clinical value missing) sees no clinical data
+    imaging_only = bool(network.get("imaging_only", False) or network.get("clinical_blind", False))
     data = metadata.get("data", {})
     step = data.get("training", {}).get("step")
     return (str(metadata.get("task")), imaging_only, int(step) if isinstance(step, (int, float)) else 0,
@@ -391,8 +393,9 @@ def run_bundles(config: AblateConfig) -> dict:
     if len(tasks) != 1:
         raise StrokePredictorError(f"--bundles: the two bundles have different tasks ({', '.join(sorted(tasks))}).")
     if facts["fusion"][1] or not facts["imaging_only"][1]:
-        raise StrokePredictorError("--bundles: give the fusion bundle first and the imaging-only bundle second "
-                                   f"(imaging_only: {facts['fusion'][1]}, {facts['imaging_only'][1]}).")
+        raise StrokePredictorError("--bundles: give the fusion bundle first and the imaging-only (or clinically "
+                                   f"blind) bundle second (without clinical input: {facts['fusion'][1]}, "
+                                   f"{facts['imaging_only'][1]}).")
     task = tasks.pop()
     per_arm: dict = {arm: {} for arm, _ in ARMS}
     steps: dict = {arm: {0: facts[arm][2]} for arm, _ in ARMS}
