@@ -384,7 +384,7 @@ class Predictor:
                 outs = tuple({**out, "features": torch.cat(
                     [out["features"][:, :-1],
                      model.growth_channel(out["features"][:, :-1], out["clinical_tokens"], *inputs, view.tissue)],
-                    dim=1)} for out, view in zip(kept, views, strict=True))
+                    dim=1)} for out, view in zip(kept, views))  # noqa: B905 (Python 3.9 in Slicer)
         return outs[0], (outs[1] if len(outs) > 1 else None)
 
     def _decoder_key(self, values: np.ndarray, missing: np.ndarray, views: int) -> tuple | None:
