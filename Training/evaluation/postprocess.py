@@ -41,6 +41,9 @@ Selection rule (written down before any result of this search on the mimic sets 
 7. A degenerate choice is refused unless ``--force``: no plausible setting, a mean Dice below 0.05
    over the sets, or an empty mask on every validation case that has a lesion. The table is still
    written and printed.
+8. A bundle that grows the core by volume (``growth_volume``, the outcome model) is searched without
+   ADC gates (:func:`without_adc_gates`: a gate on a component's median ADC could remove a component
+   because it grew, which would break the orderings in onset time and treatment).
 
 For the chosen setting, the split-conformal margin of the 95% lesion-volume interval is computed
 over all the validation cases (:func:`StrokePredictorLib.postprocess.conformal_log_margin`). The
@@ -367,6 +370,19 @@ def predictor_applies_component_rule() -> bool:
     return bool(getattr(inference, "COMPONENT_RULE", False))
 
 
+def without_adc_gates(settings: list[PostProcessing]) -> list[PostProcessing]:
+    """Rule 8: the settings without an ADC gate (``max_component_adc`` and the small-component gate
+    0), for a bundle that grows the core by volume. Its final infarct grows into tissue whose ADC is
+    still normal, so growing a component raises its median ADC, and a gate on that median could
+    delete a component *because* it grew: no treatment would then give a smaller final infarct than
+    thrombectomy (seen on a simulated test case with a gate at 0.9), against the orderings the
+    network guarantees. A size limit only ever keeps a grown component."""
+    kept = [post for post in settings if not post.max_component_adc and not post.small_component_adc]
+    logger.info("growth by volume: %d of %d settings without an ADC gate are searched (rule 8)", len(kept),
+                len(settings))
+    return kept
+
+
 def run(config: PostprocessConfig) -> dict:
     """Score every combination; returns ``{"best": ..., "table": [...]}`` (also written to OUT).
 
@@ -389,6 +405,8 @@ def run(config: PostprocessConfig) -> dict:
     datasets = collect(EvaluateConfig(bundle=config.bundle, data=config.data, label=config.label, split=config.split,
                                       subset=config.subset, max_cases=config.max_cases, out=out), bundle.task)
     settings = config.grid()
+    if bundle.config.growth_volume:
+        settings = without_adc_gates(settings)
     needs_adc = any(post.needs_adc for post in settings)
     predictors = {flip: Predictor(bundle, device=config.device, mc_samples=config.mc_samples, threshold=0.5,
                                   min_component_ml=0.0, max_component_adc=0.0, flip_tta=flip)
