@@ -78,7 +78,7 @@ Architecture (shapes for a batch of ``B`` cases on a ``D x H x W`` model grid, i
   scales with the core. It is local, so it means the same on a training patch as on the whole
   grid, and it reads only imaging, so the orderings above still hold for any weights.
   The cross-attention and its maps are unchanged and remain the explanation.
-* **Growth by volume (``growth_volume=True``, the outcome model since run g21).** Measured on
+* **Growth by volume (``growth_volume=True``; run g21 of the outcome model card, not shipped).** Measured on
   validation data (outcome model card, g21): with the learned risk map, even a per-case *oracle*
   offset ``s`` gained only 0.02 Dice over the best constant one, so no clinical head could make
   a difference through it; growing a good acute core outward by a per-case distance could gain
@@ -474,7 +474,7 @@ GROWTH_KNOTS_H = (0.5, 1.0, 2.0, 3.0, 4.5, 6.0, 9.0, 12.0, 18.0, 24.0, 36.0)
 #: thousand CPU steps are stored divided by this gain.
 GROWTH_GAIN = 10.0
 #: Growth by volume: the largest grown volume as a multiple of the core's (the simulation's mismatch is at most 6),
-#: the channel's logits per voxel of distance, and its value where nothing may grow.
+#: and the growth channel's value (logits) where nothing may grow.
 MAX_GROWTH = 8.0
 GROWTH_FAR = 30.0
 
@@ -485,6 +485,8 @@ def _tie_pattern(shape: tuple[int, ...]) -> np.ndarray:
     distance ties of growth by volume without favouring a side."""
     noise = np.random.default_rng(20221204).random(shape, dtype=np.float32)
     return (0.005 * (noise + noise[..., ::-1])).astype(np.float32)
+
+
 _ONSET = next(i for i, f in enumerate(FEATURES) if f.name == "onset_to_imaging_h")
 _TREATMENT = next(i for i, f in enumerate(FEATURES) if f.name == "treatment")
 _THROMBECTOMY = FEATURES[_TREATMENT].categories.index("thrombectomy")  # index into (none, ...) of saved
@@ -655,6 +657,11 @@ class StrokeNet(nn.Module):
             return ()
         return (FEATURES[_ONSET].name, FEATURES[_TREATMENT].name)
 
+    def seen_missing(self, missing: torch.Tensor) -> torch.Tensor:
+        """The missing flags the network acts on: all True for a clinically blind twin (no clinical
+        value reaches its prediction), ``missing`` otherwise."""
+        return torch.ones_like(missing) if self.config.clinical_blind else missing
+
     def check_input(self, image: torch.Tensor) -> None:
         """Raise ValueError unless ``image`` is (B, 3, D, H, W) with sizes divisible by :attr:`size_divisor`."""
         if image.ndim != 5 or image.shape[1] != self.config.in_channels:
@@ -700,9 +707,7 @@ class StrokeNet(nn.Module):
         device = bottleneck.device
         context = None
         tokens = None
-        missing = clinical_missing.to(device=device, dtype=torch.bool)
-        if self.config.clinical_blind:  # the ablation twin: no clinical value reaches the prediction
-            missing = torch.ones_like(missing)
+        missing = self.seen_missing(clinical_missing.to(device=device, dtype=torch.bool))
         if self.fusion is not None and self.clinical is not None:
             if self.training and self.config.feature_dropout > 0:
                 drop = torch.rand(missing.shape, device=missing.device) < self.config.feature_dropout
@@ -783,9 +788,7 @@ class StrokeNet(nn.Module):
         if self.growth is None:
             raise ValueError("growth_channel: this network has no growth head.")
         batch = features.shape[0]
-        missing = clinical_missing.to(device=features.device, dtype=torch.bool)
-        if self.config.clinical_blind:
-            missing = torch.ones_like(missing)
+        missing = self.seen_missing(clinical_missing.to(device=features.device, dtype=torch.bool))
         offset = self.growth(tokens, clinical_values.to(device=features.device, dtype=torch.float32), missing)
         if self.config.growth_volume:
             return self._grown_core(features, offset, tissue).to(features.dtype)

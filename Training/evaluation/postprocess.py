@@ -41,9 +41,9 @@ Selection rule (written down before any result of this search on the mimic sets 
 7. A degenerate choice is refused unless ``--force``: no plausible setting, a mean Dice below 0.05
    over the sets, or an empty mask on every validation case that has a lesion. The table is still
    written and printed.
-8. A bundle that grows the core by volume (``growth_volume``, the outcome model) is searched without
-   ADC gates (:func:`without_adc_gates`: a gate on a component's median ADC could remove a component
-   because it grew, which would break the orderings in onset time and treatment).
+8. A bundle that grows the core by volume (``growth_volume``, run g21's outcome network) is searched
+   without ADC gates (:func:`without_adc_gates`: a gate on a component's median ADC could remove a
+   component because it grew, which would break the orderings in onset time and treatment).
 
 For the chosen setting, the split-conformal margin of the 95% lesion-volume interval is computed
 over all the validation cases (:func:`StrokePredictorLib.postprocess.conformal_log_margin`). The

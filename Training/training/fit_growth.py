@@ -251,8 +251,7 @@ def _volume_loss(model: torch.nn.Module, data: dict[str, torch.Tensor], drop_p: 
     if drop_p > 0 and generator is not None:
         missing = missing | (torch.rand(missing.shape, generator=generator) < drop_p)
         values = values * ~missing
-    if model.config.clinical_blind:
-        missing = torch.ones_like(missing)
+    missing = model.seen_missing(missing)
     tokens = model.clinical(values, missing) if model.clinical is not None else None
     predicted = F.softplus(model.growth(tokens, values, missing))
     return ((predicted - data["log_ratio"]) ** 2).mean(), predicted

@@ -233,6 +233,11 @@ def resolve_precision(name: str, device: torch.device, channels_last: bool = Tru
 RESUMABLE = ("time_limit", "max_steps", "val_every", "checkpoint_minutes", "snapshot_every", "threads", "workers")
 
 
+def _fits(crop: tuple[int, ...], divisor: int, grid_kji: tuple[int, ...]) -> bool:
+    """A training crop is three sizes k, j, i, each a positive multiple of ``divisor`` within the grid."""
+    return len(crop) == 3 and all(p > 0 and not p % divisor and p <= g for p, g in zip(crop, grid_kji, strict=False))
+
+
 def _resolved_source(config: SynthTrainConfig, device: torch.device) -> str:
     source = config.source if config.source != "auto" else ("gpu" if device.type == "cuda" else "pool")
     if source not in ("gpu", "pool"):
@@ -331,12 +336,11 @@ def run(config: SynthTrainConfig, given: frozenset[str] | None = None) -> dict[s
     grid_kji = tuple(grid.size[::-1])
     patch = tuple(config.patch) or ((64, 64, 64) if source == "pool" else grid_kji)
     divisor = preset.size_divisor
-    if len(patch) != 3 or any(p % divisor or p > g or p <= 0 for p, g in zip(patch, grid_kji, strict=False)):
+    if not _fits(patch, divisor, grid_kji):
         raise cfg.ConfigError(f"--patch {','.join(map(str, patch))} must be three sizes k,j,i, multiples of "
                               f"{divisor}, within the grid {','.join(map(str, grid_kji))}.")
     focus_patch = tuple(config.focus_patch)
-    if config.focus_fraction and (source != "pool" or len(focus_patch) != 3 or any(
-            p % divisor or p > g or p <= 0 for p, g in zip(focus_patch, grid_kji, strict=False))):
+    if config.focus_fraction and (source != "pool" or not _fits(focus_patch, divisor, grid_kji)):
         raise cfg.ConfigError(f"--focus-fraction needs --source pool and a --focus-patch of three multiples of "
                               f"{divisor} within the grid {','.join(map(str, grid_kji))}, not "
                               f"{','.join(map(str, focus_patch))}.")
