@@ -82,6 +82,10 @@ def _fake_verbs(monkeypatch: pytest.MonkeyPatch, scores: dict[str, float], calls
         out = Path(argv[argv.index("--out") + 1])
         if module == "Training.training.train_synth":
             (out / "acute" / "checkpoints").mkdir(parents=True)
+            device = argv[argv.index("--device") + 1]
+            (out / "acute" / "train_synth_config.json").write_text(json.dumps(
+                {"device": device, "lr": float(argv[argv.index("--lr") + 1]), "batch_size": 8, "patch": []}
+                if device == "cuda" else {"device": device}))
             (out / "summary.json").write_text(json.dumps({"acute": {"steps": 1200, "seconds": 3600.0,
                                                                     "best_val_dice": 0.6}}))
         elif module == "Training.training.export":
@@ -198,7 +202,51 @@ def test_a_run_can_start_from_an_earlier_candidate_and_is_still_judged_against_t
                                     models=models, init=tmp_path / "val"))
 
 
+def test_a_run_trained_elsewhere_with_until_export_continues_at_the_search(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models = _models(tmp_path)
+    calls: list = []
+    _fake_verbs(monkeypatch, {"candidate": 0.6, "shipped": 0.5}, calls)
+    out = tmp_path / "gpu1"
+    # on the lent GPU: no validation sets there
+    stopped = campaign.run(CampaignConfig(pack=tmp_path / "p.npz", out=out, models=models, device="cuda", lr=1e-4,
+                                          until="export", workers=14))
+    assert stopped["stopped_after"] == "export" and (out / "candidate" / "model.json").is_file()
+    assert calls == ["Training.training.train_synth", "Training.training.export"]
+    assert not (models / "acute" / "campaign.json").exists()
+    # later, on the machine with the sets, the command without the training flags continues at the search
+    (tmp_path / "val").mkdir()
+    calls.clear()
+    result = campaign.run(CampaignConfig(pack=tmp_path / "p.npz", val=(tmp_path / "val",), out=out, models=models,
+                                         ship=True))
+    assert calls == ["Training.evaluation.postprocess", "Training.evaluation.postprocess"]
+    assert result["outcome"] == "shipped"
+    entry = json.loads((models / "acute" / "campaign.json").read_text())["runs"][0]
+    assert (entry["device"], entry["lr"], entry["batch_size"], entry["patch"]) == ("cuda", 1e-4, 8, "whole volume")
+    assert json.loads((models / "acute" / "campaign.json").read_text())["cumulative"]["gpu_training_s"] == 3600.0
+
+
+def test_the_gpu_recipe_passes_its_workers_and_validation_size(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict = {}
+    _fake_verbs(monkeypatch, {}, [])
+    fake = campaign._run_verb
+
+    def spy(module: str, argv: list) -> None:
+        seen.setdefault(module, [str(a) for a in argv])
+        fake(module, argv)
+    monkeypatch.setattr(campaign, "_run_verb", spy)
+    campaign.run(CampaignConfig(pack=tmp_path / "p.npz", out=tmp_path / "r", models=_models(tmp_path),
+                                device="cuda", until="train", workers=14, val_samples=48))
+    argv = seen["Training.training.train_synth"]
+    assert {f: argv[argv.index(f) + 1] for f in ("--source", "--workers", "--val-samples")} == {
+        "--source": "gpu", "--workers": "14", "--val-samples": "48"}
+    assert "--patch" not in argv and "Training.training.export" not in seen
+
+
 def test_bad_arguments_are_named(tmp_path: Path) -> None:
+    with pytest.raises(cfg.ConfigError, match="--until must be one of train, export, decide, not 'search'"):
+        campaign.run(CampaignConfig(out=tmp_path / "r", until="search"))
     with pytest.raises(cfg.ConfigError, match="--val"):
         campaign.run(CampaignConfig(out=tmp_path / "r"))
     with pytest.raises(cfg.ConfigError, match="is not a folder"):

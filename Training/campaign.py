@@ -106,6 +106,13 @@ class CampaignConfig:
         "help": "start the fine-tune from this bundle of the task (e.g. an earlier run's candidate/) instead of the "
                 "shipped one; the candidate is still judged against the shipped bundle"})
     ship: bool = field(default=False, metadata={"help": "replace the shipped bundle when the rule says so"})
+    until: str = field(default="decide", metadata={
+        "help": "train|export|decide: stop after this stage. 'export' trains and exports the candidate without the "
+                "validation sets (e.g. on a lent GPU); the same command with the default later, on any machine, "
+                "continues at the search"})
+    workers: int = field(default=4, metadata={"help": "GPU recipe: label-sampling worker processes"})
+    val_samples: int = field(default=16, metadata={
+        "help": "select the checkpoint on this many synthesised whole volumes of held-out lesions (no --val-cache)"})
 
 
 def decide(candidate: dict, shipped: dict) -> dict:
@@ -249,16 +256,18 @@ def _init_folder(config: CampaignConfig) -> Path:
     return folder
 
 
+STAGES = ("train", "export", "decide")
+
+
 def run(config: CampaignConfig) -> dict:
-    if not config.val:
-        raise cfg.ConfigError("--val: give the fixed validation folders (Training/recipes/make_eval_sets.sh).")
-    for folder in config.val:
-        if not Path(folder).is_dir():
-            raise cfg.ConfigError(f"--val: {folder} is not a folder.")
+    if config.until not in STAGES:
+        raise cfg.ConfigError(f"--until must be one of {', '.join(STAGES)}, not '{config.until}'.")
+    if config.until == "decide":
+        _check_validation(config)
     shipped_bundle = Path(config.models) / config.task
     if not (shipped_bundle / "model.json").is_file():
         raise cfg.ConfigError(f"--models: {shipped_bundle} holds no bundle.")
-    if config.shipped_search is not None:  # before hours of training, not after
+    if config.shipped_search is not None and config.until == "decide":  # before hours of training, not after
         _check_same_search(config, Path(config.shipped_search))
     init = _init_folder(config)
     out = Path(config.out)
@@ -267,25 +276,64 @@ def run(config: CampaignConfig) -> dict:
     summary = train_dir / "summary.json"
     started = time.perf_counter()
     if _stage("train", summary):
-        resume = (train_dir / config.task / "checkpoints" / "last.pt").is_file()
-        argv = ["--pack", config.pack, "--out", train_dir, "--device", config.device, "--variants", config.task,
-                "--time-limit", config.minutes * 60, "--lr", config.lr, "--seed", config.seed,
-                "--threads", config.threads, "--val-samples", 16, "--val-every", config.val_every,
-                "--checkpoint-minutes", 10, "--lesion-loss", config.lesion_loss, "--patience", config.patience,
-                "--source", "pool" if config.device == "cpu" else "gpu"]
-        if config.device == "cpu":  # the CPU recipe: a 48-volume pool; by default 2 lesion-centred 64^3 patches a step
-            argv += ["--batch-size", config.batch_size, "--patch", config.patch, "--pool-size", 48,
-                     "--mimic-fraction", config.mimic_fraction, "--focus-fraction", config.focus_fraction]
-        if config.val_cache:
-            argv += ["--val-cache", ",".join(str(c) for c in config.val_cache),
-                     "--val-max-cases", config.val_cache_cases]
-        argv += ["--resume"] if resume else ["--init", init]
-        _run_verb("Training.training.train_synth", argv)
+        _train(config, train_dir, init)
     trained = json.loads(summary.read_text())[config.task]
     candidate = out / "candidate"
-    if _stage("export", candidate / "model.json"):
+    if config.until != "train" and _stage("export", candidate / "model.json"):
         _run_verb("Training.training.export", ["--run", train_dir / config.task, "--out", candidate,
                                       "--name", f"strokepredictor-{config.task}", "--checkpoint", "best"])
+    if config.until != "decide":
+        logger.info("campaign: stopped after %s (--until); run again without --until to continue", config.until)
+        return {"stopped_after": config.until, "trained": trained}
+    return _decide_and_record(config, out, candidate, trained, started)
+
+
+def _check_validation(config: CampaignConfig) -> None:
+    if not config.val:
+        raise cfg.ConfigError("--val: give the fixed validation folders (Training/recipes/make_eval_sets.sh).")
+    for folder in config.val:
+        if not Path(folder).is_dir():
+            raise cfg.ConfigError(f"--val: {folder} is not a folder.")
+
+
+def _train(config: CampaignConfig, train_dir: Path, init: Path) -> None:
+    resume = (train_dir / config.task / "checkpoints" / "last.pt").is_file()
+    argv = ["--pack", config.pack, "--out", train_dir, "--device", config.device, "--variants", config.task,
+            "--time-limit", config.minutes * 60, "--lr", config.lr, "--seed", config.seed,
+            "--threads", config.threads, "--val-samples", config.val_samples, "--val-every", config.val_every,
+            "--checkpoint-minutes", 10, "--lesion-loss", config.lesion_loss, "--patience", config.patience,
+            "--source", "pool" if config.device == "cpu" else "gpu"]
+    if config.device == "cpu":  # the CPU recipe: a 48-volume pool; by default 2 lesion-centred 64^3 patches a step
+        argv += ["--batch-size", config.batch_size, "--patch", config.patch, "--pool-size", 48,
+                 "--mimic-fraction", config.mimic_fraction, "--focus-fraction", config.focus_fraction]
+    else:  # the GPU recipe: whole volumes synthesised on the device, 8 a step, label samples from CPU workers
+        argv += ["--workers", config.workers]
+    if config.val_cache:
+        argv += ["--val-cache", ",".join(str(c) for c in config.val_cache),
+                 "--val-max-cases", config.val_cache_cases]
+    argv += ["--resume"] if resume else ["--init", init]
+    _run_verb("Training.training.train_synth", argv)
+
+
+def _trained_with(train_dir: Path, config: CampaignConfig) -> dict:
+    """The training settings for the ledger, as the run saved them (the training may have run elsewhere, e.g. on
+    a lent GPU with --until export, and the continuing command need not repeat its flags)."""
+    settings = {"device": config.device, "lr": config.lr, "seed": config.seed, "mimic_fraction": config.mimic_fraction,
+                "patch": config.patch, "batch_size": config.batch_size, "lesion_loss": config.lesion_loss,
+                "focus_fraction": config.focus_fraction, "patience": config.patience}
+    saved_path = train_dir / config.task / "train_synth_config.json"
+    if not saved_path.is_file():
+        return settings
+    saved = json.loads(saved_path.read_text())
+    settings.update({key: saved[key] for key in settings if key in saved})
+    settings["device"] = "cpu" if settings["device"] == "cpu" else "cuda"
+    if not isinstance(settings["patch"], str):
+        settings["patch"] = ",".join(str(v) for v in settings["patch"]) or "whole volume"
+    return settings
+
+
+def _decide_and_record(config: CampaignConfig, out: Path, candidate: Path, trained: dict, started: float) -> dict:
+    shipped_bundle = Path(config.models) / config.task
     shipped_copy = out / "shipped"  # searched as a copy, so that --write never touches the shipped bundle
     val = ",".join(str(v) for v in config.val)
     results = {}
@@ -311,12 +359,10 @@ def run(config: CampaignConfig) -> dict:
         shipped_now = True
     outcome = "shipped" if shipped_now else ("would ship (run without --ship)" if decision["ship"] else "kept")
     write_json({**decision, "outcome": outcome}, out / "decision.json", overwrite=True)
-    entry = {"run": out.name, "date": datetime.now(timezone.utc).date().isoformat(), "device": config.device,
+    entry = {"run": out.name, "date": datetime.now(timezone.utc).date().isoformat(),
+             **_trained_with(out / "train", config),
              "steps": int(trained["steps"]), "training_s": float(trained["seconds"]),
-             "best_synthetic_val_dice": trained.get("best_val_dice"), "seed": config.seed, "lr": config.lr,
-             "mimic_fraction": config.mimic_fraction, "patch": config.patch, "batch_size": config.batch_size,
-             "lesion_loss": config.lesion_loss, "focus_fraction": config.focus_fraction, "patience": config.patience,
-             "stopped": trained.get("stopped"),
+             "best_synthetic_val_dice": trained.get("best_val_dice"), "stopped": trained.get("stopped"),
              "init": str(config.init) if config.init else "shipped",
              "checkpoint_validation": [Path(c).name for c in config.val_cache] or "synthesised",
              "validation_sets": [Path(v).name for v in config.val], "max_cases_per_set": config.max_cases,
