@@ -204,6 +204,10 @@ def _check_network_config(schema: _Schema, config: object) -> None:
         schema.bad(f"{where}.film", True, "false when imaging_only is true (FiLM needs the clinical branch)")
     if get("growth_volume") is True and (get("growth") is not True or get("growth_reach", 0) != 0):
         schema.bad(f"{where}.growth_volume", True, "false unless growth is true and growth_reach is 0")
+    if "growth_tissue_adc_max" in config:
+        schema.number(f"{where}.growth_tissue_adc_max", get("growth_tissue_adc_max"), 0.0, 1e6)
+        if get("growth_tissue_adc_max") and get("growth_volume") is not True:
+            schema.bad(f"{where}.growth_tissue_adc_max", get("growth_tissue_adc_max"), "0 unless growth_volume is true")
     if get("clinical_blind") is True and get("imaging_only") is True:
         schema.bad(f"{where}.clinical_blind", True, "false when imaging_only is true (it keeps the clinical branch)")
     fusion, heads = get("fusion_dim", defaults.fusion_dim), get("heads", defaults.heads)

@@ -84,7 +84,8 @@ Architecture (shapes for a batch of ``B`` cases on a ``D x H x W`` model grid, i
   a difference through it; growing a good acute core outward by a per-case distance could gain
   0.056. So in this mode there is no risk map: ``s`` is the log of the grown volume over the
   core's volume, and the outcome is the (deterministic) core grown outward through the tissue
-  (ADC > 0), nearest voxel first, by ``exp(s)`` times the core's volume. This is the mismatch
+  (ADC > 0; with ``growth_tissue_adc_max`` only the parenchyma, below that ADC, as the simulation's penumbra
+  is grey and white matter and never CSF), nearest voxel first, by ``exp(s)`` times the core's volume. This is the mismatch
   model of infarct growth (the final infarct is the core plus the share of the surrounding
   tissue at risk that is lost, and that share scales with the core), it keeps every ordering of
   ``s`` above (a larger ``s`` grows a superset), and the core is the acute model's own head, so
@@ -166,6 +167,7 @@ class NetworkConfig:
     growth_reach: int = 0  # growth head: half-width (voxels) of the core neighbourhood that gates growth (0: none)
     growth_volume: bool = False  # growth head: grow the core outward by exp(s) x its volume (no risk map)
     clinical_blind: bool = False  # ablation twin: every clinical value treated as missing, a constant growth
+    growth_tissue_adc_max: float = 0.0  # growth by volume: grow only where 0 < ADC < this (network units; 0: ADC > 0)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
@@ -186,6 +188,9 @@ class NetworkConfig:
             raise ValueError(f"NetworkConfig: growth_reach must be >= 0 and needs growth, got {self.growth_reach}.")
         if self.growth_volume and (not self.growth or self.growth_reach):
             raise ValueError("NetworkConfig: growth_volume needs growth and replaces growth_reach.")
+        if self.growth_tissue_adc_max < 0 or (self.growth_tissue_adc_max and not self.growth_volume):
+            raise ValueError(f"NetworkConfig: growth_tissue_adc_max must be >= 0 and needs growth_volume, got "
+                             f"{self.growth_tissue_adc_max}.")
         if self.clinical_blind and self.imaging_only:
             raise ValueError("NetworkConfig: clinical_blind keeps the clinical branch; it excludes imaging_only.")
         if self.film and self.imaging_only:
@@ -607,7 +612,8 @@ class ImagingFeatures:
     bottleneck: torch.Tensor
     flair_present: torch.Tensor
     size: tuple[int, ...]
-    tissue: torch.Tensor | None = None  # (B, D, H, W) bool: ADC > 0 (where growth by volume may reach)
+    tissue: torch.Tensor | None = None  # (B, D, H, W) bool: where growth by volume may reach (ADC > 0, below
+    # growth_tissue_adc_max when set)
 
 
 class StrokeNet(nn.Module):
@@ -689,7 +695,10 @@ class StrokeNet(nn.Module):
         flair = torch.where(flair_present[:, None, None, None], image[:, 2], fill)
         x = torch.cat([image[:, :2], flair[:, None]], dim=1)
         skips, bottleneck = self.encoder(x)
-        return ImagingFeatures(skips, bottleneck, flair_present, tuple(image.shape[2:]), image[:, 1] > 0)
+        tissue = image[:, 1] > 0
+        if self.config.growth_tissue_adc_max:  # parenchyma: no CSF for the growth to reach
+            tissue &= image[:, 1] < self.config.growth_tissue_adc_max
+        return ImagingFeatures(skips, bottleneck, flair_present, tuple(image.shape[2:]), tissue)
 
     def decode(
         self,

@@ -566,6 +566,21 @@ def test_growth_by_volume_in_the_network_follows_onset_and_matches_sampling() ->
         tiny_config(growth=True, growth_volume=True, growth_reach=2)
 
 
+def test_growth_by_volume_into_parenchyma_leaves_csf_out() -> None:
+    image, _, _, _ = _inputs((16, 16, 16))
+    image[:, 1] = 0.8  # white and grey matter
+    image[:, 1, :, :, 10:12] = 3.0  # a CSF slab (free water)
+    flair = torch.zeros(image.shape[0], dtype=torch.bool)
+    everywhere = _volume_model().encode_image(image, flair).tissue
+    parenchyma = _volume_model(growth_tissue_adc_max=1.5).encode_image(image, flair).tissue
+    assert everywhere.all()
+    assert not parenchyma[..., 10:12].any() and parenchyma[..., :10].all() and parenchyma[..., 12:].all()
+    with pytest.raises(ValueError, match="growth_tissue_adc_max"):
+        tiny_config(growth_tissue_adc_max=1.5)  # only for growth by volume
+    with pytest.raises(ValueError, match="growth_tissue_adc_max"):
+        tiny_config(growth=True, growth_volume=True, growth_tissue_adc_max=-1.0)
+
+
 def test_a_clinically_blind_twin_ignores_every_clinical_value() -> None:
     torch.manual_seed(16)
     blind = StrokeNet(tiny_config(growth=True, growth_volume=True, clinical_blind=True)).eval()

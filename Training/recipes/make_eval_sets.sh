@@ -14,6 +14,7 @@
 #   test_growth                      12 cases: the clinical growth check of outcome bundles (below)
 #   test_gate                        30 cases: data/test's recipe with another seed (a fresh gate)
 #   test_ablate                     120 cases: data/test's recipe with a third seed, for the fusion ablation
+#   test_ablate2                    120 cases: a fourth seed, a fresh ablation set (test_ablate has judged g21)
 # With EARLIER=1 it also rebuilds the earlier validation and test sets of the README
 # ("Reproducing the bundled models") with their committed seeds. Each set's wall time is printed.
 #
@@ -69,3 +70,5 @@ generate test_gate 30 1101 soop_test
 # the same recipe, four times as many cases and a third seed: the fusion ablation's set (outcome model card, g20),
 # whose interval is about half as wide as on a 30-case set
 generate test_ablate 120 1401 soop_test
+# test_ablate and test_gate judged outcome run g21: the next outcome candidate is judged on a set no candidate has seen
+generate test_ablate2 120 1402 soop_test

@@ -80,6 +80,9 @@ class FitGrowthConfig:
     val_samples: int = field(default=300, metadata={"help": "with --volume: label samples of the validation lesions"})
     twin_out: Path | None = field(default=None, metadata={
         "help": "with --volume: also write the clinically blind twin (constant growth) here"})
+    tissue_adc_max: float = field(default=0.0, metadata={
+        "help": "with --volume: grow only into parenchyma, where the ADC is below this (10^-3 mm^2/s; 1.5 keeps grey "
+                "and white matter and leaves out CSF, as the simulation's penumbra does); 0: wherever ADC > 0"})
 
 
 @dataclass
@@ -270,7 +273,10 @@ def fit_volume(config: FitGrowthConfig) -> dict:
         raise cfg.ConfigError("--bundle and --out are required.")
     if config.samples < 1 or config.val_samples < 1:
         raise cfg.ConfigError("--samples and --val-samples must be >= 1.")
+    if config.tissue_adc_max < 0:
+        raise cfg.ConfigError(f"--tissue-adc-max must be >= 0 (0: wherever ADC > 0), not {config.tissue_adc_max}.")
     base = load_bundle(config.bundle)
+    tissue_adc_max = config.tissue_adc_max * base.normalization.adc_scale / 1000.0  # in the network's ADC units
     if base.config.imaging_only:
         raise cfg.ConfigError(f"Bundle {config.bundle} is imaging-only; growth by volume needs the clinical branch.")
     targets = [(Path(config.out), False)] + ([(Path(config.twin_out), True)] if config.twin_out else [])
@@ -289,7 +295,7 @@ def fit_volume(config: FitGrowthConfig) -> dict:
     reports = {}
     for folder, blind in targets:
         network = dataclasses.replace(base.config, growth=True, growth_volume=True, growth_reach=0,
-                                      clinical_blind=blind)
+                                      clinical_blind=blind, growth_tissue_adc_max=tissue_adc_max)
         model = StrokeNet(network)
         load_weights(model, state)
         model.eval().float()
@@ -323,6 +329,7 @@ def fit_volume(config: FitGrowthConfig) -> dict:
                   "clinical_blind": blind, "samples": config.samples, "val_samples": config.val_samples,
                   "scenarios": config.scenarios, "steps": config.steps, "lr": config.lr,
                   "clinical_drop_p": config.clinical_drop_p, "seed": config.seed, "source": str(config.bundle),
+                  "tissue_adc_max": config.tissue_adc_max,
                   "source_sha256": base.sha256, "seconds": round(time.perf_counter() - started, 1)}
         for parameter in model.parameters():
             parameter.requires_grad_(True)
