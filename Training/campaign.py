@@ -39,6 +39,10 @@ least as many.
 
     python -m Training campaign --pack pack.npz --val data/val_a,data/val_b --minutes 120 \\
         --out runs/campaign/run2 --ship
+
+Where a GPU is lent for minutes, ``--until export`` (with ``--device cuda``) trains and exports there without the
+validation sets; the same ``--out`` folder, copied back, continues at the search with the command above. The
+ledger takes the device and training settings from the run's saved configuration, not from the continuing command.
 """
 
 from __future__ import annotations
