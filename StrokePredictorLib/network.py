@@ -86,8 +86,7 @@ Architecture (shapes for a batch of ``B`` cases on a ``D x H x W`` model grid, i
   core's volume, and the outcome is the (deterministic) core grown outward through the tissue
   (ADC > 0; with ``growth_tissue_adc_max`` only the parenchyma, below that ADC, as the simulation's penumbra
   is grey and white matter and never CSF), nearest voxel first, by ``exp(s)`` times the core's volume. This is
-  the mismatch
-  model of infarct growth (the final infarct is the core plus the share of the surrounding
+  the mismatch model of infarct growth (the final infarct is the core plus the share of the surrounding
   tissue at risk that is lost, and that share scales with the core), it keeps every ordering of
   ``s`` above (a larger ``s`` grows a superset), and the core is the acute model's own head, so
   the outcome is as good as the acute segmentation allows. The growth channel carries at
