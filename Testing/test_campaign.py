@@ -94,7 +94,7 @@ def _fake_verbs(monkeypatch: pytest.MonkeyPatch, scores: dict[str, float], calls
             (out / "weights.safetensors").write_bytes(b"new")
         elif module == "Training.evaluation.postprocess":
             out.mkdir(parents=True)
-            name = "candidate" if "candidate" in argv[argv.index("--bundle") + 1] else "shipped"
+            name = "candidate" if Path(argv[argv.index("--bundle") + 1]).name == "candidate" else "shipped"
             (out / "postprocess.json").write_text(json.dumps(_result(scores[name], 0.5, 0.3)))
     monkeypatch.setattr(campaign, "_run_verb", fake)
 
@@ -224,6 +224,30 @@ def test_a_run_trained_elsewhere_with_until_export_continues_at_the_search(
     entry = json.loads((models / "acute" / "campaign.json").read_text())["runs"][0]
     assert (entry["device"], entry["lr"], entry["batch_size"], entry["patch"]) == ("cuda", 1e-4, 8, "whole volume")
     assert json.loads((models / "acute" / "campaign.json").read_text())["cumulative"]["gpu_training_s"] == 3600.0
+
+
+def test_a_ready_made_candidate_is_judged_by_the_same_rule_without_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models = _models(tmp_path)
+    (tmp_path / "val").mkdir()
+    soup = write_tiny_bundle(tmp_path / "soup", seed=2)
+    calls: list = []
+    _fake_verbs(monkeypatch, {"candidate": 0.6, "shipped": 0.5}, calls)
+    out = tmp_path / "soup1"
+    result = campaign.run(CampaignConfig(pack=tmp_path / "p.npz", val=(tmp_path / "val",), out=out, models=models,
+                                         candidate=soup, ship=True))
+    assert calls == ["Training.evaluation.postprocess", "Training.evaluation.postprocess"]  # no training, no export
+    assert result["outcome"] == "shipped"
+    assert (models / "acute" / "weights.safetensors").read_bytes() == (soup / "weights.safetensors").read_bytes()
+    entry = json.loads((models / "acute" / "campaign.json").read_text())["runs"][0]
+    assert (entry["candidate"], entry["steps"], entry["training_s"]) == (str(soup), 0, 0.0)
+    assert "lr" not in entry and "device" not in entry  # no training settings for a run that trained nothing
+    with pytest.raises(cfg.ConfigError, match="--candidate is judged, not trained"):
+        campaign.run(CampaignConfig(pack=tmp_path / "p.npz", out=tmp_path / "r2", models=models, candidate=soup,
+                                    until="export"))
+    with pytest.raises(cfg.ConfigError, match="--candidate: .* is not a bundle"):
+        campaign.run(CampaignConfig(pack=tmp_path / "p.npz", val=(tmp_path / "val",), out=tmp_path / "r3",
+                                    models=models, candidate=tmp_path / "val"))
 
 
 def test_the_gpu_recipe_passes_its_workers_and_validation_size(tmp_path: Path,

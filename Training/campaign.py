@@ -115,6 +115,9 @@ class CampaignConfig:
                 "validation sets (e.g. on a lent GPU); the same command with the default later, on any machine, "
                 "continues at the search"})
     workers: int = field(default=4, metadata={"help": "GPU recipe: label-sampling worker processes"})
+    candidate: Path | None = field(default=None, metadata={
+        "help": "judge this ready-made bundle of the task (e.g. a weight average from python -m Training "
+                "interpolate) instead of training one: the search, the rule and the ledger as for a trained run"})
     val_samples: int = field(default=16, metadata={
         "help": "select the checkpoint on this many synthesised whole volumes of held-out lesions (no --val-cache)"})
 
@@ -242,21 +245,26 @@ def _init_folder(config: CampaignConfig) -> Path:
     holding a copy of ``--init`` (checked to be a bundle of the task)."""
     if config.init is None:
         return Path(config.models)
+    _copy_bundle(config, Path(config.init), Path(config.out) / "init" / config.task, "--init")
+    return Path(config.out) / "init"
+
+
+def _copy_bundle(config: CampaignConfig, source: Path, folder: Path, flag: str) -> Path:
+    """Copy the bundle ``source`` (checked to be a bundle of the task) to ``folder``; returns ``folder``."""
     from StrokePredictorLib.bundle import read_metadata
 
-    source = Path(config.init)
     if not (source / "weights.safetensors").is_file():
-        raise cfg.ConfigError(f"--init: {source} is not a bundle (model.json and weights.safetensors expected).")
+        raise cfg.ConfigError(f"{flag}: {source} is not a bundle (model.json and weights.safetensors expected).")
     try:
         task = read_metadata(source / "model.json").get("task")
     except StrokePredictorError as error:
-        raise cfg.ConfigError(f"--init: {error}") from None
+        raise cfg.ConfigError(f"{flag}: {error}") from None
     if task != config.task:
-        raise cfg.ConfigError(f"--init: {source} is a bundle of the task '{task}', not '{config.task}'.")
-    folder = Path(config.out) / "init"
-    (folder / config.task).mkdir(parents=True, exist_ok=True)
-    for name in ("model.json", "weights.safetensors"):
-        shutil.copy2(source / name, folder / config.task / name)
+        raise cfg.ConfigError(f"{flag}: {source} is a bundle of the task '{task}', not '{config.task}'.")
+    folder.mkdir(parents=True, exist_ok=True)
+    if source.resolve() != folder.resolve():
+        for name in ("model.json", "weights.safetensors"):
+            shutil.copy2(source / name, folder / name)
     return folder
 
 
@@ -273,12 +281,17 @@ def run(config: CampaignConfig) -> dict:
         raise cfg.ConfigError(f"--models: {shipped_bundle} holds no bundle.")
     if config.shipped_search is not None and config.until == "decide":  # before hours of training, not after
         _check_same_search(config, Path(config.shipped_search))
-    init = _init_folder(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if config.candidate is not None:  # a ready-made candidate: nothing to train or export
+        if config.until != "decide":
+            raise cfg.ConfigError("--candidate is judged, not trained: leave out --until.")
+        candidate = _copy_bundle(config, Path(config.candidate), out / "candidate", "--candidate")
+        return _decide_and_record(config, out, candidate, {"steps": 0, "seconds": 0.0}, started)
+    init = _init_folder(config)
     train_dir = out / "train"
     summary = train_dir / "summary.json"
-    started = time.perf_counter()
     if _stage("train", summary):
         _train(config, train_dir, init)
     trained = json.loads(summary.read_text())[config.task]
@@ -363,11 +376,12 @@ def _decide_and_record(config: CampaignConfig, out: Path, candidate: Path, train
         shipped_now = True
     outcome = "shipped" if shipped_now else ("would ship (run without --ship)" if decision["ship"] else "kept")
     write_json({**decision, "outcome": outcome}, out / "decision.json", overwrite=True)
-    entry = {"run": out.name, "date": datetime.now(timezone.utc).date().isoformat(),
-             **_trained_with(out / "train", config),
+    trained_with = ({"candidate": str(config.candidate)} if config.candidate is not None
+                    else _trained_with(out / "train", config))
+    entry = {"run": out.name, "date": datetime.now(timezone.utc).date().isoformat(), **trained_with,
              "steps": int(trained["steps"]), "training_s": float(trained["seconds"]),
              "best_synthetic_val_dice": trained.get("best_val_dice"), "stopped": trained.get("stopped"),
-             "init": str(config.init) if config.init else "shipped",
+             "init": str(config.init) if config.init else ("-" if config.candidate is not None else "shipped"),
              "checkpoint_validation": [Path(c).name for c in config.val_cache] or "synthesised",
              "validation_sets": [Path(v).name for v in config.val], "max_cases_per_set": config.max_cases,
              "mc_samples": config.mc_samples, "decision": decision, "outcome": outcome}
