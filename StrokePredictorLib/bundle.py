@@ -208,6 +208,12 @@ def _check_network_config(schema: _Schema, config: object) -> None:
         schema.number(f"{where}.growth_tissue_adc_max", get("growth_tissue_adc_max"), 0.0, 1e6)
         if get("growth_tissue_adc_max") and get("growth_volume") is not True:
             schema.bad(f"{where}.growth_tissue_adc_max", get("growth_tissue_adc_max"), "0 unless growth_volume is true")
+    if "growth_seed_probability" in config:
+        schema.number(f"{where}.growth_seed_probability", get("growth_seed_probability"), 0.0, 1.0, low_open=True,
+                      high_open=True)
+        if get("growth_seed_probability") != 0.5 and get("growth_volume") is not True:
+            schema.bad(f"{where}.growth_seed_probability", get("growth_seed_probability"),
+                       "0.5 unless growth_volume is true")
     if get("clinical_blind") is True and get("imaging_only") is True:
         schema.bad(f"{where}.clinical_blind", True, "false when imaging_only is true (it keeps the clinical branch)")
     fusion, heads = get("fusion_dim", defaults.fusion_dim), get("heads", defaults.heads)

@@ -168,6 +168,7 @@ class NetworkConfig:
     growth_volume: bool = False  # growth head: grow the core outward by exp(s) x its volume (no risk map)
     clinical_blind: bool = False  # ablation twin: every clinical value treated as missing, a constant growth
     growth_tissue_adc_max: float = 0.0  # growth by volume: grow only where 0 < ADC < this (network units; 0: ADC > 0)
+    growth_seed_probability: float = 0.5  # growth by volume: the core that grows is where its probability >= this
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
@@ -191,6 +192,10 @@ class NetworkConfig:
         if self.growth_tissue_adc_max < 0 or (self.growth_tissue_adc_max and not self.growth_volume):
             raise ValueError(f"NetworkConfig: growth_tissue_adc_max must be >= 0 and needs growth_volume, got "
                              f"{self.growth_tissue_adc_max}.")
+        if not 0.0 < self.growth_seed_probability < 1.0 or (self.growth_seed_probability != 0.5
+                                                             and not self.growth_volume):
+            raise ValueError(f"NetworkConfig: growth_seed_probability must lie in (0, 1) and differ from 0.5 only "
+                             f"with growth_volume, got {self.growth_seed_probability}.")
         if self.clinical_blind and self.imaging_only:
             raise ValueError("NetworkConfig: clinical_blind keeps the clinical branch; it excludes imaging_only.")
         if self.film and self.imaging_only:
@@ -807,7 +812,8 @@ class StrokeNet(nn.Module):
         return offset
 
     def _grown_core(self, features: torch.Tensor, offset: torch.Tensor, tissue: torch.Tensor | None) -> torch.Tensor:
-        """Growth by volume: per case, the deterministic core (core logit > 0, inside ``tissue``)
+        """Growth by volume: per case, the deterministic core (core probability >= ``growth_seed_probability``,
+        0.5 by default, inside ``tissue``)
         grown outward through the tissue, nearest voxel first (Euclidean distance in voxels; ties
         broken by a fixed left-right symmetric pattern, so the grown volume is exact and both
         views of flip averaging agree), until the grown part holds ``exp(s)`` times the core's
@@ -816,8 +822,9 @@ class StrokeNet(nn.Module):
         elsewhere in the tissue, -30 outside it and everywhere when there is no core."""
         from scipy import ndimage
 
+        seed_logit = math.log(self.config.growth_seed_probability / (1.0 - self.config.growth_seed_probability))
         with torch.no_grad():
-            core = (self.head(features).float() > 0)[:, 0].cpu().numpy()
+            core = (self.head(features).float() >= seed_logit)[:, 0].cpu().numpy()
             where = (np.ones_like(core) if tissue is None else tissue.to(torch.bool).cpu().numpy().reshape(core.shape))
             ties = _tie_pattern(core.shape[1:])
             grown = np.full(core.shape, -GROWTH_FAR, np.float32)

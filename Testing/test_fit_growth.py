@@ -72,7 +72,7 @@ def test_volume_mode_builds_the_growth_by_volume_pair_from_an_acute_bundle(pack:
                          postprocessing=PostProcessing(threshold=0.4))
     config = FitGrowthConfig(bundle=source, pack=pack, out=tmp_path / "fusion", twin_out=tmp_path / "twin",
                              volume=True, samples=4, val_samples=2, scenarios=1, steps=30, lr=0.05, seed=1,
-                             val_subset="train", tissue_adc_max=1.5)
+                             val_subset="train", tissue_adc_max=1.5, seed_probability=0.3)
     reports = fit_volume(config)
     acute = load_bundle(source).model.state_dict()
     for name, blind in (("fusion", False), ("twin", True)):
@@ -80,6 +80,7 @@ def test_volume_mode_builds_the_growth_by_volume_pair_from_an_acute_bundle(pack:
         assert bundle.task == "outcome" and bundle.config.growth_volume and bundle.config.clinical_blind is blind
         assert bundle.model.risk is None
         assert bundle.config.growth_tissue_adc_max == 1.5  # 1.5 x10^-3 mm^2/s in the network's units (x 1000 / 1000)
+        assert bundle.config.growth_seed_probability == 0.3
         state = bundle.model.state_dict()
         assert all(torch.equal(state[k], v) for k, v in acute.items())  # the acute network is the core, unchanged
         assert {k for k in state if k not in acute} == {k for k in state if k.startswith("growth.")}

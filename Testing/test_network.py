@@ -581,6 +581,23 @@ def test_growth_by_volume_into_parenchyma_leaves_csf_out() -> None:
         tiny_config(growth=True, growth_volume=True, growth_tissue_adc_max=-1.0)
 
 
+def test_growth_by_volume_seeds_from_the_core_above_its_seed_probability() -> None:
+    features = torch.zeros(1, tiny_config().head_channels, 24, 24, 24)
+    features[0, 0, 8:14, 8:14, 8:14] = 0.45  # core logit 20 x 0.45 - 10 = -1: probability 0.27
+    features[0, 0, 10:12, 10:12, 10:12] = 0.48  # logit -0.4: probability 0.40
+    grown = {}
+    for seed in (0.5, 0.35, 0.2):
+        model = _volume_model(growth_seed_probability=seed)
+        grown[seed] = int((model._grown_core(features, torch.tensor([0.0]), None)[0, 0] > 0).sum())
+    assert grown[0.5] == 0  # nothing reaches 0.5: nothing grows
+    assert grown[0.35] == 2 * 8  # the 8-voxel centre and as much again
+    assert grown[0.2] == 2 * 216  # the whole 6^3 cube and as much again
+    with pytest.raises(ValueError, match="growth_seed_probability"):
+        tiny_config(growth_seed_probability=0.3)  # only for growth by volume
+    with pytest.raises(ValueError, match="growth_seed_probability"):
+        tiny_config(growth=True, growth_volume=True, growth_seed_probability=1.0)
+
+
 def test_a_clinically_blind_twin_ignores_every_clinical_value() -> None:
     torch.manual_seed(16)
     blind = StrokeNet(tiny_config(growth=True, growth_volume=True, clinical_blind=True)).eval()

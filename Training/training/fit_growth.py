@@ -80,6 +80,9 @@ class FitGrowthConfig:
     val_samples: int = field(default=300, metadata={"help": "with --volume: label samples of the validation lesions"})
     twin_out: Path | None = field(default=None, metadata={
         "help": "with --volume: also write the clinically blind twin (constant growth) here"})
+    seed_probability: float = field(default=0.5, metadata={
+        "help": "with --volume: the core grows from where its probability is at least this (the acute bundle's "
+                "threshold, e.g. 0.3, so that every core the acute model reports grows)"})
     tissue_adc_max: float = field(default=0.0, metadata={
         "help": "with --volume: grow only into parenchyma, where the ADC is below this (10^-3 mm^2/s; 1.5 keeps grey "
                 "and white matter and leaves out CSF, as the simulation's penumbra does); 0: wherever ADC > 0"})
@@ -273,6 +276,8 @@ def fit_volume(config: FitGrowthConfig) -> dict:
         raise cfg.ConfigError("--bundle and --out are required.")
     if config.samples < 1 or config.val_samples < 1:
         raise cfg.ConfigError("--samples and --val-samples must be >= 1.")
+    if not 0 < config.seed_probability < 1:
+        raise cfg.ConfigError(f"--seed-probability must lie in (0, 1), not {config.seed_probability}.")
     if config.tissue_adc_max < 0:
         raise cfg.ConfigError(f"--tissue-adc-max must be >= 0 (0: wherever ADC > 0), not {config.tissue_adc_max}.")
     base = load_bundle(config.bundle)
@@ -295,7 +300,8 @@ def fit_volume(config: FitGrowthConfig) -> dict:
     reports = {}
     for folder, blind in targets:
         network = dataclasses.replace(base.config, growth=True, growth_volume=True, growth_reach=0,
-                                      clinical_blind=blind, growth_tissue_adc_max=tissue_adc_max)
+                                      clinical_blind=blind, growth_tissue_adc_max=tissue_adc_max,
+                                      growth_seed_probability=config.seed_probability)
         model = StrokeNet(network)
         load_weights(model, state)
         model.eval().float()
@@ -329,7 +335,7 @@ def fit_volume(config: FitGrowthConfig) -> dict:
                   "clinical_blind": blind, "samples": config.samples, "val_samples": config.val_samples,
                   "scenarios": config.scenarios, "steps": config.steps, "lr": config.lr,
                   "clinical_drop_p": config.clinical_drop_p, "seed": config.seed, "source": str(config.bundle),
-                  "tissue_adc_max": config.tissue_adc_max,
+                  "tissue_adc_max": config.tissue_adc_max, "seed_probability": config.seed_probability,
                   "source_sha256": base.sha256, "seconds": round(time.perf_counter() - started, 1)}
         for parameter in model.parameters():
             parameter.requires_grad_(True)
