@@ -152,3 +152,14 @@ def test_unit_errors_quote_the_files_value_and_unit(tmp_path: Path, capsys: pyte
     assert "row 2, column 'glucose_mgdl': value 'abc' is not a number; expected 18.02 to 720.6 mg/dL" in err
     assert "row 3, column 'nihss': value 50 is out of range; expected 0 to 42" in err  # other columns unchanged
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_a_real_age_outside_the_forms_range_is_left_missing_not_a_crash() -> None:
+    import numpy as np
+
+    from Training.synthesis.clinical_sim import simulate_clinical
+
+    for age, expected in ((16, None), (40, 40)):
+        record, _ = simulate_clinical(np.random.default_rng(0), kind="soop", volume_ml=5.0, territory=1,
+                                      real={"age": age, "sex": "F", "nihss": 3}, missing=False)
+        assert record.values.get("age") == expected
