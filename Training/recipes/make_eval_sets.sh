@@ -15,6 +15,7 @@
 #   test_gate                        30 cases: data/test's recipe with another seed (a fresh gate)
 #   test_ablate                     120 cases: data/test's recipe with a third seed, for the fusion ablation
 #   test_ablate2                    120 cases: a fourth seed, a fresh ablation set (test_ablate has judged g21)
+#   test_ablate3                    120 cases: a fifth seed (test_ablate2 has judged g22)
 # With EARLIER=1 it also rebuilds the earlier validation and test sets of the README
 # ("Reproducing the bundled models") with their committed seeds. Each set's wall time is printed.
 #
@@ -72,3 +73,5 @@ generate test_gate 30 1101 soop_test
 generate test_ablate 120 1401 soop_test
 # test_ablate and test_gate judged outcome run g21: the next outcome candidate is judged on a set no candidate has seen
 generate test_ablate2 120 1402 soop_test
+# test_ablate2 judged g22: g23 is judged on a fifth seed
+generate test_ablate3 120 1403 soop_test
