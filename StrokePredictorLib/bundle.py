@@ -41,7 +41,7 @@ from StrokePredictorLib.io import (
     remove_created_dirs,
     remove_stale_partials,
 )
-from StrokePredictorLib.network import NetworkConfig, StrokeNet, count_parameters
+from StrokePredictorLib.network import GROWTH_VOLUME_SETTINGS, NetworkConfig, StrokeNet, count_parameters
 from StrokePredictorLib.postprocess import DEFAULT as DEFAULT_POSTPROCESSING
 from StrokePredictorLib.postprocess import PostProcessing
 from StrokePredictorLib.preprocess import CHANNELS, ModelGrid, Normalization
@@ -204,16 +204,13 @@ def _check_network_config(schema: _Schema, config: object) -> None:
         schema.bad(f"{where}.film", True, "false when imaging_only is true (FiLM needs the clinical branch)")
     if get("growth_volume") is True and (get("growth") is not True or get("growth_reach", 0) != 0):
         schema.bad(f"{where}.growth_volume", True, "false unless growth is true and growth_reach is 0")
-    if "growth_tissue_adc_max" in config:
-        schema.number(f"{where}.growth_tissue_adc_max", get("growth_tissue_adc_max"), 0.0, 1e6)
-        if get("growth_tissue_adc_max") and get("growth_volume") is not True:
-            schema.bad(f"{where}.growth_tissue_adc_max", get("growth_tissue_adc_max"), "0 unless growth_volume is true")
-    if "growth_seed_probability" in config:
-        schema.number(f"{where}.growth_seed_probability", get("growth_seed_probability"), 0.0, 1.0, low_open=True,
-                      high_open=True)
-        if get("growth_seed_probability") != 0.5 and get("growth_volume") is not True:
-            schema.bad(f"{where}.growth_seed_probability", get("growth_seed_probability"),
-                       "0.5 unless growth_volume is true")
+    ranges = {"growth_tissue_adc_max": (0.0, 1e6, False), "growth_seed_probability": (0.0, 1.0, True)}
+    for key in GROWTH_VOLUME_SETTINGS:  # growth by volume alone: the default unless growth_volume
+        if key in config:
+            low, high, open_range = ranges[key]
+            schema.number(f"{where}.{key}", get(key), low, high, low_open=open_range, high_open=open_range)
+            if get(key) != getattr(defaults, key) and get("growth_volume") is not True:
+                schema.bad(f"{where}.{key}", get(key), f"{getattr(defaults, key):g} unless growth_volume is true")
     if get("clinical_blind") is True and get("imaging_only") is True:
         schema.bad(f"{where}.clinical_blind", True, "false when imaging_only is true (it keeps the clinical branch)")
     fusion, heads = get("fusion_dim", defaults.fusion_dim), get("heads", defaults.heads)

@@ -140,6 +140,10 @@ N_CLINICAL = len(FEATURES)
 # ----------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------
+#: Settings of growth by volume alone: away from their defaults they need ``growth_volume``.
+GROWTH_VOLUME_SETTINGS = ("growth_tissue_adc_max", "growth_seed_probability")
+
+
 @dataclass(frozen=True)
 class NetworkConfig:
     """Width, depth and regularisation of :class:`StrokeNet` (saved in every bundle as JSON)."""
@@ -189,13 +193,15 @@ class NetworkConfig:
             raise ValueError(f"NetworkConfig: growth_reach must be >= 0 and needs growth, got {self.growth_reach}.")
         if self.growth_volume and (not self.growth or self.growth_reach):
             raise ValueError("NetworkConfig: growth_volume needs growth and replaces growth_reach.")
-        if self.growth_tissue_adc_max < 0 or (self.growth_tissue_adc_max and not self.growth_volume):
-            raise ValueError(f"NetworkConfig: growth_tissue_adc_max must be >= 0 and needs growth_volume, got "
-                             f"{self.growth_tissue_adc_max}.")
-        if not 0.0 < self.growth_seed_probability < 1.0 or (self.growth_seed_probability != 0.5
-                                                             and not self.growth_volume):
-            raise ValueError(f"NetworkConfig: growth_seed_probability must lie in (0, 1) and differ from 0.5 only "
-                             f"with growth_volume, got {self.growth_seed_probability}.")
+        if self.growth_tissue_adc_max < 0:
+            raise ValueError(f"NetworkConfig: growth_tissue_adc_max must be >= 0, got {self.growth_tissue_adc_max}.")
+        if not 0.0 < self.growth_seed_probability < 1.0:
+            raise ValueError(f"NetworkConfig: growth_seed_probability must lie in (0, 1), got "
+                             f"{self.growth_seed_probability}.")
+        defaults = {f.name: f.default for f in fields(self)}
+        moved = [name for name in GROWTH_VOLUME_SETTINGS if getattr(self, name) != defaults[name]]
+        if moved and not self.growth_volume:
+            raise ValueError(f"NetworkConfig: {', '.join(moved)} set away from the default needs growth_volume.")
         if self.clinical_blind and self.imaging_only:
             raise ValueError("NetworkConfig: clinical_blind keeps the clinical branch; it excludes imaging_only.")
         if self.film and self.imaging_only:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from StrokePredictorLib.clinical import ClinicalRecord, feature, validate
+from StrokePredictorLib.clinical import ClinicalRecord, ClinicalValueError, feature, parse_value, validate
 
 #: Probability that a field is missing (onset: the wake-up fraction, set separately).
 MISSING_RATES: dict[str, float] = {
@@ -66,10 +66,10 @@ def simulate_clinical(rng: np.random.Generator, *, kind: str, volume_ml: float, 
     real = real or {}
     collateral = float(rng.beta(2.5, 2.0))
     if real:
-        age = real.get("age")
-        age_field = feature("age")
-        if age is not None and not age_field.minimum <= float(age) <= age_field.maximum:
-            age = None  # a real participant outside the form's range (SOOP has a 16-year-old): the form leaves it empty
+        try:
+            age = parse_value(feature("age"), real.get("age"))
+        except ClinicalValueError:  # a real participant the form cannot hold (SOOP has a 16-year-old): left empty
+            age = None
         sex = real.get("sex")
     else:
         age = float(np.clip(np.round(rng.normal(70, 13)), 18, 100))
