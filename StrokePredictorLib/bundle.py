@@ -295,6 +295,12 @@ def validate_metadata(metadata: object, path: Path) -> None:
             schema.bad(key, metadata[key], "an object")
     if "postprocessing" in metadata and not isinstance(metadata["postprocessing"], (dict, type(None))):
         schema.bad("postprocessing", metadata["postprocessing"], "an object")
+    if "growth_seed" in metadata:
+        config = architecture.get("config") if isinstance(architecture, dict) else None
+        if not isinstance(metadata["growth_seed"], dict):
+            schema.bad("growth_seed", metadata["growth_seed"], "an object (a post-processing block)")
+        elif not (isinstance(config, dict) and config.get("growth_volume") is True):
+            schema.bad("growth_seed", "a block", "absent unless architecture.config.growth_volume is true")
     schema.raise_if_any()
 
 
@@ -442,6 +448,10 @@ class Bundle:
         directory: the bundle folder.
         postprocessing: threshold, flip averaging and smallest component, chosen on validation
             data (:mod:`StrokePredictorLib.postprocess`); the defaults when ``model.json`` has none.
+        growth_seed: for an outcome network that grows by volume, the block that turns its core
+            head's Monte-Carlo mean (flip-averaged when the block says so) into the core that grows:
+            the acute bundle's own block, so that the outcome grows from the lesion the acute model
+            reports (``model.json`` ``growth_seed``); None: the network's deterministic core.
     """
 
     model: StrokeNet
@@ -452,6 +462,7 @@ class Bundle:
     task: str
     directory: Path
     postprocessing: PostProcessing = DEFAULT_POSTPROCESSING
+    growth_seed: PostProcessing | None = None
 
     @property
     def name(self) -> str:
@@ -506,6 +517,7 @@ def save_bundle(
     name: str | None = None,
     version: str | None = None,
     postprocessing: PostProcessing | None = None,
+    growth_seed: PostProcessing | None = None,
 ) -> Path:
     """Write ``weights.safetensors`` and ``model.json`` into ``directory`` atomically.
 
@@ -528,6 +540,8 @@ def save_bundle(
         version: bundle version (default: the library version).
         postprocessing: stored under ``postprocessing`` when given (``python -m Training
             postprocess`` chooses it on validation data).
+        growth_seed: stored under ``growth_seed`` when given (:attr:`Bundle.growth_seed`; growth by
+            volume only).
 
     Returns:
         The bundle folder.
@@ -572,6 +586,7 @@ def save_bundle(
         "data": data,
         "metrics": metrics,
         **({"postprocessing": postprocessing.to_dict()} if postprocessing is not None else {}),
+        **({"growth_seed": growth_seed.to_dict()} if growth_seed is not None else {}),
         "library_version": __version__,
         "torch_version": torch.__version__,
         "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(payload), "bytes": len(payload), "dtype": "float32"},
@@ -677,6 +692,10 @@ def load_bundle(directory: str | os.PathLike | None = None, device: str | torch.
         postprocessing = PostProcessing.from_dict(metadata.get("postprocessing"))
     except (KeyError, TypeError, ValueError) as error:
         raise BundleError(f"{metadata_path} is incomplete or invalid: {error}.") from None
+    try:
+        growth_seed = PostProcessing.from_dict(metadata["growth_seed"]) if "growth_seed" in metadata else None
+    except (TypeError, ValueError) as error:  # the block's messages name postprocessing.<field>
+        raise BundleError(f"{metadata_path}: invalid growth_seed block ({error}).") from None
     schema_major = str(metadata.get("clinical_schema_version", "")).split(".")[0]
     if schema_major != SCHEMA_VERSION.split(".")[0]:
         raise BundleError(
@@ -714,7 +733,7 @@ def load_bundle(directory: str | os.PathLike | None = None, device: str | torch.
         raise BundleError(f"Weights {weights_path} do not fit the architecture in {metadata_path}: {first}") from None
     model.to(resolve_device(device)).eval()
     logger.info("Loaded %s bundle %s (sha256 %s).", task, directory, actual_sha[:12])
-    return Bundle(model, config, metadata, grid, normalization, task, directory, postprocessing)
+    return Bundle(model, config, metadata, grid, normalization, task, directory, postprocessing, growth_seed)
 
 
 # Model grids the presets are meant for (i, j, k voxels and mm). LITE covers an adult brain at

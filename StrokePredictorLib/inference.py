@@ -27,6 +27,14 @@ left-right flip averaging (the network also sees the mirrored input; each Monte-
 the same dropout mask for both views), the smallest component kept and the ADC gate come from the bundle
 (:mod:`StrokePredictorLib.postprocess`) unless the caller overrides them. On CUDA the network runs
 under bf16 autocast; sampling and statistics are float32.
+
+An outcome network that grows by volume with a ``growth_seed`` block
+(:attr:`~StrokePredictorLib.bundle.Bundle.growth_seed`) grows from the core the acute model reports,
+not from its deterministic core: the core head's Monte-Carlo mean probability (the same samples
+and seed, both views averaged when the block flips), thresholded and filtered by that block's
+component rules, is the seed of :meth:`~StrokePredictorLib.network.StrokeNet.growth_channel`. The
+grown map is computed once, on the unmirrored view, and mirrored for the other (the growth is
+left-right symmetric, see ``_grown_core``).
 """
 
 from __future__ import annotations
@@ -345,10 +353,12 @@ class Predictor:
         with torch.inference_mode():
             image = torch.from_numpy(np.ascontiguousarray(case.image))[None].to(device)
             flair = torch.tensor([case.flair_present], device=device)
+            seed_flips = self.bundle.growth_seed is not None and self.bundle.growth_seed.flip_tta
             with self._autocast():
                 encoded = model.encode_image(image, flair)
                 # left-right mirror: the i axis of the model grid (last array axis) points left
-                mirrored = model.encode_image(image.flip(-1), flair) if self.postprocessing.flip_tta else None
+                mirrored = (model.encode_image(image.flip(-1), flair) if self.postprocessing.flip_tta or seed_flips
+                            else None)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         return EncodedCase(case, encoded, mirrored, time.perf_counter() - tick)
@@ -373,19 +383,63 @@ class Predictor:
         model = self.bundle.model
         views = (encoded.features,) + ((encoded.mirrored,) if encoded.mirrored is not None and mirrored else ())
         key = self._decoder_key(values, missing, len(views))
+        seeded = self.bundle.growth_seed is not None
         with torch.inference_mode(), self._autocast():
             kept = encoded.decoded.get(key) if key is not None else None
             if kept is None:
-                outs = tuple(model.decode(view, *inputs) for view in views)
+                outs = tuple(model.decode(view, *inputs, grow=not seeded) for view in views)
+                seed = self._growth_seed(encoded.case, outs) if seeded else None
+                if seeded:
+                    outs = self._grown(outs, views, inputs, seed)
                 if key is not None and keep:  # one entry: the scenario being explored
                     encoded.decoded.clear()
-                    encoded.decoded[key] = outs
+                    encoded.decoded[key] = (outs, seed)
             else:
-                outs = tuple({**out, "features": torch.cat(
-                    [out["features"][:, :-1],
-                     model.growth_channel(out["features"][:, :-1], out["clinical_tokens"], *inputs, view.tissue)],
-                    dim=1)} for out, view in zip(kept, views))  # noqa: B905 (Python 3.9 in Slicer)
+                kept_outs, seed = kept
+                outs = tuple({**out, "features": out["features"][:, :-1]} for out in kept_outs)
+                outs = self._grown(outs, views, inputs, seed)
         return outs[0], (outs[1] if len(outs) > 1 else None)
+
+    def _grown(self, outs: tuple, views: tuple, inputs: tuple, seed: torch.Tensor | None) -> tuple:
+        """``outs`` (decoder outputs without the growth channel) with the growth channel appended:
+        each view its own, or, from a reported ``seed`` (model grid, unmirrored), one grown map,
+        mirrored for the mirrored view."""
+        model = self.bundle.model
+        if seed is None:
+            channels = [model.growth_channel(out["features"], out["clinical_tokens"], *inputs, view.tissue)
+                        for out, view in zip(outs, views)]  # noqa: B905 (Python 3.9 in Slicer)
+        else:
+            grown = model.growth_channel(outs[0]["features"], outs[0]["clinical_tokens"], *inputs,
+                                         views[0].tissue, seed=seed)
+            channels = [grown, grown.flip(-1)][:len(outs)]
+        return tuple({**out, "features": torch.cat([out["features"], channel], dim=1)}
+                     for out, channel in zip(outs, channels))  # noqa: B905
+
+    def _growth_seed(self, case: PreprocessedCase, outs: tuple) -> torch.Tensor:
+        """The core that grows (:attr:`Bundle.growth_seed`): the core head's Monte-Carlo mean
+        probability over the brain (the predictor's samples and seed; both views averaged, one
+        dropout mask per sample for both, when the block flips and both were decoded), turned into a
+        mask by the block's threshold and component rules. (1, K, J, I) bool on the model grid."""
+        block = self.bundle.growth_seed
+        model = self.bundle.model
+        brain = torch.from_numpy(case.brain).to(self.device).flatten()
+        index = torch.nonzero(brain).flatten()
+        both = block.flip_tta and len(outs) > 1
+        features = outs[0]["features"].flatten(2)[:, :, index]
+        if both:
+            features = torch.cat([features, outs[1]["features"].flip(-1).flatten(2)[:, :, index]], dim=2)
+        generator = torch.Generator().manual_seed(self.seed)
+        n = 1 if self.deterministic else self.mc_samples
+        probs = torch.sigmoid(model.sample_logits(features[..., None, None], n, generator, self.deterministic,
+                                                  core_only=True).flatten(1))
+        if both:
+            probs = 0.5 * (probs[:, : index.numel()] + probs[:, index.numel():])
+        mean = torch.zeros(brain.numel(), device=self.device)
+        mean[index] = probs.mean(dim=0)
+        voxel_ml = float(np.prod(case.mapping.model.spacing)) / 1000.0
+        adc = adc_of(case, self.bundle.normalization) if block.needs_adc else None
+        seed = block.apply(mean.reshape(case.brain.shape).float().cpu().numpy(), voxel_ml, adc)
+        return torch.from_numpy(np.ascontiguousarray(seed))[None].to(self.device)
 
     def _decoder_key(self, values: np.ndarray, missing: np.ndarray, views: int) -> tuple | None:
         """What the decoder's output depends on besides the image: the clinical values and missing
@@ -430,6 +484,8 @@ class Predictor:
         post = self.postprocessing
         with torch.inference_mode():
             out, mirrored = self._decode(encoded, record)
+            if not post.flip_tta:  # decoded for the growth seed's flip averaging alone
+                mirrored = None
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             timings["decode_s"] = time.perf_counter() - tick

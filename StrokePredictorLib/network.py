@@ -93,7 +93,13 @@ Architecture (shapes for a batch of ``B`` cases on a ``D x H x W`` model grid, i
   least +2 logits on the grown voxels and at most -2 on the others (-30 outside the tissue). It
   has no gradient with respect to ``s``: the growth head is fitted by regression of
   ``log(final / core volume)`` on simulated cases (``python -m Training fit-growth --volume``),
-  not by end-to-end training.
+  not by end-to-end training. Which core grows: by default the deterministic core (probability
+  >= ``growth_seed_probability``); an outcome bundle with a ``growth_seed`` block (``fit-growth
+  --seed-reported``) grows the core the acute model *reports* instead, the Monte-Carlo mean,
+  flip-averaged probability under the acute bundle's own threshold and component rules, passed as
+  ``seed`` to :meth:`StrokeNet.growth_channel` by the predictor (runs g22/g23 of the outcome card: a
+  weak core below the deterministic threshold grew nothing, so the outcome missed lesions the acute
+  model reports).
 * **Clinically blind (``clinical_blind=True``).** The ablation twin of a fusion network: the same
   weights, run as if every clinical value were missing (in the cross-attention and the growth
   head, whose offset is then its constant ``bias``), so no clinical information reaches the
@@ -717,10 +723,13 @@ class StrokeNet(nn.Module):
         clinical_values: torch.Tensor,
         clinical_missing: torch.Tensor,
         window: torch.Tensor | None = None,
+        grow: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Everything that depends on the clinical values: fusion, decoder (with FiLM) and the
         1x1x1 expansion, from the cached :meth:`encode_image` output. Arguments and returns as
-        in :meth:`features`."""
+        in :meth:`features`. With ``grow`` False a growth network's ``features`` come without the
+        growth channel, for a caller that appends its own (:meth:`growth_channel` with a ``seed``:
+        the predictor seeds growth by volume from the core it reports)."""
         skips, bottleneck, flair_present = encoded.skips, encoded.bottleneck, encoded.flair_present
         size = encoded.size
         batch = bottleneck.shape[0]
@@ -759,7 +768,7 @@ class StrokeNet(nn.Module):
             if self.film is not None and context is not None:
                 h = self.film[index](h, context)
         features = self.expand(h)
-        if self.growth is not None:  # the case's growth offset rides along as a last channel
+        if self.growth is not None and grow:  # the case's growth offset rides along as a last channel
             features = torch.cat([features, self.growth_channel(features, tokens, clinical_values, missing,
                                                                 encoded.tissue)], dim=1)
         out = {
@@ -795,7 +804,8 @@ class StrokeNet(nn.Module):
         return self.decode(self.encode_image(image, flair_present), clinical_values, clinical_missing, window)
 
     def growth_channel(self, features: torch.Tensor, tokens: torch.Tensor | None, clinical_values: torch.Tensor,
-                       clinical_missing: torch.Tensor, tissue: torch.Tensor | None = None) -> torch.Tensor:
+                       clinical_missing: torch.Tensor, tissue: torch.Tensor | None = None,
+                       seed: torch.Tensor | None = None) -> torch.Tensor:
         """The growth offset channel that :meth:`decode` appends to ``features`` (B, head_channels,
         D, H, W; without that channel): the per-case offset ``s`` from the clinical tokens
         (``decode``'s ``clinical_tokens``) and values, minus the core-neighbourhood gate when the
@@ -804,22 +814,27 @@ class StrokeNet(nn.Module):
         features and tokens can be kept and only this re-run: that is what a what-if change of
         onset time or treatment costs. With ``growth_volume`` the channel is the grown core's
         (:meth:`_grown_core`; ``tissue``, (B, D, H, W) bool, is where it may grow: everywhere when
-        None). Returns (B, 1, D, H, W) in ``features``' dtype."""
+        None; ``seed``, (B, D, H, W) bool, the core that grows, instead of the deterministic core).
+        Returns (B, 1, D, H, W) in ``features``' dtype."""
         if self.growth is None:
             raise ValueError("growth_channel: this network has no growth head.")
         batch = features.shape[0]
         missing = self.seen_missing(clinical_missing.to(device=features.device, dtype=torch.bool))
         offset = self.growth(tokens, clinical_values.to(device=features.device, dtype=torch.float32), missing)
         if self.config.growth_volume:
-            return self._grown_core(features, offset, tissue).to(features.dtype)
+            return self._grown_core(features, offset, tissue, seed).to(features.dtype)
+        if seed is not None:
+            raise ValueError("growth_channel: a seed is only for growth by volume (growth_volume).")
         offset = offset.to(features.dtype).reshape(batch, 1, 1, 1, 1).expand(-1, 1, *features.shape[2:])
         if self.config.growth_reach:  # minus the gate: growth only near enough core
             offset = offset - self._near_core(features).to(features.dtype)
         return offset
 
-    def _grown_core(self, features: torch.Tensor, offset: torch.Tensor, tissue: torch.Tensor | None) -> torch.Tensor:
-        """Growth by volume: per case, the deterministic core (core probability >= ``growth_seed_probability``,
-        0.5 by default, inside ``tissue``)
+    def _grown_core(self, features: torch.Tensor, offset: torch.Tensor, tissue: torch.Tensor | None,
+                    seed: torch.Tensor | None = None) -> torch.Tensor:
+        """Growth by volume: per case, the core inside ``tissue`` (``seed`` when given: the core the predictor
+        reports, see :attr:`StrokePredictorLib.bundle.Bundle.growth_seed`; else the deterministic core,
+        probability >= ``growth_seed_probability``, 0.5 by default)
         grown outward through the tissue, nearest voxel first (Euclidean distance in voxels; ties
         broken by a fixed left-right symmetric pattern, so the grown volume is exact and both
         views of flip averaging agree), until the grown part holds ``exp(s)`` times the core's
@@ -830,7 +845,11 @@ class StrokeNet(nn.Module):
 
         seed_logit = math.log(self.config.growth_seed_probability / (1.0 - self.config.growth_seed_probability))
         with torch.no_grad():
-            core = (self.head(features).float() >= seed_logit)[:, 0].cpu().numpy()
+            if seed is None:
+                core = (self.head(features).float() >= seed_logit)[:, 0].cpu().numpy()
+            else:
+                core = torch.as_tensor(seed).to(torch.bool).cpu().numpy().reshape(
+                    (features.shape[0], *features.shape[2:]))
             where = (np.ones_like(core) if tissue is None else tissue.to(torch.bool).cpu().numpy().reshape(core.shape))
             ties = _tie_pattern(core.shape[1:])
             grown = np.full(core.shape, -GROWTH_FAR, np.float32)
@@ -887,7 +906,7 @@ class StrokeNet(nn.Module):
 
     def sample_logits(
         self, features: torch.Tensor, n_samples: int, generator: torch.Generator | None = None,
-        deterministic: bool = False,
+        deterministic: bool = False, core_only: bool = False,
     ) -> torch.Tensor:
         """Monte-Carlo samples of the logits from precomputed ``features``, batched.
 
@@ -900,18 +919,20 @@ class StrokeNet(nn.Module):
             n_samples: N.
             generator: CPU random generator for the masks (seedable; device-independent).
             deterministic: dropout off; every sample equals the deterministic logits.
+            core_only: a growth network's core head alone, from ``features`` without the growth
+                channel (``decode(..., grow=False)``): the samples of the core the acute model reports.
 
         Returns:
             float32 logits (N, B, D, H, W).
         """
         offset = None
-        if self.growth is not None:
+        if self.growth is not None and not core_only:
             offset = features[:, -1].float().flatten(1)  # (B, V)
             features = features[:, :-1]
         batch, channels = features.shape[:2]
         p = self.config.mc_dropout
         flat = features.float().flatten(2)  # (B, C, V)
-        heads = [self.head] if self.risk is None else [self.head, self.risk]
+        heads = [self.head] if self.risk is None or core_only else [self.head, self.risk]
         if deterministic or p == 0.0:  # one evaluation, repeated: exactly zero spread
             masks = torch.ones(1, batch, channels)
         else:

@@ -326,3 +326,29 @@ def test_film_bundles_round_trip_and_the_field_is_checked(tmp_path: Path, bundle
             _edit(bundle_dir, _set(f"architecture.config.{key}", value))
         with pytest.raises(BundleError, match=f"architecture.config.{message}"):
             load_bundle(bundle_dir)
+
+
+def test_the_growth_seed_block_round_trips_and_only_growth_by_volume_takes_one(tmp_path: Path) -> None:
+    from StrokePredictorLib.postprocess import PostProcessing
+
+    block = PostProcessing(threshold=0.3, flip_tta=True, min_component_ml=0.5, max_component_adc=0.85,
+                           min_component_probability=0.6, selected_on="the acute bundle's block")
+    torch.manual_seed(5)
+    path = save_bundle(tmp_path / "grow", StrokeNet(tiny_config(growth=True, growth_volume=True)), task="outcome",
+                       grid=TINY_GRID, normalization=Normalization(), data={}, metrics={}, growth_seed=block)
+    assert load_bundle(path).growth_seed == block
+    plain = write_tiny_bundle(tmp_path / "plain")
+    assert load_bundle(plain).growth_seed is None
+    _edit(path, _set("growth_seed", {**block.to_dict(), "threshold": 1.5}))
+    with pytest.raises(BundleError, match="invalid growth_seed block .*threshold must lie strictly between 0 and 1"):
+        load_bundle(path)
+    _edit(path, _set("growth_seed", "0.3"))
+    with pytest.raises(BundleError, match='growth_seed is "0.3", expected an object'):
+        load_bundle(path)
+    _edit(plain, _set("growth_seed", block.to_dict()))
+    with pytest.raises(BundleError, match="growth_seed .*expected absent unless architecture.config.growth_volume"):
+        load_bundle(plain)
+    with pytest.raises(BundleError, match="growth_volume"):  # refused before anything is written
+        save_bundle(tmp_path / "refused", StrokeNet(tiny_config()), task="acute", grid=TINY_GRID,
+                    normalization=Normalization(), data={}, metrics={}, growth_seed=block)
+    assert not (tmp_path / "refused").exists()

@@ -273,3 +273,18 @@ def test_paths_split_each_effect_and_refuse_a_network_without_growth(tmp_path: P
     plain = _growth_bundle(tmp_path / "plain")
     assert training_main(["behaviour", "--bundle", str(plain), "--points", "2", "--paths"]) == 2
     assert "--paths needs an outcome bundle with a growth head" in capsys.readouterr().err
+
+
+def test_the_checks_can_predict_as_the_product_does(tmp_path: Path) -> None:
+    """``--mc-samples 1`` (the default) predicts with dropout off; ``--mc-samples 20`` with the product's
+    Monte-Carlo mean (seed 0); anything outside 1-100 is refused with exit status 2."""
+    from Training.evaluation.clinical_behaviour import BehaviourConfig, behaviour_predictor
+
+    bundle = _growth_bundle(tmp_path / "bundle", growth=True)
+    one, many = behaviour_predictor(bundle), behaviour_predictor(bundle, mc_samples=20)
+    assert one.deterministic and one.mc_samples == 1
+    assert not many.deterministic and many.mc_samples == 20 and many.seed == 0
+    assert BehaviourConfig(mc_samples=20).mc_samples == 20
+    with pytest.raises(ValueError, match="mc_samples must lie between 1 and 100"):
+        BehaviourConfig(mc_samples=0)
+    assert training_main(["behaviour", "--bundle", str(bundle), "--mc-samples", "101"]) == 2

@@ -103,3 +103,27 @@ def test_volume_samples_hold_the_log_growth_of_every_scenario(pack: Path) -> Non
     assert data["values"].shape == (9, 10) and data["missing"].shape == (9, 10)
     assert (data["log_ratio"] >= 0).all() and np.isfinite(data["log_ratio"]).all()
     assert len(set(np.round(data["log_ratio"], 5))) > 1  # the scenarios differ
+
+
+def test_volume_mode_can_seed_from_the_core_the_source_bundle_reports(pack: Path, tmp_path: Path) -> None:
+    from Training.training.fit_growth import fit_volume, main
+
+    torch.manual_seed(0)
+    acute_block = PostProcessing(threshold=0.3, flip_tta=True, min_component_ml=0.5, max_component_adc=0.85,
+                                 volume_log_margin=1.7)
+    source = save_bundle(tmp_path / "acute", StrokeNet(tiny_config()), task="acute", grid=TINY_GRID,
+                         normalization=Normalization(), data={"source": "test"}, metrics={},
+                         postprocessing=acute_block)
+    config = FitGrowthConfig(bundle=source, pack=pack, out=tmp_path / "fusion", volume=True, samples=3,
+                             val_samples=2, scenarios=1, steps=5, seed=1, val_subset="train", seed_reported=True)
+    report = fit_volume(config)["fusion"]
+    seeded = load_bundle(tmp_path / "fusion")
+    # the acute block is the seed (its volume interval aside); the outcome block starts as a copy, to be searched
+    assert seeded.growth_seed == acute_block.replace(volume_log_margin=0.0, selected_on=seeded.growth_seed.selected_on)
+    assert "the growth seeds from the core it reports" in seeded.growth_seed.selected_on
+    assert report["seed_reported"] is True and seeded.postprocessing.threshold == 0.3
+    with pytest.raises(cfg.ConfigError, match="leave --seed-probability"):
+        fit_volume(FitGrowthConfig(bundle=source, pack=pack, out=tmp_path / "other", volume=True,
+                                   seed_reported=True, seed_probability=0.3))
+    with pytest.raises(cfg.ConfigError, match="--seed-reported is a setting of --volume"):
+        main(["--bundle", str(source), "--pack", str(pack), "--out", str(tmp_path / "third"), "--seed-reported"])

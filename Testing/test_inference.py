@@ -10,7 +10,7 @@ from inference_phantom import write_case, write_tiny_bundle
 from scipy import ndimage
 
 from StrokePredictorLib.bundle import load_bundle
-from StrokePredictorLib.clinical import FEATURE_NAMES, validate
+from StrokePredictorLib.clinical import FEATURE_NAMES, ClinicalRecord, validate
 from StrokePredictorLib.errors import StrokePredictorError
 from StrokePredictorLib.inference import Predictor, binary_entropy_bits
 from StrokePredictorLib.io import read_volume
@@ -116,3 +116,61 @@ def test_the_capped_volume_interval_is_flagged_once() -> None:
                   "ci95": volume_interval(1310.0, (1305.0, 1312.0), np.log(3.0), brain)}
     warnings = output_warnings(everything, brain)
     assert len(warnings) == 1 and warnings[0].startswith("The lesion (")
+
+
+def _seeded_bundle(directory: Path, block) -> Path:
+    """A tiny growth-by-volume outcome bundle whose growth seeds from ``block`` (its growth_seed)."""
+    import torch
+    from inference_phantom import TINY_GRID, tiny_config
+
+    from StrokePredictorLib.bundle import save_bundle
+    from StrokePredictorLib.network import StrokeNet
+    from StrokePredictorLib.postprocess import PostProcessing
+    from StrokePredictorLib.preprocess import Normalization
+
+    torch.manual_seed(3)
+    model = StrokeNet(tiny_config(growth=True, growth_volume=True))
+    with torch.no_grad():
+        model.head.bias.fill_(0.0)
+    return save_bundle(directory, model, task="outcome", grid=TINY_GRID, normalization=Normalization(), data={},
+                       metrics={}, postprocessing=PostProcessing(threshold=0.5, flip_tta=True), growth_seed=block)
+
+
+def test_an_outcome_network_grows_from_the_core_its_seed_block_reports(case: dict, tmp_path: Path) -> None:
+    import torch
+
+    from StrokePredictorLib.postprocess import PostProcessing
+    from StrokePredictorLib.preprocess import preprocess
+    from StrokePredictorLib.whatif import WhatIf
+
+    block = PostProcessing(threshold=0.52, flip_tta=True, min_component_ml=0.5)
+    bundle = load_bundle(_seeded_bundle(tmp_path / "seeded", block))
+    assert bundle.growth_seed == block
+    predictor = Predictor(bundle, device="cpu", mc_samples=1, deterministic=True)
+    prepared = preprocess(case["dwi"], case["adc"], None, grid=bundle.grid, normalization=bundle.normalization)
+    encoded = predictor.encode(prepared)
+    out, mirrored = predictor._decode(encoded, CLINICAL)
+    model = bundle.model
+    with torch.no_grad():  # the core the block reports, computed here from the 1x1x1 head directly
+        core = torch.sigmoid(model.head(out["features"][:, :-1]))[0, 0]
+        core = 0.5 * (core + torch.sigmoid(model.head(mirrored["features"][:, :-1]))[0, 0].flip(-1))
+    core = core.numpy() * prepared.brain
+    voxel_ml = float(np.prod(prepared.mapping.model.spacing)) / 1000.0
+    seed = block.apply(core, voxel_ml) & encoded.features.tissue[0].numpy()
+    assert seed.any() and not seed.all()
+    grown = out["features"][0, -1].numpy() > 0
+    assert grown[seed].all() and grown.sum() > seed.sum()  # the reported core, grown
+    mirrored_grown = mirrored["features"][0, -1].flip(-1).numpy() > 0
+    np.testing.assert_array_equal(mirrored_grown, grown)  # one grown map for both views
+    # a block that reports nothing grows nothing: the outcome is the core head alone
+    empty = load_bundle(_seeded_bundle(tmp_path / "empty", block.replace(min_component_ml=1e5)))
+    quiet, _ = Predictor(empty, device="cpu", mc_samples=1, deterministic=True)._decode(
+        Predictor(empty, device="cpu", mc_samples=1, deterministic=True).encode(prepared), CLINICAL)
+    assert float(quiet["features"][0, -1].max()) <= -2.0
+    # a what-if change of onset time alone keeps the decoder's output and the seed: the same as a full pass
+    session = WhatIf(Predictor(bundle, device="cpu", mc_samples=4, seed=2), prepared, CLINICAL)
+    later = session.update({"onset_to_imaging_h": 12.0})
+    full = Predictor(bundle, device="cpu", mc_samples=4, seed=2).predict_preprocessed(
+        prepared, ClinicalRecord({**CLINICAL.values, "onset_to_imaging_h": 12.0}))
+    np.testing.assert_allclose(later.probability, full.probability, atol=1e-6)
+    assert later.volume_ml["mask"] == full.volume_ml["mask"]

@@ -598,6 +598,33 @@ def test_growth_by_volume_seeds_from_the_core_above_its_seed_probability() -> No
         tiny_config(growth=True, growth_volume=True, growth_seed_probability=1.0)
 
 
+def test_growth_by_volume_grows_a_given_seed_and_mirrors_exactly() -> None:
+    model = _volume_model()
+    features = torch.zeros(1, tiny_config().head_channels, 20, 24, 22)
+    features[0, 0, 4:8, 4:8, 4:8] = 1.0  # the deterministic core: a 64-voxel cube
+    seed = torch.zeros(1, 20, 24, 22, dtype=torch.bool)
+    seed[0, 12:15, 14:17, 13:17] = True  # the reported core elsewhere: 36 voxels
+    tissue = torch.ones_like(seed)
+    tissue[0, :, :, :3] = False
+    tokens = None
+    values, missing = torch.zeros(1, 10), torch.ones(1, 10, dtype=torch.bool)
+    with torch.no_grad():
+        model.growth.bias.fill_(math.log(math.expm1(math.log(2.0))))  # s = 0.69 whatever the values: doubling
+        offset = model.growth(tokens, values, missing)
+        channel = model.growth_channel(features, tokens, values, missing, tissue, seed=seed)[0, 0]
+        mirrored = model.growth_channel(features.flip(-1), tokens, values, missing, tissue.flip(-1),
+                                        seed=seed.flip(-1))[0, 0]
+    grown = channel > 0
+    assert int(grown.sum()) == 36 + round(36 * math.exp(float(offset)))  # the seed and exp(s) of it
+    assert bool(grown[seed[0]].all()) and not bool(grown[4:8, 4:8, 4:8].any())  # the seed grows, not the core
+    torch.testing.assert_close(mirrored, channel.flip(-1))  # the growth is left-right symmetric: one map serves both
+    sampled = model.sample_logits(features, 2, deterministic=True, core_only=True)[0]
+    torch.testing.assert_close(sampled, model.head(features)[:, 0])  # the core head alone, no growth channel
+    plain = StrokeNet(tiny_config(growth=True)).eval()
+    with pytest.raises(ValueError, match="growth by volume"):
+        plain.growth_channel(features, None, values, missing, seed=seed)
+
+
 def test_a_clinically_blind_twin_ignores_every_clinical_value() -> None:
     torch.manual_seed(16)
     blind = StrokeNet(tiny_config(growth=True, growth_volume=True, clinical_blind=True)).eval()

@@ -259,20 +259,30 @@ def growth_inputs_frozen(model: object, record: ClinicalRecord) -> Iterator[None
         del head.forward  # the class's forward again
 
 
+def behaviour_predictor(bundle: str | Path, device: str = "cpu", mc_samples: int = 1) -> object:
+    """The :class:`~StrokePredictorLib.inference.Predictor` the checks use: dropout off with one
+    sample (the default: fast, and every ordering exact), or ``mc_samples`` Monte-Carlo samples with
+    seed 0, as the product predicts (20 by default there). The same seed draws the same dropout masks
+    in every scenario, so the scenarios still differ in the clinical values alone."""
+    from StrokePredictorLib.inference import Predictor
+
+    return Predictor(bundle, device=device, mc_samples=mc_samples, seed=0, deterministic=mc_samples == 1)
+
+
 def bundle_volume_function(bundle: str | Path | object, dwi: str | Path, adc: str | Path, flair: str | Path | None,
-                           base: ClinicalRecord, *, cpu_bf16: bool = False, device: str = "cpu"
+                           base: ClinicalRecord, *, cpu_bf16: bool = False, device: str = "cpu", mc_samples: int = 1
                            ) -> tuple[VolumeFunction, str, dict]:
-    """``record -> volume`` of a bundle on one case (imaging features computed once; dropout off,
-    the bundle's post-processing; the thresholded volume on the DWI grid). ``bundle`` is a bundle
-    folder or a deterministic :class:`~StrokePredictorLib.inference.Predictor` (reused over cases).
+    """``record -> volume`` of a bundle on one case (imaging features computed once; dropout off
+    unless ``mc_samples`` > 1 (:func:`behaviour_predictor`), the bundle's post-processing; the
+    thresholded volume on the DWI grid). ``bundle`` is a bundle folder or a
+    :class:`~StrokePredictorLib.inference.Predictor` (reused over cases).
     Returns the function, the bundle's task and its description."""
     from StrokePredictorLib.inference import Predictor
     from StrokePredictorLib.io import read_volume
     from StrokePredictorLib.preprocess import preprocess
     from StrokePredictorLib.whatif import WhatIf
 
-    predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle, device=device, mc_samples=1,
-                                                                        deterministic=True)
+    predictor = bundle if isinstance(bundle, Predictor) else behaviour_predictor(bundle, device, mc_samples)
     case = preprocess(read_volume(dwi, role="DWI"), read_volume(adc, role="ADC"),
                       read_volume(flair, role="FLAIR") if flair else None,
                       grid=predictor.bundle.grid, normalization=predictor.bundle.normalization)
@@ -346,8 +356,8 @@ def check_simulated_growth(cases: Iterable[tuple[str, float, VolumeFunction, Cli
 
 
 def dataset_cases(bundle: str | Path, folder: str | Path, *, max_cases: int = 0, cpu_bf16: bool = False,
-                  device: str = "cpu") -> tuple[Iterator[tuple[str, float, VolumeFunction, ClinicalRecord]], int, str,
-                                                dict]:
+                  device: str = "cpu", mc_samples: int = 1
+                  ) -> tuple[Iterator[tuple[str, float, VolumeFunction, ClinicalRecord]], int, str, dict]:
     """The cases of a generated folder for :func:`check_simulated_growth` (lazily: a case is read and
     encoded only when its volume is first asked for), their number, the bundle's task and description.
 
@@ -357,7 +367,6 @@ def dataset_cases(bundle: str | Path, folder: str | Path, *, max_cases: int = 0,
     import json
 
     from StrokePredictorLib.clinical import read_csv
-    from StrokePredictorLib.inference import Predictor
     from Training.synthesis.generate import case_paths
 
     folder = Path(folder)
@@ -371,7 +380,7 @@ def dataset_cases(bundle: str | Path, folder: str | Path, *, max_cases: int = 0,
     if cases and "scenarios_template_ml" not in cases[0].get("outcome", {}):
         raise StrokePredictorError(f"--data {folder}: its dataset.json has no simulated growth scenarios (written by "
                                    "an older generator); generate it again with the same seed.")
-    predictor = Predictor(bundle, device=device, mc_samples=1, deterministic=True)
+    predictor = behaviour_predictor(bundle, device, mc_samples)
     chosen = cases[: max_cases or None]
 
     def lazy(paths: dict[str, Path], base: ClinicalRecord) -> VolumeFunction:
@@ -426,12 +435,17 @@ class BehaviourConfig:
                 "through the cross-attention and decoder and the part through the growth offset"})
     min_simulated_growth: float = field(default=1.5, metadata={
         "help": "with --data: outcome cases whose simulated infarct grows at least this much are checked"})
+    mc_samples: int = field(default=1, metadata={
+        "help": "Monte-Carlo samples of every prediction: 1 predicts with dropout off; 20 (seed 0) as the product "
+                "does"})
 
     def __post_init__(self) -> None:
         if self.task not in ("", "outcome", "acute"):
             raise ValueError(f"task must be outcome or acute, got {self.task!r}")
         if self.tolerance_ml < 0 or self.min_growth <= 0 or not 0 < self.max_acute_change < 10:
             raise ValueError("tolerance_ml must be >= 0, min_growth > 0 and max_acute_change in (0, 10)")
+        if not 1 <= self.mc_samples <= 100:
+            raise ValueError(f"mc_samples must lie between 1 and 100, got {self.mc_samples}")
         if not 2 <= self.points <= 50:
             raise ValueError(f"points must lie between 2 and 50, got {self.points}")
 
@@ -444,7 +458,7 @@ def run(config: BehaviourConfig) -> tuple[list[CheckResult], dict]:
         if config.dwi is not None or config.clinical is not None:
             raise StrokePredictorError("--data checks a generated folder: give no --dwi, --adc or --clinical with it.")
         cases, count, task, described = dataset_cases(config.bundle, config.data, max_cases=config.max_cases,
-                                                      cpu_bf16=config.cpu_bf16)
+                                                      cpu_bf16=config.cpu_bf16, mc_samples=config.mc_samples)
         task = config.task or task
         results = check_simulated_growth(cases, task, min_simulated_growth=config.min_simulated_growth,
                                          min_growth=config.min_growth, max_acute_change=config.max_acute_change)
@@ -462,11 +476,10 @@ def run(config: BehaviourConfig) -> tuple[list[CheckResult], dict]:
     base = read_json(clinical_path) if clinical_path else ClinicalRecord()
     bundle: object = config.bundle
     if config.paths:
-        from StrokePredictorLib.inference import Predictor
-
-        bundle = Predictor(config.bundle, device="cpu", mc_samples=1, deterministic=True)
+        bundle = behaviour_predictor(config.bundle, "cpu", config.mc_samples)
         _growth_parts(bundle.bundle.model)  # refuse a network without a growth head before the sweeps
-    volume, task, described = bundle_volume_function(bundle, dwi, adc, flair, base, cpu_bf16=config.cpu_bf16)
+    volume, task, described = bundle_volume_function(bundle, dwi, adc, flair, base, cpu_bf16=config.cpu_bf16,
+                                                     mc_samples=config.mc_samples)
     task = config.task or task
     results = check_behaviour(volume, base, task, tolerance_ml=config.tolerance_ml, min_growth=config.min_growth,
                               max_acute_change=config.max_acute_change, points=config.points)

@@ -16,6 +16,7 @@
 #   test_ablate                     120 cases: data/test's recipe with a third seed, for the fusion ablation
 #   test_ablate2                    120 cases: a fourth seed, a fresh ablation set (test_ablate has judged g21)
 #   test_ablate3                    120 cases: a fifth seed (test_ablate2 has judged g22)
+#   test_ablate4                    120 cases: a sixth seed (test_ablate3 has judged g23)
 # With EARLIER=1 it also rebuilds the earlier validation and test sets of the README
 # ("Reproducing the bundled models") with their committed seeds. Each set's wall time is printed.
 #
@@ -75,3 +76,5 @@ generate test_ablate 120 1401 soop_test
 generate test_ablate2 120 1402 soop_test
 # test_ablate2 judged g22: g23 is judged on a fifth seed
 generate test_ablate3 120 1403 soop_test
+# test_ablate3 judged g23: g24 is judged on a sixth seed
+generate test_ablate4 120 1404 soop_test

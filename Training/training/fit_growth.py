@@ -34,7 +34,9 @@ clinical values), each under its observed and ``--scenarios`` counterfactual ons
 scenarios, with clinical drop-out. ``--twin-out`` also writes the ablation twin: the same weights
 run clinically blind (``clinical_blind``: every clinical value missing), its growth the constant
 fitted by the same regression. The report gives the error of the log volume ratio on
-``--val-samples`` label samples of the validation lesions, before and after.
+``--val-samples`` label samples of the validation lesions, before and after. With
+``--seed-reported`` both bundles grow from the core the source bundle reports: its post-processing
+block is stored as their ``growth_seed`` (:attr:`StrokePredictorLib.bundle.Bundle.growth_seed`).
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ class FitGrowthConfig:
     seed_probability: float = field(default=0.5, metadata={
         "help": "with --volume: the core grows from where its probability is at least this (the acute bundle's "
                 "threshold, e.g. 0.3, so that every core the acute model reports grows)"})
+    seed_reported: bool = field(default=False, metadata={
+        "help": "with --volume: grow from the core the acute model reports (its Monte-Carlo mean, flip-averaged "
+                "probability under --bundle's own post-processing block, stored as the outcome bundle's growth_seed) "
+                "instead of the deterministic core; the regression reads labels only and is the same"})
     tissue_adc_max: float = field(default=0.0, metadata={
         "help": "with --volume: grow only into parenchyma, where the ADC is below this (10^-3 mm^2/s; 1.5 keeps grey "
                 "and white matter and leaves out CSF, as the simulation's penumbra does); 0: wherever ADC > 0"})
@@ -278,6 +284,9 @@ def fit_volume(config: FitGrowthConfig) -> dict:
         raise cfg.ConfigError("--samples and --val-samples must be >= 1.")
     if not 0 < config.seed_probability < 1:
         raise cfg.ConfigError(f"--seed-probability must lie in (0, 1), not {config.seed_probability}.")
+    if config.seed_reported and config.seed_probability != 0.5:
+        raise cfg.ConfigError("--seed-reported takes the seed from --bundle's post-processing block; leave "
+                              "--seed-probability at its default.")
     if config.tissue_adc_max < 0:
         raise cfg.ConfigError(f"--tissue-adc-max must be >= 0 (0: wherever ADC > 0), not {config.tissue_adc_max}.")
     base = load_bundle(config.bundle)
@@ -297,6 +306,10 @@ def fit_volume(config: FitGrowthConfig) -> dict:
     logger.info("fit-growth --volume: %d training and %d validation scenarios", len(data["train"]["log_ratio"]),
                 len(data["val"]["log_ratio"]))
     state = {k: v for k, v in base.model.state_dict().items() if not k.startswith(("risk.", "growth."))}
+    seed_block = (base.postprocessing.replace(
+        volume_log_margin=0.0, selected_on=f"the post-processing of {config.bundle} (sha256 {base.sha256[:12]}): "
+                                           "the growth seeds from the core it reports") if config.seed_reported
+        else None)
     reports = {}
     for folder, blind in targets:
         network = dataclasses.replace(base.config, growth=True, growth_volume=True, growth_reach=0,
@@ -336,13 +349,14 @@ def fit_volume(config: FitGrowthConfig) -> dict:
                   "scenarios": config.scenarios, "steps": config.steps, "lr": config.lr,
                   "clinical_drop_p": config.clinical_drop_p, "seed": config.seed, "source": str(config.bundle),
                   "tissue_adc_max": config.tissue_adc_max, "seed_probability": config.seed_probability,
+                  "seed_reported": config.seed_reported,
                   "source_sha256": base.sha256, "seconds": round(time.perf_counter() - started, 1)}
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         save_bundle(folder, model, task="outcome", grid=base.grid, normalization=base.normalization,
                     data={**base.metadata.get("data", {}), "growth_fit": report}, metrics={},
                     overwrite=config.overwrite, name="strokepredictor-outcome" + ("-blind" if blind else ""),
-                    version=base.version, postprocessing=base.postprocessing)
+                    version=base.version, postprocessing=base.postprocessing, growth_seed=seed_block)
         write_json(report, folder / "fit_growth.json", overwrite=True)
         logger.info("fit-growth --volume: wrote %s: %s", folder, report)
         reports["twin" if blind else "fusion"] = report
@@ -352,6 +366,8 @@ def fit_volume(config: FitGrowthConfig) -> dict:
 def main(argv: list[str]) -> int:
     config = cfg.parse(FitGrowthConfig, argv, "Fit an outcome bundle's clinical growth head on frozen imaging "
                        "features.", prog="python -m Training fit-growth")
+    if config.seed_reported and not config.volume:
+        raise cfg.ConfigError("--seed-reported is a setting of --volume (growth by volume).")
     if config.volume:
         print(json.dumps({"bundle": str(config.out), **fit_volume(config)}))
         return 0
