@@ -402,6 +402,19 @@ def test_interpolate_verb_mixes_weights_of_the_same_model(tmp_path: Path) -> Non
     other = write_tiny_bundle(tmp_path / "other", config=tiny_config(head_channels=4))
     with pytest.raises(StrokePredictorError, match="architecture"):
         interpolate(InterpolateConfig(start=a, end=other, out=tmp_path / "bad"))
+    # an outcome network's growth seed is part of its design: the mix keeps the end bundle's
+    from inference_phantom import TINY_GRID
+
+    from StrokePredictorLib.bundle import save_bundle
+    from StrokePredictorLib.network import StrokeNet
+    from StrokePredictorLib.preprocess import Normalization
+
+    seed = PostProcessing(threshold=0.3, flip_tta=True, min_component_ml=0.5)
+    grown = [save_bundle(tmp_path / f"grow{n}", StrokeNet(tiny_config(growth=True, growth_volume=True)),
+                         task="outcome", grid=TINY_GRID, normalization=Normalization(), data={}, metrics={},
+                         growth_seed=seed) for n in (1, 2)]
+    assert load_bundle(interpolate(InterpolateConfig(start=grown[0], end=grown[1], out=tmp_path / "mixgrow"))
+                       ).growth_seed == seed
     with pytest.raises(ValueError, match="alpha"):
         InterpolateConfig(alpha=1.5)
 

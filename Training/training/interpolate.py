@@ -84,7 +84,7 @@ def interpolate(config: InterpolateConfig) -> Path:
     metrics = {"note": "interpolated weights: the parents' validation metrics do not apply"}
     directory = save_bundle(config.out, model, task=end.task, grid=end.grid, normalization=end.normalization,
                             data=data, metrics=metrics, overwrite=config.overwrite, name=config.name or end.name,
-                            version=end.version)
+                            version=end.version, growth_seed=end.growth_seed)  # a design choice, not searched
     logger.info("Interpolated %s and %s at alpha %.2f into %s.", start.name, end.name, alpha, directory)
     return directory
 
