@@ -462,3 +462,16 @@ def test_the_search_of_a_growth_by_volume_bundle_has_no_adc_gate(search_data: di
     table = json.loads((out / "postprocess.json").read_text())["table"]
     assert len(table) == 2 * 2  # thresholds x sizes: the gates are not searched
     assert all(not row["max_component_adc"] and not row["small_component_adc"] for row in table)
+
+
+def test_the_model_card_names_the_growth_seed_beside_the_block() -> None:
+    from Training.evaluation.model_card import postprocessing_section
+
+    block = PostProcessing(threshold=0.3, flip_tta=True, selected_on="the search")
+    seed = PostProcessing(threshold=0.3, flip_tta=True, min_component_ml=0.5, selected_on="the acute bundle's block")
+    plain = "\n".join(postprocessing_section({"postprocessing": block.to_dict()}))
+    seeded = "\n".join(postprocessing_section({"postprocessing": block.to_dict(), "growth_seed": seed.to_dict()}))
+    assert "growth seeds" not in plain
+    assert seeded.startswith(plain) and ("core the acute model reports (`growth_seed`): the core head's Monte-Carlo "
+                                         "mean under threshold 0.3, left-right flip averaging, components under 0.5 mL "
+                                         "removed (the acute bundle's block)") in seeded

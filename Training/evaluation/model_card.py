@@ -97,10 +97,15 @@ def postprocessing_section(model: dict) -> list[str]:
     post = PostProcessing.from_dict(model.get("postprocessing"))
     if "postprocessing" not in model:
         return ["## Post-processing", "", f"None stored in the bundle: {post.describe()}.", ""]
-    return ["## Post-processing", "",
-            f"Stored in `model.json` and applied by every prediction: {post.describe()}. "
-            f"Chosen by {post.selected_on or 'an unrecorded procedure'}; never on the test split, the "
-            "out-of-distribution set or the real case. The metrics below include it.", ""]
+    lines = ["## Post-processing", "",
+             f"Stored in `model.json` and applied by every prediction: {post.describe()}. "
+             f"Chosen by {post.selected_on or 'an unrecorded procedure'}; never on the test split, the "
+             "out-of-distribution set or the real case. The metrics below include it.", ""]
+    if "growth_seed" in model:
+        seed = PostProcessing.from_dict(model["growth_seed"])
+        lines += [f"The growth seeds from the core the acute model reports (`growth_seed`): the core head's "
+                  f"Monte-Carlo mean under {seed.describe()} ({seed.selected_on or 'origin unrecorded'}).", ""]
+    return lines
 
 
 def build(config: CardConfig) -> str:
