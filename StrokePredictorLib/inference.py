@@ -163,6 +163,7 @@ class Prediction:
     input_statistics: dict | None = None
     feature_effects: dict[str, float | None] = field(default_factory=dict)
     offset_features: tuple[str, ...] = ()
+    growth_seed: dict = field(default_factory=dict)  # the block of the core that grew (growth by volume), if any
 
     @property
     def mean_uncertainty_in_lesion(self) -> float:
@@ -588,6 +589,7 @@ class Predictor:
             input_statistics=case.statistics.to_dict() if case.statistics is not None else None,
             feature_effects=effects_ml,
             offset_features=tuple(self.bundle.model.offset_features),
+            growth_seed=self.bundle.growth_seed.to_dict() if self.bundle.growth_seed is not None else {},
         )
 
     def _deterministic_volume(self, case: PreprocessedCase, out: dict, mirrored: dict | None) -> float:

@@ -314,6 +314,7 @@ def summary_dict(prediction: Prediction, *, bundle: dict, inputs: dict) -> dict:
         "mean_uncertainty_in_lesion": prediction.mean_uncertainty_in_lesion,
         "threshold": prediction.threshold,
         "postprocessing": dict(prediction.postprocessing),
+        **({"growth_seed": dict(prediction.growth_seed)} if prediction.growth_seed else {}),
         "mc_samples": prediction.mc_samples,
         "seed": prediction.seed,
         "deterministic": prediction.deterministic,

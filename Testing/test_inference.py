@@ -174,3 +174,4 @@ def test_an_outcome_network_grows_from_the_core_its_seed_block_reports(case: dic
         prepared, ClinicalRecord({**CLINICAL.values, "onset_to_imaging_h": 12.0}))
     np.testing.assert_allclose(later.probability, full.probability, atol=1e-6)
     assert later.volume_ml["mask"] == full.volume_ml["mask"]
+    assert full.growth_seed == block.to_dict()  # summary.json records which core grew
