@@ -439,7 +439,7 @@ class Predictor:
         mean[index] = probs.mean(dim=0)
         voxel_ml = float(np.prod(case.mapping.model.spacing)) / 1000.0
         adc = adc_of(case, self.bundle.normalization) if block.needs_adc else None
-        seed = block.apply(mean.reshape(case.brain.shape).float().cpu().numpy(), voxel_ml, adc)
+        seed = block.apply(mean.reshape(case.brain.shape).detach().float().cpu().numpy(), voxel_ml, adc)
         return torch.from_numpy(np.ascontiguousarray(seed))[None].to(self.device)
 
     def _decoder_key(self, values: np.ndarray, missing: np.ndarray, views: int) -> tuple | None:
