@@ -145,6 +145,26 @@ def test_growth_check_asks_only_cases_that_grow_in_the_simulation() -> None:
     assert "1 not segmented in either scenario" in missed.detail  # ... named as such
 
 
+def test_growth_check_names_growing_cases_whose_prediction_misses_the_lesion() -> None:
+    """Where the volume function knows the case's acute lesion (``touches``), the report says whether the
+    grown prediction reaches it: growth elsewhere passes the ratio but is named, not hidden."""
+    from Training.evaluation.clinical_behaviour import check_simulated_growth
+
+    def aimed(factor: float, hits: bool):
+        volume = _growing(factor)
+        volume.touches = lambda record: hits
+        return volume
+
+    result = check_simulated_growth([("a", 2.0, aimed(1.6, True), BASE), ("b", 2.0, aimed(2.0, False), BASE),
+                                     ("c", 2.0, _growing(1.5), BASE)], "outcome")[0]
+    assert result.passed and result.value == "3/3"  # informative only: the check is unchanged
+    assert result.volumes["a"]["touches_lesion"] is True and result.volumes["b"]["touches_lesion"] is False
+    assert "touches_lesion" not in result.volumes["c"]
+    assert "touches the acute lesion in 1 of 2 (1 growing case(s) grow something else: b)" in result.detail
+    plain = check_simulated_growth([("c", 2.0, _growing(1.5), BASE)], "outcome")[0]
+    assert "touches" not in plain.detail
+
+
 def test_growth_check_of_an_acute_bundle_asks_for_stability() -> None:
     from Training.evaluation.clinical_behaviour import check_simulated_growth
 
@@ -174,6 +194,10 @@ def test_generated_cases_record_their_simulated_growth(tmp_path: Path) -> None:
     assert report["checks"][0]["name"] == "stable_cases" and set(report["checks"][0]["volumes"]) == {
         "sub-strokecase0001", "sub-strokecase0002"}
     assert code == (0 if report["passed"] else 1)
+    training_main(["behaviour", "--bundle", str(bundle), "--data", str(folder), "--task", "outcome",
+                   "--min-simulated-growth", "1.0", "--out", str(out)])
+    rows = json.loads(out.read_text())["checks"][0]["volumes"]
+    assert len(rows) == 2 and all(isinstance(row["touches_lesion"], bool) for row in rows.values())
     assert training_main(["behaviour", "--bundle", str(bundle), "--data", str(tmp_path)]) == 2  # not generated
 
 

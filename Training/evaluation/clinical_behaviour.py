@@ -30,7 +30,9 @@ scenarios. Checks, by task:
 both, the case's other clinical values as recorded), an outcome bundle's predicted volume must grow
 by ``min_growth`` (1.3x) or more (``growth_cases``: every such case, the median beside it); an acute
 bundle's volume must move by at most ``max_acute_change`` between the same two scenarios
-(``stable_cases``).
+(``stable_cases``). Beside each outcome case the report says whether the no-treatment prediction
+touches the case's acute lesion (``touches_lesion``; every simulated final infarct holds it): a
+prediction that grows somewhere else passes the ratio, and is named in the detail, not hidden.
 
 **Effects by path** (``--paths``, an outcome bundle with a growth head, one case): each feature's
 range effect again with the growth offset's inputs held at the case's own record
@@ -270,12 +272,15 @@ def behaviour_predictor(bundle: str | Path, device: str = "cpu", mc_samples: int
 
 
 def bundle_volume_function(bundle: str | Path | object, dwi: str | Path, adc: str | Path, flair: str | Path | None,
-                           base: ClinicalRecord, *, cpu_bf16: bool = False, device: str = "cpu", mc_samples: int = 1
-                           ) -> tuple[VolumeFunction, str, dict]:
+                           base: ClinicalRecord, *, cpu_bf16: bool = False, device: str = "cpu", mc_samples: int = 1,
+                           lesion: str | Path | None = None) -> tuple[VolumeFunction, str, dict]:
     """``record -> volume`` of a bundle on one case (imaging features computed once; dropout off
     unless ``mc_samples`` > 1 (:func:`behaviour_predictor`), the bundle's post-processing; the
     thresholded volume on the DWI grid). ``bundle`` is a bundle folder or a
-    :class:`~StrokePredictorLib.inference.Predictor` (reused over cases).
+    :class:`~StrokePredictorLib.inference.Predictor` (reused over cases). With ``lesion`` (the
+    case's acute lesion mask on the DWI grid) the function also has ``touches(record) -> bool``:
+    whether that prediction's mask overlaps the lesion (every simulated final infarct holds its acute
+    lesion, so a growing prediction that never touches it grows something else).
     Returns the function, the bundle's task and its description."""
     from StrokePredictorLib.inference import Predictor
     from StrokePredictorLib.io import read_volume
@@ -287,14 +292,25 @@ def bundle_volume_function(bundle: str | Path | object, dwi: str | Path, adc: st
                       read_volume(flair, role="FLAIR") if flair else None,
                       grid=predictor.bundle.grid, normalization=predictor.bundle.normalization)
     session = WhatIf(predictor, case, base, cpu_bf16=cpu_bf16)
-    cache: dict[tuple, float] = {}
+    target = read_volume(lesion, role="lesion mask").array > 0 if lesion is not None else None
+    cache: dict[tuple, tuple[float, bool]] = {}
 
-    def volume(record: ClinicalRecord) -> float:
+    def predicted(record: ClinicalRecord) -> tuple[float, bool]:
         key = tuple(record.values[f.name] for f in FEATURES)
         if key not in cache:
-            cache[key] = float(session.predict(record).volume_ml["mask"])
+            prediction = session.predict(record)
+            mask = prediction.mask.astype(bool)
+            if target is not None and target.shape != mask.shape:
+                raise StrokePredictorError(f"Lesion mask {lesion}: shape {target.shape}, expected the DWI's "
+                                           f"{mask.shape}.")
+            cache[key] = (float(prediction.volume_ml["mask"]), target is not None and bool((mask & target).any()))
         return cache[key]
 
+    def volume(record: ClinicalRecord) -> float:
+        return predicted(record)[0]
+
+    if target is not None:
+        volume.touches = lambda record: predicted(record)[1]  # type: ignore[attr-defined]
     return volume, predictor.bundle.task, predictor.bundle.describe()
 
 
@@ -333,6 +349,9 @@ def check_simulated_growth(cases: Iterable[tuple[str, float, VolumeFunction, Cli
                          "late_ml": round(late, 3), "ratio": round(ratio, 4)}
         if task == "outcome":  # a detection failure counts as a growth miss, and is named as such
             rows[case_id]["undetected"] = early == 0 and late == 0
+            touches = getattr(volume, "touches", None)
+            if touches is not None:  # informative, not a condition: does the grown prediction reach the lesion?
+                rows[case_id]["touches_lesion"] = touches(scenario_record(base, late_scenario))
     if not rows:
         return [CheckResult("growth_cases" if task == "outcome" else "stable_cases", False, "no case",
                             f"cases whose simulated infarct grows >= {min_simulated_growth}x",
@@ -341,12 +360,19 @@ def check_simulated_growth(cases: Iterable[tuple[str, float, VolumeFunction, Cli
     if task == "outcome":
         passing = sum(r >= min_growth for r in ratios)
         undetected = sum(row["undetected"] for row in rows.values())
+        touched = [row for row in rows.values() if row.get("touches_lesion") is not None]
+        off_target = [case_id for case_id, row in rows.items()
+                      if row.get("touches_lesion") is False and row["ratio"] >= min_growth]
         return [CheckResult(
             "growth_cases", passing == len(ratios), f"{passing}/{len(ratios)}",
             f"every case >= {min_growth}x (simulated growth >= {min_simulated_growth}x)",
             f"predicted growth none 20 h / thrombectomy 1 h: median {median:.2f}x, "
             f"range {min(ratios):.2f}-{max(ratios):.2f}x over {len(ratios)} case(s)"
-            + (f"; {undetected} not segmented in either scenario (counted as misses)" if undetected else ""),
+            + (f"; {undetected} not segmented in either scenario (counted as misses)" if undetected else "")
+            + (f"; the no-treatment prediction touches the acute lesion in "
+               f"{sum(bool(row['touches_lesion']) for row in touched)} of {len(touched)}" if touched else "")
+            + (f" ({len(off_target)} growing case(s) grow something else: {', '.join(off_target)})"
+               if off_target else ""),
             rows)]
     passing = sum(r <= max_acute_change for r in ratios)
     return [CheckResult(
@@ -390,8 +416,15 @@ def dataset_cases(bundle: str | Path, folder: str | Path, *, max_cases: int = 0,
             if not made:
                 made.append(bundle_volume_function(predictor, paths["dwi"], paths["adc"],
                                                    paths["flair"] if paths["flair"].is_file() else None, base,
-                                                   cpu_bf16=cpu_bf16)[0])
+                                                   cpu_bf16=cpu_bf16,
+                                                   lesion=paths["mask"] if paths["mask"].is_file() else None)[0])
             return made[0](record)
+
+        def touches(record: ClinicalRecord) -> bool | None:
+            volume(record)
+            return made[0].touches(record) if hasattr(made[0], "touches") else None
+
+        volume.touches = touches  # type: ignore[attr-defined]
         return volume
 
     def generate() -> Iterator[tuple[str, float, VolumeFunction, ClinicalRecord]]:
