@@ -99,7 +99,7 @@ Architecture (shapes for a batch of ``B`` cases on a ``D x H x W`` model grid, i
   flip-averaged probability under the acute bundle's own threshold and component rules, passed as
   ``seed`` to :meth:`StrokeNet.growth_channel` by the predictor (runs g22/g23 of the outcome card: a
   weak core below the deterministic threshold grew nothing, so the outcome missed lesions the acute
-  model reports).
+  model reports; run g24, seeded so, has few empty outcomes but is level with its blind twin).
 * **Clinically blind (``clinical_blind=True``).** The ablation twin of a fusion network: the same
   weights, run as if every clinical value were missing (in the cross-attention and the growth
   head, whose offset is then its constant ``bias``), so no clinical information reaches the
