@@ -127,3 +127,23 @@ def test_volume_mode_can_seed_from_the_core_the_source_bundle_reports(pack: Path
                                    seed_reported=True, seed_probability=0.3))
     with pytest.raises(cfg.ConfigError, match="--seed-reported is a setting of --volume"):
         main(["--bundle", str(source), "--pack", str(pack), "--out", str(tmp_path / "third"), "--seed-reported"])
+
+
+def test_volume_mode_fits_the_same_head_whatever_ran_before(pack: Path, tmp_path: Path) -> None:
+    """The growth head's initial weights come from --seed, not from the process's random state (label
+    sampling draws from it a varying amount), so the same command gives the same bundle."""
+    from safetensors.torch import load_file
+
+    from Training.training.fit_growth import fit_volume
+
+    torch.manual_seed(0)
+    source = save_bundle(tmp_path / "acute", StrokeNet(tiny_config()), task="acute", grid=TINY_GRID,
+                         normalization=Normalization(), data={"source": "test"}, metrics={})
+    weights = []
+    for run, noise in enumerate((1, 2)):
+        torch.manual_seed(noise)  # a different random state before each run
+        fit_volume(FitGrowthConfig(bundle=source, pack=pack, out=tmp_path / f"run{run}", volume=True, samples=3,
+                                   val_samples=2, scenarios=1, steps=20, lr=0.05, seed=1, val_subset="train"))
+        weights.append(load_file(str(tmp_path / f"run{run}" / "weights.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

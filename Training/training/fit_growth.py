@@ -315,6 +315,7 @@ def fit_volume(config: FitGrowthConfig) -> dict:
         network = dataclasses.replace(base.config, growth=True, growth_volume=True, growth_reach=0,
                                       clinical_blind=blind, growth_tissue_adc_max=tissue_adc_max,
                                       growth_seed_probability=config.seed_probability)
+        torch.manual_seed(config.seed)  # the growth head's initial weights: the same run, the same fit
         model = StrokeNet(network)
         load_weights(model, state)
         model.eval().float()
