@@ -197,6 +197,11 @@ def adc_of(case: PreprocessedCase, normalization: Normalization) -> np.ndarray:
     return case.image[1] * np.float32(1000.0 / normalization.adc_scale)
 
 
+def model_voxel_ml(case: PreprocessedCase) -> float:
+    """The volume (mL) of one voxel of the model grid."""
+    return float(np.prod(case.mapping.model.spacing)) / 1000.0
+
+
 def binary_entropy_bits(p: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     """Entropy of a Bernoulli probability in bits, 0 at p in {0, 1} and 1 at p = 0.5."""
     if isinstance(p, torch.Tensor):
@@ -389,8 +394,9 @@ class Predictor:
             kept = encoded.decoded.get(key) if key is not None else None
             if kept is None:
                 outs = tuple(model.decode(view, *inputs, grow=not seeded) for view in views)
-                seed = self._growth_seed(encoded.case, outs) if seeded else None
+                seed = None
                 if seeded:
+                    seed = self._growth_seed(encoded.case, outs)
                     outs = self._grown(outs, views, inputs, seed)
                 if key is not None and keep:  # one entry: the scenario being explored
                     encoded.decoded.clear()
@@ -422,25 +428,32 @@ class Predictor:
         dropout mask per sample for both, when the block flips and both were decoded), turned into a
         mask by the block's threshold and component rules. (1, K, J, I) bool on the model grid."""
         block = self.bundle.growth_seed
-        model = self.bundle.model
-        brain = torch.from_numpy(case.brain).to(self.device).flatten()
-        index = torch.nonzero(brain).flatten()
-        both = block.flip_tta and len(outs) > 1
-        features = outs[0]["features"].flatten(2)[:, :, index]
-        if both:
-            features = torch.cat([features, outs[1]["features"].flip(-1).flatten(2)[:, :, index]], dim=2)
-        generator = torch.Generator().manual_seed(self.seed)
-        n = 1 if self.deterministic else self.mc_samples
-        probs = torch.sigmoid(model.sample_logits(features[..., None, None], n, generator, self.deterministic,
-                                                  core_only=True).flatten(1))
-        if both:
-            probs = 0.5 * (probs[:, : index.numel()] + probs[:, index.numel():])
-        mean = torch.zeros(brain.numel(), device=self.device)
+        mirrored = outs[1] if block.flip_tta and len(outs) > 1 else None
+        probs, index = self._brain_samples(case, outs[0], mirrored, core_only=True)
+        mean = torch.zeros(case.brain.size, device=self.device)
         mean[index] = probs.mean(dim=0)
-        voxel_ml = float(np.prod(case.mapping.model.spacing)) / 1000.0
         adc = adc_of(case, self.bundle.normalization) if block.needs_adc else None
-        seed = block.apply(mean.reshape(case.brain.shape).detach().float().cpu().numpy(), voxel_ml, adc)
+        seed = block.apply(mean.reshape(case.brain.shape).detach().float().cpu().numpy(), model_voxel_ml(case), adc)
         return torch.from_numpy(np.ascontiguousarray(seed))[None].to(self.device)
+
+    def _brain_samples(self, case: PreprocessedCase, out: dict, mirrored: dict | None, core_only: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Monte-Carlo probabilities at the brain voxels: (N, Vb) (one row when deterministic) and the
+        voxels' flat indices. Only brain voxels are sampled (outside the brain the probability is 0),
+        so the tail's cost scales with the brain, not the grid; with ``mirrored`` both views are one
+        batch of voxels (each sample, one dropout mask for both) and their probabilities averaged.
+        ``core_only``: a growth network's core head alone (the growth seed)."""
+        index = torch.nonzero(torch.from_numpy(case.brain).to(self.device).flatten()).flatten()
+        features = out["features"].flatten(2)[:, :, index]  # (1, C, Vb)
+        if mirrored is not None:
+            features = torch.cat([features, mirrored["features"].flip(-1).flatten(2)[:, :, index]], dim=2)
+        generator = torch.Generator().manual_seed(self.seed)
+        n_computed = 1 if self.deterministic else self.mc_samples
+        probs = torch.sigmoid(self.bundle.model.sample_logits(
+            features[..., None, None], n_computed, generator, self.deterministic, core_only=core_only).flatten(1))
+        if mirrored is not None:
+            probs = 0.5 * (probs[:, : index.numel()] + probs[:, index.numel():])
+        return probs, index
 
     def _decoder_key(self, values: np.ndarray, missing: np.ndarray, views: int) -> tuple | None:
         """What the decoder's output depends on besides the image: the clinical values and missing
@@ -479,7 +492,6 @@ class Predictor:
         timings = {f"preprocess_{k}": v for k, v in case.timings.items()}
         start = time.perf_counter()
         record = clinical if clinical is not None else ClinicalRecord()
-        model = self.bundle.model
         device = self.device
         tick = time.perf_counter()
         post = self.postprocessing
@@ -493,29 +505,17 @@ class Predictor:
             timings["network_s"] = encoded.encode_s + timings["decode_s"]
             report(0.7, f"sampling {self.mc_samples} Monte-Carlo dropout masks")
             tick = time.perf_counter()
-            generator = torch.Generator().manual_seed(self.seed)
-            n_computed = 1 if self.deterministic else self.mc_samples
-            # Only brain voxels are sampled (outside the brain the probability is 0): the tail's
-            # cost scales with the brain, not the grid.
-            brain = torch.from_numpy(case.brain).to(device).flatten()
-            index = torch.nonzero(brain).flatten()
-            features = out["features"].flatten(2)[:, :, index]  # (1, C, Vb)
-            if mirrored is not None:  # both views in one batch of voxels: each sample, one dropout mask
-                features = torch.cat([features, mirrored["features"].flip(-1).flatten(2)[:, :, index]], dim=2)
-            logits = model.sample_logits(features[..., None, None], n_computed, generator,
-                                         self.deterministic).flatten(1)  # (N, Vb or 2 Vb)
-            probs = torch.sigmoid(logits)
-            if mirrored is not None:
-                probs = 0.5 * (probs[:, : index.numel()] + probs[:, index.numel():])
-            mean = torch.zeros(brain.numel(), device=device)
-            std = torch.zeros(brain.numel(), device=device)
+            probs, index = self._brain_samples(case, out, mirrored)
+            n_computed = probs.shape[0]  # 1 when deterministic: every sample is the same
+            mean = torch.zeros(case.brain.size, device=device)
+            std = torch.zeros(case.brain.size, device=device)
             mean[index] = probs.mean(dim=0)
             if n_computed > 1:
                 # the population standard deviation; torch.std over the sample axis is ~6x slower here
                 std[index] = (probs - mean[index]).square_().mean(dim=0).sqrt_()
             mean = mean.reshape(case.brain.shape)
             std = std.reshape(case.brain.shape)
-            voxel_ml = float(np.prod(case.mapping.model.spacing)) / 1000.0
+            voxel_ml = model_voxel_ml(case)
             adc_model = adc_of(case, self.bundle.normalization) if post.needs_adc else None
             sample_volumes = self._sample_volumes(probs, index, case.brain.shape, voxel_ml, adc_model)
             if n_computed != self.mc_samples:
@@ -603,7 +603,7 @@ class Predictor:
                 flipped = model.sample_logits(mirrored["features"], 1, deterministic=True)[0, 0].flip(-1)
                 probability = 0.5 * (probability + torch.sigmoid(flipped))
             probability = probability.float().cpu().numpy() * case.brain.astype(bool)
-        voxel_ml = float(np.prod(case.mapping.model.spacing)) / 1000.0
+        voxel_ml = model_voxel_ml(case)
         adc = adc_of(case, self.bundle.normalization) if post.needs_adc else None
         return float(post.apply(probability, voxel_ml, adc).sum()) * voxel_ml
 

@@ -163,9 +163,9 @@ def test_an_outcome_network_grows_from_the_core_its_seed_block_reports(case: dic
     mirrored_grown = mirrored["features"][0, -1].flip(-1).numpy() > 0
     np.testing.assert_array_equal(mirrored_grown, grown)  # one grown map for both views
     # a block that reports nothing grows nothing: the outcome is the core head alone
-    empty = load_bundle(_seeded_bundle(tmp_path / "empty", block.replace(min_component_ml=1e5)))
-    quiet, _ = Predictor(empty, device="cpu", mc_samples=1, deterministic=True)._decode(
-        Predictor(empty, device="cpu", mc_samples=1, deterministic=True).encode(prepared), CLINICAL)
+    empty = Predictor(_seeded_bundle(tmp_path / "empty", block.replace(min_component_ml=1e5)), device="cpu",
+                      mc_samples=1, deterministic=True)
+    quiet, _ = empty._decode(empty.encode(prepared), CLINICAL)
     assert float(quiet["features"][0, -1].max()) <= -2.0
     # a what-if change of onset time alone keeps the decoder's output and the seed: the same as a full pass
     session = WhatIf(Predictor(bundle, device="cpu", mc_samples=4, seed=2), prepared, CLINICAL)
