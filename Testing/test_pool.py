@@ -164,3 +164,33 @@ def test_background_refresh_swaps_in_new_volumes(pack_path: Path) -> None:
     finally:
         pool.close()
     assert pool._process is None
+
+
+def test_pool_renders_with_the_given_synthesis_ranges(pack_path: Path) -> None:
+    """``synth`` reaches the pool's renderer and its background process (train-synth --grid-noise)."""
+    import queue
+    import threading
+
+    from Training.synthesis.gpu_synth import SynthConfig
+    from Training.synthesis.pool import Renderer, _render_forever
+
+    config = SynthConfig(grid_noise=(0.05, 0.11))
+    pool = SynthPool(pack_path, GRID, size=1, seed=1, background=False, divisor=16, synth=config)
+    assert pool.renderer.synth.config == config and pool.synth == config  # pool.synth goes to the process
+    default = SynthPool(pack_path, GRID, size=1, seed=1, background=False, divisor=16)
+    assert default.renderer.synth.config == SynthConfig()
+    assert not np.array_equal(default.volumes[0].image, pool.volumes[0].image)
+    # the background renderer (run here in a thread) renders with the ranges it is given
+    out: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    threads = torch.get_num_threads()  # the renderer sets one thread for the whole process
+    worker = threading.Thread(target=_render_forever, args=(str(pack_path), GRID, 5, out, stop, 0.0, 0, config))
+    worker.start()
+    try:
+        volume = out.get(timeout=120)
+    finally:
+        stop.set()
+        worker.join(timeout=60)
+        torch.set_num_threads(threads)
+    expected = Renderer(pack_path, GRID, seed=5, synth=config).render(1)[0]
+    assert np.array_equal(volume.image, expected.image)

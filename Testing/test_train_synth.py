@@ -81,6 +81,28 @@ def test_patch_must_fit_the_network(pack_path: Path, tmp_path: Path) -> None:
         run(_config(pack_path, tmp_path / "bad", patch=(24, 32, 32)))
 
 
+def test_grid_noise_reaches_the_pool_and_bad_values_are_refused(pack_path: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from Training.synthesis.gpu_synth import SynthConfig
+    from Training.synthesis.pool import SynthPool
+
+    seen = []
+    original = SynthPool.__init__
+
+    def recording(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(kwargs.get("synth"))
+        original(self, *args, **{**kwargs, "background": False})
+
+    monkeypatch.setattr(SynthPool, "__init__", recording)
+    run(_config(pack_path, tmp_path / "noisy", max_steps=1, val_every=100, grid_noise=(0.05, 0.11)))
+    assert seen == [SynthConfig(grid_noise=(0.05, 0.11))]
+    saved = json.loads((tmp_path / "noisy" / "acute" / "train_synth_config.json").read_text())
+    assert saved["grid_noise"] == [0.05, 0.11]
+    for bad in ((0.2, 0.1), (0.1,), (-0.1, 0.1)):
+        with pytest.raises(cfg.ConfigError, match="--grid-noise"):
+            run(_config(pack_path, tmp_path / "bad_noise", grid_noise=bad))
+
+
 def test_non_finite_steps_never_reach_the_weights(pack_path: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from Training.synthesis.pool import SynthPool

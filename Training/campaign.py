@@ -82,6 +82,9 @@ class CampaignConfig:
         "help": "select the training checkpoint on these preprocessed fixed sets (train-synth --val-cache) instead "
                 "of synthesised whole volumes"})
     val_cache_cases: int = field(default=0, metadata={"help": "with --val-cache: cases per cache (0: all)"})
+    grid_noise: tuple[float, ...] = field(default=(0.0, 0.0), metadata={
+        "help": "CPU/GPU recipe: train-synth --grid-noise LO,HI (the test-set generator's noise after the "
+                "synthesis's acquisition blur; 0,0: off)"})
     mimic_fraction: float = field(default=0.0, metadata={
         "help": "CPU pool: share of the non-lesion patches centred on hard negatives (DWI bright, ADC normal)"})
     patch: str = field(default="64,64,64", metadata={
@@ -319,7 +322,8 @@ def _train(config: CampaignConfig, train_dir: Path, init: Path) -> None:
             "--time-limit", config.minutes * 60, "--lr", config.lr, "--seed", config.seed,
             "--threads", config.threads, "--val-samples", config.val_samples, "--val-every", config.val_every,
             "--checkpoint-minutes", 10, "--lesion-loss", config.lesion_loss, "--patience", config.patience,
-            "--source", "pool" if config.device == "cpu" else "gpu"]
+            "--source", "pool" if config.device == "cpu" else "gpu",
+            "--grid-noise", ",".join(str(v) for v in config.grid_noise)]
     if config.device == "cpu":  # the CPU recipe: a 48-volume pool; by default 2 lesion-centred 64^3 patches a step
         argv += ["--batch-size", config.batch_size, "--patch", config.patch, "--pool-size", 48,
                  "--mimic-fraction", config.mimic_fraction, "--focus-fraction", config.focus_fraction]
@@ -337,7 +341,8 @@ def _trained_with(train_dir: Path, config: CampaignConfig) -> dict:
     a lent GPU with --until export, and the continuing command need not repeat its flags)."""
     settings = {"device": config.device, "lr": config.lr, "seed": config.seed, "mimic_fraction": config.mimic_fraction,
                 "patch": config.patch, "batch_size": config.batch_size, "lesion_loss": config.lesion_loss,
-                "focus_fraction": config.focus_fraction, "patience": config.patience}
+                "focus_fraction": config.focus_fraction, "patience": config.patience,
+                "grid_noise": list(config.grid_noise)}
     saved_path = train_dir / config.task / "train_synth_config.json"
     if not saved_path.is_file():
         return settings

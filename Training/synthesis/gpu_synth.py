@@ -376,6 +376,12 @@ class SynthConfig:
     csf_dwi_ratio: tuple[float, float] = (0.25, 1.0)  # CSF / WM on the b-image
     lesion_t2: tuple[float, float] = (0.0, 0.5)  # T2 increase of the lesion (shine-through)
     noise: tuple[float, float] = (0.01, 0.07)  # Rician sigma relative to white-matter b-image signal
+    # Rician sigma (relative to the white-matter b-image signal) added AFTER the acquisition blur, spatially
+    # correlated and of unit variance, as the test-set generator adds it (Training/synthesis/case.py:
+    # b0 SNR 18-40 at b = 1000 is (0.05, 0.11) here); (0, 0): off, the images render as before. The noise
+    # above is added before the blur, which averages most of it away.
+    grid_noise: tuple[float, float] = (0.0, 0.0)
+    grid_noise_corr_vox: tuple[float, float] = (0.6, 1.1)  # in-plane Gaussian correlation (0.6x through-plane)
     slice_mm: tuple[float, float] = (2.0, 6.5)
     inplane_sigma_vox: tuple[float, float] = (0.3, 1.0)
     bias: float = 0.5
@@ -428,9 +434,21 @@ def _blur(volume: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _rician(signal: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    real = signal + sigma * torch.randn(signal.shape, generator=generator, device=signal.device)
-    imaginary = sigma * torch.randn(signal.shape, generator=generator, device=signal.device)
+def _rician(signal: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator,
+            corr_vox: torch.Tensor | None = None) -> torch.Tensor:
+    """Magnitude of ``signal`` (n, 1, D, H, W) plus complex Gaussian noise of standard deviation ``sigma`` per
+    channel; with ``corr_vox`` (n,) each channel's noise is smoothed by a Gaussian of that many voxels in-plane
+    (0.6 times that through-plane, as :func:`Training.synthesis.acquisition.correlated_noise`) and rescaled to
+    unit variance per sample."""
+    def field() -> torch.Tensor:
+        noise = torch.randn(signal.shape, generator=generator, device=signal.device)
+        if corr_vox is None:
+            return noise
+        noise = _blur(noise, torch.stack([corr_vox * 0.6, corr_vox, corr_vox], dim=1))
+        return noise / noise.flatten(1).std(dim=1).clamp(min=1e-6).view(-1, 1, 1, 1, 1)
+
+    real = signal + sigma * field()
+    imaginary = sigma * field()
     return torch.sqrt(real**2 + imaginary**2)
 
 
@@ -575,6 +593,11 @@ class GpuSynthesizer:
         swap = torch.rand(n, generator=generator, device=dev) < 0.15  # some sagittal/coronal stacks
         sigmas[swap] = sigmas[swap][:, [1, 0, 2]]
         s_b, s_0 = _blur(torch.cat([s_b, s_0], 1), sigmas).split(1, dim=1)
+        if c.grid_noise[1] > 0:  # noise at the reconstructed resolution (drawn only when on)
+            sigma_grid = u(*c.grid_noise) * wm_signal
+            corr = u(*c.grid_noise_corr_vox).view(n)
+            s_b = _rician(s_b, sigma_grid, generator, corr)
+            s_0 = _rician(s_0, sigma_grid, generator, corr)
         adc_measured = (torch.log(s_0.clamp(min=1e-4)) - torch.log(s_b.clamp(min=1e-4))) / b
         adc_measured = adc_measured.clamp(0, 4.5)
         # DWI: beyond physics, random per-class gains and gamma so no single look is learnt

@@ -34,10 +34,14 @@ import multiprocessing as mp
 import queue
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from Training.synthesis.gpu_synth import SynthConfig
 
 logger = logging.getLogger(__name__)
 
@@ -117,12 +121,12 @@ class Renderer:
     """Renders pool volumes from the synthesis pack (label sampling + image synthesis, on the CPU)."""
 
     def __init__(self, pack_path: str | Path, grid_size: tuple[int, int, int], *, subset: str = "train",
-                 seed: int = 0, scenarios: int = 0) -> None:
-        from Training.synthesis.gpu_synth import GpuSynthesizer, LabelSampler, Pack
+                 seed: int = 0, scenarios: int = 0, synth: SynthConfig | None = None) -> None:
+        from Training.synthesis.gpu_synth import GpuSynthesizer, LabelSampler, Pack, SynthConfig
 
         pack = Pack.load(pack_path)
         self.labels = LabelSampler(pack, subset=subset, seed=seed, length=2**62, scenarios=scenarios)
-        self.synth = GpuSynthesizer(pack, grid_size, "cpu")
+        self.synth = GpuSynthesizer(pack, grid_size, "cpu", synth or SynthConfig())
         self.generator = torch.Generator().manual_seed(seed)
         self.next_index = 0
 
@@ -134,10 +138,10 @@ class Renderer:
 
 
 def _render_forever(pack_path: str, grid_size: tuple[int, int, int], seed: int, out: mp.Queue,
-                    stop: mp.Event, pause: float = 0.0, scenarios: int = 0
+                    stop: mp.Event, pause: float = 0.0, scenarios: int = 0, synth: SynthConfig | None = None
                     ) -> None:  # pragma: no cover - runs in a child process
     torch.set_num_threads(1)
-    renderer = Renderer(pack_path, grid_size, seed=seed, scenarios=scenarios)
+    renderer = Renderer(pack_path, grid_size, seed=seed, scenarios=scenarios, synth=synth)
     while not stop.is_set():
         if pause > 0 and stop.wait(pause):  # leave the cores to the training step most of the time
             break
@@ -183,14 +187,18 @@ class SynthPool:
         scenarios: counterfactual onset/treatment scenarios rendered with each volume (outcome
             task); a patch then takes one of the volume's ``scenarios + 1`` at random (its
             clinical values and outcome target together).
+        synth: the image synthesis's ranges (:class:`Training.synthesis.gpu_synth.SynthConfig`; default
+            ranges when None), for the pool's and the background process's renderers alike.
     """
 
     def __init__(self, pack_path: str | Path, grid_size: tuple[int, int, int], *, size: int = 64, seed: int = 0,
-                 background: bool = True, divisor: int = 16, pause: float = 0.0, scenarios: int = 0) -> None:
+                 background: bool = True, divisor: int = 16, pause: float = 0.0, scenarios: int = 0,
+                 synth: SynthConfig | None = None) -> None:
         self.grid_kji = tuple(int(v) for v in grid_size[::-1])
         self.divisor = divisor
         self.rng = np.random.default_rng(seed)
-        self.renderer = Renderer(pack_path, grid_size, seed=seed, scenarios=scenarios)
+        self.synth = synth  # the background renderer's too
+        self.renderer = Renderer(pack_path, grid_size, seed=seed, scenarios=scenarios, synth=synth)
         self.volumes: list[PoolVolume] = []
         while len(self.volumes) < size:
             self.volumes.extend(self.renderer.render(min(2, size - len(self.volumes))))
@@ -203,7 +211,7 @@ class SynthPool:
             self._stop = context.Event()
             self._process = context.Process(target=_render_forever, daemon=True,
                                             args=(str(pack_path), tuple(grid_size), seed + 7919, self._queue,
-                                                  self._stop, pause, scenarios))
+                                                  self._stop, pause, scenarios, self.synth))
             self._process.start()
 
     def refresh(self, limit: int = 2) -> int:

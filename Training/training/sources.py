@@ -263,13 +263,16 @@ class PoolSource(_SynthSource):
         focus_fraction, focus_patch, focus_voxels: the share of steps that train instead on a focus
             pair (:meth:`Training.synthesis.pool.SynthPool.focus_batch`: a ``focus_patch`` crop centred
             on a lesion of fewer than ``focus_voxels`` voxels and one centred on a hard negative).
+        synth: the image synthesis's ranges (:class:`Training.synthesis.gpu_synth.SynthConfig`; None: defaults).
     """
 
     def __init__(self, pack: Path, grid_size: tuple[int, int, int], *, patch: tuple[int, int, int], task: str,
                  batch_size: int, lesion_fraction: float, size: int, refresh: int, pause: float, seed: int,
                  divisor: int, mimic_fraction: float = 0.0, scenarios: int = 0, focus_fraction: float = 0.0,
-                 focus_patch: tuple[int, int, int] = (64, 64, 64), focus_voxels: int = 125, **shared: Any) -> None:
+                 focus_patch: tuple[int, int, int] = (64, 64, 64), focus_voxels: int = 125, synth: Any = None,
+                 **shared: Any) -> None:
         super().__init__(**shared)
+        self.synth = synth
         self.focus_fraction, self.focus_patch, self.focus_voxels = focus_fraction, focus_patch, focus_voxels
         self.focus_steps = 0
         self.pack, self.grid_size, self.patch, self.task = pack, grid_size, patch, task
@@ -283,7 +286,7 @@ class PoolSource(_SynthSource):
 
         logger.info("rendering %d pool volumes ...", self.size)
         self.pool = SynthPool(self.pack, self.grid_size, size=self.size, seed=self.seed + RESUME_SEED_STRIDE * step,
-                              divisor=self.divisor, pause=self.pause, scenarios=self.scenarios)
+                              divisor=self.divisor, pause=self.pause, scenarios=self.scenarios, synth=self.synth)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         self.pool.refresh(self.refresh)

@@ -116,6 +116,10 @@ class SynthTrainConfig:
     focus_patch: tuple[int, ...] = field(default=(64, 64, 64), metadata={
         "help": "pool: the focus pair's crop in k,j,i voxels (multiples of the size divisor)"})
     focus_ml: float = field(default=1.0, metadata={"help": "pool: lesions under this volume (mL) are focus lesions"})
+    grid_noise: tuple[float, ...] = field(default=(0.0, 0.0), metadata={
+        "help": "LO,HI: also add the test-set generator's noise after the synthesis's acquisition blur: Rician, "
+                "sigma U(LO, HI) x the white-matter b-image signal, spatially correlated, unit variance "
+                "(0.05,0.11 is the generator's b0 SNR 18-40); 0,0: off"})
     pool_size: int = field(default=48, metadata={"help": "pre-rendered volumes held by the pool"})
     pool_refresh: int = field(default=1, metadata={"help": "fresh volumes swapped into the pool per step, at most"})
     pool_pause: float = field(default=6.0, metadata={
@@ -294,7 +298,7 @@ def run(config: SynthTrainConfig, given: frozenset[str] | None = None) -> dict[s
     from StrokePredictorLib.io import write_json
     from StrokePredictorLib.network import NetworkConfig, StrokeNet
     from StrokePredictorLib.preprocess import ModelGrid, Normalization
-    from Training.synthesis.gpu_synth import GpuSynthesizer, Pack
+    from Training.synthesis.gpu_synth import GpuSynthesizer, Pack, SynthConfig
     from Training.training.losses import with_lesion_term
     from Training.training.sources import GpuSynthSource, PoolSource, cached_validation, synthetic_validation
 
@@ -317,6 +321,9 @@ def run(config: SynthTrainConfig, given: frozenset[str] | None = None) -> dict[s
                               f"from --init).")
     if config.lesion_loss < 0:
         raise cfg.ConfigError(f"--lesion-loss must be >= 0, not {config.lesion_loss}.")
+    if len(config.grid_noise) != 2 or not 0 <= config.grid_noise[0] <= config.grid_noise[1] <= 1:
+        raise cfg.ConfigError(f"--grid-noise must be LO,HI with 0 <= LO <= HI <= 1 (relative to the white-matter "
+                              f"signal), not {','.join(map(str, config.grid_noise))}.")
     if config.snapshot_every < 0:
         raise cfg.ConfigError(f"--snapshot-every must be >= 0 (0: off), not {config.snapshot_every}.")
     if config.patience < 0:
@@ -348,7 +355,8 @@ def run(config: SynthTrainConfig, given: frozenset[str] | None = None) -> dict[s
         raise cfg.ConfigError("--patch needs --source pool.")
     if config.val_subset not in ("val", "train") or not len(pack.indices(config.val_subset)):
         raise cfg.ConfigError(f"--val-subset {config.val_subset}: the pack {config.pack} has no such lesions.")
-    synth = GpuSynthesizer(pack, grid.size, device)
+    synth_config = SynthConfig(grid_noise=(float(config.grid_noise[0]), float(config.grid_noise[1])))
+    synth = GpuSynthesizer(pack, grid.size, device, synth_config)
     cuda = device.type == "cuda"
     precision = resolve_precision(config.precision, device, config.channels_last)
 
@@ -412,7 +420,7 @@ def run(config: SynthTrainConfig, given: frozenset[str] | None = None) -> dict[s
             lesion_fraction=config.lesion_fraction, mimic_fraction=config.mimic_fraction, scenarios=config.scenarios,
             size=config.pool_size, refresh=config.pool_refresh, pause=config.pool_pause, seed=config.seed,
             divisor=divisor, focus_fraction=config.focus_fraction, focus_patch=focus_patch,  # type: ignore[arg-type]
-            focus_voxels=round(config.focus_ml * 1000 / math.prod(grid.spacing)), **shared)
+            focus_voxels=round(config.focus_ml * 1000 / math.prod(grid.spacing)), synth=synth_config, **shared)
     else:
         data_source = GpuSynthSource(pack, synth, batch_size=config.batch_size, reuse=config.reuse,
                                      workers=config.workers, seed=config.seed, **shared)
