@@ -194,3 +194,33 @@ def test_pool_renders_with_the_given_synthesis_ranges(pack_path: Path) -> None:
         torch.set_num_threads(threads)
     expected = Renderer(pack_path, GRID, seed=5, synth=config).render(1)[0]
     assert np.array_equal(volume.image, expected.image)
+
+
+def test_noise_verb_measures_pool_and_caches_alike(pack_path: Path, tmp_path: Path) -> None:
+    """``python -m Training noise``: the fine-scale fluctuation of rendered pool volumes (on the caches' grid) and of
+    cached cases, the pool's rising with --grid-noise; refusals name the option."""
+    import json
+
+    from training_fixtures import build_test_cache, write_isles_phantom
+
+    from StrokePredictorLib.errors import OutputExistsError, StrokePredictorError
+    from Training import config as cfg
+    from Training.evaluation.input_noise import NoiseConfig, run
+
+    cache = build_test_cache(write_isles_phantom(tmp_path / "data", n_cases=2), tmp_path / "cache")
+    out = tmp_path / "noise.json"
+    quiet = run(NoiseConfig(pack=pack_path, volumes=2, cache=(cache,), out=out))
+    noisy = run(NoiseConfig(pack=pack_path, volumes=2, grid_noise=(0.11, 0.11)))
+    assert set(quiet) == {"cache cache", "pool (--grid-noise 0.0,0.0)"} and quiet["cache cache"]["n"] == 2
+    assert all(np.isfinite(v).all() for v in np.asarray(quiet["cache cache"]["values"]))
+    assert noisy["pool (--grid-noise 0.11,0.11)"]["dwi_q10_50_90"][1] > quiet["pool (--grid-noise 0.0,0.0)"][
+        "dwi_q10_50_90"][1]
+    assert json.loads(out.read_text())["sources"]["cache cache"]["n"] == 2
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        run(NoiseConfig(cache=(cache,), out=out))
+    with pytest.raises(StrokePredictorError, match="--pack"):
+        run(NoiseConfig())
+    with pytest.raises(cfg.ConfigError, match="--grid-noise"):
+        run(NoiseConfig(cache=(cache,), grid_noise=(0.2, 0.1)))
+    with pytest.raises(StrokePredictorError, match="index.json"):
+        run(NoiseConfig(cache=(tmp_path,)))

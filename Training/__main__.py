@@ -33,6 +33,8 @@ VERBS: dict[str, tuple[str, str]] = {
                    "fit the clinical growth head of an outcome bundle on frozen imaging features"),
     "interpolate": ("Training.training.interpolate", "weights between a model and its fine-tuned version (WiSE-FT)"),
     "campaign": ("Training.campaign", "improve the shipped bundle: train, search, decide by a fixed rule, record"),
+    "noise": ("Training.evaluation.input_noise",
+              "is the training synthesis as noisy as the fixed sets? (fine-scale input fluctuation)"),
     "select": ("Training.evaluation.select",
                "choose an outcome run's checkpoint on validation growth, effects and Dice"),
     "ablate": ("Training.evaluation.ablate", "imaging-only against fusion on the same split"),
