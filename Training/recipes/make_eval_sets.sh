@@ -17,6 +17,7 @@
 #   test_ablate2                    120 cases: a fourth seed, a fresh ablation set (test_ablate has judged g21)
 #   test_ablate3                    120 cases: a fifth seed (test_ablate2 has judged g22)
 #   test_ablate4                    120 cases: a sixth seed (test_ablate3 has judged g23)
+#   test_ablate5                    120 cases: a seventh seed (test_ablate4 has judged g24)
 # With EARLIER=1 it also rebuilds the earlier validation and test sets of the README
 # ("Reproducing the bundled models") with their committed seeds. Each set's wall time is printed.
 #
@@ -78,3 +79,5 @@ generate test_ablate2 120 1402 soop_test
 generate test_ablate3 120 1403 soop_test
 # test_ablate3 judged g23: g24 is judged on a sixth seed
 generate test_ablate4 120 1404 soop_test
+# test_ablate4 judged g24: g25 is judged on a seventh seed
+generate test_ablate5 120 1405 soop_test
