@@ -138,11 +138,11 @@ def test_a_losing_run_keeps_the_bundle_but_is_recorded(tmp_path: Path, monkeypat
 
 @pytest.mark.parametrize("recipe, expected", [
     ({}, {"--patch": "64,64,64", "--batch-size": "2", "--val-every": "300", "--lesion-loss": "0.0",
-          "--patience": "0", "--focus-fraction": "0.0", "--grid-noise": "0.0,0.0"}),
+          "--patience": "0", "--focus-fraction": "0.0", "--grid-noise": "0.0,0.0", "--pool-pause": "6.0"}),
     ({"patch": "80,112,96", "batch_size": 1, "val_every": 200, "lesion_loss": 0.5, "patience": 4,
-      "focus_fraction": 0.5, "grid_noise": (0.05, 0.11)},
+      "focus_fraction": 0.5, "grid_noise": (0.05, 0.11), "pool_pause": 0.0},
      {"--patch": "80,112,96", "--batch-size": "1", "--val-every": "200", "--lesion-loss": "0.5",
-      "--patience": "4", "--focus-fraction": "0.5", "--grid-noise": "0.05,0.11"}),
+      "--patience": "4", "--focus-fraction": "0.5", "--grid-noise": "0.05,0.11", "--pool-pause": "0.0"}),
 ])
 def test_the_training_recipe_reaches_train_synth_and_the_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                 recipe: dict, expected: dict) -> None:
@@ -167,6 +167,7 @@ def test_the_training_recipe_reaches_train_synth_and_the_ledger(tmp_path: Path, 
             str(entry["focus_fraction"])) == (expected["--patch"], expected["--batch-size"], expected["--lesion-loss"],
                                               expected["--patience"], expected["--focus-fraction"])
     assert ",".join(str(v) for v in entry["grid_noise"]) == expected["--grid-noise"]
+    assert str(entry["pool_pause"]) == expected["--pool-pause"]
 
 
 def test_a_run_can_start_from_an_earlier_candidate_and_is_still_judged_against_the_shipped_bundle(

@@ -85,6 +85,10 @@ class CampaignConfig:
     grid_noise: tuple[float, ...] = field(default=(0.0, 0.0), metadata={
         "help": "CPU/GPU recipe: train-synth --grid-noise LO,HI (the test-set generator's noise after the "
                 "synthesis's acquisition blur; 0,0: off)"})
+    pool_pause: float = field(default=6.0, metadata={
+        "help": "CPU recipe: train-synth --pool-pause, seconds the background renderer waits after each volume "
+                "(6: about one fresh volume every 7 steps; 0: unpaced, about one a step with a one-thread step on "
+                "2 cores)"})
     mimic_fraction: float = field(default=0.0, metadata={
         "help": "CPU pool: share of the non-lesion patches centred on hard negatives (DWI bright, ADC normal)"})
     patch: str = field(default="64,64,64", metadata={
@@ -326,6 +330,7 @@ def _train(config: CampaignConfig, train_dir: Path, init: Path) -> None:
             "--grid-noise", ",".join(str(v) for v in config.grid_noise)]
     if config.device == "cpu":  # the CPU recipe: a 48-volume pool; by default 2 lesion-centred 64^3 patches a step
         argv += ["--batch-size", config.batch_size, "--patch", config.patch, "--pool-size", 48,
+                 "--pool-pause", config.pool_pause,
                  "--mimic-fraction", config.mimic_fraction, "--focus-fraction", config.focus_fraction]
     else:  # the GPU recipe: whole volumes synthesised on the device, 8 a step, label samples from CPU workers
         argv += ["--workers", config.workers]
@@ -342,7 +347,7 @@ def _trained_with(train_dir: Path, config: CampaignConfig) -> dict:
     settings = {"device": config.device, "lr": config.lr, "seed": config.seed, "mimic_fraction": config.mimic_fraction,
                 "patch": config.patch, "batch_size": config.batch_size, "lesion_loss": config.lesion_loss,
                 "focus_fraction": config.focus_fraction, "patience": config.patience,
-                "grid_noise": list(config.grid_noise)}
+                "grid_noise": list(config.grid_noise), "pool_pause": config.pool_pause}
     saved_path = train_dir / config.task / "train_synth_config.json"
     if not saved_path.is_file():
         return settings
