@@ -188,11 +188,13 @@ def test_pool_renders_with_the_given_synthesis_ranges(pack_path: Path) -> None:
     worker.start()
     try:
         volume = out.get(timeout=120)
-    finally:
         stop.set()
         worker.join(timeout=60)
+        torch.set_num_threads(1)  # as the renderer (its thread's setting need not reach this one)
+        expected = Renderer(pack_path, GRID, seed=5, synth=config).render(1)[0]
+    finally:
+        stop.set()
         torch.set_num_threads(threads)
-    expected = Renderer(pack_path, GRID, seed=5, synth=config).render(1)[0]
     assert np.array_equal(volume.image, expected.image)
 
 

@@ -108,14 +108,14 @@ def run(config: NoiseConfig) -> dict:
         result[f"cache {Path(cache).name}"] = _summary(
             [fluctuation(np.load(case / "image.npy"), np.load(case / "brain.npy")) for case in cases])
     if config.pack is not None:
-        from StrokePredictorLib.bundle import load_bundle
-        from Training.campaign import SHIPPED
+        from StrokePredictorLib.bundle import default_bundle_dir, load_bundle
         from Training.synthesis.gpu_synth import SynthConfig
         from Training.synthesis.pool import Renderer
 
         if not Path(config.pack).is_file():
-            raise StrokePredictorError(f"--pack {config.pack}: no such file (python -m Training synthpack makes it).")
-        size = grid_size or tuple(load_bundle(SHIPPED / "acute").grid.size)  # the caches' grid, else the shipped one
+            raise StrokePredictorError(f"--pack {config.pack}: no such file (made by python -m Training synthpack).")
+        # the caches' grid, else the bundled acute model's
+        size = grid_size or tuple(load_bundle(default_bundle_dir("acute")).grid.size)
         synth = SynthConfig(grid_noise=(float(config.grid_noise[0]), float(config.grid_noise[1])))
         volumes = Renderer(config.pack, size, seed=config.seed, synth=synth).render(config.volumes)
         label = f"pool (--grid-noise {','.join(str(v) for v in config.grid_noise)})"
