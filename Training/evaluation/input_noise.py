@@ -91,32 +91,34 @@ def run(config: NoiseConfig) -> dict:
     """Measure every source; returns ``{source: summary}`` (also written to ``--out``)."""
     if config.out is not None and Path(config.out).exists() and not config.overwrite:
         raise OutputExistsError(f"{config.out} exists; pass --overwrite to replace it.")
+    from Training.synthesis.gpu_synth import SynthConfig
+
     if config.pack is None and not config.cache:
         raise StrokePredictorError("Give --pack (rendered training volumes) and/or --cache (fixed sets) to measure.")
-    if len(config.grid_noise) != 2 or not 0 <= config.grid_noise[0] <= config.grid_noise[1] <= 1:
-        raise config_mod.ConfigError(f"--grid-noise must be LO,HI with 0 <= LO <= HI <= 1, not "
-                                     f"{','.join(map(str, config.grid_noise))}.")
+    try:
+        synth = SynthConfig.with_grid_noise(config.grid_noise)
+    except ValueError as error:
+        raise config_mod.ConfigError(f"--grid-noise {error}.") from None
+    if config.pack is not None and not Path(config.pack).is_file():
+        raise StrokePredictorError(f"--pack {config.pack}: no such file (made by python -m Training synthpack).")
+    missing = [str(cache) for cache in config.cache if not (Path(cache) / "index.json").is_file()]
+    if missing:
+        raise StrokePredictorError(f"--cache {', '.join(missing)}: no index.json (make it with python -m Training "
+                                   f"preprocess).")
     result: dict[str, dict] = {}
     grid_size = None
     for cache in config.cache:
-        index_path = Path(cache) / "index.json"
-        if not index_path.is_file():
-            raise StrokePredictorError(f"--cache {cache}: no index.json (make it with python -m Training preprocess).")
-        grid_size = tuple(json.loads(index_path.read_text())["grid"]["size"])
+        grid_size = tuple(json.loads((Path(cache) / "index.json").read_text())["grid"]["size"])
         cases = sorted(p for p in (Path(cache) / "cases").iterdir() if (p / "image.npy").is_file())
         cases = cases[:config.max_cases] if config.max_cases else cases
         result[f"cache {Path(cache).name}"] = _summary(
             [fluctuation(np.load(case / "image.npy"), np.load(case / "brain.npy")) for case in cases])
     if config.pack is not None:
         from StrokePredictorLib.bundle import default_bundle_dir, load_bundle
-        from Training.synthesis.gpu_synth import SynthConfig
         from Training.synthesis.pool import Renderer
 
-        if not Path(config.pack).is_file():
-            raise StrokePredictorError(f"--pack {config.pack}: no such file (made by python -m Training synthpack).")
         # the caches' grid, else the bundled acute model's
         size = grid_size or tuple(load_bundle(default_bundle_dir("acute")).grid.size)
-        synth = SynthConfig(grid_noise=(float(config.grid_noise[0]), float(config.grid_noise[1])))
         volumes = Renderer(config.pack, size, seed=config.seed, synth=synth).render(config.volumes)
         label = f"pool (--grid-noise {','.join(str(v) for v in config.grid_noise)})"
         result[label] = _summary([fluctuation(v.image, v.brain) for v in volumes])

@@ -390,6 +390,18 @@ class SynthConfig:
     gamma_sd: float = 0.15
     mimic_rate: float = 2.0  # mean number of T2 shine-through mimics per case
 
+    @classmethod
+    def with_grid_noise(cls, values: tuple[float, ...] | list[float]) -> SynthConfig:
+        """The default ranges with ``grid_noise`` set from a command line's ``LO,HI``.
+
+        Raises:
+            ValueError: not two numbers with 0 <= LO <= HI <= 1 (the message names the values).
+        """
+        if len(values) != 2 or not 0 <= values[0] <= values[1] <= 1:
+            raise ValueError(f"must be LO,HI with 0 <= LO <= HI <= 1 (relative to the white-matter signal), not "
+                             f"{','.join(map(str, values))}")
+        return cls(grid_noise=(float(values[0]), float(values[1])))
+
 
 def _uniform(generator: torch.Generator, n: int, low: float, high: float, device: torch.device) -> torch.Tensor:
     return low + (high - low) * torch.rand(n, generator=generator, device=device)

@@ -197,7 +197,6 @@ class SynthPool:
         self.grid_kji = tuple(int(v) for v in grid_size[::-1])
         self.divisor = divisor
         self.rng = np.random.default_rng(seed)
-        self.synth = synth  # the background renderer's too
         self.renderer = Renderer(pack_path, grid_size, seed=seed, scenarios=scenarios, synth=synth)
         self.volumes: list[PoolVolume] = []
         while len(self.volumes) < size:
@@ -211,7 +210,7 @@ class SynthPool:
             self._stop = context.Event()
             self._process = context.Process(target=_render_forever, daemon=True,
                                             args=(str(pack_path), tuple(grid_size), seed + 7919, self._queue,
-                                                  self._stop, pause, scenarios, self.synth))
+                                                  self._stop, pause, scenarios, self.renderer.synth.config))
             self._process.start()
 
     def refresh(self, limit: int = 2) -> int:

@@ -321,9 +321,10 @@ def run(config: SynthTrainConfig, given: frozenset[str] | None = None) -> dict[s
                               f"from --init).")
     if config.lesion_loss < 0:
         raise cfg.ConfigError(f"--lesion-loss must be >= 0, not {config.lesion_loss}.")
-    if len(config.grid_noise) != 2 or not 0 <= config.grid_noise[0] <= config.grid_noise[1] <= 1:
-        raise cfg.ConfigError(f"--grid-noise must be LO,HI with 0 <= LO <= HI <= 1 (relative to the white-matter "
-                              f"signal), not {','.join(map(str, config.grid_noise))}.")
+    try:
+        synth_config = SynthConfig.with_grid_noise(config.grid_noise)
+    except ValueError as error:
+        raise cfg.ConfigError(f"--grid-noise {error}.") from None
     if config.snapshot_every < 0:
         raise cfg.ConfigError(f"--snapshot-every must be >= 0 (0: off), not {config.snapshot_every}.")
     if config.patience < 0:
@@ -355,7 +356,6 @@ def run(config: SynthTrainConfig, given: frozenset[str] | None = None) -> dict[s
         raise cfg.ConfigError("--patch needs --source pool.")
     if config.val_subset not in ("val", "train") or not len(pack.indices(config.val_subset)):
         raise cfg.ConfigError(f"--val-subset {config.val_subset}: the pack {config.pack} has no such lesions.")
-    synth_config = SynthConfig(grid_noise=(float(config.grid_noise[0]), float(config.grid_noise[1])))
     synth = GpuSynthesizer(pack, grid.size, device, synth_config)
     cuda = device.type == "cuda"
     precision = resolve_precision(config.precision, device, config.channels_last)
