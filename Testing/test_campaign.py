@@ -11,6 +11,7 @@ from inference_phantom import write_tiny_bundle
 from Training import campaign
 from Training import config as cfg
 from Training.campaign import CampaignConfig, decide
+from Training.evaluation.postprocess import SEARCH_GRID_FIELDS, PostprocessConfig
 
 
 def _result(score: float, dice: float, small_f1: float | None, plausible: bool = True,
@@ -25,6 +26,7 @@ def _result(score: float, dice: float, small_f1: float | None, plausible: bool =
 
 
 SHIPPED = _result(0.50, 0.45, 0.30)
+GUARD = Path(__file__).parents[1] / "Training" / "resources" / "postprocess_guard_issue_time.json"
 
 
 @pytest.mark.parametrize(("candidate", "ship", "failed"), [
@@ -282,6 +284,35 @@ def test_bad_arguments_are_named(tmp_path: Path) -> None:
         campaign.run(CampaignConfig(val=(tmp_path / "val",), out=tmp_path / "r", models=tmp_path))
 
 
+def test_the_guard_goes_to_both_searches_and_is_checked_before_training(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    models = _models(tmp_path)
+    (tmp_path / "val_mimics").mkdir()
+    seen: list = []
+    _fake_verbs(monkeypatch, {"candidate": 0.6, "shipped": 0.5}, [])
+    fake = campaign._run_verb
+
+    def spy(module: str, argv: list) -> None:
+        seen.append((module, [str(a) for a in argv]))
+        fake(module, argv)
+
+    monkeypatch.setattr(campaign, "_run_verb", spy)
+    campaign.run(CampaignConfig(pack=tmp_path / "p.npz", val=(tmp_path / "val_mimics",), out=tmp_path / "run",
+                                models=models, guard=GUARD, guard_sets="val_mimics"))
+    searches = [argv for module, argv in seen if module == "Training.evaluation.postprocess"]
+    assert len(searches) == 2
+    for argv in searches:
+        assert argv[argv.index("--guard") + 1] == str(GUARD) and argv[argv.index("--guard-sets") + 1] == "val_mimics"
+    seen.clear()
+    for guard, sets, match in ((GUARD, "", "go together"), (None, "val_mimics", "go together"),
+                               (tmp_path / "none.json", "val_mimics", "not a file"),
+                               (GUARD, "val_other", "not among the --val sets")):
+        with pytest.raises(cfg.ConfigError, match=match):
+            campaign.run(CampaignConfig(pack=tmp_path / "p.npz", val=(tmp_path / "val_mimics",), out=tmp_path / "r2",
+                                        models=models, guard=guard, guard_sets=sets))
+    assert seen == []  # refused before any training
+
+
 def test_a_matching_earlier_search_of_the_shipped_bundle_is_reused(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     models = _models(tmp_path)
@@ -289,8 +320,9 @@ def test_a_matching_earlier_search_of_the_shipped_bundle_is_reused(tmp_path: Pat
     earlier = tmp_path / "pp"
     earlier.mkdir()
     (earlier / "postprocess.json").write_text(json.dumps(_result(0.5, 0.5, 0.3)))
+    grid = {key: list(getattr(PostprocessConfig(), key)) for key in SEARCH_GRID_FIELDS}
     (earlier / "postprocess_config.json").write_text(json.dumps(
-        {"data": [str(tmp_path / "val")], "max_cases": 12, "mc_samples": 20, "flip_tta": [True]}))
+        {"data": [str(tmp_path / "val")], "max_cases": 12, "mc_samples": 20, "flip_tta": [True], **grid}))
     calls: list = []
     _fake_verbs(monkeypatch, {"candidate": 0.6, "shipped": 0.0}, calls)
     config = CampaignConfig(pack=tmp_path / "p.npz", val=(tmp_path / "val",), out=tmp_path / "run3", models=models,
@@ -304,6 +336,18 @@ def test_a_matching_earlier_search_of_the_shipped_bundle_is_reused(tmp_path: Pat
                            max_cases=16, flip_tta="true", shipped_search=earlier / "postprocess.json")
     with pytest.raises(cfg.ConfigError, match="other max_cases"):
         campaign.run(other)
+    guarded = CampaignConfig(pack=tmp_path / "p.npz", val=(tmp_path / "val",), out=tmp_path / "run6", models=models,
+                             max_cases=12, flip_tta="true", shipped_search=earlier / "postprocess.json",
+                             guard=GUARD, guard_sets="val")
+    with pytest.raises(cfg.ConfigError, match="other guard"):  # searched without the guard
+        campaign.run(guarded)
+    (earlier / "postprocess_config.json").write_text(json.dumps(
+        {"data": [str(tmp_path / "val")], "max_cases": 12, "mc_samples": 20, "flip_tta": [True],
+         **{**grid, "thresholds": [0.3, 0.4, 0.5, 0.6, 0.7]}}))
+    with pytest.raises(cfg.ConfigError, match="other thresholds"):  # searched on an older grid
+        campaign.run(config)
+    (earlier / "postprocess_config.json").write_text(json.dumps(
+        {"data": [str(tmp_path / "val")], "max_cases": 12, "mc_samples": 20, "flip_tta": [True], **grid}))
     stale = _result(0.5, 0.5, 0.3)
     del stale["keeps_small"]
     (earlier / "postprocess.json").write_text(json.dumps(stale))

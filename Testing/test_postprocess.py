@@ -288,6 +288,44 @@ def test_choice_rules_plausibility_small_lesions_and_ties() -> None:
     assert choose([rule, *table], applies_component_rule=False) is table[1]  # the Predictor could not apply it
 
 
+def test_the_guard_block_must_be_beaten_on_mimic_false_positives_and_small_lesions() -> None:
+    from Training.evaluation.postprocess import choose, guard_failures
+
+    def row(threshold: float, min_ml: float, score: float, fp: float, f1: float) -> dict:
+        return _row(True, threshold, min_ml, 0.0, score, small_lesion_f1=f1, mimics_fp_component_ml=fp,
+                    phys_fp_component_ml=5.0)
+
+    guard = row(0.6, 0.5, 0.50, fp=0.70, f1=0.06)
+    best_score = row(0.3, 0.2, 0.52, fp=0.90, f1=0.13)  # more false positives on the mimic set
+    few_small = row(0.7, 0.2, 0.49, fp=0.60, f1=0.06)  # fewer false positives, but no gain on small lesions
+    both = row(0.8, 0.1, 0.48, fp=0.65, f1=0.08)
+    table = [dict(guard), best_score, few_small, both]
+    assert choose(table, guard=guard, guard_sets=("mimics",)) is both
+    assert not best_score["eligible"] and "false positives on mimics 0.900" in best_score["excluded_because"]
+    assert "F1 < 1 mL 0.060, not above 0.060" in few_small["excluded_because"]
+    assert guard_failures(both, guard, ("mimics",)) == []
+    assert guard_failures(both, guard, ("phys",)) == ["false positives on phys 5.000 mL/case, not below 5.000"]
+    # nothing beats it: rules 1-7 choose, unchanged
+    table = [dict(guard), row(0.3, 0.2, 0.52, fp=0.90, f1=0.13), row(0.7, 0.2, 0.49, fp=0.60, f1=0.06)]
+    assert choose(table, guard=guard, guard_sets=("mimics",)) is table[1]
+    assert choose(table) is table[1]
+
+
+def test_the_committed_guard_is_the_issue_time_block(tmp_path: Path) -> None:
+    from StrokePredictorLib.errors import StrokePredictorError
+    from Training.evaluation.postprocess import PostprocessConfig, read_guard
+
+    guard = read_guard(Path(__file__).parents[1] / "Training" / "resources" / "postprocess_guard_issue_time.json")
+    assert (guard.threshold, guard.flip_tta, guard.min_component_ml, guard.max_component_adc,
+            guard.min_component_probability, guard.small_component_ml) == (0.6, True, 0.5, 0.0, 0.0, 0.0)
+    bad = tmp_path / "guard.json"
+    bad.write_text(json.dumps({"threshold": 0.6}))
+    with pytest.raises(StrokePredictorError, match="postprocessing"):
+        read_guard(bad)
+    with pytest.raises(ValueError, match="together"):
+        PostprocessConfig(guard=bad)
+
+
 def test_search_never_picks_a_threshold_that_marks_the_whole_brain() -> None:
     """The degenerate case: at threshold 0.4 the model marks the whole brain as one
     component, which touches the lesion (lesion F1 = 1) and so won the old (Dice + F1) / 2."""
@@ -350,6 +388,32 @@ def test_postprocess_verb_end_to_end(search_data: dict, tmp_path: Path) -> None:
     assert "Validation sets" in (out / "postprocess.md").read_text()
     with pytest.raises(Exception, match="exists"):
         main(argv)  # an earlier table is not overwritten unless asked
+
+
+def test_postprocess_verb_with_a_guard(search_data: dict, tmp_path: Path) -> None:
+    from StrokePredictorLib.errors import StrokePredictorError
+    from Training.evaluation.postprocess import guard_failures, main
+
+    bundle = write_tiny_bundle(tmp_path / "bundle", seed=1)
+    guard = Path(__file__).parents[1] / "Training" / "resources" / "postprocess_guard_issue_time.json"
+    label = Path(search_data["data"]).name
+    argv = ["--bundle", str(bundle), "--data", str(search_data["data"]), "--thresholds", "0.4", "--min-components-ml",
+            "0,0.1", "--max-component-adcs", "0", "--min-component-probabilities", "0", "--small-components-ml", "0",
+            "--mc-samples", "2", "--device", "cpu", "--guard", str(guard)]
+    result_path = tmp_path / "search" / "postprocess.json"
+    assert main([*argv, "--out", str(tmp_path / "search"), "--guard-sets", label]) == 0
+    result = json.loads(result_path.read_text())
+    assert len(result["table"]) == 2 * 3  # flips x (two sizes at 0.4 + the guard's block, added)
+    row = result["guard"]["row"]
+    assert (row["threshold"], row["flip_tta"], row["min_component_ml"]) == (0.6, True, 0.5)
+    failures = guard_failures(result["best"], row, (label,))
+    assert result["guard"]["met"] == (not failures) and result["guard"]["failures"] == failures
+    if result["guard"]["met"]:
+        assert "guarded" in result["postprocessing"]["selected_on"]
+    with pytest.raises(StrokePredictorError, match="not among the validation sets"):
+        main([*argv, "--out", str(tmp_path / "other"), "--guard-sets", "val_mimics"])
+    with pytest.raises(StrokePredictorError, match="flip averaging"):
+        main([*argv, "--out", str(tmp_path / "noflip"), "--guard-sets", label, "--flip-tta", "false"])
 
 
 def test_search_refuses_to_write_a_whole_brain_model_without_force(search_data: dict, tmp_path: Path,

@@ -110,9 +110,14 @@ class CampaignConfig:
     max_cases: int = field(default=0, metadata={"help": "at most this many cases per validation folder (0: all)"})
     flip_tta: str = field(default="", metadata={
         "help": "flip averaging values the searches try (e.g. true); empty: the search's default"})
+    guard: Path | None = field(default=None, metadata={
+        "help": "both searches: postprocess --guard (a reference block the choice must beat on false positives "
+                "of --guard-sets and on F1 under 1 mL), e.g. Training/resources/postprocess_guard_issue_time.json"})
+    guard_sets: str = field(default="", metadata={
+        "help": "both searches: postprocess --guard-sets (labels of --val sets, e.g. val_mimics,val_mimic_only)"})
     shipped_search: Path | None = field(default=None, metadata={
         "help": "reuse this postprocess.json of the shipped bundle when it was searched on the same sets with "
-                "the same --max-cases, --flip-tta and --mc-samples (checked)"})
+                "the same --max-cases, --flip-tta, --mc-samples, --guard and search grid (checked)"})
     init: Path | None = field(default=None, metadata={
         "help": "start the fine-tune from this bundle of the task (e.g. an earlier run's candidate/) instead of the "
                 "shipped one; the candidate is still judged against the shipped bundle"})
@@ -237,6 +242,15 @@ def _check_same_search(config: CampaignConfig, path: Path) -> None:
     if config.flip_tta:
         wanted["flip_tta"] = [v.strip().lower() == "true" for v in config.flip_tta.split(",")]
         found["flip_tta"] = saved.get("flip_tta")
+    wanted["guard"] = str(Path(config.guard).resolve()) if config.guard is not None else None
+    found["guard"] = str(Path(saved["guard"]).resolve()) if saved.get("guard") else None
+    wanted["guard_sets"] = [v.strip() for v in config.guard_sets.split(",") if v.strip()]
+    found["guard_sets"] = list(saved.get("guard_sets") or [])
+    from Training.evaluation.postprocess import SEARCH_GRID_FIELDS, PostprocessConfig
+
+    for key in SEARCH_GRID_FIELDS:  # the campaign searches the default grid
+        wanted[key] = [float(v) for v in getattr(PostprocessConfig(), key)]
+        found[key] = [float(v) for v in saved.get(key, [])]
     try:  # check c's value must be there, before hours of training
         _small_lesion_f1(json.loads(path.read_text()), "shipped")
     except cfg.ConfigError as error:
@@ -318,6 +332,16 @@ def _check_validation(config: CampaignConfig) -> None:
     for folder in config.val:
         if not Path(folder).is_dir():
             raise cfg.ConfigError(f"--val: {folder} is not a folder.")
+    guard_sets = [v.strip() for v in config.guard_sets.split(",") if v.strip()]
+    if (config.guard is None) != (not guard_sets):
+        raise cfg.ConfigError("--guard and --guard-sets go together.")
+    if config.guard is not None:
+        if not Path(config.guard).is_file():
+            raise cfg.ConfigError(f"--guard: {config.guard} is not a file.")
+        labels = [Path(folder).name for folder in config.val]  # the searches label the sets by folder name
+        unknown = [label for label in guard_sets if label not in labels]
+        if unknown:
+            raise cfg.ConfigError(f"--guard-sets: {', '.join(unknown)} not among the --val sets ({', '.join(labels)}).")
 
 
 def _train(config: CampaignConfig, train_dir: Path, init: Path) -> None:
@@ -376,7 +400,8 @@ def _decide_and_record(config: CampaignConfig, out: Path, candidate: Path, train
             argv = ["--bundle", bundle, "--data", val, "--out", search, "--write", "--mc-samples", config.mc_samples,
                     "--max-cases", config.max_cases, "--device", config.device, "--force"]
             flip = ["--flip-tta", config.flip_tta] if config.flip_tta else []
-            _run_verb("Training.evaluation.postprocess", argv + flip)
+            guard = ["--guard", config.guard, "--guard-sets", config.guard_sets] if config.guard is not None else []
+            _run_verb("Training.evaluation.postprocess", argv + flip + guard)
         results[name] = json.loads((search / "postprocess.json").read_text())
     decision = decide(results["candidate"], results["shipped"])
     shipped_now = False

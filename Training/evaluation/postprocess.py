@@ -41,7 +41,13 @@ Selection rule (written down before any result of this search on the mimic sets 
 7. A degenerate choice is refused unless ``--force``: no plausible setting, a mean Dice below 0.05
    over the sets, or an empty mask on every validation case that has a lesion. The table is still
    written and printed.
-8. A bundle that grows the core by volume (``growth_volume``, run g21's outcome network) is searched
+8. Guard (``--guard FILE --guard-sets LABELS``, optional): a reference block (e.g. the one the bundle
+   shipped with before this search existed) that the choice must beat where it matters most. It is
+   scored in the same table (added to the grid when missing), and a setting is eligible only if, on
+   every guard set, its mean false-positive volume per case is below the reference's, and its pooled
+   lesion-wise F1 on lesions under 1 mL is above the reference's (both strictly). When no setting
+   passes, the choice of rules 1-7 is made and ``guard.met`` in the result says so.
+9. A bundle that grows the core by volume (``growth_volume``, run g21's outcome network) is searched
    without ADC gates (:func:`without_adc_gates`: a gate on a component's median ADC could remove a
    component because it grew, which would break the orderings in onset time and treatment).
 
@@ -58,6 +64,7 @@ case, which must stay unseen for the reported results.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -88,6 +95,10 @@ WEIGHTS = {"dice": 0.35, "volume_agreement": 0.35, "lesion_f1": 0.15, "lesion_pr
 PLAUSIBLE_RATIO = 10.0
 #: Rule 4: a size limit at or above this removes every small lesion and must show that they gain.
 SMALL_LIMIT_ML = 0.5
+#: The fields of :class:`PostprocessConfig` that make the grid of settings (a search is only comparable to
+#: another made on the same grid).
+SEARCH_GRID_FIELDS = ("thresholds", "min_components_ml", "max_component_adcs", "min_component_probabilities",
+                      "small_components_ml", "small_component_adcs")
 #: Rule 7: below this mean Dice over the sets a choice is degenerate.
 DEGENERATE_DICE = 0.05
 
@@ -106,7 +117,7 @@ class PostprocessConfig:
     split: Path | None = field(default=None, metadata={"help": "split.json restricting the FIRST --data folder"})
     subset: str = field(default="val", metadata={"help": "subset of --split to search on (train|val|test)"})
     out: Path | None = field(default=None, metadata={"help": "output folder for the table (required)"})
-    thresholds: tuple[float, ...] = field(default=(0.3, 0.4, 0.5, 0.6, 0.7),
+    thresholds: tuple[float, ...] = field(default=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
                                           metadata={"help": "probability thresholds to try"})
     min_components_ml: tuple[float, ...] = field(default=(0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
                                                  metadata={"help": "smallest kept component sizes to try (mL)"})
@@ -119,12 +130,19 @@ class PostprocessConfig:
         metadata={"help": "ADC gates to try: components with a median ADC at or above this (10^-3 mm^2/s) "
                           "are removed; 0: no gate"})
     min_component_probabilities: tuple[float, ...] = field(
-        default=(0.0, 0.6, 0.7), metadata={"help": "smallest mean probability of a kept component to try; 0: none"})
+        default=(0.0, 0.6, 0.7, 0.8),
+        metadata={"help": "smallest mean probability of a kept component to try; 0: none"})
     small_components_ml: tuple[float, ...] = field(
         default=(0.0, 0.5, 1.0, 2.0),
         metadata={"help": "sizes under which a component must pass the stricter small-component ADC gate; 0: none"})
     small_component_adcs: tuple[float, ...] = field(
         default=(0.75, 0.8), metadata={"help": "stricter ADC gates of small components to try (10^-3 mm^2/s)"})
+    guard: Path | None = field(default=None, metadata={
+        "help": "JSON file with a reference post-processing block (the model.json 'postprocessing' fields, under "
+                "'postprocessing'): the choice must have a lower false-positive volume per case on every "
+                "--guard-sets set and a higher F1 on lesions under 1 mL than it (rule 8)"})
+    guard_sets: tuple[str, ...] = field(default=(), metadata={
+        "help": "labels of the validation sets the --guard compares false-positive volumes on (e.g. the mimic sets)"})
     mc_samples: int = field(default=20, metadata={"help": "Monte-Carlo dropout samples"})
     device: str = field(default="auto", metadata={"help": "auto|cpu|cuda"})
     max_cases: int = field(default=0, metadata={"help": "at most this many cases per folder (0: all)"})
@@ -146,6 +164,8 @@ class PostprocessConfig:
         if not (self.thresholds and self.min_components_ml and self.flip_tta and self.max_component_adcs
                 and self.min_component_probabilities and self.small_components_ml and self.small_component_adcs):
             raise ValueError("give at least one value of every searched setting")
+        if (self.guard is None) != (not self.guard_sets):
+            raise ValueError("give --guard and --guard-sets together")
 
     def grid(self) -> list[PostProcessing]:
         """Every combination of the component rules at every threshold (without flip; distinct)."""
@@ -300,9 +320,11 @@ def _simplicity(row: dict) -> tuple:
             -row["min_component_probability"], -row["small_component_ml"], row["small_component_adc"])
 
 
-def choose(table: list[dict], *, applies_component_rule: bool = True) -> dict:
-    """The chosen row by the selection rule of the module docstring (rules 2-6); every row gets
-    ``eligible`` (bool) and ``excluded_because`` (text) set."""
+def choose(table: list[dict], *, applies_component_rule: bool = True, guard: dict | None = None,
+           guard_sets: tuple[str, ...] = ()) -> dict:
+    """The chosen row by the selection rule of the module docstring (rules 2-6, and rule 8 with a
+    ``guard`` row of the table and its ``guard_sets``); every row gets ``eligible`` (bool) and
+    ``excluded_because`` (text) set."""
     for row in table:
         row["eligible"], row["excluded_because"] = True, ""
         if not row.get("plausible", True):
@@ -319,8 +341,37 @@ def choose(table: list[dict], *, applies_component_rule: bool = True) -> dict:
                 row["eligible"] = False
                 row["excluded_because"] = (f"removes lesions under {SMALL_LIMIT_ML:g} mL without a gain on them "
                                            f"(F1 < 1 mL {f1:.3f} against {reference:.3f})")
+    if guard is not None:
+        passing = [r for r in table if r["eligible"] and not guard_failures(r, guard, guard_sets)]
+        if passing:  # rule 8; when nothing passes, rules 1-7 choose and the result says so
+            for row in table:
+                failures = guard_failures(row, guard, guard_sets) if row["eligible"] else []
+                if failures:
+                    row["eligible"], row["excluded_because"] = False, "guard: " + "; ".join(failures)
     chosen = _best([r for r in table if r["eligible"]])
     return chosen if chosen is not None else _best(table)  # nothing eligible: the best of all (degenerate)
+
+
+def guard_failures(row: dict, guard: dict, guard_sets: tuple[str, ...]) -> list[str]:
+    """Why ``row`` does not beat the ``guard`` row (rule 8); empty when it does."""
+    failures = [f"false positives on {label} {row[f'{label}_fp_component_ml']:.3f} mL/case, not below "
+                f"{guard[f'{label}_fp_component_ml']:.3f}" for label in guard_sets
+                if not row[f"{label}_fp_component_ml"] < guard[f"{label}_fp_component_ml"]]
+    f1, reference = row.get("small_lesion_f1", math.nan), guard.get("small_lesion_f1", math.nan)
+    if not (math.isfinite(f1) and (not math.isfinite(reference) or f1 > reference)):
+        failures.append(f"F1 < 1 mL {f1:.3f}, not above {reference:.3f}")
+    return failures
+
+
+def read_guard(path: Path) -> PostProcessing:
+    """The reference block of rule 8 from ``path`` (a JSON object with a ``postprocessing`` block, as
+    in ``model.json``)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        return PostProcessing.from_dict(data["postprocessing"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise StrokePredictorError(f"--guard {path}: expected a JSON object with a 'postprocessing' block "
+                                   f"({error}).") from None
 
 
 def small_lesion_reference(table: list[dict]) -> dict | None:
@@ -405,6 +456,19 @@ def run(config: PostprocessConfig) -> dict:
     datasets = collect(EvaluateConfig(bundle=config.bundle, data=config.data, label=config.label, split=config.split,
                                       subset=config.subset, max_cases=config.max_cases, out=out), bundle.task)
     settings = config.grid()
+    guard_post = read_guard(config.guard) if config.guard is not None else None
+    if guard_post is not None:
+        labels_known = [d.label for d in datasets]
+        unknown = [label for label in config.guard_sets if label not in labels_known]
+        if unknown:
+            raise StrokePredictorError(f"--guard-sets {', '.join(unknown)}: not among the validation sets "
+                                       f"({', '.join(labels_known)}).")
+        if guard_post.flip_tta not in config.flip_tta:
+            raise StrokePredictorError(f"--guard {config.guard}: its flip averaging ({guard_post.flip_tta}) is not "
+                                       f"searched (--flip-tta {','.join(str(f) for f in config.flip_tta)}).")
+        unflipped = dataclasses.replace(guard_post, flip_tta=False, volume_log_margin=0.0, selected_on="")
+        if unflipped not in settings:
+            settings.append(unflipped)
     if bundle.config.growth_volume:
         settings = without_adc_gates(settings)
     needs_adc = any(post.needs_adc for post in settings)
@@ -433,9 +497,19 @@ def run(config: PostprocessConfig) -> dict:
         true_by_set[dataset.label] = np.asarray(true_volumes)
     table = build_table(settings, config.flip_tta, per_set, true_by_set)
     applies = predictor_applies_component_rule()
-    best = choose(table, applies_component_rule=applies)
-    best_any = choose([dict(r) for r in table], applies_component_rule=True)
-    choose(table, applies_component_rule=applies)  # restore the eligibility marks of the written choice
+    guard_row = None
+    if guard_post is not None:
+        guard_key = (guard_post.flip_tta, guard_post.threshold, guard_post.min_component_ml,
+                     guard_post.max_component_adc, guard_post.min_component_probability,
+                     guard_post.small_component_ml, guard_post.small_component_adc)
+        guard_row = next((r for r in table if setting_key(r) == guard_key), None)
+        if guard_row is None:  # an ADC gate in the guard of a growth-by-volume bundle (rule 9)
+            raise StrokePredictorError(f"--guard {config.guard}: its block is not searched for this bundle.")
+        guard_row = dict(guard_row)
+    guarded = {"guard": guard_row, "guard_sets": config.guard_sets}
+    best = choose(table, applies_component_rule=applies, **guarded)
+    best_any = choose([dict(r) for r in table], applies_component_rule=True, **guarded)
+    choose(table, applies_component_rule=applies, **guarded)  # restore the eligibility marks of the written choice
     current = bundle.postprocessing
     current_key = (current.flip_tta, current.threshold, current.min_component_ml, current.max_component_adc,
                    current.min_component_probability, current.small_component_ml, current.small_component_adc)
@@ -456,6 +530,10 @@ def run(config: PostprocessConfig) -> dict:
     true_volumes = np.concatenate([true_by_set[label] for label in labels])
     margin = conformal_log_margin(true_volumes, predicted)
     sets = ", ".join(f"{d.label} ({len(d.cases)})" for d in datasets)
+    guard_text = ""
+    if guard_row is not None and not guard_failures(best, guard_row, config.guard_sets):
+        guard_text = (f"; guarded: fewer false positives on {', '.join(config.guard_sets)} and a higher F1 on "
+                      f"lesions under 1 mL than {guard_post.describe()}")
     post = PostProcessing(threshold=best["threshold"], flip_tta=best["flip_tta"],
                           min_component_ml=best["min_component_ml"], max_component_adc=best["max_component_adc"],
                           min_component_probability=best["min_component_probability"],
@@ -464,7 +542,7 @@ def run(config: PostprocessConfig) -> dict:
                           volume_log_margin=math.ceil(margin * 1e4) / 1e4,
                           selected_on=f"python -m Training postprocess: 0.35 Dice + 0.35 volume agreement + 0.15 "
                                       f"lesion F1 + 0.15 lesion precision, plausible volumes, on {sets}; conformal "
-                                      f"volume margin over the same {true_volumes.size} cases")
+                                      f"volume margin over the same {true_volumes.size} cases" + guard_text)
     result = {"bundle": bundle.describe(), "criterion": CRITERION, "datasets": {
                   d.label: {"root": str(d.root), "n_cases": len(d.cases)} for d in datasets},
               "n_settings": len(table), "n_plausible": int(sum(r["plausible"] for r in table)),
@@ -472,6 +550,13 @@ def run(config: PostprocessConfig) -> dict:
               "keeps_small": small_lesion_reference(table),
               "default": reference_rows["default"], "current": reference_rows["current"],
               "degenerate": reasons, "postprocessing": post.to_dict(), "table": table}
+    if guard_row is not None:
+        failures = guard_failures(best, guard_row, config.guard_sets)
+        result["guard"] = {"file": str(config.guard), "sets": list(config.guard_sets), "row": guard_row,
+                           "met": not failures, "failures": failures}
+        if failures:
+            logger.warning("No setting beats the guard block %s on %s: %s", guard_post.describe(),
+                           ", ".join(config.guard_sets), "; ".join(failures))
     out.mkdir(parents=True, exist_ok=True)
     write_json(result, out / "postprocess.json", overwrite=True)
     (out / "postprocess.md").write_text(table_markdown(result))
