@@ -93,6 +93,24 @@ def test_volume_mode_builds_the_growth_by_volume_pair_from_an_acute_bundle(pack:
         fit_volume(config)
 
 
+def test_volume_mode_keeps_its_best_step_when_the_rate_overshoots(pack: Path, tmp_path: Path) -> None:
+    from Training.training.fit_growth import fit_volume
+
+    torch.manual_seed(0)
+    source = save_bundle(tmp_path / "acute", StrokeNet(tiny_config()), task="acute", grid=TINY_GRID,
+                         normalization=Normalization(), data={"source": "test"}, metrics={})
+    reports = {}
+    for lr in (0.05, 50.0):  # a sensible rate, and one that throws the head far past any minimum
+        config = FitGrowthConfig(bundle=source, pack=pack, out=tmp_path / f"fusion{lr}", volume=True, samples=4,
+                                 val_samples=2, scenarios=1, steps=60, lr=lr, clinical_drop_p=0.0, seed=1,
+                                 val_subset="train")
+        reports[lr] = fit_volume(config)["fusion"]
+    for report in reports.values():
+        assert report["mse_log_ratio_after"]["train"] <= report["mse_log_ratio_before"]["train"]
+        assert 0 <= report["best_step"] <= 60
+    assert reports[50.0]["best_step"] < 60  # it overshot, and an earlier step was kept
+
+
 def test_volume_samples_hold_the_log_growth_of_every_scenario(pack: Path) -> None:
     import numpy as np
 
