@@ -497,22 +497,24 @@ def test_component_rule_fields_are_written_only_when_on() -> None:
             PostProcessing.from_dict(bad)
 
 
-def test_a_growth_by_volume_bundle_is_searched_without_adc_gates() -> None:
-    """Rule 8: a component that grows into normal tissue raises its median ADC; a gate on it could delete the
-    component because it grew (no treatment smaller than thrombectomy), so such bundles search no ADC gate."""
+def test_a_growth_by_volume_bundle_is_searched_without_rules_a_growth_could_break() -> None:
+    """Rule 9: a component that grows into normal tissue raises its median ADC and lowers its mean
+    probability; a gate on either could delete the component because it grew (no treatment smaller than
+    thrombectomy), so such bundles search thresholds and size limits alone."""
     from StrokePredictorLib.postprocess import PostProcessing
-    from Training.evaluation.postprocess import PostprocessConfig, without_adc_gates
+    from Training.evaluation.postprocess import PostprocessConfig, for_growth_by_volume
 
     grid = PostprocessConfig(thresholds=(0.3, 0.5), min_components_ml=(0.0, 1.0), max_component_adcs=(0.0, 0.9),
                              min_component_probabilities=(0.0, 0.7), small_components_ml=(0.0, 0.5),
                              small_component_adcs=(0.75,)).grid()
-    kept = without_adc_gates(grid)
-    assert kept and all(not p.max_component_adc and not p.small_component_adc for p in kept)
-    assert len(kept) == 2 * 2 * 2 < len(grid)  # thresholds x sizes x probabilities, nothing else dropped
-    assert PostProcessing(threshold=0.3, min_component_ml=1.0, min_component_probability=0.7) in kept
+    kept = for_growth_by_volume(grid)
+    assert kept and all(not p.max_component_adc and not p.small_component_adc and not p.min_component_probability
+                        for p in kept)
+    assert len(kept) == 2 * 2 < len(grid)  # thresholds x sizes, nothing else kept
+    assert PostProcessing(threshold=0.3, min_component_ml=1.0) in kept
 
 
-def test_the_search_of_a_growth_by_volume_bundle_has_no_adc_gate(search_data: dict, tmp_path: Path) -> None:
+def test_the_search_of_a_growth_by_volume_bundle_has_no_gate(search_data: dict, tmp_path: Path) -> None:
     from inference_phantom import tiny_config
 
     from Training.evaluation.postprocess import main
@@ -521,11 +523,12 @@ def test_the_search_of_a_growth_by_volume_bundle_has_no_adc_gate(search_data: di
     out = tmp_path / "search"
     assert main(["--bundle", str(bundle), "--data", str(search_data["data"]), "--out", str(out), "--thresholds",
                  "0.4,0.6", "--min-components-ml", "0,5", "--max-component-adcs", "0,0.8",
-                 "--min-component-probabilities", "0", "--small-components-ml", "0,1", "--small-component-adcs",
+                 "--min-component-probabilities", "0,0.7", "--small-components-ml", "0,1", "--small-component-adcs",
                  "0.8", "--mc-samples", "2", "--device", "cpu", "--flip-tta", "false"]) == 0
     table = json.loads((out / "postprocess.json").read_text())["table"]
-    assert len(table) == 2 * 2  # thresholds x sizes: the gates are not searched
-    assert all(not row["max_component_adc"] and not row["small_component_adc"] for row in table)
+    assert len(table) == 2 * 2  # thresholds x sizes: the gates and the mean-probability limit are not searched
+    assert all(not row["max_component_adc"] and not row["small_component_adc"] and not row["min_component_probability"]
+               for row in table)
 
 
 def test_the_model_card_names_the_growth_seed_beside_the_block() -> None:

@@ -41,15 +41,16 @@ Selection rule (written down before any result of this search on the mimic sets 
 7. A degenerate choice is refused unless ``--force``: no plausible setting, a mean Dice below 0.05
    over the sets, or an empty mask on every validation case that has a lesion. The table is still
    written and printed.
-8. Guard (``--guard FILE --guard-sets LABELS``, optional): a reference block (e.g. the one the bundle
+8. A bundle that grows the core by volume (``growth_volume``, run g21's outcome network) is searched
+   with thresholds and size limits alone (:func:`for_growth_by_volume`): a gate on a component's median
+   ADC, or a smallest mean probability, could remove a component because it grew, which would break the
+   orderings in onset time and treatment.
+9. Guard (``--guard FILE --guard-sets LABELS``, optional): a reference block (e.g. the one the bundle
    shipped with before this search existed) that the choice must beat where it matters most. It is
    scored in the same table (added to the grid when missing), and a setting is eligible only if, on
    every guard set, its mean false-positive volume per case is below the reference's, and its pooled
    lesion-wise F1 on lesions under 1 mL is above the reference's (both strictly). When no setting
    passes, the choice of rules 1-7 is made and ``guard.met`` in the result says so.
-9. A bundle that grows the core by volume (``growth_volume``, run g21's outcome network) is searched
-   without ADC gates (:func:`without_adc_gates`: a gate on a component's median ADC could remove a
-   component because it grew, which would break the orderings in onset time and treatment).
 
 For the chosen setting, the split-conformal margin of the 95% lesion-volume interval is computed
 over all the validation cases (:func:`StrokePredictorLib.postprocess.conformal_log_margin`). The
@@ -140,7 +141,7 @@ class PostprocessConfig:
     guard: Path | None = field(default=None, metadata={
         "help": "JSON file with a reference post-processing block (the model.json 'postprocessing' fields, under "
                 "'postprocessing'): the choice must have a lower false-positive volume per case on every "
-                "--guard-sets set and a higher F1 on lesions under 1 mL than it (rule 8)"})
+                "--guard-sets set and a higher F1 on lesions under 1 mL than it (rule 9)"})
     guard_sets: tuple[str, ...] = field(default=(), metadata={
         "help": "labels of the validation sets the --guard compares false-positive volumes on (e.g. the mimic sets)"})
     mc_samples: int = field(default=20, metadata={"help": "Monte-Carlo dropout samples"})
@@ -322,7 +323,7 @@ def _simplicity(row: dict) -> tuple:
 
 def choose(table: list[dict], *, applies_component_rule: bool = True, guard: dict | None = None,
            guard_sets: tuple[str, ...] = ()) -> dict:
-    """The chosen row by the selection rule of the module docstring (rules 2-6, and rule 8 with a
+    """The chosen row by the selection rule of the module docstring (rules 2-6, and rule 9 with a
     ``guard`` row of the table and its ``guard_sets``); every row gets ``eligible`` (bool) and
     ``excluded_because`` (text) set."""
     for row in table:
@@ -343,7 +344,7 @@ def choose(table: list[dict], *, applies_component_rule: bool = True, guard: dic
                                            f"(F1 < 1 mL {f1:.3f} against {reference:.3f})")
     if guard is not None:
         passing = [r for r in table if r["eligible"] and not guard_failures(r, guard, guard_sets)]
-        if passing:  # rule 8; when nothing passes, rules 1-7 choose and the result says so
+        if passing:  # rule 9; when nothing passes, rules 1-7 choose and the result says so
             for row in table:
                 failures = guard_failures(row, guard, guard_sets) if row["eligible"] else []
                 if failures:
@@ -353,7 +354,7 @@ def choose(table: list[dict], *, applies_component_rule: bool = True, guard: dic
 
 
 def guard_failures(row: dict, guard: dict, guard_sets: tuple[str, ...]) -> list[str]:
-    """Why ``row`` does not beat the ``guard`` row (rule 8); empty when it does."""
+    """Why ``row`` does not beat the ``guard`` row (rule 9); empty when it does."""
     failures = [f"false positives on {label} {row[f'{label}_fp_component_ml']:.3f} mL/case, not below "
                 f"{guard[f'{label}_fp_component_ml']:.3f}" for label in guard_sets
                 if not row[f"{label}_fp_component_ml"] < guard[f"{label}_fp_component_ml"]]
@@ -364,7 +365,7 @@ def guard_failures(row: dict, guard: dict, guard_sets: tuple[str, ...]) -> list[
 
 
 def read_guard(path: Path) -> PostProcessing:
-    """The reference block of rule 8 from ``path`` (a JSON object with a ``postprocessing`` block, as
+    """The reference block of rule 9 from ``path`` (a JSON object with a ``postprocessing`` block, as
     in ``model.json``)."""
     try:
         data = json.loads(Path(path).read_text())
@@ -421,16 +422,19 @@ def predictor_applies_component_rule() -> bool:
     return bool(getattr(inference, "COMPONENT_RULE", False))
 
 
-def without_adc_gates(settings: list[PostProcessing]) -> list[PostProcessing]:
-    """Rule 8: the settings without an ADC gate (``max_component_adc`` and the small-component gate
-    0), for a bundle that grows the core by volume. Its final infarct grows into tissue whose ADC is
-    still normal, so growing a component raises its median ADC, and a gate on that median could
-    delete a component *because* it grew: no treatment would then give a smaller final infarct than
-    thrombectomy (seen on a simulated test case with a gate at 0.9), against the orderings the
-    network guarantees. A size limit only ever keeps a grown component."""
-    kept = [post for post in settings if not post.max_component_adc and not post.small_component_adc]
-    logger.info("growth by volume: %d of %d settings without an ADC gate are searched (rule 8)", len(kept),
-                len(settings))
+def for_growth_by_volume(settings: list[PostProcessing]) -> list[PostProcessing]:
+    """Rule 8: the settings with a threshold and a size limit alone (no ADC gate, no small-component gate,
+    no smallest mean probability), for a bundle that grows the core by volume. Its final infarct grows
+    into tissue whose ADC is still normal, so growing a component raises its median ADC, and a gate on
+    that median could delete a component *because* it grew: no treatment would then give a smaller final
+    infarct than thrombectomy (seen on a simulated test case with a gate at 0.9). A smallest mean
+    probability does the same: the grown voxels' probabilities fall with their distance from the core, so
+    a larger growth lowers the component's mean (run g26: a 0.67 mL outcome at thrombectomy 1 h became
+    none at 20 h without treatment under a 0.8 limit). A size limit only ever keeps a grown component."""
+    kept = [post for post in settings if not post.max_component_adc and not post.small_component_adc
+            and not post.min_component_probability]
+    logger.info("growth by volume: %d of %d settings with a threshold and a size limit alone are searched (rule 8)",
+                len(kept), len(settings))
     return kept
 
 
@@ -470,7 +474,7 @@ def run(config: PostprocessConfig) -> dict:
         if unflipped not in settings:
             settings.append(unflipped)
     if bundle.config.growth_volume:
-        settings = without_adc_gates(settings)
+        settings = for_growth_by_volume(settings)
     needs_adc = any(post.needs_adc for post in settings)
     predictors = {flip: Predictor(bundle, device=config.device, mc_samples=config.mc_samples, threshold=0.5,
                                   min_component_ml=0.0, max_component_adc=0.0, flip_tta=flip)
@@ -503,7 +507,7 @@ def run(config: PostprocessConfig) -> dict:
                      guard_post.max_component_adc, guard_post.min_component_probability,
                      guard_post.small_component_ml, guard_post.small_component_adc)
         guard_row = next((r for r in table if setting_key(r) == guard_key), None)
-        if guard_row is None:  # an ADC gate in the guard of a growth-by-volume bundle (rule 9)
+        if guard_row is None:  # a gate in the guard of a growth-by-volume bundle (rule 8)
             raise StrokePredictorError(f"--guard {config.guard}: its block is not searched for this bundle.")
         guard_row = dict(guard_row)
     guarded = {"guard": guard_row, "guard_sets": config.guard_sets}
