@@ -19,6 +19,7 @@
 #   test_ablate4                    120 cases: a sixth seed (test_ablate3 has judged g23)
 #   test_ablate5                    120 cases: a seventh seed (test_ablate4 has judged g24)
 #   test_ablate6                    120 cases: an eighth seed (test_ablate5 has judged g25)
+#   test_ablate7                    120 cases: a ninth seed (test_ablate6 has judged g26)
 # With EARLIER=1 it also rebuilds the earlier validation and test sets of the README
 # ("Reproducing the bundled models") with their committed seeds. Each set's wall time is printed.
 #
@@ -84,3 +85,5 @@ generate test_ablate4 120 1404 soop_test
 generate test_ablate5 120 1405 soop_test
 # test_ablate5 judged g25: g26 is judged on an eighth seed
 generate test_ablate6 120 1406 soop_test
+# test_ablate6 judged g26: g27 is judged on a ninth seed
+generate test_ablate7 120 1407 soop_test
