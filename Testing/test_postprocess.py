@@ -408,8 +408,7 @@ def test_postprocess_verb_with_a_guard(search_data: dict, tmp_path: Path) -> Non
     assert (row["threshold"], row["flip_tta"], row["min_component_ml"]) == (0.6, True, 0.5)
     failures = guard_failures(result["best"], row, (label,))
     assert result["guard"]["met"] == (not failures) and result["guard"]["failures"] == failures
-    if result["guard"]["met"]:
-        assert "guarded" in result["postprocessing"]["selected_on"]
+    assert ("guarded" in result["postprocessing"]["selected_on"]) == result["guard"]["met"]
     with pytest.raises(StrokePredictorError, match="not among the validation sets"):
         main([*argv, "--out", str(tmp_path / "other"), "--guard-sets", "val_mimics"])
     with pytest.raises(StrokePredictorError, match="flip averaging"):

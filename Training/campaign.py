@@ -244,7 +244,7 @@ def _check_same_search(config: CampaignConfig, path: Path) -> None:
         found["flip_tta"] = saved.get("flip_tta")
     wanted["guard"] = str(Path(config.guard).resolve()) if config.guard is not None else None
     found["guard"] = str(Path(saved["guard"]).resolve()) if saved.get("guard") else None
-    wanted["guard_sets"] = [v.strip() for v in config.guard_sets.split(",") if v.strip()]
+    wanted["guard_sets"] = _guard_sets(config)
     found["guard_sets"] = list(saved.get("guard_sets") or [])
     from Training.evaluation.postprocess import SEARCH_GRID_FIELDS, PostprocessConfig
 
@@ -326,13 +326,18 @@ def run(config: CampaignConfig) -> dict:
     return _decide_and_record(config, out, candidate, trained, started)
 
 
+def _guard_sets(config: CampaignConfig) -> list[str]:
+    """The labels of ``--guard-sets``."""
+    return [v.strip() for v in config.guard_sets.split(",") if v.strip()]
+
+
 def _check_validation(config: CampaignConfig) -> None:
     if not config.val:
         raise cfg.ConfigError("--val: give the fixed validation folders (Training/recipes/make_eval_sets.sh).")
     for folder in config.val:
         if not Path(folder).is_dir():
             raise cfg.ConfigError(f"--val: {folder} is not a folder.")
-    guard_sets = [v.strip() for v in config.guard_sets.split(",") if v.strip()]
+    guard_sets = _guard_sets(config)
     if (config.guard is None) != (not guard_sets):
         raise cfg.ConfigError("--guard and --guard-sets go together.")
     if config.guard is not None:

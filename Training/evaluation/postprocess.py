@@ -267,6 +267,12 @@ def setting_key(row: dict) -> tuple:
             row.get("small_component_adc", 0.0))
 
 
+def post_key(post: PostProcessing) -> tuple:
+    """:func:`setting_key` of a block: the key of its row in the table."""
+    return (post.flip_tta, post.threshold, post.min_component_ml, post.max_component_adc,
+            post.min_component_probability, post.small_component_ml, post.small_component_adc)
+
+
 def build_table(settings: list[PostProcessing], flips: tuple[bool, ...], per_set: dict[str, dict[bool, np.ndarray]],
                 true_by_set: dict[str, np.ndarray]) -> list[dict]:
     """One row per (flip, setting): per-set means, the plausibility checks and the score (rules 1-3).
@@ -343,10 +349,9 @@ def choose(table: list[dict], *, applies_component_rule: bool = True, guard: dic
                 row["excluded_because"] = (f"removes lesions under {SMALL_LIMIT_ML:g} mL without a gain on them "
                                            f"(F1 < 1 mL {f1:.3f} against {reference:.3f})")
     if guard is not None:
-        passing = [r for r in table if r["eligible"] and not guard_failures(r, guard, guard_sets)]
-        if passing:  # rule 9; when nothing passes, rules 1-7 choose and the result says so
-            for row in table:
-                failures = guard_failures(row, guard, guard_sets) if row["eligible"] else []
+        failing = [(row, guard_failures(row, guard, guard_sets)) for row in table if row["eligible"]]
+        if not all(failures for _, failures in failing):  # rule 9; when nothing passes, rules 1-7 choose
+            for row, failures in failing:
                 if failures:
                     row["eligible"], row["excluded_because"] = False, "guard: " + "; ".join(failures)
     chosen = _best([r for r in table if r["eligible"]])
@@ -503,10 +508,7 @@ def run(config: PostprocessConfig) -> dict:
     applies = predictor_applies_component_rule()
     guard_row = None
     if guard_post is not None:
-        guard_key = (guard_post.flip_tta, guard_post.threshold, guard_post.min_component_ml,
-                     guard_post.max_component_adc, guard_post.min_component_probability,
-                     guard_post.small_component_ml, guard_post.small_component_adc)
-        guard_row = next((r for r in table if setting_key(r) == guard_key), None)
+        guard_row = next((r for r in table if setting_key(r) == post_key(guard_post)), None)
         if guard_row is None:  # a gate in the guard of a growth-by-volume bundle (rule 8)
             raise StrokePredictorError(f"--guard {config.guard}: its block is not searched for this bundle.")
         guard_row = dict(guard_row)
@@ -514,17 +516,12 @@ def run(config: PostprocessConfig) -> dict:
     best = choose(table, applies_component_rule=applies, **guarded)
     best_any = choose([dict(r) for r in table], applies_component_rule=True, **guarded)
     choose(table, applies_component_rule=applies, **guarded)  # restore the eligibility marks of the written choice
-    current = bundle.postprocessing
-    current_key = (current.flip_tta, current.threshold, current.min_component_ml, current.max_component_adc,
-                   current.min_component_probability, current.small_component_ml, current.small_component_adc)
     reference_rows = {
         "default": next((r for r in table if setting_key(r) == (False, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0)), None),
-        "current": next((r for r in table if setting_key(r) == current_key), None),
+        "current": next((r for r in table if setting_key(r) == post_key(bundle.postprocessing)), None),
     }
     labels = list(per_set)
-    index = settings.index(next(p for p in settings if (p.threshold, p.min_component_ml, p.max_component_adc,
-                                                        p.min_component_probability, p.small_component_ml,
-                                                        p.small_component_adc) == setting_key(best)[1:]))
+    index = settings.index(next(p for p in settings if post_key(p)[1:] == setting_key(best)[1:]))
     chosen_values = {label: per_set[label][best["flip_tta"]][index] for label in labels}
     has_lesion = np.concatenate([true_by_set[label] > 0 for label in labels])
     predicted = np.concatenate([chosen_values[label][:, CASE_FIELDS.index("pred_ml")] for label in labels])
@@ -535,7 +532,8 @@ def run(config: PostprocessConfig) -> dict:
     margin = conformal_log_margin(true_volumes, predicted)
     sets = ", ".join(f"{d.label} ({len(d.cases)})" for d in datasets)
     guard_text = ""
-    if guard_row is not None and not guard_failures(best, guard_row, config.guard_sets):
+    failures = guard_failures(best, guard_row, config.guard_sets) if guard_row is not None else []
+    if guard_row is not None and not failures:
         guard_text = (f"; guarded: fewer false positives on {', '.join(config.guard_sets)} and a higher F1 on "
                       f"lesions under 1 mL than {guard_post.describe()}")
     post = PostProcessing(threshold=best["threshold"], flip_tta=best["flip_tta"],
@@ -555,7 +553,6 @@ def run(config: PostprocessConfig) -> dict:
               "default": reference_rows["default"], "current": reference_rows["current"],
               "degenerate": reasons, "postprocessing": post.to_dict(), "table": table}
     if guard_row is not None:
-        failures = guard_failures(best, guard_row, config.guard_sets)
         result["guard"] = {"file": str(config.guard), "sets": list(config.guard_sets), "row": guard_row,
                            "met": not failures, "failures": failures}
         if failures:
