@@ -207,10 +207,13 @@ def _check_network_config(schema: _Schema, config: object) -> None:
     ranges = {"growth_tissue_adc_max": (0.0, 1e6, False), "growth_seed_probability": (0.0, 1.0, True)}
     for key in GROWTH_VOLUME_SETTINGS:  # growth by volume alone: the default unless growth_volume
         if key in config:
-            low, high, open_range = ranges[key]
-            schema.number(f"{where}.{key}", get(key), low, high, low_open=open_range, high_open=open_range)
-            if get(key) != getattr(defaults, key) and get("growth_volume") is not True:
-                schema.bad(f"{where}.{key}", get(key), f"{getattr(defaults, key):g} unless growth_volume is true")
+            default = getattr(defaults, key)
+            if key in ranges:  # the switches' type is checked above
+                low, high, open_range = ranges[key]
+                schema.number(f"{where}.{key}", get(key), low, high, low_open=open_range, high_open=open_range)
+            if get(key) != default and get("growth_volume") is not True:
+                shown = str(default).lower() if isinstance(default, bool) else f"{default:g}"
+                schema.bad(f"{where}.{key}", get(key), f"{shown} unless growth_volume is true")
     if get("clinical_blind") is True and get("imaging_only") is True:
         schema.bad(f"{where}.clinical_blind", True, "false when imaging_only is true (it keeps the clinical branch)")
     fusion, heads = get("fusion_dim", defaults.fusion_dim), get("heads", defaults.heads)

@@ -34,7 +34,10 @@ not from its deterministic core: the core head's Monte-Carlo mean probability (t
 and seed, both views averaged when the block flips), thresholded and filtered by that block's
 component rules, is the seed of :meth:`~StrokePredictorLib.network.StrokeNet.growth_channel`. The
 grown map is computed once, on the unmirrored view, and mirrored for the other (the growth is
-left-right symmetric, see ``_grown_core``).
+left-right symmetric, see ``_grown_core``). When the block reports no core, the most likely core
+grows instead: that probability at or above the block's threshold, without its component rules
+(a missed core would cost the whole final infarct: outcome card, runs g27/g28); the prediction
+says so in its warnings, and when even that is empty, that no final infarct could be grown.
 """
 
 from __future__ import annotations
@@ -190,6 +193,8 @@ class EncodedCase:
     #: the last decoder output, kept for a what-if change of the outcome model's offset features
     #: alone (:meth:`Predictor._decode`): key -> (output, mirrored output or None)
     decoded: dict = field(default_factory=dict, repr=False, compare=False)
+    #: what the growth seed's fallback did, for the prediction's warnings ("" when the block reported a core)
+    seed_warning: str = field(default="", repr=False, compare=False)
 
 
 def adc_of(case: PreprocessedCase, normalization: Normalization) -> np.ndarray:
@@ -396,7 +401,7 @@ class Predictor:
                 outs = tuple(model.decode(view, *inputs, grow=not seeded) for view in views)
                 seed = None
                 if seeded:
-                    seed = self._growth_seed(encoded.case, outs)
+                    seed, encoded.seed_warning = self._growth_seed(encoded.case, outs)
                     outs = self._grown(outs, views, inputs, seed)
                 if key is not None and keep:  # one entry: the scenario being explored
                     encoded.decoded.clear()
@@ -422,19 +427,36 @@ class Predictor:
         return tuple({**out, "features": torch.cat([out["features"], channel], dim=1)}
                      for out, channel in zip(outs, channels))  # noqa: B905
 
-    def _growth_seed(self, case: PreprocessedCase, outs: tuple) -> torch.Tensor:
+    def _growth_seed(self, case: PreprocessedCase, outs: tuple) -> tuple[torch.Tensor, str]:
         """The core that grows (:attr:`Bundle.growth_seed`): the core head's Monte-Carlo mean
         probability over the brain (the predictor's samples and seed; both views averaged, one
         dropout mask per sample for both, when the block flips and both were decoded), turned into a
-        mask by the block's threshold and component rules. (1, K, J, I) bool on the model grid."""
+        mask by the block's threshold and component rules; when they leave nothing, the most likely
+        core: the same probability at or above the threshold, without the component rules.
+
+        Returns:
+            (1, K, J, I) bool on the model grid, and a warning for the prediction ("" when the block
+            reported a core).
+        """
         block = self.bundle.growth_seed
         mirrored = outs[1] if block.flip_tta and len(outs) > 1 else None
         probs, index = self._brain_samples(case, outs[0], mirrored, core_only=True)
         mean = torch.zeros(case.brain.size, device=self.device)
         mean[index] = probs.mean(dim=0)
+        probability = mean.reshape(case.brain.shape).detach().float().cpu().numpy()
+        voxel_ml = model_voxel_ml(case)
         adc = adc_of(case, self.bundle.normalization) if block.needs_adc else None
-        seed = block.apply(mean.reshape(case.brain.shape).detach().float().cpu().numpy(), model_voxel_ml(case), adc)
-        return torch.from_numpy(np.ascontiguousarray(seed))[None].to(self.device)
+        seed = block.apply(probability, voxel_ml, adc)
+        warning = ""
+        if not seed.any():
+            seed = probability >= block.threshold
+            warning = (f"The acute model reports no lesion at its operating point (probability >= {block.threshold:g} "
+                       f"and its component rules): the final infarct grew from the most likely core instead, "
+                       f"{seed.sum() * voxel_ml:.2f} mL at that probability without the component rules."
+                       if seed.any() else
+                       f"The acute model sees no core (no voxel at probability >= {block.threshold:g}): no final "
+                       f"infarct could be grown from this scan.")
+        return torch.from_numpy(np.ascontiguousarray(seed))[None].to(self.device), warning
 
     def _brain_samples(self, case: PreprocessedCase, out: dict, mirrored: dict | None, core_only: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -583,7 +605,8 @@ class Predictor:
             flair_present=bool(case.flair_present),
             adc_unit=case.adc_unit,
             registration=case.registration.to_dict() if case.registration is not None else None,
-            warnings=list(case.warnings) + output_warnings(volume, case.brain_volume_ml),
+            warnings=(list(case.warnings) + ([encoded.seed_warning] if encoded.seed_warning else [])
+                      + output_warnings(volume, case.brain_volume_ml)),
             postprocessing=post.to_dict(),
             brain_volume_ml=float(case.brain_volume_ml),
             input_statistics=case.statistics.to_dict() if case.statistics is not None else None,

@@ -321,7 +321,10 @@ def test_film_bundles_round_trip_and_the_field_is_checked(tmp_path: Path, bundle
             ({"growth_volume": False, "growth_tissue_adc_max": 1.5},
              "growth_tissue_adc_max is 1.5, expected 0 unless growth_volume"),
             ({"growth_tissue_adc_max": 0.0, "growth_seed_probability": 0.3},
-             "growth_seed_probability is 0.3, expected 0.5 unless growth_volume")):
+             "growth_seed_probability is 0.3, expected 0.5 unless growth_volume"),
+            ({"growth_seed_probability": 0.5, "growth_alone": True},
+             "growth_alone is true, expected false unless growth_volume"),
+            ({"growth_alone": 1}, "growth_alone is 1, expected true or false")):
         for key, value in edits.items():
             _edit(bundle_dir, _set(f"architecture.config.{key}", value))
         with pytest.raises(BundleError, match=f"architecture.config.{message}"):

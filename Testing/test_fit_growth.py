@@ -11,6 +11,7 @@ from inference_phantom import TINY_GRID, tiny_config
 from test_gpu_synth import _fake_soop
 
 from StrokePredictorLib.bundle import load_bundle, save_bundle
+from StrokePredictorLib.errors import StrokePredictorError
 from StrokePredictorLib.network import StrokeNet
 from StrokePredictorLib.postprocess import PostProcessing
 from StrokePredictorLib.preprocess import Normalization
@@ -145,6 +146,32 @@ def test_volume_mode_can_seed_from_the_core_the_source_bundle_reports(pack: Path
                                    seed_reported=True, seed_probability=0.3))
     with pytest.raises(cfg.ConfigError, match="--seed-reported is a setting of --volume"):
         main(["--bundle", str(source), "--pack", str(pack), "--out", str(tmp_path / "third"), "--seed-reported"])
+    # another block for the seed (a searched postprocess.json), and the grown core alone as the outcome
+    other = PostProcessing(threshold=0.45, flip_tta=True, min_component_ml=0.2, min_component_probability=0.7,
+                           volume_log_margin=1.2)
+    (tmp_path / "postprocess.json").write_text(json.dumps({"postprocessing": other.to_dict(), "table": []}))
+    alone = fit_volume(FitGrowthConfig(
+        bundle=source, pack=pack, out=tmp_path / "alone", twin_out=tmp_path / "alone_twin", volume=True, samples=3,
+        val_samples=2, scenarios=1, steps=5, seed=1, val_subset="train", seed_reported=True,
+        seed_block=tmp_path / "postprocess.json", alone=True))
+    for name in ("alone", "alone_twin"):
+        bundle = load_bundle(tmp_path / name)
+        assert bundle.config.growth_alone is True
+        assert bundle.growth_seed == other.replace(volume_log_margin=0.0, selected_on=bundle.growth_seed.selected_on)
+        assert "postprocess.json" in bundle.growth_seed.selected_on
+        assert bundle.postprocessing.threshold == 0.3  # the outcome block is still the source's, to be searched
+    assert alone["fusion"]["alone"] is True and alone["fusion"]["seed_block"].endswith("postprocess.json")
+    assert seeded.config.growth_alone is False  # the default: the core head's samples beside the grown core
+    with pytest.raises(cfg.ConfigError, match="--seed-block is a setting of --seed-reported"):
+        fit_volume(FitGrowthConfig(bundle=source, pack=pack, out=tmp_path / "fourth", volume=True,
+                                   seed_block=tmp_path / "postprocess.json"))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(StrokePredictorError, match="--seed-block .*bad.json: expected a JSON object with a "
+                                                   "'postprocessing' block"):
+        fit_volume(FitGrowthConfig(bundle=source, pack=pack, out=tmp_path / "fifth", volume=True,
+                                   seed_reported=True, seed_block=tmp_path / "bad.json"))
+    with pytest.raises(cfg.ConfigError, match="--alone is a setting of --volume"):
+        main(["--bundle", str(source), "--pack", str(pack), "--out", str(tmp_path / "sixth"), "--alone"])
 
 
 def test_volume_mode_fits_the_same_head_whatever_ran_before(pack: Path, tmp_path: Path) -> None:

@@ -162,11 +162,28 @@ def test_an_outcome_network_grows_from_the_core_its_seed_block_reports(case: dic
     assert grown[seed].all() and grown.sum() > seed.sum()  # the reported core, grown
     mirrored_grown = mirrored["features"][0, -1].flip(-1).numpy() > 0
     np.testing.assert_array_equal(mirrored_grown, grown)  # one grown map for both views
-    # a block that reports nothing grows nothing: the outcome is the core head alone
-    empty = Predictor(_seeded_bundle(tmp_path / "empty", block.replace(min_component_ml=1e5)), device="cpu",
+    # a block whose component rules leave nothing: the most likely core grows (its threshold, no rules), said so
+    fallback = Predictor(_seeded_bundle(tmp_path / "fallback", block.replace(min_component_ml=1e5)), device="cpu",
+                         mc_samples=1, deterministic=True)
+    encoded_fallback = fallback.encode(prepared)
+    likely, _ = fallback._decode(encoded_fallback, CLINICAL)
+    raw = (core >= block.threshold) & encoded.features.tissue[0].numpy()
+    assert raw.sum() > seed.sum()  # more than the block's core: the small components are back
+    grown_fallback = likely["features"][0, -1].numpy() > 0
+    assert grown_fallback[raw].all() and grown_fallback.sum() > raw.sum()
+    warned = fallback.predict_encoded(encoded_fallback, CLINICAL, effects=False).warnings
+    assert any("reports no lesion at its operating point (probability >= 0.52" in w and "most likely core" in w
+               for w in warned), warned
+    # a block whose threshold nothing reaches grows nothing, and says so
+    empty = Predictor(_seeded_bundle(tmp_path / "empty", block.replace(threshold=0.999)), device="cpu",
                       mc_samples=1, deterministic=True)
-    quiet, _ = empty._decode(empty.encode(prepared), CLINICAL)
+    encoded_empty = empty.encode(prepared)
+    quiet, _ = empty._decode(encoded_empty, CLINICAL)
     assert float(quiet["features"][0, -1].max()) <= -2.0
+    warned = empty.predict_encoded(encoded_empty, CLINICAL, effects=False).warnings
+    assert any("sees no core (no voxel at probability >= 0.999" in w for w in warned), warned
+    assert not any("core" in w for w in Predictor(bundle, device="cpu", mc_samples=1, deterministic=True)
+                   .predict_preprocessed(prepared, CLINICAL).warnings)  # a reported core: no warning
     # a what-if change of onset time alone keeps the decoder's output and the seed: the same as a full pass
     session = WhatIf(Predictor(bundle, device="cpu", mc_samples=4, seed=2), prepared, CLINICAL)
     later = session.update({"onset_to_imaging_h": 12.0})

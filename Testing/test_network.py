@@ -625,6 +625,38 @@ def test_growth_by_volume_grows_a_given_seed_and_mirrors_exactly() -> None:
         plain.growth_channel(features, None, values, missing, seed=seed)
 
 
+def test_growth_alone_outputs_the_grown_seed_and_nothing_of_the_core_head_beside_it() -> None:
+    torch.manual_seed(17)
+    alone = _volume_model(growth_alone=True)
+    added = _volume_model()
+    features = torch.zeros(1, tiny_config().head_channels, 20, 24, 22)
+    features[0, 0, 4:8, 4:8, 4:8] = 1.0  # the core head's confident core, away from the seed
+    features[0, 1:] = torch.randn(tiny_config().head_channels - 1, 20, 24, 22)  # for dropout to act on
+    seed = torch.zeros(1, 20, 24, 22, dtype=torch.bool)
+    seed[0, 12:15, 14:17, 13:17] = True
+    values, missing = torch.zeros(1, 10), torch.ones(1, 10, dtype=torch.bool)
+    with torch.no_grad():
+        for model in (alone, added):
+            model.growth.bias.fill_(math.log(math.expm1(math.log(2.0))))  # s = log 2: doubling
+        channel = alone.growth_channel(features, None, values, missing, seed=seed)
+        full = torch.cat([features, channel], dim=1)
+        generator = torch.Generator().manual_seed(3)
+        samples = alone.sample_logits(full, 5, generator)
+        both = added.sample_logits(full, 5, torch.Generator().manual_seed(3))
+        logits, core = alone._tail(full)
+    assert samples.shape == (5, 1, 20, 24, 22)
+    for sample in samples:  # every sample is the grown seed: dropout does not act on it
+        torch.testing.assert_close(sample, channel[:, 0])
+    assert int((samples[0] > 0).sum()) == 2 * 36 and not bool((samples[0] > 0)[0, 4:8, 4:8, 4:8].any())
+    assert bool((both[0] > 0)[0, 4:8, 4:8, 4:8].all())  # without the option the core head's core is added
+    torch.testing.assert_close(logits, channel)  # forward (training) agrees with the samples
+    torch.testing.assert_close(alone.sample_logits(full[:, :-1], 2, deterministic=True, core_only=True)[0],
+                               alone.head(features)[:, 0])  # the core head alone is unchanged (the growth seed)
+    assert core is not None
+    with pytest.raises(ValueError, match="growth_alone"):
+        tiny_config(growth=True, growth_alone=True)  # only for growth by volume
+
+
 def test_a_clinically_blind_twin_ignores_every_clinical_value() -> None:
     torch.manual_seed(16)
     blind = StrokeNet(tiny_config(growth=True, growth_volume=True, clinical_blind=True)).eval()

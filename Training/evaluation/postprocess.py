@@ -369,14 +369,15 @@ def guard_failures(row: dict, guard: dict, guard_sets: tuple[str, ...]) -> list[
     return failures
 
 
-def read_guard(path: Path) -> PostProcessing:
+def read_guard(path: Path, option: str = "--guard") -> PostProcessing:
     """The reference block of rule 9 from ``path`` (a JSON object with a ``postprocessing`` block, as
-    in ``model.json``)."""
+    in ``model.json`` and this verb's ``postprocess.json``); also any other block read from a file
+    (``option`` names the flag in the error)."""
     try:
         data = json.loads(Path(path).read_text())
         return PostProcessing.from_dict(data["postprocessing"])
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise StrokePredictorError(f"--guard {path}: expected a JSON object with a 'postprocessing' block "
+        raise StrokePredictorError(f"{option} {path}: expected a JSON object with a 'postprocessing' block "
                                    f"({error}).") from None
 
 

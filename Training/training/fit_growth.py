@@ -36,7 +36,10 @@ run clinically blind (``clinical_blind``: every clinical value missing), its gro
 fitted by the same regression. The report gives the error of the log volume ratio on
 ``--val-samples`` label samples of the validation lesions, before and after. With
 ``--seed-reported`` both bundles grow from the core the source bundle reports: its post-processing
-block is stored as their ``growth_seed`` (:attr:`StrokePredictorLib.bundle.Bundle.growth_seed`).
+block is stored as their ``growth_seed`` (:attr:`StrokePredictorLib.bundle.Bundle.growth_seed`), or the
+block in ``--seed-block`` (a searched ``postprocess.json``: run g27 grew from the acute weights' score-optimal
+block while the acute bundle shows a guarded one). ``--alone``: the outcome is the grown core alone
+(``growth_alone``), without the core head's samples beside it.
 """
 
 from __future__ import annotations
@@ -95,6 +98,12 @@ class FitGrowthConfig:
         "help": "with --volume: grow from the core the acute model reports (its Monte-Carlo mean, flip-averaged "
                 "probability under --bundle's own post-processing block, stored as the outcome bundle's growth_seed) "
                 "instead of the deterministic core; the regression reads labels only and is the same"})
+    seed_block: Path | None = field(default=None, metadata={
+        "help": "with --seed-reported: the block that turns the core into the seed, from this JSON file (its "
+                "'postprocessing' object: a postprocess.json or model.json) instead of --bundle's own"})
+    alone: bool = field(default=False, metadata={
+        "help": "with --volume: the outcome is the grown core alone (growth_alone), not added to the core head's "
+                "Monte-Carlo samples"})
     tissue_adc_max: float = field(default=0.0, metadata={
         "help": "with --volume: grow only into parenchyma, where the ADC is below this (10^-3 mm^2/s; 1.5 keeps grey "
                 "and white matter and leaves out CSF, as the simulation's penumbra does); 0: wherever ADC > 0"})
@@ -282,6 +291,7 @@ def fit_volume(config: FitGrowthConfig) -> dict:
     from StrokePredictorLib.bundle import load_bundle, save_bundle
     from StrokePredictorLib.io import write_json
     from StrokePredictorLib.network import StrokeNet, load_weights
+    from Training.evaluation.postprocess import read_guard
     from Training.synthesis.gpu_synth import Pack
 
     if config.bundle is None or config.out is None:
@@ -295,6 +305,9 @@ def fit_volume(config: FitGrowthConfig) -> dict:
                               "--seed-probability at its default.")
     if config.tissue_adc_max < 0:
         raise cfg.ConfigError(f"--tissue-adc-max must be >= 0 (0: wherever ADC > 0), not {config.tissue_adc_max}.")
+    if config.seed_block is not None and not config.seed_reported:
+        raise cfg.ConfigError("--seed-block is a setting of --seed-reported (the block the core is read with).")
+    chosen_seed = read_guard(config.seed_block, "--seed-block") if config.seed_block is not None else None
     base = load_bundle(config.bundle)
     tissue_adc_max = config.tissue_adc_max * base.normalization.adc_scale / 1000.0  # in the network's ADC units
     if base.config.imaging_only:
@@ -312,15 +325,20 @@ def fit_volume(config: FitGrowthConfig) -> dict:
     logger.info("fit-growth --volume: %d training and %d validation scenarios", len(data["train"]["log_ratio"]),
                 len(data["val"]["log_ratio"]))
     state = {k: v for k, v in base.model.state_dict().items() if not k.startswith(("risk.", "growth."))}
-    seed_block = (base.postprocessing.replace(
-        volume_log_margin=0.0, selected_on=f"the post-processing of {config.bundle} (sha256 {base.sha256[:12]}): "
-                                           "the growth seeds from the core it reports") if config.seed_reported
-        else None)
+    seed_block = None
+    if chosen_seed is not None:
+        seed_block = chosen_seed.replace(volume_log_margin=0.0, selected_on=(
+            f"the block in {config.seed_block} with the weights of {config.bundle} (sha256 {base.sha256[:12]}): "
+            "the growth seeds from the core it reports"))
+    elif config.seed_reported:
+        seed_block = base.postprocessing.replace(
+            volume_log_margin=0.0, selected_on=f"the post-processing of {config.bundle} (sha256 {base.sha256[:12]}): "
+                                               "the growth seeds from the core it reports")
     reports = {}
     for folder, blind in targets:
         network = dataclasses.replace(base.config, growth=True, growth_volume=True, growth_reach=0,
                                       clinical_blind=blind, growth_tissue_adc_max=tissue_adc_max,
-                                      growth_seed_probability=config.seed_probability)
+                                      growth_seed_probability=config.seed_probability, growth_alone=config.alone)
         torch.manual_seed(config.seed)  # the growth head's initial weights: the same run, the same fit
         model = StrokeNet(network)
         load_weights(model, state)
@@ -369,7 +387,8 @@ def fit_volume(config: FitGrowthConfig) -> dict:
                   "scenarios": config.scenarios, "steps": config.steps, "best_step": best[1], "lr": config.lr,
                   "clinical_drop_p": config.clinical_drop_p, "seed": config.seed, "source": str(config.bundle),
                   "tissue_adc_max": config.tissue_adc_max, "seed_probability": config.seed_probability,
-                  "seed_reported": config.seed_reported,
+                  "seed_reported": config.seed_reported, "alone": config.alone,
+                  "seed_block": str(config.seed_block) if config.seed_block is not None else None,
                   "source_sha256": base.sha256, "seconds": round(time.perf_counter() - started, 1)}
         for parameter in model.parameters():
             parameter.requires_grad_(True)
@@ -386,8 +405,9 @@ def fit_volume(config: FitGrowthConfig) -> dict:
 def main(argv: list[str]) -> int:
     config = cfg.parse(FitGrowthConfig, argv, "Fit an outcome bundle's clinical growth head on frozen imaging "
                        "features.", prog="python -m Training fit-growth")
-    if config.seed_reported and not config.volume:
-        raise cfg.ConfigError("--seed-reported is a setting of --volume (growth by volume).")
+    for flag, value in (("--seed-reported", config.seed_reported), ("--alone", config.alone)):
+        if value and not config.volume:
+            raise cfg.ConfigError(f"{flag} is a setting of --volume (growth by volume).")
     if config.volume:
         print(json.dumps({"bundle": str(config.out), **fit_volume(config)}))
         return 0
