@@ -540,4 +540,7 @@ def test_the_model_card_names_the_growth_seed_beside_the_block() -> None:
     assert "growth seeds" not in plain
     assert seeded.startswith(plain) and ("core the acute model reports (`growth_seed`): the core head's Monte-Carlo "
                                          "mean under threshold 0.3, left-right flip averaging, components under 0.5 mL "
-                                         "removed (the acute bundle's block)") in seeded
+                                         "removed (the acute bundle's block).") in seeded
+    alone = "\n".join(postprocessing_section({"postprocessing": block.to_dict(), "growth_seed": seed.to_dict(),
+                                               "architecture": {"config": {"growth_alone": True}}}))
+    assert "the outcome is the grown core alone (`growth_alone`" in alone and "growth_alone" not in seeded

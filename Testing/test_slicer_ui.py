@@ -129,3 +129,8 @@ def test_prediction_warnings_are_read_defensively():
     assert texts["volume"] == "3.2 mL (MC median nan, 95% interval nan-nan mL), 0 component(s)"
     assert texts["features"] == "Age 0.70, sex 0.30"
     assert texts["warnings"] == "\u26a0 w1\n\u26a0 w2"
+    grown = panel.result_texts({"lesion_volume_ml": {"mask": 30.0, "median": 30.0, "ci95": [10.0, 90.0]},
+                                "n_components": 1, "growth_seed": {"threshold": 0.3, "flip_tta": True}}, [])
+    assert grown["volume"] == ("30.0 mL (MC median 30.0, 95% interval 10.0-90.0 mL), 1 component(s)\n"
+                               "Grown from the acute core at probability >= 0.3 (left-right averaged): the outcome "
+                               "model's seed block, which may differ from the Acute model's display")

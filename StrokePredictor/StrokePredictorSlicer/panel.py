@@ -145,6 +145,11 @@ def result_texts(summary: Mapping[str, Any], features: Sequence[Mapping[str, Any
                    f"{int(components) if math.isfinite(components) else 0} component(s)"),
         "uncertainty": f"{_number(summary.get('mean_uncertainty_in_lesion')):.3f} bits",
     }
+    seed = summary.get("growth_seed")
+    if isinstance(seed, Mapping) and seed:  # an outcome grown from the acute core: say which core grew
+        texts["volume"] += (f"\nGrown from the acute core at probability >= {_number(seed.get('threshold')):g}"
+                            f"{' (left-right averaged)' if seed.get('flip_tta') else ''}: the outcome model's seed "
+                            "block, which may differ from the Acute model's display")
     top = sorted(features, key=lambda f: -_number(f.get("weight")))[:3]
     texts["features"] = ", ".join(f"{f.get('label', f.get('name', '?'))} {_number(f.get('weight')):.2f}" for f in top)
     warnings = prediction_warnings(summary)

@@ -104,7 +104,10 @@ def postprocessing_section(model: dict) -> list[str]:
     if "growth_seed" in model:
         seed = PostProcessing.from_dict(model["growth_seed"])
         lines += [f"The growth seeds from the core the acute model reports (`growth_seed`): the core head's "
-                  f"Monte-Carlo mean under {seed.describe()} ({seed.selected_on or 'origin unrecorded'}).", ""]
+                  f"Monte-Carlo mean under {seed.describe()} ({seed.selected_on or 'origin unrecorded'})"
+                  + ("; the outcome is the grown core alone (`growth_alone`: no Monte-Carlo spread of its own, "
+                     "the volume interval is the conformal margin)"
+                     if model.get("architecture", {}).get("config", {}).get("growth_alone") else "") + ".", ""]
     return lines
 
 
