@@ -37,8 +37,10 @@ which is how every bundle behaved before the block existed.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -361,3 +363,21 @@ def conformal_log_margin(true_ml: np.ndarray, predicted_ml: np.ndarray, coverage
 def count_components(mask: np.ndarray) -> int:
     """Number of 26-connected components of ``mask``."""
     return int(ndimage.label(np.asarray(mask, dtype=bool), structure=CONNECTIVITY)[1])
+
+
+def read_block(path: str | Path, option: str) -> PostProcessing:
+    """The post-processing block of a JSON file with a ``postprocessing`` object (``model.json``,
+    ``python -m Training postprocess``'s ``postprocess.json``, a guard file). ``option`` names the
+    flag that gave ``path``, for the error.
+
+    Raises:
+        StrokePredictorError: the file cannot be read, or holds no valid block.
+    """
+    from StrokePredictorLib.errors import StrokePredictorError
+
+    try:
+        data = json.loads(Path(path).read_text())
+        return PostProcessing.from_dict(data["postprocessing"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise StrokePredictorError(f"{option} {path}: expected a JSON object with a 'postprocessing' block "
+                                   f"({error}).") from None

@@ -83,6 +83,7 @@ from StrokePredictorLib.postprocess import (
     component_medians,
     conformal_log_margin,
     label_components,
+    read_block,
 )
 from Training import config as config_mod
 from Training.evaluation import metrics as M
@@ -369,16 +370,10 @@ def guard_failures(row: dict, guard: dict, guard_sets: tuple[str, ...]) -> list[
     return failures
 
 
-def read_guard(path: Path, option: str = "--guard") -> PostProcessing:
+def read_guard(path: Path) -> PostProcessing:
     """The reference block of rule 9 from ``path`` (a JSON object with a ``postprocessing`` block, as
-    in ``model.json`` and this verb's ``postprocess.json``); also any other block read from a file
-    (``option`` names the flag in the error)."""
-    try:
-        data = json.loads(Path(path).read_text())
-        return PostProcessing.from_dict(data["postprocessing"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise StrokePredictorError(f"{option} {path}: expected a JSON object with a 'postprocessing' block "
-                                   f"({error}).") from None
+    in ``model.json``)."""
+    return read_block(path, "--guard")
 
 
 def small_lesion_reference(table: list[dict]) -> dict | None:

@@ -291,7 +291,7 @@ def fit_volume(config: FitGrowthConfig) -> dict:
     from StrokePredictorLib.bundle import load_bundle, save_bundle
     from StrokePredictorLib.io import write_json
     from StrokePredictorLib.network import StrokeNet, load_weights
-    from Training.evaluation.postprocess import read_guard
+    from StrokePredictorLib.postprocess import read_block
     from Training.synthesis.gpu_synth import Pack
 
     if config.bundle is None or config.out is None:
@@ -307,7 +307,7 @@ def fit_volume(config: FitGrowthConfig) -> dict:
         raise cfg.ConfigError(f"--tissue-adc-max must be >= 0 (0: wherever ADC > 0), not {config.tissue_adc_max}.")
     if config.seed_block is not None and not config.seed_reported:
         raise cfg.ConfigError("--seed-block is a setting of --seed-reported (the block the core is read with).")
-    chosen_seed = read_guard(config.seed_block, "--seed-block") if config.seed_block is not None else None
+    chosen_seed = read_block(config.seed_block, "--seed-block") if config.seed_block is not None else None
     base = load_bundle(config.bundle)
     tissue_adc_max = config.tissue_adc_max * base.normalization.adc_scale / 1000.0  # in the network's ADC units
     if base.config.imaging_only:
