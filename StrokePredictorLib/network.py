@@ -78,7 +78,8 @@ Architecture (shapes for a batch of ``B`` cases on a ``D x H x W`` model grid, i
   scales with the core. It is local, so it means the same on a training patch as on the whole
   grid, and it reads only imaging, so the orderings above still hold for any weights.
   The cross-attention and its maps are unchanged and remain the explanation.
-* **Growth by volume (``growth_volume=True``; run g21 of the outcome model card, not shipped).** Measured on
+* **Growth by volume (``growth_volume=True``; runs g21-g28 of the outcome model card; shipped with
+  ``growth_alone``).** Measured on
   validation data (outcome model card, g21): with the learned risk map, even a per-case *oracle*
   offset ``s`` gained only 0.02 Dice over the best constant one, so no clinical head could make
   a difference through it; growing a good acute core outward by a per-case distance could gain
@@ -105,7 +106,8 @@ Architecture (shapes for a batch of ``B`` cases on a ``D x H x W`` model grid, i
   (sub-threshold evidence and false positives the acute block removed) does not reach the final
   infarct. Measured with a measuring patch before it was an option (outcome card, runs g25-g27):
   g24's bundles with it +0.004 over their twin; seeded from the acute model's score-optimal block
-  (g27) +0.023 [+0.008, +0.045] Dice over the blind twin on 120 fresh cases. The outcome is then
+  (g27) +0.023 [+0.008, +0.045] Dice over the blind twin on 120 fresh cases; the shipped g28 (g27 with
+  the predictor's fallback seed) +0.022 [+0.014, +0.030] on 480. The outcome is then
   deterministic given the seed: its interval is the post-processing's conformal margin alone.
 * **Clinically blind (``clinical_blind=True``).** The ablation twin of a fusion network: the same
   weights, run as if every clinical value were missing (in the cross-attention and the growth

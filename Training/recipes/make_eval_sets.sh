@@ -20,6 +20,9 @@
 #   test_ablate5                    120 cases: a seventh seed (test_ablate4 has judged g24)
 #   test_ablate6                    120 cases: an eighth seed (test_ablate5 has judged g25)
 #   test_ablate7                    120 cases: a ninth seed (test_ablate6 has judged g26)
+#   test_ablate8                    120 cases: a tenth seed (test_ablate7 has judged g27)
+#   test_ablate9                    480 cases: an eleventh seed, four times larger (test_ablate8 could
+#                                   not decide g28: a 120-case interval is about +-0.013 wide)
 # With EARLIER=1 it also rebuilds the earlier validation and test sets of the README
 # ("Reproducing the bundled models") with their committed seeds. Each set's wall time is printed.
 #
@@ -87,3 +90,5 @@ generate test_ablate5 120 1405 soop_test
 generate test_ablate6 120 1406 soop_test
 # test_ablate6 judged g26: g27 is judged on a ninth seed
 generate test_ablate7 120 1407 soop_test
+generate test_ablate8 120 1408 soop_test
+generate test_ablate9 480 1409 soop_test
