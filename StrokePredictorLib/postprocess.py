@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from StrokePredictorLib.errors import StrokePredictorError
+
 CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 VOLUME_OFFSET_ML = 1.0
 
@@ -373,8 +375,6 @@ def read_block(path: str | Path, option: str) -> PostProcessing:
     Raises:
         StrokePredictorError: the file cannot be read, or holds no valid block.
     """
-    from StrokePredictorLib.errors import StrokePredictorError
-
     try:
         data = json.loads(Path(path).read_text())
         return PostProcessing.from_dict(data["postprocessing"])

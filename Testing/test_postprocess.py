@@ -497,7 +497,7 @@ def test_component_rule_fields_are_written_only_when_on() -> None:
 
 
 def test_a_growth_by_volume_bundle_is_searched_without_rules_a_growth_could_break() -> None:
-    """Rule 9: a component that grows into normal tissue raises its median ADC and lowers its mean
+    """Rule 8: a component that grows into normal tissue raises its median ADC and lowers its mean
     probability; a gate on either could delete the component because it grew (no treatment smaller than
     thrombectomy), so such bundles search thresholds and size limits alone."""
     from StrokePredictorLib.postprocess import PostProcessing

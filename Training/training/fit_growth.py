@@ -326,14 +326,11 @@ def fit_volume(config: FitGrowthConfig) -> dict:
                 len(data["val"]["log_ratio"]))
     state = {k: v for k, v in base.model.state_dict().items() if not k.startswith(("risk.", "growth."))}
     seed_block = None
-    if chosen_seed is not None:
-        seed_block = chosen_seed.replace(volume_log_margin=0.0, selected_on=(
-            f"the block in {config.seed_block} with the weights of {config.bundle} (sha256 {base.sha256[:12]}): "
-            "the growth seeds from the core it reports"))
-    elif config.seed_reported:
-        seed_block = base.postprocessing.replace(
-            volume_log_margin=0.0, selected_on=f"the post-processing of {config.bundle} (sha256 {base.sha256[:12]}): "
-                                               "the growth seeds from the core it reports")
+    if config.seed_reported:  # the block the core is read with: --seed-block's, else --bundle's own
+        block, origin = ((chosen_seed, f"the block in {config.seed_block} with the weights of")
+                         if chosen_seed is not None else (base.postprocessing, "the post-processing of"))
+        seed_block = block.replace(volume_log_margin=0.0, selected_on=(
+            f"{origin} {config.bundle} (sha256 {base.sha256[:12]}): the growth seeds from the core it reports"))
     reports = {}
     for folder, blind in targets:
         network = dataclasses.replace(base.config, growth=True, growth_volume=True, growth_reach=0,
